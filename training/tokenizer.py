@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from collections import Counter
 from collections.abc import Iterable
+from itertools import pairwise
 
 from tokenizers import pre_tokenizers
 from transformers import CLIPTokenizer
@@ -50,7 +51,7 @@ def learn_whole_word_merges(words: list[str]) -> list[tuple[str, str]]:
     segmented = [[*w[:-1], w[-1] + END_OF_WORD] for w in words if w]
     merges: list[tuple[str, str]] = []
     while True:
-        pairs = Counter(pair for parts in segmented for pair in zip(parts, parts[1:], strict=False))
+        pairs = Counter(pair for parts in segmented for pair in pairwise(parts))
         if not pairs:
             return merges
         best = min(pairs, key=lambda pair: (-pairs[pair], pair))

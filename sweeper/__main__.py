@@ -1,0 +1,52 @@
+"""``python -m sweeper [overrides]``: one LoRA run on the configured model and data."""
+
+from __future__ import annotations
+
+import sys
+
+import hydra
+from hydra.core.hydra_config import HydraConfig
+from omegaconf import DictConfig
+
+from sweeper.config import register_configs, register_resolvers
+from sweeper.validate import ConfigError
+
+register_resolvers()
+register_configs()
+
+
+def quiet_libraries() -> None:
+    """Our own progress bar and summary are the output; the libraries' load chatter is noise."""
+    import diffusers
+    import transformers
+
+    for logging in (diffusers.utils.logging, transformers.utils.logging):
+        logging.set_verbosity_error()
+        logging.disable_progress_bar()
+
+
+@hydra.main(version_base="1.3", config_path="../conf", config_name="config")
+def main(cfg: DictConfig) -> float:
+    from sweeper.task import run  # heavy imports only once the config composed
+
+    quiet_libraries()
+
+    try:
+        result = run(cfg, overrides=list(HydraConfig.get().overrides.task))
+    except ConfigError as error:
+        print(error, file=sys.stderr)
+        sys.exit(2)
+    metrics = result.metrics
+    print(
+        f"\nCLIP score: {metrics['clip_score']:.2f} "
+        f"(base model: {metrics['clip_score_baseline']:.2f}, change {metrics['clip_score_gain']:+.2f})"
+    )
+    print(f"LoRA file:  {result.lora_path.resolve()}")
+    if result.run_id:
+        print(f"MLflow run: {result.run_id}")
+        print(f"MLflow UI:  {result.ui_command}")
+    return metrics["clip_score"]
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,206 @@
+"""The task: one complete LoRA run (validate, train, evaluate, save, track) -> its metrics.
+
+A single run and every sweep trial call ``run``; a trial only adds its bookkeeping around it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import re
+import resource
+import subprocess
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+from evaluation.clip_score import ClipScorer
+from evaluation.evaluate import EvalResult, evaluate
+from evaluation.sampling import sampling_scheduler
+from sweeper.tracking import flatten, start_run, ui_command
+from sweeper.validate import validate
+from training.loop import Trainer
+from training.models import load_base_model
+from training.network import kohya_metadata, remove_lora, save_lora_file
+
+PROJECT_ROOT = Path(__file__).resolve().parent.parent
+PACKAGES = ("torch", "diffusers", "transformers", "peft", "accelerate", "safetensors", "hydra-core", "optuna", "mlflow")
+
+# (step, clip score) -> True to stop training early; sweeps hook their pruner in here
+EvalReporter = Callable[[int, float], bool]
+
+
+@dataclass
+class RunResult:
+    metrics: dict[str, float]
+    lora_path: Path
+    run_id: str | None
+    tracking_uri: str | None
+    per_prompt: dict[str, float] = field(default_factory=dict)
+    stopped_early: bool = False
+
+    @property
+    def ui_command(self) -> str | None:
+        return ui_command(self.tracking_uri) if self.tracking_uri else None
+
+
+def run(
+    cfg: DictConfig,
+    *,
+    overrides: list[str] | None = None,
+    parent_run_id: str | None = None,
+    report: EvalReporter | None = None,
+    show_progress: bool = True,
+) -> RunResult:
+    """Train, evaluate and save one LoRA as ``cfg`` says, tracked as one MLflow run."""
+    started = time.perf_counter()
+    validated = validate(cfg)  # every problem at once, before any model is loaded
+    resolved = OmegaConf.to_container(cfg, resolve=True)
+    output_dir = Path(cfg.output.dir)
+    with start_run(
+        cfg.tracking,
+        Path.cwd() / "outputs",
+        run_name=cfg.output.name,
+        description=cfg.output.comment,
+        parent_run_id=parent_run_id,
+    ) as tracker:
+        tracker.log_params(flatten(resolved))
+        tracker.set_tags(_run_tags(cfg))
+        tracker.log_text(OmegaConf.to_yaml(resolved), "config/resolved.yaml")
+        tracker.log_text("\n".join(overrides or []) + "\n", "config/overrides.txt")
+        for skipped, reason in validated.dataset.skipped:
+            print(f"skipped unreadable image {skipped}: {reason}")
+        if validated.dataset.skipped:
+            tracker.log_text("\n".join(f"{p}\t{r}" for p, r in validated.dataset.skipped) + "\n", "data/skipped.tsv")
+
+        # --- setup
+        base = load_base_model(cfg.model)
+        tracker.set_tags({f"model.{k}": v for k, v in base.identity.items()})
+        trainer = Trainer(cfg, base, validated.dataset.records, tracker)
+        try:
+            scorer = ClipScorer(cfg.eval.clip_model, device=trainer.device)
+            pipeline = trainer.sampling_pipeline(sampling_scheduler(base.noise_scheduler.config, cfg.eval.sampler))
+
+            def evaluate_now() -> EvalResult:
+                with trainer.accelerator.autocast():
+                    return evaluate(
+                        pipeline,
+                        scorer,
+                        list(cfg.eval.prompts),
+                        test_seed=cfg.eval.test_seed,
+                        images_per_prompt=cfg.eval.images_per_prompt,
+                        num_inference_steps=cfg.eval.num_inference_steps,
+                        guidance_scale=cfg.eval.guidance_scale,
+                        height=trainer.resolution,
+                        width=trainer.resolution,
+                    )
+
+            def periodic_eval(step: int) -> bool:
+                result = evaluate_now()
+                tracker.log_metrics({"eval/clip_score": result.clip_score}, step)
+                tracker.log_image(result.grid, f"samples/step_{step:06d}.png")
+                return bool(report and report(step, result.clip_score))
+
+            # --- train
+            fit = trainer.fit(on_eval=periodic_eval, show_progress=show_progress)
+
+            # --- evaluate: the LoRA, then the base model on the same prompts and seed
+            final = evaluate_now()
+            trainer.network.set_enabled(False)
+            baseline = evaluate_now()
+            trainer.network.set_enabled(True)
+
+            # --- save
+            lora_path = save_lora_file(
+                output_dir / f"{cfg.output.name}.safetensors",
+                trainer.network.kohya_state_dict(),
+                kohya_metadata(
+                    trainer.network,
+                    output_name=cfg.output.name,
+                    base_model_version=base.base_model_version,
+                    comment=cfg.output.comment,
+                    seed=cfg.train.seed,
+                    steps=fit.steps,
+                    resolved_config=resolved,
+                ),
+            )
+        finally:
+            remove_lora(trainer.network)
+
+        metrics = {
+            "clip_score": final.clip_score,
+            "clip_score_baseline": baseline.clip_score,
+            "clip_score_gain": final.clip_score - baseline.clip_score,
+            "train/steps_done": float(fit.steps),
+            "train/seconds": fit.train_seconds,
+            "wall_time_s": time.perf_counter() - started,
+            "peak_memory_mb": _peak_memory_mb(trainer.device),
+            "lora_file_mb": lora_path.stat().st_size / 2**20,
+        }
+        if fit.losses:
+            metrics["train/final_loss"] = fit.losses[-1]
+        per_prompt = {}
+        for prompt, score in final.per_prompt.items():
+            per_prompt[prompt] = score
+            metrics[f"clip_score/{_metric_safe(prompt)}"] = score
+            metrics[f"clip_score_baseline/{_metric_safe(prompt)}"] = baseline.per_prompt[prompt]
+        tracker.log_metrics(metrics, fit.steps)
+        tracker.log_artifact(lora_path, "lora")
+        tracker.log_image(final.grid, f"samples/final_step_{fit.steps:06d}.png")
+        tracker.log_image(baseline.grid, "samples/baseline.png")
+        tracker.log_text(_score_table(final, baseline), "eval/clip_scores.tsv")
+        return RunResult(
+            metrics, lora_path, tracker.run_id, tracker.tracking_uri, per_prompt, stopped_early=fit.stopped_early
+        )
+
+
+def _run_tags(cfg: Any) -> dict[str, str]:
+    tags = {"seed": str(cfg.train.seed), "test_seed": str(cfg.eval.test_seed)}
+    commit, dirty = _git_state()
+    if commit:
+        tags.update({"git_commit": commit, "git_dirty": str(dirty).lower()})
+    for package in PACKAGES:
+        with contextlib.suppress(metadata.PackageNotFoundError):
+            tags[f"version.{package}"] = metadata.version(package)
+    return tags
+
+
+def _git_state() -> tuple[str | None, bool]:
+    try:
+        commit = subprocess.run(
+            ["git", "rev-parse", "HEAD"], cwd=PROJECT_ROOT, capture_output=True, text=True, check=True
+        ).stdout.strip()
+        status = subprocess.run(
+            ["git", "status", "--porcelain", "--untracked-files=no"],
+            cwd=PROJECT_ROOT,
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout
+    except (OSError, subprocess.CalledProcessError):
+        return None, False
+    return commit, bool(status.strip())
+
+
+def _peak_memory_mb(device: torch.device) -> float:
+    """Peak GPU memory on CUDA; the process's peak resident memory on the CPU."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
+
+
+def _metric_safe(text: str) -> str:
+    """MLflow metric names allow letters, digits, ``_-. /``; prompts keep their words."""
+    return re.sub(r"[^A-Za-z0-9_\-. /]", "_", text)[:200]
+
+
+def _score_table(final: EvalResult, baseline: EvalResult) -> str:
+    rows = ["prompt\tclip_score\tclip_score_baseline"]
+    rows += [f"{p}\t{s:.4f}\t{baseline.per_prompt[p]:.4f}" for p, s in final.per_prompt.items()]
+    rows.append(f"(mean)\t{final.clip_score:.4f}\t{baseline.clip_score:.4f}")
+    return "\n".join(rows) + "\n"

@@ -1,0 +1,131 @@
+"""Check a whole config before anything heavy is loaded, and report every problem at once.
+
+A sweep must not spend an hour before learning that an option is impossible, and a user fixing a
+config wants the full list, not one error per attempt.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from evaluation.sampling import SAMPLERS
+from training.data import DatasetScan, scan_dataset
+from training.models import model_location_problem
+from training.optim import OPTIMIZERS, SCHEDULERS
+
+PRECISIONS = ("fp32", "fp16", "bf16", "auto")
+
+
+class ConfigError(ValueError):
+    """One or more config problems; the message lists each with the key and the fix."""
+
+    def __init__(self, problems: list[str]) -> None:
+        self.problems = problems
+        listing = "\n".join(f"  - {p}" for p in problems)
+        super().__init__(f"{len(problems)} problem(s) in the config, nothing was trained:\n{listing}")
+
+
+@dataclass
+class Validated:
+    """What validation learned and training reuses (the dataset scan is not done twice)."""
+
+    dataset: DatasetScan
+
+
+def validate(cfg: Any) -> Validated:
+    """Raise ``ConfigError`` naming every problem; return the dataset scan when all is well."""
+    problems: list[str] = []
+    problems += _network_problems(cfg.network)
+    problems += _optimizer_problems(cfg)
+    problems += _train_problems(cfg)
+    problems += _eval_problems(cfg.eval)
+    if problem := model_location_problem(cfg.model):
+        problems.append(problem)
+    scan = scan_dataset(cfg.data.train_dir, cfg.data.caption_extension, cfg.data.on_bad_image)
+    problems += scan.problems
+    if problems:
+        raise ConfigError(problems)
+    return Validated(dataset=scan)
+
+
+def _network_problems(network: Any) -> list[str]:
+    problems = []
+    if network.alpha is not None and network.scale is not None:
+        problems.append(
+            "network.alpha and network.scale are both set; scale = alpha/dim, so give only one "
+            "(e.g. drop network.scale)"
+        )
+    if network.dim < 1:
+        problems.append(f"network.dim must be >= 1 (got {network.dim})")
+    if network.alpha is not None and network.alpha <= 0:
+        problems.append(f"network.alpha must be > 0 (got {network.alpha})")
+    if network.scale is not None and network.scale <= 0:
+        problems.append(f"network.scale must be > 0 (got {network.scale})")
+    if not 0 <= network.dropout < 1:
+        problems.append(f"network.dropout must be in [0, 1) (got {network.dropout})")
+    if not (network.train_unet or network.train_text_encoder):
+        problems.append("network.train_unet and network.train_text_encoder are both false; nothing would train")
+    return problems
+
+
+def _optimizer_problems(cfg: Any) -> list[str]:
+    problems = []
+    for key, value in (
+        ("optimizer.lr", cfg.optimizer.lr),
+        ("network.unet_lr", cfg.network.unet_lr),
+        ("network.text_encoder_lr", cfg.network.text_encoder_lr),
+    ):
+        if value is not None and value < 0:
+            problems.append(f"{key} must be >= 0 (got {value}); a learning rate cannot be negative")
+    if cfg.optimizer.name not in OPTIMIZERS:
+        problems.append(f"optimizer.name: unknown optimizer '{cfg.optimizer.name}'; use one of {', '.join(OPTIMIZERS)}")
+    if len(cfg.optimizer.betas) != 2:
+        problems.append(f"optimizer.betas needs two values (got {list(cfg.optimizer.betas)})")
+    if cfg.scheduler.name not in SCHEDULERS:
+        problems.append(f"scheduler.name: unknown schedule '{cfg.scheduler.name}'; use one of {', '.join(SCHEDULERS)}")
+    if cfg.scheduler.warmup_steps < 0:
+        problems.append(f"scheduler.warmup_steps must be >= 0 (got {cfg.scheduler.warmup_steps})")
+    return problems
+
+
+def _train_problems(cfg: Any) -> list[str]:
+    problems = []
+    train = cfg.train
+    for key in ("max_steps", "batch_size", "grad_accum_steps", "log_every_n_steps"):
+        if getattr(train, key) < 1:
+            problems.append(f"train.{key} must be >= 1 (got {getattr(train, key)})")
+    if train.max_grad_norm < 0:
+        problems.append(f"train.max_grad_norm must be >= 0 (0 disables clipping; got {train.max_grad_norm})")
+    precision = cfg.precision.mixed
+    if precision not in PRECISIONS:
+        problems.append(f"precision.mixed: unknown value '{precision}'; use one of {', '.join(PRECISIONS)}")
+    elif precision == "fp16" and not torch.cuda.is_available():
+        problems.append("precision=fp16 needs a CUDA GPU (loss scaling); use precision=fp32 or bf16 on the CPU")
+    resolution = cfg.bucket.resolution
+    if resolution is not None and (resolution < 8 or resolution % 8):
+        problems.append(f"bucket.resolution must be a positive multiple of 8 (got {resolution})")
+    for key in ("caption_rate", "tag_rate"):
+        if not 0 <= getattr(cfg.dropout, key) <= 1:
+            problems.append(f"dropout.{key} must be in [0, 1] (got {getattr(cfg.dropout, key)})")
+    if cfg.dropout.caption_every_n_epochs < 0:
+        problems.append("dropout.caption_every_n_epochs must be >= 0 (0 = never)")
+    if cfg.data.num_workers < 0:
+        problems.append(f"data.num_workers must be >= 0 (got {cfg.data.num_workers})")
+    return problems
+
+
+def _eval_problems(eval_cfg: Any) -> list[str]:
+    problems = []
+    if not eval_cfg.prompts:
+        problems.append("eval.prompts is empty; give at least one prompt, e.g. eval.prompts='[a photo of sks]'")
+    for key in ("images_per_prompt", "num_inference_steps"):
+        if getattr(eval_cfg, key) < 1:
+            problems.append(f"eval.{key} must be >= 1 (got {getattr(eval_cfg, key)})")
+    if eval_cfg.every_n_steps < 0:
+        problems.append("eval.every_n_steps must be >= 0 (0 = only at the end)")
+    if eval_cfg.sampler not in SAMPLERS:
+        problems.append(f"eval.sampler: unknown sampler '{eval_cfg.sampler}'; use one of {', '.join(SAMPLERS)}")
+    return problems

@@ -1,0 +1,57 @@
+"""Shared test set-up: offline, tiny models cached per session, configs composed like the CLI does."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+from hydra import compose, initialize_config_dir
+from omegaconf import DictConfig
+
+os.environ["HF_HUB_OFFLINE"] = "1"
+
+from sweeper.config import register_configs, register_resolvers
+
+REPO = Path(__file__).resolve().parents[1]
+CONF_DIR = REPO / "conf"
+
+# Small but real: enough steps for the loss to move, few sampling steps.
+FAST = [
+    "train.max_steps=20",
+    "train.batch_size=2",
+    "eval.num_inference_steps=2",
+    "eval.images_per_prompt=1",
+    "eval.prompts=[a red circle on a blue background,a green square on a yellow background]",
+]
+
+
+@pytest.fixture(scope="session", autouse=True)
+def tiny_model_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Tiny SD and tiny CLIP are built once per test session, outside the user's home."""
+    cache = tmp_path_factory.mktemp("model-cache")
+    os.environ["LORA_SWEEPER_CACHE"] = str(cache)
+    return cache
+
+
+def compose_config(overrides: list[str]) -> DictConfig:
+    register_resolvers()
+    register_configs()
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        return compose(config_name="config", overrides=overrides)
+
+
+@pytest.fixture
+def make_cfg(tmp_path: Path) -> Callable[..., DictConfig]:
+    """``make_cfg(*overrides, fast=True)``: the CLI's config, writing only under ``tmp_path``."""
+
+    def make(*overrides: str, fast: bool = True) -> DictConfig:
+        base = [
+            f"output.dir={tmp_path / 'out'}",
+            f"tracking.uri=sqlite:///{tmp_path / 'mlflow.db'}",
+            f"tracking.artifact_root={tmp_path / 'artifacts'}",
+        ]
+        return compose_config(base + (FAST if fast else []) + list(overrides))
+
+    return make

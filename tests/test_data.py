@@ -1,0 +1,472 @@
+"""The data layer: scanning kohya folders, serving crops, and the bundled sample dataset."""
+
+from __future__ import annotations
+
+import importlib.util
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from training.data import (
+    IMAGE_EXTENSIONS,
+    CaptionedImageDataset,
+    ImageRecord,
+    collate_captioned,
+    scan_dataset,
+)
+
+REPO = Path(__file__).resolve().parents[1]
+SCRIPT = REPO / "scripts" / "make_sample_dataset.py"
+
+
+def write_image(path: Path, size: tuple[int, int] = (16, 16), colour=(255, 0, 0), mode: str = "RGB") -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.new(mode, size, colour).save(path)
+    return path
+
+
+def write_array(path: Path, array: np.ndarray) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(array.astype(np.uint8), "RGB").save(path)
+    return path
+
+
+def problems_text(scan) -> str:
+    return "\n".join(scan.problems)
+
+
+# --- scan_dataset: layout, repeats, captions
+
+
+def test_kohya_repeats_are_counted_per_folder(tmp_path):
+    write_image(tmp_path / "root.png")
+    write_image(tmp_path / "3_cats" / "a.png")
+    write_image(tmp_path / "3_cats" / "b.jpg")
+    write_image(tmp_path / "5_dogs" / "c.webp")
+
+    scan = scan_dataset(tmp_path)
+
+    assert scan.problems == []
+    repeats = {r.path.name: r.repeats for r in scan.records}
+    assert repeats == {"root.png": 1, "a.png": 3, "b.jpg": 3, "c.webp": 5}
+    assert scan.num_samples == 1 + 3 + 3 + 5
+
+
+def test_scan_order_is_sorted_and_repeatable(tmp_path):
+    for name in ["b.png", "a.png", "c.png"]:
+        write_image(tmp_path / "2_x" / name)
+    first = [r.path.name for r in scan_dataset(tmp_path).records]
+    assert first == ["a.png", "b.png", "c.png"]
+    assert [r.path.name for r in scan_dataset(tmp_path).records] == first
+
+
+def test_captions_are_read_stripped_and_missing_ones_are_empty(tmp_path):
+    write_image(tmp_path / "1_x" / "with.png")
+    (tmp_path / "1_x" / "with.txt").write_text("  a red circle, sks \n", encoding="utf-8")
+    write_image(tmp_path / "1_x" / "without.png")
+
+    captions = {r.path.name: r.caption for r in scan_dataset(tmp_path).records}
+
+    assert captions == {"with.png": "a red circle, sks", "without.png": ""}
+
+
+def test_caption_extension_is_honoured_and_bom_is_not_part_of_the_caption(tmp_path):
+    write_image(tmp_path / "img.png")
+    (tmp_path / "img.txt").write_text("wrong file", encoding="utf-8")
+    (tmp_path / "img.caption").write_bytes("\ufeffright file".encode())
+
+    scan = scan_dataset(tmp_path, caption_extension=".caption")
+
+    assert [r.caption for r in scan.records] == ["right file"]
+
+
+def test_upper_case_extensions_count_and_other_files_are_ignored(tmp_path):
+    write_image(tmp_path / "A.PNG")
+    (tmp_path / "notes.md").write_text("hello", encoding="utf-8")
+    (tmp_path / "A.txt").write_text("cap", encoding="utf-8")
+    (tmp_path / ".DS_Store").write_bytes(b"\0\1")
+    (tmp_path / ".ipynb_checkpoints").mkdir()
+
+    scan = scan_dataset(tmp_path)
+
+    assert scan.problems == []
+    assert [(r.path.name, r.caption) for r in scan.records] == [("A.PNG", "cap")]
+
+
+# --- scan_dataset: problems name the key or file and the fix
+
+
+@pytest.mark.parametrize("train_dir", [None, ""])
+def test_unset_train_dir_is_a_problem_naming_the_key(train_dir):
+    scan = scan_dataset(train_dir)
+    assert scan.records == []
+    assert len(scan.problems) == 1
+    assert "data.train_dir" in scan.problems[0]
+    assert "data.train_dir=" in scan.problems[0]  # says how to set it
+
+
+def test_missing_folder_is_a_problem_naming_key_and_path(tmp_path):
+    missing = tmp_path / "nope"
+    scan = scan_dataset(missing)
+    assert len(scan.problems) == 1
+    assert "data.train_dir" in scan.problems[0]
+    assert str(missing) in scan.problems[0]
+    assert "does not exist" in scan.problems[0]
+
+
+def test_the_key_named_in_messages_is_configurable(tmp_path):
+    scan = scan_dataset(tmp_path / "nope", key="data.reg_dir")
+    assert "data.reg_dir" in problems_text(scan)
+    assert "data.train_dir" not in problems_text(scan)
+
+
+def test_a_file_instead_of_a_folder_is_a_problem(tmp_path):
+    file = write_image(tmp_path / "one.png")
+    scan = scan_dataset(file)
+    assert len(scan.problems) == 1
+    assert str(file) in scan.problems[0] and "not a folder" in scan.problems[0]
+
+
+def test_empty_folder_is_a_problem_listing_extensions_and_layout(tmp_path):
+    (tmp_path / "4_empty").mkdir()
+    (tmp_path / "4_empty" / "caption.txt").write_text("orphan", encoding="utf-8")
+
+    scan = scan_dataset(tmp_path)
+
+    assert scan.records == []
+    text = problems_text(scan)
+    assert "no images found" in text
+    assert all(ext in text for ext in IMAGE_EXTENSIONS)
+    assert "<repeats>_<name>" in text
+
+
+def test_folder_not_in_kohya_layout_is_a_problem_suggesting_a_name(tmp_path):
+    write_image(tmp_path / "1_good" / "a.png")
+    write_image(tmp_path / "extras" / "b.png")
+
+    scan = scan_dataset(tmp_path)
+
+    assert [r.path.name for r in scan.records] == ["a.png"]  # the stray folder's image is not used
+    assert len(scan.problems) == 1
+    assert "extras" in scan.problems[0]
+    assert "1_extras" in scan.problems[0]
+
+
+def test_zero_repeats_folder_is_a_problem(tmp_path):
+    write_image(tmp_path / "1_good" / "a.png")
+    write_image(tmp_path / "0_never" / "b.png")
+
+    scan = scan_dataset(tmp_path)
+
+    assert len(scan.problems) == 1
+    assert "0_never" in scan.problems[0] and "0 repeats" in scan.problems[0]
+    assert "1_never" in scan.problems[0]
+
+
+def _corrupt_dataset(tmp_path: Path) -> tuple[Path, Path]:
+    good = write_image(tmp_path / "2_x" / "good.png", size=(64, 64))
+    bad = tmp_path / "2_x" / "bad.png"
+    # A valid header with the pixel data cut off: Image.open() succeeds, only decoding fails.
+    write_array(bad, np.random.default_rng(0).integers(0, 256, (64, 64, 3)))
+    bad.write_bytes(bad.read_bytes()[:200])
+    with Image.open(bad) as image:
+        assert image.size == (64, 64)  # the header alone looks fine
+    return good, bad
+
+
+def test_corrupt_image_is_a_problem_by_default(tmp_path):
+    good, bad = _corrupt_dataset(tmp_path)
+
+    scan = scan_dataset(tmp_path)
+
+    assert [r.path for r in scan.records] == [good]
+    assert len(scan.problems) == 1
+    assert str(bad) in scan.problems[0]
+    assert "data.on_bad_image=skip" in scan.problems[0]
+    assert scan.skipped == []
+
+
+def test_corrupt_image_is_skipped_and_listed_when_asked(tmp_path):
+    good, _ = _corrupt_dataset(tmp_path)
+    (tmp_path / "2_x" / "junk.jpg").write_bytes(b"not an image at all")
+
+    scan = scan_dataset(tmp_path, on_bad_image="skip")
+
+    assert scan.problems == []
+    assert [r.path for r in scan.records] == [good]
+    assert sorted(path.name for path, _ in scan.skipped) == ["bad.png", "junk.jpg"]
+    assert all(reason for _, reason in scan.skipped)
+    assert scan.num_samples == 2
+
+
+def test_all_images_skipped_is_still_a_problem(tmp_path):
+    (tmp_path / "junk.png").write_bytes(b"garbage")
+    scan = scan_dataset(tmp_path, on_bad_image="skip")
+    assert scan.records == []
+    assert len(scan.skipped) == 1
+    assert "skipped" in problems_text(scan)
+
+
+def test_invalid_on_bad_image_value_is_a_problem_naming_the_key(tmp_path):
+    write_image(tmp_path / "a.png")
+    scan = scan_dataset(tmp_path, on_bad_image="ignore")
+    assert len(scan.problems) == 1
+    assert "data.on_bad_image" in scan.problems[0] and "'ignore'" in scan.problems[0]
+
+
+def test_non_utf8_caption_is_a_problem_naming_the_file(tmp_path):
+    write_image(tmp_path / "a.png")
+    caption = tmp_path / "a.txt"
+    caption.write_bytes("caf\u00e9 au lait".encode("latin-1"))
+
+    scan = scan_dataset(tmp_path)
+
+    assert len(scan.problems) == 1
+    assert str(caption) in scan.problems[0]
+    assert "UTF-8" in scan.problems[0]
+
+
+def test_all_problems_are_reported_together(tmp_path):
+    _, bad = _corrupt_dataset(tmp_path)
+    write_image(tmp_path / "latin.png")
+    (tmp_path / "latin.txt").write_bytes(b"\xff\xfe\xfa")
+    write_image(tmp_path / "misc" / "c.png")
+
+    text = problems_text(scan_dataset(tmp_path))
+
+    assert str(bad) in text
+    assert "latin.txt" in text
+    assert "misc" in text
+
+
+# --- CaptionedImageDataset
+
+
+def test_length_and_items_follow_repeats(tmp_path):
+    records = [
+        ImageRecord(write_image(tmp_path / "a.png", colour=(0, 0, 0)), "black", 2),
+        ImageRecord(write_image(tmp_path / "b.png", colour=(255, 255, 255)), "white", 3),
+    ]
+    dataset = CaptionedImageDataset(records, resolution=8)
+
+    assert len(dataset) == 5
+    assert [dataset[i]["index"] for i in range(5)] == [0, 0, 1, 1, 1]
+    assert [dataset[i]["caption"] for i in range(5)] == ["black"] * 2 + ["white"] * 3
+    with pytest.raises(IndexError):
+        dataset[5]
+
+
+def test_item_is_float_tensor_in_minus_one_to_one(tmp_path):
+    rng = np.random.default_rng(0)
+    path = write_array(tmp_path / "noise.png", rng.integers(0, 256, (40, 56, 3)))
+    array = np.zeros((20, 20, 3))
+    array[:, 10:] = 255
+    black_white = write_array(tmp_path / "bw.png", array)
+    dataset = CaptionedImageDataset([ImageRecord(path, "", 1), ImageRecord(black_white, "", 1)], resolution=32)
+
+    pixels = dataset[0]["pixel_values"]
+    assert pixels.shape == (3, 32, 32)
+    assert pixels.dtype == torch.float32
+    assert pixels.min() >= -1.0 and pixels.max() <= 1.0
+    assert pixels.min() < -0.9 and pixels.max() > 0.9  # the full range is used, not [0, 1]
+
+    bw = CaptionedImageDataset([ImageRecord(black_white, "", 1)], resolution=20, center_crop=True)[0]
+    assert torch.all(bw["pixel_values"][:, :, :10] == -1.0)
+    assert torch.all(bw["pixel_values"][:, :, 10:] == 1.0)
+
+
+def test_grey_and_transparent_images_become_rgb(tmp_path):
+    grey = write_image(tmp_path / "grey.png", colour=128, mode="L")
+    clear = write_image(tmp_path / "clear.png", colour=(0, 0, 0, 0), mode="RGBA")
+    dataset = CaptionedImageDataset([ImageRecord(grey, "", 1), ImageRecord(clear, "", 1)], resolution=16)
+
+    assert dataset[0]["pixel_values"].shape == (3, 16, 16)
+    assert torch.allclose(dataset[0]["pixel_values"], torch.full((3, 16, 16), 128 / 127.5 - 1), atol=1e-6)
+    assert torch.all(dataset[1]["pixel_values"] == 1.0)  # transparent -> white, not black
+
+
+def test_short_side_is_resized_to_resolution_then_center_cropped(tmp_path):
+    # 32 wide x 16 high: left quarter red, middle half green, right quarter blue.
+    array = np.zeros((16, 32, 3))
+    array[:, :8, 0] = 255
+    array[:, 8:24, 1] = 255
+    array[:, 24:, 2] = 255
+    path = write_array(tmp_path / "wide.png", array)
+
+    item = CaptionedImageDataset([ImageRecord(path, "", 1)], resolution=8)[0]
+
+    # Downscaled to 16x8, the 8x8 center crop lies inside the green band.
+    assert item["pixel_values"].shape == (3, 8, 8)
+    centre = item["pixel_values"][:, :, 2:6]
+    assert torch.all(centre[1] > 0.9) and torch.all(centre[0] < -0.9) and torch.all(centre[2] < -0.9)
+    assert item["original_size"] == (16, 32)
+    assert item["crop_top_left"] == (0, 4)
+
+
+def _column_ramp(tmp_path: Path) -> tuple[Path, np.ndarray]:
+    array = np.repeat(np.arange(48, dtype=np.float64)[None, :, None] * 5, 16, axis=0).repeat(3, axis=2)
+    return write_array(tmp_path / "ramp.png", array), array
+
+
+def test_center_crop_is_always_the_middle(tmp_path):
+    path, array = _column_ramp(tmp_path)  # 48 wide, 16 high: no resize at resolution 16
+    dataset = CaptionedImageDataset([ImageRecord(path, "", 1)], resolution=16, center_crop=True)
+
+    expected = torch.from_numpy(array[:, 16:32].transpose(2, 0, 1) / 127.5 - 1).float()
+    for _ in range(5):
+        assert torch.allclose(dataset[0]["pixel_values"], expected)
+
+
+def test_random_crop_varies_and_stays_inside_the_image(tmp_path):
+    path, array = _column_ramp(tmp_path)
+    dataset = CaptionedImageDataset([ImageRecord(path, "", 1)], resolution=16, random_crop=True)
+
+    torch.manual_seed(0)
+    lefts = set()
+    for _ in range(40):
+        item = dataset[0]
+        left = item["crop_top_left"][1]
+        expected = torch.from_numpy(array[:, left : left + 16].transpose(2, 0, 1) / 127.5 - 1).float()
+        assert torch.allclose(item["pixel_values"], expected)
+        lefts.add(left)
+    assert len(lefts) > 5
+    assert min(lefts) >= 0 and max(lefts) <= 32
+
+    torch.manual_seed(123)
+    first = [dataset[0]["crop_top_left"] for _ in range(10)]
+    torch.manual_seed(123)
+    assert [dataset[0]["crop_top_left"] for _ in range(10)] == first  # seeded by the torch RNG
+
+
+def test_decoded_images_are_cached(tmp_path):
+    path = write_image(tmp_path / "a.png", size=(20, 20), colour=(0, 255, 0))
+    dataset = CaptionedImageDataset([ImageRecord(path, "", 3)], resolution=16)
+
+    first = dataset[0]["pixel_values"]
+    path.unlink()  # a re-decode would fail now
+
+    assert torch.equal(dataset[2]["pixel_values"], first)
+
+
+def test_collate_stacks_pixels_and_lists_the_rest(tmp_path):
+    records = [ImageRecord(write_image(tmp_path / f"{i}.png"), f"cap {i}", 1) for i in range(3)]
+    dataset = CaptionedImageDataset(records, resolution=8)
+
+    batch = collate_captioned([dataset[i] for i in range(3)])
+
+    assert batch["pixel_values"].shape == (3, 3, 8, 8)
+    assert batch["caption"] == ["cap 0", "cap 1", "cap 2"]
+    assert batch["index"] == [0, 1, 2]
+
+
+def test_works_with_a_dataloader(tmp_path):
+    records = [ImageRecord(write_image(tmp_path / f"{i}.png"), str(i), 2) for i in range(3)]
+    loader = torch.utils.data.DataLoader(
+        CaptionedImageDataset(records, resolution=8), batch_size=4, collate_fn=collate_captioned
+    )
+    batches = list(loader)
+    assert [b["pixel_values"].shape[0] for b in batches] == [4, 2]
+    assert sorted(i for b in batches for i in b["index"]) == [0, 0, 1, 1, 2, 2]
+
+
+# --- the sample dataset script
+
+NAMED_COLOURS = {
+    "red": (255, 0, 0),
+    "green": (0, 255, 0),
+    "blue": (0, 0, 255),
+    "yellow": (255, 255, 0),
+    "white": (255, 255, 255),
+    "black": (0, 0, 0),
+}
+
+
+def nearest_colour_name(rgb) -> str:
+    def distance(name: str) -> int:
+        return sum((int(a) - b) ** 2 for a, b in zip(rgb, NAMED_COLOURS[name], strict=True))
+
+    return min(NAMED_COLOURS, key=distance)
+
+
+def run_script(out: Path, *args: str) -> None:
+    subprocess.run([sys.executable, str(SCRIPT), "--out", str(out), *args], check=True, capture_output=True)
+
+
+def read_tree(root: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+def test_sample_script_is_deterministic(tmp_path):
+    run_script(tmp_path / "one")
+    run_script(tmp_path / "two")
+    one, two = read_tree(tmp_path / "one"), read_tree(tmp_path / "two")
+    assert len([name for name in one if name.endswith(".png")]) >= 10
+    assert one == two
+    run_script(tmp_path / "three", "--seed", "1")
+    assert read_tree(tmp_path / "three") != one
+
+
+def test_committed_sample_data_matches_the_script(tmp_path):
+    run_script(tmp_path / "fresh")
+    assert read_tree(tmp_path / "fresh") == read_tree(REPO / "data" / "sample")
+
+
+def test_sample_dataset_is_small_and_scans_cleanly(tmp_path):
+    run_script(tmp_path)
+    assert sum(p.stat().st_size for p in tmp_path.rglob("*") if p.is_file()) <= 200_000
+    scan = scan_dataset(tmp_path)
+    assert scan.problems == []
+    assert all(r.repeats == 10 for r in scan.records)
+    assert all(r.caption for r in scan.records)
+
+
+ALLOWED_WORDS = {
+    *("a", "small", "large", "on", "background"),
+    *("red", "green", "blue", "yellow", "white", "black"),
+    *("circle", "square", "triangle"),
+}
+
+
+def test_sample_captions_describe_their_images(tmp_path):
+    run_script(tmp_path)
+    scan = scan_dataset(tmp_path)
+    shapes_seen = set()
+    for record in scan.records:
+        words = record.caption.split()
+        assert set(words) <= ALLOWED_WORDS, record.caption
+        # "a <size> <colour> <shape> on a <background> background"
+        size, colour, shape, background = words[1], words[2], words[3], words[6]
+        shapes_seen.add(shape)
+
+        with Image.open(record.path) as image:
+            assert image.mode == "RGB" and image.size == (64, 64)
+            pixels = np.asarray(image).astype(int)
+        assert nearest_colour_name(pixels[0, 0]) == background
+        assert nearest_colour_name(pixels[-1, -1]) == background
+
+        mask = np.any(pixels != pixels[0, 0], axis=2)
+        ys, xs = np.nonzero(mask)
+        cy, cx = round(ys.mean()), round(xs.mean())
+        assert nearest_colour_name(pixels[cy, cx]) == colour, record.caption
+
+        # The fill ratio of the bounding box tells the shapes apart: 1 square, pi/4 circle, 1/2 triangle.
+        height, width = ys.max() - ys.min() + 1, xs.max() - xs.min() + 1
+        fill = mask.sum() / (height * width)
+        expected_fill = {"square": 1.0, "circle": np.pi / 4, "triangle": 0.5}[shape]
+        assert abs(fill - expected_fill) < 0.08, (record.caption, fill)
+        assert (width >= 32) == (size == "large"), (record.caption, width)
+    assert shapes_seen == {"circle", "square", "triangle"}
+
+
+def test_sample_script_main_is_importable(tmp_path, monkeypatch):
+    spec = importlib.util.spec_from_file_location("make_sample_dataset", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    monkeypatch.setitem(sys.modules, spec.name, module)  # dataclasses look their module up
+    spec.loader.exec_module(module)
+    module.main(["--out", str(tmp_path), "--count", "3"])
+    assert len(list((tmp_path / "10_shapes").glob("*.png"))) == 3

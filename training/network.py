@@ -1,0 +1,166 @@
+"""The LoRA network: peft adapters on the UNet (and optionally text encoder), and its kohya file.
+
+Strength follows kohya: the low-rank update is scaled by alpha/dim (peft's ``lora_alpha / r``).
+The saved file uses kohya's key names so every SD tool (A1111, ComfyUI, diffusers'
+``load_lora_weights``) can load it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from peft import LoraConfig
+from peft.utils import get_peft_model_state_dict
+from safetensors.torch import save_file
+
+ADAPTER = "default"
+UNET_PREFIX = "lora_unet_"
+TEXT_ENCODER_PREFIX = "lora_te_"
+
+
+def effective_alpha(network_cfg: Any) -> float:
+    """alpha, or scale * dim, or dim (scale 1) when neither is given."""
+    if network_cfg.alpha is not None:
+        return float(network_cfg.alpha)
+    if network_cfg.scale is not None:
+        return float(network_cfg.scale) * network_cfg.dim
+    return float(network_cfg.dim)
+
+
+@dataclass
+class LoraNetwork:
+    """Handles to the adapted models and the optimizer's parameter groups."""
+
+    unet: torch.nn.Module
+    text_encoder: torch.nn.Module
+    dim: int
+    alpha: float
+    trains_unet: bool
+    trains_text_encoder: bool
+    param_groups: list[dict[str, Any]]
+
+    def parameters(self) -> list[torch.nn.Parameter]:
+        return [p for group in self.param_groups for p in group["params"]]
+
+    def set_enabled(self, enabled: bool) -> None:
+        """Switch the LoRA on or off (off = the base model, for the baseline score)."""
+        for model, adapted in ((self.unet, self.trains_unet), (self.text_encoder, self.trains_text_encoder)):
+            if adapted:
+                model.enable_adapters() if enabled else model.disable_adapters()
+
+    def kohya_state_dict(self, dtype: torch.dtype = torch.float32) -> dict[str, torch.Tensor]:
+        """kohya names: ``lora_unet_<module path, dots as _>.lora_down.weight`` / ``.lora_up.weight`` / ``.alpha``."""
+        tensors: dict[str, torch.Tensor] = {}
+        parts = (
+            (self.unet, UNET_PREFIX, self.trains_unet),
+            (self.text_encoder, TEXT_ENCODER_PREFIX, self.trains_text_encoder),
+        )
+        for model, prefix, adapted in parts:
+            if not adapted:
+                continue
+            for key, value in get_peft_model_state_dict(model, adapter_name=ADAPTER).items():
+                module, _, kind = key.rpartition(".lora_")
+                name = prefix + module.replace(".", "_")
+                direction = "lora_down" if kind.startswith("A") else "lora_up"
+                tensors[f"{name}.{direction}.weight"] = value.detach().to("cpu", dtype).contiguous()
+                tensors[f"{name}.alpha"] = torch.tensor(self.alpha, dtype=dtype)
+        return tensors
+
+
+def add_lora(unet: torch.nn.Module, text_encoder: torch.nn.Module, network_cfg: Any, base_lr: float) -> LoraNetwork:
+    """Attach fresh LoRA adapters; the caller seeds the RNG first so init is reproducible.
+
+    A part whose learning rate is 0 gets no adapter: "0 freezes that part" (PARAMETERS.md).
+    """
+    alpha = effective_alpha(network_cfg)
+    unet_lr = base_lr if network_cfg.unet_lr is None else network_cfg.unet_lr
+    te_lr = base_lr if network_cfg.text_encoder_lr is None else network_cfg.text_encoder_lr
+    trains_unet = network_cfg.train_unet and unet_lr > 0
+    trains_te = network_cfg.train_text_encoder and te_lr > 0
+    groups: list[dict[str, Any]] = []
+    for model, adapted, targets, lr, label in (
+        (unet, trains_unet, network_cfg.unet_targets, unet_lr, "unet"),
+        (text_encoder, trains_te, network_cfg.text_encoder_targets, te_lr, "text_encoder"),
+    ):
+        if not adapted:
+            continue
+        model.add_adapter(
+            LoraConfig(r=network_cfg.dim, lora_alpha=alpha, target_modules=list(targets), lora_dropout=0.0),
+            adapter_name=ADAPTER,
+        )
+        if network_cfg.dropout > 0:
+            _add_rank_dropout(model, network_cfg.dropout)
+        params = [p for name, p in model.named_parameters() if "lora_" in name]
+        for p in params:
+            p.data = p.data.float()  # fp32 master weights even when the base runs in half precision
+            p.requires_grad_(True)
+        groups.append({"params": params, "lr": lr, "name": label})
+    return LoraNetwork(unet, text_encoder, network_cfg.dim, alpha, trains_unet, trains_te, groups)
+
+
+def remove_lora(network: LoraNetwork) -> None:
+    """Take the adapters out again so the base model can serve another trial untouched."""
+    for model, adapted in ((network.unet, network.trains_unet), (network.text_encoder, network.trains_text_encoder)):
+        if adapted:
+            model.delete_adapters(ADAPTER) if hasattr(model, "delete_adapters") else model.delete_adapter(ADAPTER)
+
+
+def _add_rank_dropout(model: torch.nn.Module, rate: float) -> None:
+    """kohya's network_dropout: dropout on lora_down's output (the rank-r activations).
+
+    peft's own ``lora_dropout`` drops the layer *input* instead, which is a different regulariser;
+    a forward hook on each ``lora_A`` gives kohya's semantics and keeps peft's weight names.
+    """
+    for name, module in model.named_modules():
+        if name.endswith(f"lora_A.{ADAPTER}"):
+            module.register_forward_hook(lambda mod, _inp, out: F.dropout(out, rate, mod.training))
+
+
+def save_lora_file(path: str | Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> Path:
+    """Write safetensors under a temporary name, then rename: a crash never leaves a look-alike file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        save_file(tensors, tmp, metadata={k: str(v) for k, v in metadata.items()})
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+    return path
+
+
+def kohya_metadata(
+    network: LoraNetwork,
+    *,
+    output_name: str,
+    base_model_version: str,
+    comment: str,
+    seed: int,
+    steps: int,
+    resolved_config: dict[str, Any],
+    extra: dict[str, str] | None = None,
+) -> dict[str, str]:
+    """kohya's ``ss_*`` keys (strings, as in sd-scripts) plus our resolved config as JSON."""
+    metadata = {
+        "ss_network_module": "networks.lora",
+        "ss_network_dim": str(network.dim),
+        "ss_network_alpha": f"{network.alpha:g}",
+        "ss_base_model_version": base_model_version,
+        "ss_output_name": output_name,
+        "ss_training_comment": comment,
+        "ss_seed": str(seed),
+        "ss_steps": str(steps),
+        "ss_network_args": json.dumps({}),
+        "lora_sweeper_config": json.dumps(resolved_config, sort_keys=True),
+    }
+    metadata.update(extra or {})
+    return metadata

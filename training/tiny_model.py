@@ -1,0 +1,96 @@
+"""The embedded default base model: a tiny SD-architecture pipeline built in code.
+
+It has the same parts as SD1.x (UNet2DConditionModel, AutoencoderKL, CLIPTextModel + CLIPTokenizer,
+a DDPM noise schedule), only small, so the whole tool runs on a laptop CPU. It is written once as a
+diffusers folder and then loaded through the same ``from_pretrained`` path as a real model.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from diffusers import AutoencoderKL, DDPMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+from transformers import CLIPTextConfig, CLIPTextModel
+
+from training.cache import cached_folder, default_cache_root
+from training.tokenizer import build_word_tokenizer
+
+TINY_SD_NAME = "tiny-sd-v1"
+TINY_SEED = 0
+TINY_RESOLUTION = 64  # pixels; latents are 16x16 (VAE downsamples by 4)
+
+
+def build_tiny_pipeline(seed: int = TINY_SEED) -> StableDiffusionPipeline:
+    """Random but fixed weights: the same seed gives the same model on every CPU."""
+    generator_state = torch.random.get_rng_state()
+    torch.manual_seed(seed)
+    try:
+        tokenizer = build_word_tokenizer()
+        text_encoder = CLIPTextModel(
+            CLIPTextConfig(
+                vocab_size=len(tokenizer),
+                hidden_size=32,
+                intermediate_size=64,
+                num_hidden_layers=2,
+                num_attention_heads=4,
+                max_position_embeddings=77,
+                projection_dim=32,
+                bos_token_id=0,
+                eos_token_id=1,
+                pad_token_id=1,
+            )
+        )
+        unet = UNet2DConditionModel(
+            sample_size=TINY_RESOLUTION // 4,
+            in_channels=4,
+            out_channels=4,
+            block_out_channels=(32, 64),
+            layers_per_block=1,
+            down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+            up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+            cross_attention_dim=32,
+            attention_head_dim=4,
+            norm_num_groups=8,
+        )
+        vae = AutoencoderKL(
+            in_channels=3,
+            out_channels=3,
+            block_out_channels=(16, 32, 32),
+            down_block_types=("DownEncoderBlock2D",) * 3,
+            up_block_types=("UpDecoderBlock2D",) * 3,
+            latent_channels=4,
+            layers_per_block=1,
+            norm_num_groups=8,
+            sample_size=TINY_RESOLUTION,
+        )
+        scheduler = DDPMScheduler(
+            num_train_timesteps=1000,
+            beta_schedule="scaled_linear",
+            beta_start=0.00085,
+            beta_end=0.012,
+            prediction_type="epsilon",
+            clip_sample=False,
+            steps_offset=1,  # as in the SD1.x scheduler configs
+        )
+    finally:
+        torch.random.set_rng_state(generator_state)
+    return StableDiffusionPipeline(
+        vae=vae,
+        text_encoder=text_encoder,
+        tokenizer=tokenizer,
+        unet=unet,
+        scheduler=scheduler,
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
+
+
+def build_tiny_model_folder(folder: Path) -> None:
+    build_tiny_pipeline().save_pretrained(folder, safe_serialization=True)
+
+
+def ensure_tiny_model(cache_root: str | Path | None = None) -> Path:
+    """The tiny model's diffusers folder, built on first use."""
+    return cached_folder(cache_root or default_cache_root(), TINY_SD_NAME, build_tiny_model_folder)
