@@ -23,6 +23,9 @@ from safetensors.torch import save_file
 ADAPTER = "default"
 UNET_PREFIX = "lora_unet_"
 TEXT_ENCODER_PREFIX = "lora_te_"
+# kohya names text-encoder modules as in transformers 4's CLIPTextModel (``text_model.encoder...``);
+# transformers 5 dropped the ``text_model`` level, so it is put back for file compatibility.
+TEXT_MODEL_LEVEL = "text_model."
 
 
 def effective_alpha(network_cfg: Any) -> float:
@@ -59,14 +62,18 @@ class LoraNetwork:
         """kohya names: ``lora_unet_<module path, dots as _>.lora_down.weight`` / ``.lora_up.weight`` / ``.alpha``."""
         tensors: dict[str, torch.Tensor] = {}
         parts = (
-            (self.unet, UNET_PREFIX, self.trains_unet),
-            (self.text_encoder, TEXT_ENCODER_PREFIX, self.trains_text_encoder),
+            (self.unet, UNET_PREFIX, "", self.trains_unet),
+            (self.text_encoder, TEXT_ENCODER_PREFIX, TEXT_MODEL_LEVEL, self.trains_text_encoder),
         )
-        for model, prefix, adapted in parts:
+        for model, prefix, level, adapted in parts:
             if not adapted:
                 continue
-            for key, value in get_peft_model_state_dict(model, adapter_name=ADAPTER).items():
+            for key, value in get_peft_model_state_dict(
+                model, adapter_name=ADAPTER, save_embedding_layers=False
+            ).items():
                 module, _, kind = key.rpartition(".lora_")
+                if level and not module.startswith(level):
+                    module = level + module
                 name = prefix + module.replace(".", "_")
                 direction = "lora_down" if kind.startswith("A") else "lora_up"
                 tensors[f"{name}.{direction}.weight"] = value.detach().to("cpu", dtype).contiguous()
