@@ -8,15 +8,13 @@ import hydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
-from sweeper.config import register_configs, register_resolvers
-from sweeper.validate import ConfigError
-
-register_resolvers()
-register_configs()
-
 
 def quiet_libraries() -> None:
-    """Our own progress bar and summary are the output; the libraries' load chatter is noise."""
+    """Our own progress bar and summary are the output; the libraries' load chatter is noise.
+
+    Called before the pipeline modules are imported: transformers warns at import time that
+    torchvision is missing (we use the PIL image processors on purpose).
+    """
     import diffusers
     import transformers
 
@@ -25,11 +23,18 @@ def quiet_libraries() -> None:
         logging.disable_progress_bar()
 
 
+quiet_libraries()
+
+from sweeper.config import register_configs, register_resolvers  # noqa: E402
+from sweeper.validate import ConfigError  # noqa: E402
+
+register_resolvers()
+register_configs()
+
+
 @hydra.main(version_base="1.3", config_path="../conf", config_name="config")
 def main(cfg: DictConfig) -> float:
     from sweeper.task import run  # heavy imports only once the config composed
-
-    quiet_libraries()
 
     try:
         result = run(cfg, overrides=list(HydraConfig.get().overrides.task))

@@ -26,7 +26,7 @@ def test_every_group_has_options():
 @pytest.mark.parametrize(("group", "option"), GROUP_OPTIONS)
 def test_every_group_option_composes_and_validates(group, option, tmp_path):
     if (group, option) in NEEDS_INPUT:
-        pytest.skip("needs a model folder; covered by test_models.py")
+        pytest.skip("needs a model folder: tests/test_models.py")
     if (group, option) == ("precision", "fp16"):
         cfg = compose_config([f"{group}={option}", f"output.dir={tmp_path}"])
         with pytest.raises(ConfigError, match="fp16"):  # a CPU-only machine: fp16 needs CUDA

@@ -1,0 +1,1 @@
+"""Hyperparameter search: Hydra overrides -> an Optuna study whose trials are ordinary runs."""

@@ -1,0 +1,120 @@
+"""Hydra's sweep override grammar mapped onto Optuna distributions (pure functions).
+
+``a,b,c`` / ``choice(a,b,c)`` -> categorical, ``range(a,b[,step])`` -> stepped int (or float),
+``interval(a,b)`` -> float, ``int(interval(a,b))`` -> int, ``tag(log, ...)`` -> log scale.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+from hydra.core.override_parser.overrides_parser import OverridesParser
+from hydra.core.override_parser.types import ChoiceSweep, IntervalSweep, Override, RangeSweep
+from optuna.distributions import (
+    BaseDistribution,
+    CategoricalDistribution,
+    FloatDistribution,
+    IntDistribution,
+)
+
+PRIMITIVE = (bool, int, float, str, type(None))
+
+
+class SearchSpaceError(ValueError):
+    """A sweep override that cannot become a search dimension; the message names the key."""
+
+
+@dataclass
+class SearchSpace:
+    """The swept dimensions, plus the overrides every trial shares."""
+
+    distributions: dict[str, BaseDistribution] = field(default_factory=dict)
+    grid_values: dict[str, list[Any]] = field(default_factory=dict)  # only for finite dimensions
+    fixed: list[str] = field(default_factory=list)
+
+    @property
+    def is_finite(self) -> bool:
+        """Every dimension is a finite list: a grid covers the whole space."""
+        return bool(self.distributions) and self.grid_values.keys() == self.distributions.keys()
+
+    @property
+    def grid_size(self) -> int:
+        return math.prod(len(values) for values in self.grid_values.values()) if self.is_finite else 0
+
+    def trial_overrides(self, params: dict[str, Any]) -> list[str]:
+        """The override list of one trial: the shared ones, then its sampled values."""
+        return [*self.fixed, *(f"{key}={format_value(value)}" for key, value in params.items())]
+
+
+def parse_search_space(arguments: list[str]) -> SearchSpace:
+    """Split command-line overrides into search dimensions and shared overrides."""
+    space = SearchSpace()
+    for override in OverridesParser.create().parse_overrides(arguments):
+        key = override.get_key_element()
+        if override.is_sweep_override():
+            space.distributions[key] = distribution_for(override)
+            values = finite_values(override)
+            if values is not None:
+                space.grid_values[key] = values
+        else:
+            space.fixed.append(override.input_line)
+    return space
+
+
+def distribution_for(override: Override) -> BaseDistribution:
+    """The Optuna distribution one sweep override describes."""
+    sweep, key = override.value(), override.get_key_element()
+    log = "log" in getattr(sweep, "tags", set())
+    if isinstance(sweep, ChoiceSweep):
+        if log:
+            raise SearchSpaceError(f"{key}: tag(log, ...) applies to interval/range, not to a list of choices")
+        return CategoricalDistribution(_choices(override))
+    if isinstance(sweep, RangeSweep):
+        values = list(override.sweep_iterator())
+        if not values:
+            raise SearchSpaceError(f"{key}: {override.input_line} is an empty range")
+        step = sweep.step
+        if all(isinstance(v, int) for v in (sweep.start, sweep.stop, step)):
+            return IntDistribution(int(values[0]), int(values[-1]), step=1 if log else int(step), log=log)
+        return FloatDistribution(float(values[0]), float(values[-1]), step=None if log else float(step), log=log)
+    if isinstance(sweep, IntervalSweep):
+        low, high = sweep.start, sweep.end
+        if low >= high:
+            raise SearchSpaceError(f"{key}: interval({low}, {high}) needs low < high")
+        if log and low <= 0:
+            raise SearchSpaceError(f"{key}: a log interval needs low > 0 (got {low})")
+        if isinstance(low, int) and isinstance(high, int):
+            return IntDistribution(low, high, log=log)
+        return FloatDistribution(float(low), float(high), log=log)
+    raise SearchSpaceError(f"{key}: unsupported sweep '{override.input_line}'")
+
+
+def finite_values(override: Override) -> list[Any] | None:
+    """The values of a choice or range sweep (grid-able); None for an interval."""
+    sweep = override.value()
+    if isinstance(sweep, ChoiceSweep):
+        return _choices(override)
+    if isinstance(sweep, RangeSweep):
+        return list(override.sweep_iterator())
+    return None
+
+
+def _choices(override: Override) -> list[Any]:
+    """Primitive choices stay typed; anything else (lists, dicts) travels as its override string."""
+    values = list(override.sweep_iterator())
+    if all(isinstance(v, PRIMITIVE) for v in values):
+        return values
+    return list(override.sweep_string_iterator())
+
+
+def format_value(value: Any) -> str:
+    """A sampled value written back as an override value Hydra parses to the same thing."""
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return str(value).lower()
+    if isinstance(value, float):
+        return repr(value)
+    return str(value)
