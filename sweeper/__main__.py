@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import sys
+from typing import Any
 
 import hydra
 from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
 from omegaconf import DictConfig
 
 
@@ -33,12 +35,16 @@ register_configs()
 
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="config")
-def main(cfg: DictConfig) -> float:
+def main(cfg: DictConfig) -> dict[str, Any]:
+    """One run. In a sweep (``-m``) each trial is this same function; errors then fail the trial only."""
     from sweeper.task import run  # heavy imports only once the config composed
 
+    hydra_cfg = HydraConfig.get()
     try:
-        result = run(cfg, overrides=list(HydraConfig.get().overrides.task))
+        result = run(cfg, overrides=list(hydra_cfg.overrides.task))
     except ConfigError as error:
+        if hydra_cfg.mode == RunMode.MULTIRUN:
+            raise
         print(error, file=sys.stderr)
         sys.exit(2)
     metrics = result.metrics
@@ -50,7 +56,7 @@ def main(cfg: DictConfig) -> float:
     if result.run_id:
         print(f"MLflow run: {result.run_id}")
         print(f"MLflow UI:  {result.ui_command}")
-    return metrics["clip_score"]
+    return {"metrics": metrics, "pruned": result.stopped_early, "run_id": result.run_id}
 
 
 if __name__ == "__main__":

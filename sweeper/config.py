@@ -124,6 +124,21 @@ class OutputConfig:
 
 
 @dataclass
+class SweepConfig:
+    """Filled in by the Optuna sweeper for each trial (empty in a single run).
+
+    It makes the trial reachable from inside the task (to report evaluations to the pruner) and
+    nests the trial's MLflow run under the sweep's parent run.
+    """
+
+    study_name: str | None = None
+    storage: str | None = None
+    trial_number: int | None = None
+    parent_run_id: str | None = None
+    report_objective: bool = False  # report periodic CLIP scores to the pruner
+
+
+@dataclass
 class Config:
     """The root: every group plus the train/output sections."""
 
@@ -140,6 +155,7 @@ class Config:
     tracking: TrackingConfig = MISSING
     train: TrainConfig = field(default_factory=TrainConfig)
     output: OutputConfig = field(default_factory=OutputConfig)
+    sweep: SweepConfig = field(default_factory=SweepConfig)
 
 
 GROUP_SCHEMAS: dict[str, type] = {

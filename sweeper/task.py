@@ -6,6 +6,7 @@ A single run and every sweep trial call ``run``; a trial only adds its bookkeepi
 from __future__ import annotations
 
 import contextlib
+import json
 import re
 import resource
 import subprocess
@@ -25,7 +26,7 @@ from evaluation.sampling import sampling_scheduler
 from sweeper.tracking import flatten, start_run, ui_command
 from sweeper.validate import validate
 from training.loop import Trainer
-from training.models import load_base_model
+from training.models import BaseModel, load_base_model
 from training.network import kohya_metadata, remove_lora, save_lora_file
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
@@ -53,21 +54,30 @@ def run(
     cfg: DictConfig,
     *,
     overrides: list[str] | None = None,
-    parent_run_id: str | None = None,
     report: EvalReporter | None = None,
     show_progress: bool = True,
 ) -> RunResult:
-    """Train, evaluate and save one LoRA as ``cfg`` says, tracked as one MLflow run."""
+    """Train, evaluate and save one LoRA as ``cfg`` says, tracked as one MLflow run.
+
+    In a sweep trial ``cfg.sweep`` names the trial: the run nests under the sweep's parent run and
+    its periodic CLIP scores go to the trial's pruner (unless ``report`` is given explicitly).
+    """
     started = time.perf_counter()
     validated = validate(cfg)  # every problem at once, before any model is loaded
     resolved = OmegaConf.to_container(cfg, resolve=True)
     output_dir = Path(cfg.output.dir)
+    trial = cfg.sweep.trial_number
+    if report is None and trial is not None and cfg.sweep.report_objective:
+        from sweeper.search.trial import trial_reporter
+
+        report = trial_reporter(cfg.sweep)
     with start_run(
         cfg.tracking,
         Path.cwd() / "outputs",
-        run_name=cfg.output.name,
+        run_name=cfg.output.name if trial is None else f"trial-{trial}",
         description=cfg.output.comment,
-        parent_run_id=parent_run_id,
+        parent_run_id=cfg.sweep.parent_run_id,
+        tags=None if trial is None else {"sweep.trial_number": str(trial), "sweep.study_name": cfg.sweep.study_name},
     ) as tracker:
         tracker.log_params(flatten(resolved))
         tracker.set_tags(_run_tags(cfg))
@@ -78,12 +88,12 @@ def run(
         if validated.dataset.skipped:
             tracker.log_text("\n".join(f"{p}\t{r}" for p, r in validated.dataset.skipped) + "\n", "data/skipped.tsv")
 
-        # --- setup
-        base = load_base_model(cfg.model)
+        # --- setup (the base model and the CLIP scorer are reused by later runs in this process)
+        base = _worker.base_model(cfg.model)
         tracker.set_tags({f"model.{k}": v for k, v in base.identity.items()})
         trainer = Trainer(cfg, base, validated.dataset.records, tracker)
         try:
-            scorer = ClipScorer(cfg.eval.clip_model, device=trainer.device)
+            scorer = _worker.scorer(cfg.eval.clip_model, trainer.device)
             pipeline = trainer.sampling_pipeline(sampling_scheduler(base.noise_scheduler.config, cfg.eval.sampler))
 
             def evaluate_now() -> EvalResult:
@@ -100,8 +110,11 @@ def run(
                         width=trainer.resolution,
                     )
 
+            periodic: list[EvalResult] = []
+
             def periodic_eval(step: int) -> bool:
                 result = evaluate_now()
+                periodic.append(result)
                 tracker.log_metrics({"eval/clip_score": result.clip_score}, step)
                 tracker.log_image(result.grid, f"samples/step_{step:06d}.png")
                 return bool(report and report(step, result.clip_score))
@@ -109,11 +122,14 @@ def run(
             # --- train
             fit = trainer.fit(on_eval=periodic_eval, show_progress=show_progress)
 
-            # --- evaluate: the LoRA, then the base model on the same prompts and seed
-            final = evaluate_now()
-            trainer.network.set_enabled(False)
-            baseline = evaluate_now()
-            trainer.network.set_enabled(True)
+            # --- evaluate: the LoRA (a pruned run keeps its last value), then the base model
+            final = periodic[-1] if fit.stopped_early else evaluate_now()
+            baseline_key = _baseline_key(cfg, trainer.resolution)
+            baseline = _worker.baselines.get(baseline_key)
+            if baseline is None:
+                trainer.network.set_enabled(False)
+                baseline = _worker.baselines[baseline_key] = evaluate_now()
+                trainer.network.set_enabled(True)
 
             # --- save
             lora_path = save_lora_file(
@@ -150,6 +166,8 @@ def run(
             metrics[f"clip_score/{_metric_safe(prompt)}"] = score
             metrics[f"clip_score_baseline/{_metric_safe(prompt)}"] = baseline.per_prompt[prompt]
         tracker.log_metrics(metrics, fit.steps)
+        if fit.stopped_early:
+            tracker.set_tags({"pruned": "true", "pruned_at_step": str(fit.steps)})
         tracker.log_artifact(lora_path, "lora")
         tracker.log_image(final.grid, f"samples/final_step_{fit.steps:06d}.png")
         tracker.log_image(baseline.grid, "samples/baseline.png")
@@ -157,6 +175,49 @@ def run(
         return RunResult(
             metrics, lora_path, tracker.run_id, tracker.tracking_uri, per_prompt, stopped_early=fit.stopped_early
         )
+
+
+class _WorkerCache:
+    """What the runs of one process share (DESIGN.md, "Reuse across trials").
+
+    The loaded base model (LoRA removed after every run), the CLIP scorer, and the base model's
+    scores, which depend only on the model and the eval settings, never on a trial's LoRA values.
+    """
+
+    def __init__(self) -> None:
+        self._models: dict[str, BaseModel] = {}
+        self._scorers: dict[tuple[str, str], ClipScorer] = {}
+        self.baselines: dict[str, EvalResult] = {}
+        self.model_loads = 0
+
+    def base_model(self, model_cfg: Any) -> BaseModel:
+        key = json.dumps(OmegaConf.to_container(model_cfg, resolve=True), sort_keys=True)
+        if key not in self._models:
+            self._models.clear()  # one base model in memory at a time
+            self.baselines.clear()
+            self._models[key] = load_base_model(model_cfg)
+            self.model_loads += 1
+        return self._models[key]
+
+    def scorer(self, clip_model: str, device: torch.device) -> ClipScorer:
+        key = (clip_model, str(device))
+        if key not in self._scorers:
+            self._scorers[key] = ClipScorer(clip_model, device=device)
+        return self._scorers[key]
+
+
+_worker = _WorkerCache()
+
+
+def _baseline_key(cfg: Any, resolution: int) -> str:
+    """Everything the base model's sample images depend on."""
+    parts = {
+        "model": OmegaConf.to_container(cfg.model, resolve=True),
+        "eval": {k: v for k, v in OmegaConf.to_container(cfg.eval, resolve=True).items() if k != "every_n_steps"},
+        "precision": cfg.precision.mixed,
+        "resolution": resolution,
+    }
+    return json.dumps(parts, sort_keys=True)
 
 
 def _run_tags(cfg: Any) -> dict[str, str]:

@@ -7,6 +7,7 @@ decided once, here (the null-object pattern).
 from __future__ import annotations
 
 import json
+import re
 import tempfile
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
@@ -98,12 +99,37 @@ class MlflowTracker:
 
     def set_tags(self, tags: Mapping[str, Any]) -> None:
         for key, value in tags.items():
-            self.client.set_tag(self.run_id, key, str(value))
+            self.client.set_tag(self.run_id, key, redact_password(str(value)))
+
+
+_URL_PASSWORD = re.compile(r"(?P<head>[a-zA-Z][\w+.-]*://[^:/@\s]+:)[^@\s]+@")
+
+
+def redact_password(text: str) -> str:
+    """``postgresql://user:secret@host/db`` -> ``postgresql://user:***@host/db``."""
+    return _URL_PASSWORD.sub(lambda m: m.group("head") + "***@", text)
+
+
+def _find_run(client: Any, experiment_id: str, tags: Mapping[str, str]) -> Any | None:
+    query = " and ".join(f"tags.`{key}` = '{value}'" for key, value in tags.items())
+    runs = client.search_runs([experiment_id], filter_string=query, max_results=1, order_by=["start_time ASC"])
+    return runs[0] if runs else None
 
 
 def _param_value(value: Any) -> str:
     text = json.dumps(value) if isinstance(value, list | dict) else str(value)
+    text = redact_password(text)
     return text if len(text) <= PARAM_VALUE_LIMIT else text[: PARAM_VALUE_LIMIT - 3] + "..."
+
+
+def _experiment_id(client: Any, tracking_cfg: Any, outputs: Path) -> str:
+    experiment = client.get_experiment_by_name(tracking_cfg.experiment)
+    if experiment is not None:
+        return experiment.experiment_id
+    artifact_root = Path(tracking_cfg.artifact_root or outputs / "mlartifacts").resolve()
+    return client.create_experiment(
+        tracking_cfg.experiment, artifact_location=artifact_root.joinpath(tracking_cfg.experiment).as_uri()
+    )
 
 
 @contextmanager
@@ -113,8 +139,14 @@ def start_run(
     run_name: str | None = None,
     description: str = "",
     parent_run_id: str | None = None,
+    tags: Mapping[str, str] | None = None,
+    resume_tags: Mapping[str, str] | None = None,
 ) -> Iterator[MlflowTracker | NullTracker]:
-    """Open a run (nested under ``parent_run_id`` if given) and always close it with a status."""
+    """Open a run (nested under ``parent_run_id`` if given) and always close it with a status.
+
+    With ``resume_tags``, an existing top-level run carrying exactly those tags is reopened instead
+    of starting a new one (a resumed sweep keeps its one parent run).
+    """
     if not tracking_cfg.enabled:
         yield NullTracker()
         return
@@ -122,18 +154,18 @@ def start_run(
 
     uri = tracking_cfg.uri or default_tracking_uri(outputs)
     client = MlflowClient(tracking_uri=uri)
-    experiment = client.get_experiment_by_name(tracking_cfg.experiment)
-    if experiment is None:
-        artifact_root = Path(tracking_cfg.artifact_root or outputs / "mlartifacts").resolve()
-        experiment_id = client.create_experiment(
-            tracking_cfg.experiment, artifact_location=artifact_root.joinpath(tracking_cfg.experiment).as_uri()
-        )
-    else:
-        experiment_id = experiment.experiment_id
-    tags = {"mlflow.note.content": description} if description else {}
+    experiment_id = _experiment_id(client, tracking_cfg, outputs)
+    run_tags = dict(tags or {})
+    if description:
+        run_tags["mlflow.note.content"] = description
     if parent_run_id:
-        tags["mlflow.parentRunId"] = parent_run_id
-    run = client.create_run(experiment_id, run_name=run_name, tags=tags)
+        run_tags["mlflow.parentRunId"] = parent_run_id
+    existing = _find_run(client, experiment_id, resume_tags) if resume_tags else None
+    if existing is not None:
+        client.update_run(existing.info.run_id, status="RUNNING")
+        run = existing
+    else:
+        run = client.create_run(experiment_id, run_name=run_name, tags={**run_tags, **(resume_tags or {})})
     tracker = MlflowTracker(client, run.info.run_id, uri)
     status = "FAILED"
     try:

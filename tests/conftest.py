@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 from collections.abc import Callable
 from pathlib import Path
 
@@ -55,3 +57,11 @@ def make_cfg(tmp_path: Path) -> Callable[..., DictConfig]:
         return compose_config(base + (FAST if fast else []) + list(overrides))
 
     return make
+
+
+def run_cli(*args: str, cwd: Path, timeout: int = 900) -> subprocess.CompletedProcess:
+    """``python -m sweeper ARGS`` in ``cwd``, as a user runs it (outputs/ lands in ``cwd``)."""
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(REPO)}
+    return subprocess.run(
+        [sys.executable, "-m", "sweeper", *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout
+    )

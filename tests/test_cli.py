@@ -2,24 +2,14 @@
 
 from __future__ import annotations
 
-import os
 import re
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 from mlflow.tracking import MlflowClient
 from PIL import Image
 
-from tests.conftest import REPO
-
-
-def sweeper(*args: str, cwd: Path) -> subprocess.CompletedProcess:
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(REPO)}
-    return subprocess.run(
-        [sys.executable, "-m", "sweeper", *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=600
-    )
+from tests.conftest import run_cli
 
 
 @pytest.mark.slow
@@ -30,7 +20,7 @@ def test_a_run_on_a_users_folder_prints_the_summary(tmp_path):
         Image.new("RGB", (80, 64), colour).save(folder / f"{i}.png")
         (folder / f"{i}.txt").write_text("a square", encoding="utf-8")
 
-    done = sweeper(
+    done = run_cli(
         f"data.train_dir={tmp_path / 'my_images'}",
         "network.dim=16",
         "optimizer.lr=3e-4",
@@ -56,7 +46,7 @@ def test_a_run_on_a_users_folder_prints_the_summary(tmp_path):
 
 
 def test_a_missing_folder_stops_before_training(tmp_path):
-    done = sweeper(f"data.train_dir={tmp_path / 'absent'}", cwd=tmp_path)
+    done = run_cli(f"data.train_dir={tmp_path / 'absent'}", cwd=tmp_path)
     assert done.returncode == 2
     assert "data.train_dir" in done.stderr and "absent" in done.stderr
     assert "train:" not in done.stderr

@@ -1,0 +1,169 @@
+"""What a sweep leaves behind: the terminal summary and the parent MLflow run's results."""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import optuna
+from optuna.trial import FrozenTrial, TrialState
+
+from sweeper.search.space import SearchSpace, format_value
+from sweeper.tracking import redact_password
+
+
+@dataclass
+class SweepSummary:
+    study: optuna.Study
+    space: SearchSpace
+    objectives: list[str]
+    directions: list[str]
+    sampler: str
+    storage_url: str
+
+    @property
+    def multi_objective(self) -> bool:
+        return len(self.objectives) > 1
+
+    def trials(self) -> list[FrozenTrial]:
+        return sorted(self.study.get_trials(deepcopy=False), key=lambda t: t.number)
+
+    def best_trials(self) -> list[FrozenTrial]:
+        """The best trial, or the Pareto front of a multi-objective study; none before a trial completes."""
+        if not any(t.state == TrialState.COMPLETE for t in self.study.get_trials(deepcopy=False)):
+            return []
+        return list(self.study.best_trials) if self.multi_objective else [self.study.best_trial]
+
+    def parent_params(self, options: Any) -> dict[str, str]:
+        params = {
+            "sweep.study_name": self.study.study_name,
+            "sweep.sampler": self.sampler,
+            "sweep.seed": str(options.seed),
+            "sweep.pruner": options.pruner,
+            "sweep.storage": redact_password(self.storage_url),
+            "sweep.objective": ",".join(self.objectives),
+            "sweep.direction": ",".join(self.directions),
+            "sweep.fixed_overrides": " ".join(self.space.fixed),
+        }
+        if self.sampler != "grid":
+            params["sweep.n_trials"] = str(options.n_trials)
+        for key, distribution in self.space.distributions.items():
+            params[f"sweep.space.{key}"] = _describe(distribution)
+        return params
+
+    def rows(self) -> list[dict[str, Any]]:
+        rows = []
+        for trial in self.trials():
+            values = trial.values or ([trial.value] if trial.value is not None else [])
+            if trial.state == TrialState.PRUNED and trial.intermediate_values:
+                values = [trial.intermediate_values[trial.last_step]]
+            row = {"number": trial.number, "state": trial.state.name}
+            row.update({key: format_value(value) for key, value in trial.params.items()})
+            for name, value in zip(self.objectives, values, strict=False):
+                row[name] = f"{value:.4f}"
+            row["mlflow_run_id"] = trial.user_attrs.get("mlflow_run_id", "")
+            row["error"] = trial.user_attrs.get("error", "")
+            rows.append(row)
+        return rows
+
+    def csv_text(self) -> str:
+        rows = self.rows()
+        columns = ["number", "state", *self.space.distributions, *self.objectives, "mlflow_run_id", "error"]
+        buffer = io.StringIO()
+        writer = csv.DictWriter(buffer, fieldnames=columns, extrasaction="ignore")
+        writer.writeheader()
+        writer.writerows(rows)
+        return buffer.getvalue()
+
+
+def print_summary(summary: SweepSummary) -> None:
+    """A table of every trial of the study and the best one(s)."""
+    rows = summary.rows()
+    columns = ["number", "state", *summary.space.distributions, *summary.objectives, "mlflow_run_id"]
+    widths = {c: max([len(c)] + [len(str(r.get(c, ""))) for r in rows]) for c in columns}
+    print(f"\nStudy '{summary.study.study_name}': {len(rows)} trial(s)")
+    print("  ".join(c.ljust(widths[c]) for c in columns))
+    for row in rows:
+        print("  ".join(str(row.get(c, "")).ljust(widths[c]) for c in columns))
+    best = summary.best_trials()
+    label = "Pareto front" if summary.multi_objective else "Best"
+    for trial in best:
+        values = ", ".join(f"{n}={v:.4f}" for n, v in zip(summary.objectives, trial.values, strict=True))
+        params = " ".join(f"{k}={format_value(v)}" for k, v in trial.params.items())
+        print(f"{label}: trial {trial.number} ({values}) {params} run {trial.user_attrs.get('mlflow_run_id', '-')}")
+    if not best:
+        print("No trial completed.")
+
+
+def log_parent_results(parent: Any, summary: SweepSummary) -> None:
+    """Best trial(s), the table of all trials and Optuna's plots on the sweep's parent run."""
+    parent.log_text(summary.csv_text(), "sweep/trials.csv")
+    best = summary.best_trials()
+    payload = [
+        {
+            "number": t.number,
+            "values": dict(zip(summary.objectives, t.values, strict=True)),
+            "params": t.params,
+            "mlflow_run_id": t.user_attrs.get("mlflow_run_id"),
+        }
+        for t in best
+    ]
+    parent.log_text(json.dumps(payload, indent=2, default=str), "sweep/best_trials.json")
+    if best and not summary.multi_objective:
+        top = best[0]
+        parent.set_tags(
+            {
+                "best.trial_number": top.number,
+                "best.mlflow_run_id": top.user_attrs.get("mlflow_run_id", ""),
+                **{f"best.param.{k}": format_value(v) for k, v in top.params.items()},
+            }
+        )
+        parent.log_metrics({f"best/{summary.objectives[0]}": top.values[0]})
+    elif best:
+        parent.set_tags({"pareto.trial_numbers": ",".join(str(t.number) for t in best)})
+    states = [t.state for t in summary.trials()]
+    parent.log_metrics({f"trials/{s.name.lower()}": float(states.count(s)) for s in TrialState})
+    _log_plots(parent, summary)
+
+
+def _log_plots(parent: Any, summary: SweepSummary) -> None:
+    """Optuna's plots as HTML artifacts, each only when it can be computed for this study."""
+    from optuna import visualization as vis
+    from optuna.importance import PedAnovaImportanceEvaluator
+
+    study = summary.study
+    first = (lambda t: t.values[0]) if summary.multi_objective else None
+    name = summary.objectives[0]
+    plots = {
+        "optimization_history": lambda: vis.plot_optimization_history(study, target=first, target_name=name),
+        "parallel_coordinate": lambda: vis.plot_parallel_coordinate(study, target=first, target_name=name),
+        "param_importances": lambda: vis.plot_param_importances(
+            study, evaluator=PedAnovaImportanceEvaluator(), target=first, target_name=name
+        ),
+    }
+    if summary.multi_objective:
+        plots["pareto_front"] = lambda: vis.plot_pareto_front(study, target_names=summary.objectives)
+    with tempfile.TemporaryDirectory() as tmp:
+        for plot_name, make in plots.items():
+            try:
+                figure = make()
+            except (ValueError, RuntimeError, ZeroDivisionError, ImportError) as error:
+                print(f"(plot {plot_name} skipped: {error})")
+                continue
+            path = Path(tmp) / f"{plot_name}.html"
+            figure.write_html(str(path), include_plotlyjs="cdn")
+            parent.log_artifact(path, "sweep/plots")
+
+
+def _describe(distribution: optuna.distributions.BaseDistribution) -> str:
+    if isinstance(distribution, optuna.distributions.CategoricalDistribution):
+        return "choice(" + ", ".join(format_value(c) for c in distribution.choices) + ")"
+    kind = "int" if isinstance(distribution, optuna.distributions.IntDistribution) else "float"
+    scale = ", log" if distribution.log else ""
+    step = f", step={distribution.step}" if distribution.step is not None and distribution.step != 1 else ""
+    return f"{kind}[{distribution.low}, {distribution.high}{step}{scale}]"

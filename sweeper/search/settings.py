@@ -1,0 +1,29 @@
+"""The Optuna sweeper's options (``hydra.sweeper.*``); imported at Hydra start-up, so kept light."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+SAMPLERS = ("auto", "grid", "tpe", "random", "cmaes", "nsgaii")
+PRUNERS = ("none", "median", "successive_halving", "hyperband")
+DIRECTIONS = ("maximize", "minimize")
+
+
+@dataclass
+class OptunaSweeperConf:
+    """``auto`` sampling is a full grid when every swept key is a finite list, else seeded TPE."""
+
+    _target_: str = "hydra_plugins.lora_sweeper.optuna_sweeper.LoraOptunaSweeper"
+    sampler: str = "auto"
+    seed: int = 0  # sampler seed: the same seed proposes the same trials
+    n_trials: int = 10  # total finished trials wanted in the study (grids run their full product)
+    objective: Any = "clip_score"  # a metric the task returns, or a list of them
+    direction: Any = "maximize"  # one per objective
+    storage: str | None = None  # None = sqlite under outputs/; any Optuna RDB URL or a *.log journal file
+    study_name: str | None = None  # None = derived from the experiment, search space and fixed overrides
+    pruner: str = "none"
+    pruner_startup_trials: int = 1  # trials that finish before the pruner may prune (median)
+    pruner_warmup_steps: int = 0  # steps of each trial before it may be pruned
+    max_failure_rate: float = 0.5  # stop when more than this share of finished trials failed (>= 2 finished)
+    params: dict[str, str] = field(default_factory=dict)  # search space entries, e.g. from +search=...
