@@ -136,6 +136,9 @@ class SweepConfig:
     trial_number: int | None = None
     parent_run_id: str | None = None
     report_objective: bool = False  # report periodic CLIP scores to the pruner
+    pruner: str = "none"  # the sweep's pruner settings: Optuna keeps no pruner in its storage
+    pruner_startup_trials: int = 1
+    pruner_warmup_steps: int = 0
 
 
 @dataclass

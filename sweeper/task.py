@@ -27,7 +27,7 @@ from sweeper.tracking import flatten, start_run, ui_command
 from sweeper.validate import validate
 from training.loop import Trainer
 from training.models import BaseModel, load_base_model
-from training.network import kohya_metadata, remove_lora, save_lora_file
+from training.network import kohya_metadata, remove_leftover_adapters, remove_lora, save_lora_file
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 PACKAGES = ("torch", "diffusers", "transformers", "peft", "accelerate", "safetensors", "hydra-core", "optuna", "mlflow")
@@ -197,7 +197,9 @@ class _WorkerCache:
             self.baselines.clear()
             self._models[key] = load_base_model(model_cfg)
             self.model_loads += 1
-        return self._models[key]
+        base = self._models[key]
+        remove_leftover_adapters(base.unet, base.text_encoder)
+        return base
 
     def scorer(self, clip_model: str, device: torch.device) -> ClipScorer:
         key = (clip_model, str(device))

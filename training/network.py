@@ -119,6 +119,14 @@ def remove_lora(network: LoraNetwork) -> None:
             model.delete_adapters(ADAPTER) if hasattr(model, "delete_adapters") else model.delete_adapter(ADAPTER)
 
 
+def remove_leftover_adapters(*models: torch.nn.Module) -> None:
+    """Delete any adapter still attached (a run that crashed between add_lora and its clean-up)."""
+    for model in models:
+        names = list(getattr(model, "peft_config", {}) or {})
+        if names:
+            model.delete_adapters(names) if hasattr(model, "delete_adapters") else model.delete_adapter(names)
+
+
 def _add_rank_dropout(model: torch.nn.Module, rate: float) -> None:
     """kohya's network_dropout: dropout on lora_down's output (the rank-r activations).
 

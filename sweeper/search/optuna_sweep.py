@@ -112,7 +112,8 @@ class OptunaSweep:
             run_name=f"sweep {study_name}",
             resume_tags={"sweep.study_name": study_name, "sweep.role": "parent"},
         ) as parent:
-            parent.log_params(summary.parent_params(options))
+            parent.log_params(summary.parent_params())
+            parent.set_tags(summary.parent_tags(options))
             progress = SweepProgress()
             try:
                 while self._remaining(study, space) > 0:
@@ -152,7 +153,10 @@ class OptunaSweep:
             f"sweep.study_name={study.study_name}",
             f"sweep.storage={format_value(storage_url)}",
             f"sweep.trial_number={trial.number}",
-            f"sweep.report_objective={format_value(objectives == ['clip_score'])}",
+            f"sweep.report_objective={format_value(self.reports_to_pruner(objectives))}",
+            f"sweep.pruner={self.options.pruner}",
+            f"sweep.pruner_startup_trials={self.options.pruner_startup_trials}",
+            f"sweep.pruner_warmup_steps={self.options.pruner_warmup_steps}",
         ]
         if parent_run_id:
             overrides.append(f"sweep.parent_run_id={parent_run_id}")
@@ -180,6 +184,10 @@ class OptunaSweep:
         shown = outcome.error if outcome.error else (outcome.values if outcome.values else "")
         print(f"[trial {trial.number}] {outcome.state.name} {shown}")
         return job
+
+    def reports_to_pruner(self, objectives: list[str]) -> bool:
+        """Periodic evaluations measure the CLIP score, so only that single objective can be pruned on."""
+        return self.options.pruner != "none" and objectives == ["clip_score"]
 
     def _check_failure_rate(self, progress: SweepProgress) -> None:
         if progress.finished >= 2 and progress.failed / progress.finished > self.options.max_failure_rate:

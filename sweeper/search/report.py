@@ -39,22 +39,29 @@ class SweepSummary:
             return []
         return list(self.study.best_trials) if self.multi_objective else [self.study.best_trial]
 
-    def parent_params(self, options: Any) -> dict[str, str]:
+    def parent_params(self) -> dict[str, str]:
+        """What identifies the study (fixed for its lifetime, so MLflow params)."""
         params = {
             "sweep.study_name": self.study.study_name,
-            "sweep.sampler": self.sampler,
-            "sweep.seed": str(options.seed),
-            "sweep.pruner": options.pruner,
-            "sweep.storage": redact_password(self.storage_url),
             "sweep.objective": ",".join(self.objectives),
             "sweep.direction": ",".join(self.directions),
             "sweep.fixed_overrides": " ".join(self.space.fixed),
         }
-        if self.sampler != "grid":
-            params["sweep.n_trials"] = str(options.n_trials)
         for key, distribution in self.space.distributions.items():
             params[f"sweep.space.{key}"] = _describe(distribution)
         return params
+
+    def parent_tags(self, options: Any) -> dict[str, str]:
+        """How this invocation searches (may change when the sweep is resumed, so MLflow tags)."""
+        tags = {
+            "sweep.sampler": self.sampler,
+            "sweep.seed": str(options.seed),
+            "sweep.pruner": options.pruner,
+            "sweep.storage": redact_password(self.storage_url),
+        }
+        if self.sampler != "grid":
+            tags["sweep.n_trials"] = str(options.n_trials)
+        return tags
 
     def rows(self) -> list[dict[str, Any]]:
         rows = []

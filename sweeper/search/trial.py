@@ -10,13 +10,15 @@ from typing import Any
 
 import optuna
 
-from sweeper.search.study import open_storage
+from sweeper.search.study import build_pruner, open_storage
 from sweeper.task import EvalReporter
 
 
 def load_trial(sweep_cfg: Any) -> optuna.trial.Trial:
     """The live (RUNNING) trial ``sweep_cfg.trial_number`` of the sweep's study."""
-    study = optuna.load_study(study_name=sweep_cfg.study_name, storage=open_storage(sweep_cfg.storage))
+    study = optuna.load_study(
+        study_name=sweep_cfg.study_name, storage=open_storage(sweep_cfg.storage), pruner=build_pruner(sweep_cfg)
+    )
     trial_id = study._storage.get_trial_id_from_study_id_trial_number(study._study_id, sweep_cfg.trial_number)
     return optuna.trial.Trial(study, trial_id)
 

@@ -1,0 +1,218 @@
+"""``python -m sweeper -m ...``: real Optuna sweeps over the tiny model, checked in Optuna and MLflow."""
+
+from __future__ import annotations
+
+import csv
+import io
+import re
+from pathlib import Path
+
+import optuna
+import pytest
+from mlflow.tracking import MlflowClient
+
+from tests.conftest import run_cli
+
+FAST_TRIAL = ["train.max_steps=4", "train.batch_size=2", "eval.num_inference_steps=2", "eval.images_per_prompt=1"]
+
+
+def storage(cwd: Path) -> str:
+    return f"sqlite:///{cwd / 'outputs' / 'optuna.db'}"
+
+
+def mlflow(cwd: Path) -> MlflowClient:
+    return MlflowClient(f"sqlite:///{cwd / 'outputs' / 'mlflow.db'}")
+
+
+def sweep(cwd: Path, *args: str):
+    done = run_cli("-m", *FAST_TRIAL, *args, cwd=cwd)
+    return done
+
+
+def only_study(cwd: Path) -> optuna.Study:
+    summaries = optuna.get_all_study_summaries(storage(cwd))
+    assert len(summaries) == 1
+    return optuna.load_study(study_name=summaries[0].study_name, storage=storage(cwd))
+
+
+def runs_of(cwd: Path):
+    client = mlflow(cwd)
+    experiment = client.get_experiment_by_name("lora-sweeper")
+    runs = client.search_runs([experiment.experiment_id], max_results=1000)
+    parents = [r for r in runs if r.data.tags.get("sweep.role") == "parent"]
+    children = [r for r in runs if "mlflow.parentRunId" in r.data.tags]
+    return client, parents, children
+
+
+@pytest.mark.slow
+def test_a_grid_over_dim_runs_exactly_those_trials_under_one_parent(tmp_path):
+    done = sweep(tmp_path, "network.dim=4,8,16")
+    assert done.returncode == 0, done.stderr[-3000:]
+
+    study = only_study(tmp_path)
+    trials = study.get_trials()
+    assert len(trials) == 3 and all(t.state == optuna.trial.TrialState.COMPLETE for t in trials)
+    assert sorted(t.params["network.dim"] for t in trials) == [4, 8, 16]
+
+    client, parents, children = runs_of(tmp_path)
+    assert len(parents) == 1 and len(children) == 3
+    parent = parents[0]
+    assert {c.data.tags["mlflow.parentRunId"] for c in children} == {parent.info.run_id}
+    assert sorted(int(c.data.params["network.dim"]) for c in children) == [4, 8, 16]
+    assert {c.data.tags["sweep.trial_number"] for c in children} == {"0", "1", "2"}
+    assert parent.data.tags["sweep.sampler"] == "grid"
+    assert parent.data.params["sweep.space.network.dim"] == "choice(4, 8, 16)"
+
+    best = study.best_trial
+    assert parent.data.tags["best.trial_number"] == str(best.number)
+    assert parent.data.tags["best.mlflow_run_id"] == best.user_attrs["mlflow_run_id"]
+    assert re.search(
+        rf"Best: trial {best.number} \(clip_score=[\d.]+\) network.dim={best.params['network.dim']}", done.stdout
+    )
+    table = list(
+        csv.DictReader(io.StringIO(Path(client.download_artifacts(parent.info.run_id, "sweep/trials.csv")).read_text()))
+    )
+    assert [row["state"] for row in table] == ["COMPLETE"] * 3
+    plots = {a.path for a in client.list_artifacts(parent.info.run_id, "sweep/plots")}
+    assert "sweep/plots/optimization_history.html" in plots
+
+    # the same command again: every grid point is done, nothing re-runs
+    again = sweep(tmp_path, "network.dim=4,8,16")
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert "0 trial(s) to run" in again.stdout
+    assert len(only_study(tmp_path).get_trials()) == 3
+    _, parents_after, children_after = runs_of(tmp_path)
+    assert len(parents_after) == 1 and len(children_after) == 3
+
+
+@pytest.mark.slow
+def test_tpe_over_an_interval_is_bounded_and_reproducible(tmp_path):
+    params = []
+    for name in ("first", "second"):
+        cwd = tmp_path / name
+        cwd.mkdir()
+        done = sweep(
+            cwd,
+            "optimizer.lr=tag(log, interval(1e-4,1e-2))",
+            "hydra.sweeper.n_trials=4",
+            "hydra.sweeper.seed=7",
+        )
+        assert done.returncode == 0, done.stderr[-3000:]
+        trials = only_study(cwd).get_trials()
+        assert len(trials) == 4
+        lrs = [t.params["optimizer.lr"] for t in sorted(trials, key=lambda t: t.number)]
+        assert all(1e-4 <= lr <= 1e-2 for lr in lrs)
+        assert len(set(lrs)) == 4
+        params.append(lrs)
+        _, _, children = runs_of(cwd)
+        assert sorted(float(c.data.params["optimizer.lr"]) for c in children) == pytest.approx(sorted(lrs))
+    assert params[0] == params[1]
+
+
+@pytest.mark.slow
+def test_running_the_same_sweep_again_resumes_it(tmp_path):
+    args = ["network.dim=int(interval(2,16))"]
+    first = sweep(tmp_path, *args, "hydra.sweeper.n_trials=1")
+    assert first.returncode == 0, first.stderr[-3000:]
+    trial_zero = only_study(tmp_path).get_trials()[0]
+
+    second = sweep(tmp_path, *args, "hydra.sweeper.n_trials=3")
+    assert second.returncode == 0, second.stderr[-3000:]
+    assert "2 trial(s) to run" in second.stdout
+    trials = only_study(tmp_path).get_trials()
+    assert [t.number for t in trials] == [0, 1, 2]
+    assert trials[0].user_attrs["mlflow_run_id"] == trial_zero.user_attrs["mlflow_run_id"]
+    assert trials[0].datetime_complete == trial_zero.datetime_complete  # not run again
+    _, parents, children = runs_of(tmp_path)
+    assert len(parents) == 1 and len(children) == 3
+
+
+@pytest.mark.slow
+def test_the_pruner_stops_a_bad_trial_early(tmp_path):
+    """A study whose finished trial scored 100 at every step: any real trial is worse, and is pruned."""
+    name = "pruning"
+    (tmp_path / "outputs").mkdir()
+    study = optuna.create_study(study_name=name, storage=storage(tmp_path), direction="maximize")
+    lr = optuna.distributions.FloatDistribution(1e-4, 1e-2, log=True)
+    study.add_trial(
+        optuna.trial.create_trial(
+            params={"optimizer.lr": 1e-3},
+            distributions={"optimizer.lr": lr},
+            value=100.0,
+            intermediate_values={step: 100.0 for step in range(2, 12, 2)},
+        )
+    )
+    done = run_cli(
+        "-m",
+        "train.batch_size=2",
+        "eval.num_inference_steps=2",
+        "eval.images_per_prompt=1",
+        "train.max_steps=10",
+        "eval.every_n_steps=2",
+        "optimizer.lr=tag(log, interval(1e-4,1e-2))",
+        f"hydra.sweeper.study_name={name}",
+        "hydra.sweeper.n_trials=2",
+        "hydra.sweeper.pruner=median",
+        cwd=tmp_path,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    trial = optuna.load_study(study_name=name, storage=storage(tmp_path)).get_trials()[1]
+    assert trial.state == optuna.trial.TrialState.PRUNED
+    assert trial.last_step == 2
+    run = mlflow(tmp_path).get_run(trial.user_attrs["mlflow_run_id"])
+    assert run.data.tags["pruned"] == "true"
+    assert run.data.metrics["train/steps_done"] == 2  # of 10 configured
+    assert run.data.metrics["clip_score"] == pytest.approx(trial.intermediate_values[2])
+
+
+@pytest.mark.slow
+def test_a_failing_trial_is_fail_and_the_sweep_goes_on(tmp_path):
+    done = sweep(tmp_path, f"eval.clip_model={tmp_path / 'no-such-clip'},tiny")
+    assert done.returncode == 0, done.stderr[-3000:]
+    trials = {t.params["eval.clip_model"]: t for t in only_study(tmp_path).get_trials()}
+    failed, ok = trials[str(tmp_path / "no-such-clip")], trials["tiny"]
+    assert failed.state == optuna.trial.TrialState.FAIL and "eval.clip_model" in failed.user_attrs["error"]
+    assert ok.state == optuna.trial.TrialState.COMPLETE
+
+    client, parents, children = runs_of(tmp_path)
+    statuses = sorted(c.info.status for c in children)
+    assert statuses == ["FAILED", "FINISHED"]
+    failed_run = next(c for c in children if c.info.status == "FAILED")
+    assert "eval.clip_model" in failed_run.data.tags["error"]
+    table = Path(client.download_artifacts(parents[0].info.run_id, "sweep/trials.csv")).read_text()
+    assert "FAIL" in table and "COMPLETE" in table
+
+
+@pytest.mark.slow
+def test_too_many_failures_stop_the_sweep_with_the_first_error(tmp_path):
+    bad = ",".join(str(tmp_path / f"missing-{i}") for i in range(4))
+    done = sweep(tmp_path, f"eval.clip_model={bad}", "hydra.sweeper.max_failure_rate=0.5")
+    assert done.returncode != 0
+    assert "max_failure_rate" in done.stderr and "First error: trial 0" in done.stderr
+    assert len(only_study(tmp_path).get_trials()) == 2  # stopped after 2 of 4
+
+
+@pytest.mark.slow
+def test_two_objectives_give_a_pareto_front(tmp_path):
+    done = sweep(
+        tmp_path,
+        "network.dim=2,16",
+        "hydra.sweeper.objective=[clip_score,lora_file_mb]",
+        "hydra.sweeper.direction=[maximize,minimize]",
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    study = only_study(tmp_path)
+    assert len(study.directions) == 2 and len(study.get_trials()) == 2
+    sizes = {t.params["network.dim"]: t.values[1] for t in study.get_trials()}
+    assert sizes[2] < sizes[16]  # the file-size objective really is the LoRA file's size
+    assert "Pareto front: trial" in done.stdout
+    _, parents, _ = runs_of(tmp_path)
+    assert parents[0].data.tags["pareto.trial_numbers"]
+
+
+@pytest.mark.slow
+def test_a_search_preset_defines_the_space(tmp_path):
+    done = sweep(tmp_path, "+search=lr_grid")
+    assert done.returncode == 0, done.stderr[-3000:]
+    lrs = sorted(t.params["optimizer.lr"] for t in only_study(tmp_path).get_trials())
+    assert lrs == [1e-4, 3e-4, 1e-3, 3e-3]
