@@ -19,12 +19,31 @@ PROJECT_ROOT = Path(__file__).resolve().parent.parent
 
 @dataclass
 class ModelConfig:
-    """Base model: ``tiny`` (built in code, cached) or a ``diffusers`` folder / hub id."""
+    """Base model: ``tiny`` (built in code, cached) or a ``diffusers`` folder / file / hub id."""
 
     source: str = "tiny"  # tiny | diffusers
-    path: str | None = None  # diffusers folder, or a hub id when online
+    path: str | None = None  # diffusers folder, single-file .safetensors checkpoint, or hub id (online)
+    config_dir: str | None = None  # a local diffusers config folder for a single-file checkpoint (offline)
     revision: str | None = None  # hub revision (branch, tag or commit)
     cache_dir: str | None = None  # where the tiny model is built; default $LORA_SWEEPER_CACHE
+    kind: str = "sd1"  # sd1 | sd2: architecture family (SD2 = OpenCLIP text encoder); not v-prediction
+    prediction_type: str | None = None  # epsilon | v_prediction; None = the model's scheduler config
+    vae: str | None = None  # replacement VAE (diffusers folder or .safetensors); not saved in the LoRA
+    clip_skip: int = 1  # use hidden_states[-n] + final layer norm; 1 = last layer (A1111 convention)
+    attention: str = "sdpa"  # sdpa | xformers | eager
+    gradient_checkpointing: bool = False
+
+
+@dataclass
+class EmbeddingConfig:
+    """Textual-inversion co-training: new token vector(s) for the trigger word, learned beside the LoRA."""
+
+    enabled: bool = False
+    token: str | None = None  # the placeholder token; None = data.trigger_word
+    init_word: str = "*"  # existing word whose embedding starts the new vectors
+    num_vectors: int = 1
+    lr: float = 5e-3
+    stop_step: int | None = None  # freeze the embedding after this step
 
 
 @dataclass
@@ -39,23 +58,38 @@ class NetworkConfig:
     train_text_encoder: bool = False
     unet_lr: float | None = None  # falls back to optimizer.lr; 0 freezes the UNet LoRA
     text_encoder_lr: float | None = None  # falls back to optimizer.lr; 0 freezes it
+    max_norm: float | None = None  # rescale modules whose |up.down.scale| exceeds it, after each step
+    init_weights: str | None = None  # start from an existing LoRA file (ours or kohya's); weights only
     unet_targets: list[str] = field(default_factory=lambda: ["to_q", "to_k", "to_v", "to_out.0"])
     text_encoder_targets: list[str] = field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "out_proj"])
+    embedding: EmbeddingConfig = field(default_factory=EmbeddingConfig)
 
 
 @dataclass
 class OptimizerConfig:
-    name: str = "adamw"
+    """One schema for every optimizer; each option in conf/optimizer/ sets the fields it uses."""
+
+    name: str = "adamw"  # adamw | adamw8bit | lion | sgd | adafactor | prodigy
     lr: float = 1e-4
     betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
     weight_decay: float = 1e-2
     eps: float = 1e-8
+    momentum: float = 0.9  # sgd
+    nesterov: bool = False  # sgd
+    d_coef: float = 1.0  # prodigy
+    scale_lr_with_accumulation: bool = False  # lr x train.grad_accum_steps (DrawThings' advice)
 
 
 @dataclass
 class SchedulerConfig:
-    name: str = "constant"  # constant | constant_with_warmup | cosine
-    warmup_steps: int = 0
+    name: str = (
+        "constant"  # constant | constant_with_warmup | linear | cosine | cosine_with_restarts | polynomial | plateau
+    )
+    warmup_steps: float = 0  # steps; a value < 1 is a fraction of the total steps
+    num_cycles: int = 1  # cosine_with_restarts: hard restarts (1 = plain cosine)
+    power: float = 1.0  # polynomial decay exponent
+    plateau_factor: float = 0.5  # plateau: lr multiplier when the eval metric stops improving
+    plateau_patience: int = 2  # plateau: evaluations without improvement before reducing
 
 
 @dataclass
@@ -65,9 +99,14 @@ class PrecisionConfig:
 
 @dataclass
 class BucketConfig:
-    """Training resolution. Aspect-ratio bucketing itself arrives with the parity issue."""
+    """Aspect-ratio buckets (one bucket per batch), or a square resize + crop when disabled."""
 
-    resolution: int | None = None  # None = the model's native resolution (64 tiny, 512 SD1.5)
+    enabled: bool = False
+    resolution: int | None = None  # None = the model's native resolution (64 tiny, 512 SD1.5); area cap
+    min_side: int | None = None  # None = resolution / 2
+    max_side: int | None = None  # None = resolution * 2
+    step: int = 64  # bucket sides are multiples of this
+    no_upscale: bool = False  # small images keep their size (rounded down to step); min/max ignored
 
 
 @dataclass
@@ -80,10 +119,21 @@ class DropoutConfig:
 @dataclass
 class DataConfig:
     train_dir: str | None = None
+    reg_dir: str | None = None  # regularisation (class) images, matched to the training-image count
+    prior_loss_weight: float = 1.0  # loss multiplier of regularisation samples
     caption_extension: str = ".txt"
     on_bad_image: str = "error"  # error | skip
+    trigger_word: str | None = None  # prepended to every caption, kept in place
+    shuffle_tags: bool = False
+    keep_tokens: int = 0  # leading comma-separated TAGS kept in place by shuffle and tag dropout
+    max_token_length: int = 75  # 75 | 150 | 225: longer captions are encoded in 75-token chunks
+    flip_aug: bool = False
+    color_aug: bool = False
     random_crop: bool = False  # random instead of center crop to the resolution
+    cache_latents: str = "none"  # none | memory | disk
     num_workers: int = 0
+    persistent_workers: bool = False
+    tag_stats: str | None = None  # count | alpha: tag-frequency table artifact + ss_tag_frequency
 
 
 @dataclass
@@ -108,12 +158,21 @@ class TrackingConfig:
 
 @dataclass
 class TrainConfig:
-    max_steps: int = 200  # optimizer steps
+    max_steps: int | None = 200  # optimizer steps; with epochs, whichever comes first
+    epochs: int | None = None
     batch_size: int = 4
     grad_accum_steps: int = 1
     seed: int = 42
     max_grad_norm: float = 1.0  # 0 disables clipping
     log_every_n_steps: int = 1
+    noise_offset: float = 0.0  # offset noise (Guttenberg 2023): + offset * N(0,1) per image and channel
+    denoise_range: list[float] | None = None  # [start, end] of denoising, 0 = pure noise .. 1 = clean
+    timestep_range: list[int] | None = None  # [min, max) raw timesteps; give this or denoise_range
+    min_snr_gamma: float | None = None  # Min-SNR loss weighting (Hang et al. 2023)
+    save_every_n_steps: int = 0  # intermediate LoRA files; 0 = off
+    save_every_n_epochs: int = 0
+    save_state: bool = False  # also save the full training state (resumable) with each save
+    resume: str | None = None  # a saved state folder to continue from exactly
 
 
 @dataclass
@@ -121,6 +180,10 @@ class OutputConfig:
     dir: str = "${hydra:runtime.output_dir}"
     name: str = "lora"
     comment: str = ""
+    format: str = "safetensors"  # safetensors | pt | ckpt | bin (pickle formats need allow_pickle)
+    allow_pickle: bool = False  # pickle files can run code when loaded: opt in explicitly
+    metadata: bool = True  # false keeps only the keys loaders need
+    precision: str = "fp32"  # fp32 | fp16 | bf16: dtype of the saved LoRA
 
 
 @dataclass

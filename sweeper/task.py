@@ -26,8 +26,9 @@ from evaluation.sampling import sampling_scheduler
 from sweeper.tracking import flatten, start_run, ui_command
 from sweeper.validate import validate
 from training.loop import Trainer
+from training.lora_file import kohya_metadata, save_lora_file
 from training.models import BaseModel, load_base_model
-from training.network import kohya_metadata, remove_leftover_adapters, remove_lora, save_lora_file
+from training.network import remove_leftover_adapters, remove_lora
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 PACKAGES = ("torch", "diffusers", "transformers", "peft", "accelerate", "safetensors", "hydra-core", "optuna", "mlflow")
