@@ -7,11 +7,13 @@ config wants the full list, not one error per attempt.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
 
 from evaluation.sampling import SAMPLERS
+from training.checkpoint import resume_problem
 from training.data import DatasetScan, scan_dataset
 from training.models import model_location_problem
 from training.optim import OPTIMIZERS, SCHEDULERS
@@ -33,6 +35,7 @@ class Validated:
     """What validation learned and training reuses (the dataset scan is not done twice)."""
 
     dataset: DatasetScan
+    regularisation: DatasetScan | None = None
 
 
 def validate(cfg: Any) -> Validated:
@@ -42,13 +45,21 @@ def validate(cfg: Any) -> Validated:
     problems += _optimizer_problems(cfg)
     problems += _train_problems(cfg)
     problems += _eval_problems(cfg.eval)
+    problems += _data_problems(cfg)
+    problems += _embedding_problems(cfg)
     if problem := model_location_problem(cfg.model):
         problems.append(problem)
     scan = scan_dataset(cfg.data.train_dir, cfg.data.caption_extension, cfg.data.on_bad_image)
     problems += scan.problems
+    regularisation = None
+    if cfg.data.reg_dir is not None:
+        regularisation = scan_dataset(
+            cfg.data.reg_dir, cfg.data.caption_extension, cfg.data.on_bad_image, key="data.reg_dir"
+        )
+        problems += regularisation.problems
     if problems:
         raise ConfigError(problems)
-    return Validated(dataset=scan)
+    return Validated(dataset=scan, regularisation=regularisation)
 
 
 def _network_problems(network: Any) -> list[str]:
@@ -94,9 +105,13 @@ def _optimizer_problems(cfg: Any) -> list[str]:
 def _train_problems(cfg: Any) -> list[str]:
     problems = []
     train = cfg.train
-    for key in ("max_steps", "batch_size", "grad_accum_steps", "log_every_n_steps"):
-        if getattr(train, key) < 1:
-            problems.append(f"train.{key} must be >= 1 (got {getattr(train, key)})")
+    if train.max_steps is None and train.epochs is None:
+        problems.append("train.max_steps and train.epochs are both null; set at least one (e.g. train.max_steps=1000)")
+    for key in ("max_steps", "epochs", "batch_size", "grad_accum_steps", "log_every_n_steps"):
+        value = getattr(train, key)
+        if value is not None and value < 1:
+            problems.append(f"train.{key} must be >= 1 (got {value})")
+    problems += _loss_problems(train)
     if train.max_grad_norm < 0:
         problems.append(f"train.max_grad_norm must be >= 0 (0 disables clipping; got {train.max_grad_norm})")
     precision = cfg.precision.mixed
@@ -114,6 +129,72 @@ def _train_problems(cfg: Any) -> list[str]:
         problems.append("dropout.caption_every_n_epochs must be >= 0 (0 = never)")
     if cfg.data.num_workers < 0:
         problems.append(f"data.num_workers must be >= 0 (got {cfg.data.num_workers})")
+    return problems
+
+
+def _loss_problems(train: Any) -> list[str]:
+    """Timestep range, noise offset, min-SNR and saving options."""
+    problems = []
+    if train.denoise_range is not None and train.timestep_range is not None:
+        problems.append(
+            "train.denoise_range and train.timestep_range are both set; they say the same thing "
+            "(fractions of denoising vs raw timesteps): give only one"
+        )
+    if train.denoise_range is not None:
+        values = list(train.denoise_range)
+        if len(values) != 2 or not 0 <= values[0] < values[1] <= 1:
+            problems.append(f"train.denoise_range must be [start, end] with 0 <= start < end <= 1 (got {values})")
+    if train.timestep_range is not None:
+        values = list(train.timestep_range)
+        if len(values) != 2 or not 0 <= values[0] < values[1]:
+            problems.append(f"train.timestep_range must be [min, max) with 0 <= min < max (got {values})")
+    if train.noise_offset < 0:
+        problems.append(f"train.noise_offset must be >= 0 (got {train.noise_offset})")
+    if train.min_snr_gamma is not None and train.min_snr_gamma <= 0:
+        problems.append(f"train.min_snr_gamma must be > 0, or null to disable (got {train.min_snr_gamma})")
+    for key in ("save_every_n_steps", "save_every_n_epochs"):
+        if getattr(train, key) < 0:
+            problems.append(f"train.{key} must be >= 0 (0 = off)")
+    if problem := resume_problem(train.resume):
+        problems.append(problem)
+    return problems
+
+
+def _data_problems(cfg: Any) -> list[str]:
+    data, bucket = cfg.data, cfg.bucket
+    problems = []
+    if data.max_token_length not in (75, 150, 225):
+        problems.append(f"data.max_token_length must be 75, 150 or 225 (got {data.max_token_length})")
+    if data.keep_tokens < 0:
+        problems.append(f"data.keep_tokens must be >= 0 (got {data.keep_tokens})")
+    if data.prior_loss_weight < 0:
+        problems.append(f"data.prior_loss_weight must be >= 0 (got {data.prior_loss_weight})")
+    if data.tag_stats not in (None, "count", "alpha"):
+        problems.append(f"data.tag_stats must be count, alpha or null (got {data.tag_stats})")
+    if data.cache_latents not in ("none", "memory", "disk"):
+        problems.append(f"data.cache_latents must be none, memory or disk (got {data.cache_latents})")
+    if bucket.step < 8 or bucket.step % 8:
+        problems.append(f"bucket.step must be a positive multiple of 8 (got {bucket.step})")
+    if bucket.min_side is not None and bucket.max_side is not None and bucket.min_side > bucket.max_side:
+        problems.append(f"bucket.min_side ({bucket.min_side}) is larger than bucket.max_side ({bucket.max_side})")
+    return problems
+
+
+def _embedding_problems(cfg: Any) -> list[str]:
+    embedding = cfg.network.embedding
+    problems = []
+    if cfg.network.max_norm is not None and cfg.network.max_norm <= 0:
+        problems.append(f"network.max_norm must be > 0, or null to disable (got {cfg.network.max_norm})")
+    if cfg.network.init_weights is not None and not Path(cfg.network.init_weights).expanduser().is_file():
+        problems.append(f"network.init_weights: file '{cfg.network.init_weights}' does not exist")
+    if not embedding.enabled:
+        return problems
+    if not (embedding.token or cfg.data.trigger_word):
+        problems.append("network.embedding.enabled needs a token: set data.trigger_word (or network.embedding.token)")
+    if embedding.num_vectors < 1:
+        problems.append(f"network.embedding.num_vectors must be >= 1 (got {embedding.num_vectors})")
+    if embedding.lr < 0:
+        problems.append(f"network.embedding.lr must be >= 0 (got {embedding.lr})")
     return problems
 
 

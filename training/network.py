@@ -53,6 +53,36 @@ class LoraNetwork:
             if adapted:
                 model.enable_adapters() if enabled else model.disable_adapters()
 
+    def lora_pairs(self) -> list[tuple[torch.nn.Parameter, torch.nn.Parameter]]:
+        """(down, up) weights of every adapted linear layer."""
+        pairs = []
+        for model, adapted in ((self.unet, self.trains_unet), (self.text_encoder, self.trains_text_encoder)):
+            if not adapted:
+                continue
+            for module in model.modules():
+                lora_a, lora_b = getattr(module, "lora_A", None), getattr(module, "lora_B", None)
+                if isinstance(lora_a, torch.nn.ModuleDict) and ADAPTER in lora_a:
+                    pairs.append((lora_a[ADAPTER].weight, lora_b[ADAPTER].weight))
+        return pairs
+
+    @torch.no_grad()
+    def apply_max_norm(self, max_norm: float) -> dict[str, float]:
+        """kohya's scale_weight_norms: shrink modules whose update norm |up.down|*alpha/dim exceeds max_norm.
+
+        Both factors are scaled by sqrt(ratio), so their product (the update) scales by ratio.
+        """
+        scale = self.alpha / self.dim
+        norms, scaled = [], 0
+        for down, up in self.lora_pairs():
+            norm = torch.linalg.matrix_norm(up.float() @ down.float()) * scale
+            norms.append(float(norm))
+            if norm > max_norm:
+                ratio = (max_norm / norm).sqrt()
+                down.mul_(ratio)
+                up.mul_(ratio)
+                scaled += 1
+        return {"max_norm/scaled_modules": float(scaled), "max_norm/max": max(norms, default=0.0)}
+
     def kohya_state_dict(self, dtype: torch.dtype = torch.float32) -> dict[str, torch.Tensor]:
         """kohya names: ``lora_unet_<module path, dots as _>.lora_down.weight`` / ``.lora_up.weight`` / ``.alpha``."""
         tensors: dict[str, torch.Tensor] = {}
