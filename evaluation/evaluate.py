@@ -13,7 +13,7 @@ from PIL import Image
 
 from evaluation.clip_score import ClipScorer
 from evaluation.grid import image_grid
-from evaluation.sampling import generate_samples
+from evaluation.sampling import PromptEncoder, generate_samples
 
 
 @dataclass
@@ -38,15 +38,21 @@ def evaluate(
     height: int | None = None,
     width: int | None = None,
     negative_prompt: str | None = None,
+    encode_prompt: PromptEncoder | None = None,
+    generation_prompts: list[str] | None = None,
 ) -> EvalResult:
-    """Sample ``images_per_prompt`` images per prompt with ``test_seed`` and score each against its prompt."""
+    """Sample ``images_per_prompt`` images per prompt with ``test_seed`` and score each against its prompt.
+
+    ``generation_prompts`` (same length) are what the pipeline sees when it differs from what CLIP
+    should score against, e.g. a trigger word written as its textual-inversion tokens.
+    """
     if not prompts:
         raise ValueError("evaluate needs at least one prompt (eval.prompts is empty)")
     if images_per_prompt < 1:
         raise ValueError(f"eval.images_per_prompt must be >= 1, got {images_per_prompt}")
     images = generate_samples(
         pipeline,
-        prompts,
+        generation_prompts or prompts,
         test_seed=test_seed,
         images_per_prompt=images_per_prompt,
         num_inference_steps=num_inference_steps,
@@ -54,6 +60,7 @@ def evaluate(
         height=height,
         width=width,
         negative_prompt=negative_prompt,
+        encode_prompt=encode_prompt,
     )
     flat_images = [image for row in images for image in row]
     flat_prompts = [prompt for prompt, row in zip(prompts, images, strict=True) for _ in row]

@@ -7,7 +7,7 @@ nor on which other prompts were sampled in the same call.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import torch
@@ -20,6 +20,9 @@ from diffusers import (
 )
 from diffusers.schedulers.scheduling_utils import SchedulerMixin
 from PIL import Image
+
+# (prompt, negative prompt) -> (prompt embeddings, negative prompt embeddings)
+PromptEncoder = Callable[[str, str | None], tuple[torch.Tensor, torch.Tensor]]
 
 SAMPLERS: dict[str, type[SchedulerMixin]] = {
     "ddim": DDIMScheduler,
@@ -54,12 +57,17 @@ def generate_samples(
     width: int | None = None,
     negative_prompt: str | None = None,
     show_progress: bool = False,
+    encode_prompt: PromptEncoder | None = None,
 ) -> list[list[Image.Image]]:
     """``images_per_prompt`` images for each prompt, one list per prompt, in order.
 
     Prompt ``i`` gets its own generator seeded ``test_seed + i`` and its own pipeline call, so its
     images depend only on (seed, position, prompt): editing or dropping another prompt leaves them
     unchanged, and the same call twice gives the same images.
+
+    ``encode_prompt(prompt, negative_prompt) -> (embeds, negative_embeds)`` replaces the pipeline's
+    own text encoding, for what it cannot do itself (clip skip, 150/225-token prompts, the training
+    loop's exact conditioning).
     """
     pipeline.set_progress_bar_config(disable=not show_progress)
     # The execution device differs from pipeline.device under CPU offload; the latents are drawn there.
@@ -67,9 +75,14 @@ def generate_samples(
     samples = []
     for index, prompt in enumerate(prompts):
         generator = torch.Generator(device=device).manual_seed(test_seed + index)
+        if encode_prompt is not None:
+            with torch.no_grad():
+                embeds, negative_embeds = encode_prompt(prompt, negative_prompt)
+            text: dict[str, Any] = {"prompt_embeds": embeds, "negative_prompt_embeds": negative_embeds}
+        else:
+            text = {"prompt": prompt, "negative_prompt": negative_prompt}
         output = pipeline(
-            prompt,
-            negative_prompt=negative_prompt,
+            **text,
             num_images_per_prompt=images_per_prompt,
             num_inference_steps=num_inference_steps,
             guidance_scale=guidance_scale,

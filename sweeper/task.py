@@ -25,10 +25,13 @@ from evaluation.evaluate import EvalResult, evaluate
 from evaluation.sampling import sampling_scheduler
 from sweeper.tracking import flatten, start_run, ui_command
 from sweeper.validate import validate
+from training.buckets import bucket_table
+from training.checkpoint import save_training_state
 from training.loop import Trainer
-from training.lora_file import kohya_metadata, save_lora_file
-from training.models import BaseModel, load_base_model
+from training.lora_file import bundle_embeddings, kohya_metadata, save_lora
+from training.models import RUNTIME_MODEL_KEYS, BaseModel, load_base_model
 from training.network import remove_leftover_adapters, remove_lora
+from training.tag_stats import ss_tag_frequency, tag_frequencies, tag_frequencies_by_folder, tag_table
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 PACKAGES = ("torch", "diffusers", "transformers", "peft", "accelerate", "safetensors", "hydra-core", "optuna", "mlflow")
@@ -92,7 +95,11 @@ def run(
         # --- setup (the base model and the CLIP scorer are reused by later runs in this process)
         base = _worker.base_model(cfg.model)
         tracker.set_tags({f"model.{k}": v for k, v in base.identity.items()})
-        trainer = Trainer(cfg, base, validated.dataset.records, tracker)
+        regularisation = validated.regularisation.records if validated.regularisation else None
+        if cfg.network.embedding.enabled:
+            _worker.discard(cfg.model)  # new tokens change the tokenizer: later runs load a clean model
+        trainer = Trainer(cfg, base, validated.dataset.records, tracker, reg_records=regularisation)
+        _log_data_tables(tracker, cfg, trainer)
         try:
             scorer = _worker.scorer(cfg.eval.clip_model, trainer.device)
             pipeline = trainer.sampling_pipeline(sampling_scheduler(base.noise_scheduler.config, cfg.eval.sampler))
@@ -109,19 +116,33 @@ def run(
                         guidance_scale=cfg.eval.guidance_scale,
                         height=trainer.resolution,
                         width=trainer.resolution,
+                        encode_prompt=trainer.encode_prompt,
+                        generation_prompts=[trainer.prompt(p) for p in cfg.eval.prompts],
                     )
 
             periodic: list[EvalResult] = []
 
-            def periodic_eval(step: int) -> bool:
+            def periodic_eval(step: int) -> tuple[float, bool]:
                 result = evaluate_now()
                 periodic.append(result)
                 tracker.log_metrics({"eval/clip_score": result.clip_score}, step)
                 tracker.log_image(result.grid, f"samples/step_{step:06d}.png")
-                return bool(report and report(step, result.clip_score))
+                return result.clip_score, bool(report and report(step, result.clip_score))
+
+            def save(step: int, epoch: int, final: bool = False) -> Path:
+                """The LoRA file (and, with train.save_state, the resumable training state) at this point."""
+                stem = None if final else f"{cfg.output.name}-step{step:06d}"
+                path = _save_lora(cfg, trainer, base, resolved, step, stem, tag_frequency)
+                if cfg.train.save_state:
+                    save_training_state(output_dir / f"state-step{step:06d}", trainer.training_state())
+                if not final:
+                    tracker.log_artifact(path, "lora/intermediate")
+                return path
+
+            tag_frequency = ss_tag_frequency(tag_frequencies_by_folder(validated.dataset.records))
 
             # --- train
-            fit = trainer.fit(on_eval=periodic_eval, show_progress=show_progress)
+            fit = trainer.fit(on_eval=periodic_eval, on_save=save, show_progress=show_progress)
 
             # --- evaluate: the LoRA (a pruned run keeps its last value), then the base model
             final = periodic[-1] if fit.stopped_early else evaluate_now()
@@ -133,19 +154,7 @@ def run(
                 trainer.network.set_enabled(True)
 
             # --- save
-            lora_path = save_lora_file(
-                output_dir / f"{cfg.output.name}.safetensors",
-                trainer.network.kohya_state_dict(),
-                kohya_metadata(
-                    trainer.network,
-                    output_name=cfg.output.name,
-                    base_model_version=base.base_model_version,
-                    comment=cfg.output.comment,
-                    seed=cfg.train.seed,
-                    steps=fit.steps,
-                    resolved_config=resolved,
-                ),
-            )
+            lora_path = save(fit.steps, fit.epochs, final=True)
         finally:
             remove_lora(trainer.network)
 
@@ -178,6 +187,35 @@ def run(
         )
 
 
+def _save_lora(
+    cfg: Any, trainer: Trainer, base: BaseModel, resolved: dict, step: int, stem: str | None, tag_frequency: str
+) -> Path:
+    """The kohya-compatible LoRA file (with the embedding bundled in, if one was learned)."""
+    tensors = trainer.network.kohya_state_dict()
+    if trainer.embedding is not None:
+        tensors = bundle_embeddings(tensors, {trainer.embedding.name: trainer.embedding.vectors})
+    metadata = kohya_metadata(
+        trainer.network,
+        output_name=cfg.output.name,
+        base_model_version=base.base_model_version,
+        comment=cfg.output.comment,
+        seed=cfg.train.seed,
+        steps=step,
+        resolved_config=resolved,
+        tag_frequency=tag_frequency if cfg.data.tag_stats else None,
+    )
+    return save_lora(cfg.output, tensors, metadata, stem=stem)
+
+
+def _log_data_tables(tracker: Any, cfg: Any, trainer: Trainer) -> None:
+    """The bucket assignment and (with data.tag_stats) the tag-frequency table, as artifacts."""
+    dataset = trainer.dataset
+    tracker.log_text(bucket_table(dataset.record_buckets, [r.repeats for r in dataset.records]), "data/buckets.tsv")
+    if cfg.data.tag_stats:
+        captions = [r.caption for r in dataset.records if not r.is_reg]
+        tracker.log_text(tag_table(tag_frequencies(captions), cfg.data.tag_stats), "data/tag_frequency.tsv")
+
+
 class _WorkerCache:
     """What the runs of one process share (DESIGN.md, "Reuse across trials").
 
@@ -192,7 +230,7 @@ class _WorkerCache:
         self.model_loads = 0
 
     def base_model(self, model_cfg: Any) -> BaseModel:
-        key = json.dumps(OmegaConf.to_container(model_cfg, resolve=True), sort_keys=True)
+        key = _model_key(model_cfg)
         if key not in self._models:
             self._models.clear()  # one base model in memory at a time
             self.baselines.clear()
@@ -201,6 +239,11 @@ class _WorkerCache:
         base = self._models[key]
         remove_leftover_adapters(base.unet, base.text_encoder)
         return base
+
+    def discard(self, model_cfg: Any) -> None:
+        """Forget a base model this run is about to change in place (e.g. new embedding tokens)."""
+        if self._models.pop(_model_key(model_cfg), None) is not None:
+            self.baselines.clear()
 
     def scorer(self, clip_model: str, device: torch.device) -> ClipScorer:
         key = (clip_model, str(device))
@@ -212,6 +255,12 @@ class _WorkerCache:
 _worker = _WorkerCache()
 
 
+def _model_key(model_cfg: Any) -> str:
+    """What the loaded weights depend on (not clip skip, attention kernel or checkpointing)."""
+    settings = OmegaConf.to_container(model_cfg, resolve=True)
+    return json.dumps({k: v for k, v in settings.items() if k not in RUNTIME_MODEL_KEYS}, sort_keys=True)
+
+
 def _baseline_key(cfg: Any, resolution: int) -> str:
     """Everything the base model's sample images depend on."""
     parts = {
@@ -219,6 +268,7 @@ def _baseline_key(cfg: Any, resolution: int) -> str:
         "eval": {k: v for k, v in OmegaConf.to_container(cfg.eval, resolve=True).items() if k != "every_n_steps"},
         "precision": cfg.precision.mixed,
         "resolution": resolution,
+        "max_token_length": cfg.data.max_token_length,
     }
     return json.dumps(parts, sort_keys=True)
 

@@ -7,16 +7,18 @@ config wants the full list, not one error per attempt.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import torch
 
 from evaluation.sampling import SAMPLERS
+from training.buckets import bucket_problems, resolve_bucket_settings
 from training.checkpoint import resume_problem
 from training.data import DatasetScan, scan_dataset
-from training.models import model_location_problem
-from training.optim import OPTIMIZERS, SCHEDULERS
+from training.latent_cache import incompatible_with_cache
+from training.lora_file import init_weights_problems, output_problems
+from training.models import model_problems
+from training.optim import optimizer_problems, scheduler_problems
 
 PRECISIONS = ("fp32", "fp16", "bf16", "auto")
 
@@ -47,8 +49,12 @@ def validate(cfg: Any) -> Validated:
     problems += _eval_problems(cfg.eval)
     problems += _data_problems(cfg)
     problems += _embedding_problems(cfg)
-    if problem := model_location_problem(cfg.model):
-        problems.append(problem)
+    problems += model_problems(cfg.model)
+    problems += optimizer_problems(cfg.optimizer, torch.cuda.is_available())
+    problems += scheduler_problems(cfg.scheduler, cfg.train.max_steps, cfg.eval.every_n_steps)
+    problems += output_problems(cfg.output)
+    problems += init_weights_problems(cfg.network, allow_pickle=cfg.output.allow_pickle)
+    problems += incompatible_with_cache(cfg.data)
     scan = scan_dataset(cfg.data.train_dir, cfg.data.caption_extension, cfg.data.on_bad_image)
     problems += scan.problems
     regularisation = None
@@ -83,22 +89,14 @@ def _network_problems(network: Any) -> list[str]:
 
 
 def _optimizer_problems(cfg: Any) -> list[str]:
+    """The per-part learning rates (the optimizer's own options are checked in training.optim)."""
     problems = []
     for key, value in (
-        ("optimizer.lr", cfg.optimizer.lr),
         ("network.unet_lr", cfg.network.unet_lr),
         ("network.text_encoder_lr", cfg.network.text_encoder_lr),
     ):
         if value is not None and value < 0:
             problems.append(f"{key} must be >= 0 (got {value}); a learning rate cannot be negative")
-    if cfg.optimizer.name not in OPTIMIZERS:
-        problems.append(f"optimizer.name: unknown optimizer '{cfg.optimizer.name}'; use one of {', '.join(OPTIMIZERS)}")
-    if len(cfg.optimizer.betas) != 2:
-        problems.append(f"optimizer.betas needs two values (got {list(cfg.optimizer.betas)})")
-    if cfg.scheduler.name not in SCHEDULERS:
-        problems.append(f"scheduler.name: unknown schedule '{cfg.scheduler.name}'; use one of {', '.join(SCHEDULERS)}")
-    if cfg.scheduler.warmup_steps < 0:
-        problems.append(f"scheduler.warmup_steps must be >= 0 (got {cfg.scheduler.warmup_steps})")
     return problems
 
 
@@ -177,6 +175,8 @@ def _data_problems(cfg: Any) -> list[str]:
         problems.append(f"bucket.step must be a positive multiple of 8 (got {bucket.step})")
     if bucket.min_side is not None and bucket.max_side is not None and bucket.min_side > bucket.max_side:
         problems.append(f"bucket.min_side ({bucket.min_side}) is larger than bucket.max_side ({bucket.max_side})")
+    elif bucket.enabled and bucket.resolution and not problems:
+        problems += bucket_problems(*resolve_bucket_settings(bucket, bucket.resolution))
     return problems
 
 
@@ -185,8 +185,6 @@ def _embedding_problems(cfg: Any) -> list[str]:
     problems = []
     if cfg.network.max_norm is not None and cfg.network.max_norm <= 0:
         problems.append(f"network.max_norm must be > 0, or null to disable (got {cfg.network.max_norm})")
-    if cfg.network.init_weights is not None and not Path(cfg.network.init_weights).expanduser().is_file():
-        problems.append(f"network.init_weights: file '{cfg.network.init_weights}' does not exist")
     if not embedding.enabled:
         return problems
     if not (embedding.token or cfg.data.trigger_word):

@@ -12,11 +12,13 @@ import pytest
 import torch
 from PIL import Image
 
+from training.buckets import BucketBatchSampler, generate_buckets
 from training.data import (
     IMAGE_EXTENSIONS,
     CaptionedImageDataset,
     ImageRecord,
     collate_captioned,
+    match_reg_records,
     scan_dataset,
 )
 
@@ -372,6 +374,195 @@ def test_works_with_a_dataloader(tmp_path):
     batches = list(loader)
     assert [b["pixel_values"].shape[0] for b in batches] == [4, 2]
     assert sorted(i for b in batches for i in b["index"]) == [0, 0, 1, 1, 2, 2]
+
+
+# --- regularisation images
+
+
+def reg_records(tmp_path: Path, repeats: list[int]) -> list[ImageRecord]:
+    return [ImageRecord(tmp_path / f"reg{i}.png", "a photo of a dog", r) for i, r in enumerate(repeats)]
+
+
+def test_few_reg_images_are_repeated_to_the_training_count(tmp_path):
+    matched = match_reg_records(reg_records(tmp_path, [1, 1, 1]), n_train_samples=8)
+
+    assert [r.repeats for r in matched] == [3, 3, 2]
+    assert sum(r.repeats for r in matched) == 8
+    assert all(r.is_reg for r in matched)
+    assert [r.path.name for r in matched] == ["reg0.png", "reg1.png", "reg2.png"]
+
+
+def test_many_reg_images_are_truncated_to_the_training_count(tmp_path):
+    matched = match_reg_records(reg_records(tmp_path, [1] * 10), n_train_samples=4)
+    assert [r.path.name for r in matched] == ["reg0.png", "reg1.png", "reg2.png", "reg3.png"]
+    assert [r.repeats for r in matched] == [1, 1, 1, 1]
+
+
+def test_reg_folder_repeats_count_in_the_first_pass(tmp_path):
+    # kohya: the first pass adds each record's folder repeats, later passes one use at a time.
+    assert [r.repeats for r in match_reg_records(reg_records(tmp_path, [5, 5]), 7)] == [5, 2]
+    assert [r.repeats for r in match_reg_records(reg_records(tmp_path, [2, 1]), 7)] == [4, 3]
+
+
+def test_reg_matching_edge_cases(tmp_path):
+    assert match_reg_records([], 5) == []
+    assert match_reg_records(reg_records(tmp_path, [1]), 0) == []
+    assert [r.repeats for r in match_reg_records(reg_records(tmp_path, [0, 1]), 3)] == [3]
+    original = reg_records(tmp_path, [1])
+    match_reg_records(original, 3)
+    assert original[0].repeats == 1 and not original[0].is_reg  # inputs are not modified
+
+
+def test_items_say_whether_they_are_regularisation(tmp_path):
+    train = ImageRecord(write_image(tmp_path / "t.png"), "sks dog", 2)
+    reg = match_reg_records([ImageRecord(write_image(tmp_path / "r.png"), "dog", 1)], 2)
+    dataset = CaptionedImageDataset([train, *reg], resolution=8)
+    assert [dataset[i]["is_reg"] for i in range(len(dataset))] == [False, False, True, True]
+
+
+# --- buckets and augmentation in the dataset
+
+
+def _shapes(tmp_path: Path) -> list[ImageRecord]:
+    rng = np.random.default_rng(0)
+    sizes = {"wide": (96, 48), "tall": (40, 80), "square": (64, 64), "wide2": (120, 64)}
+    return [
+        ImageRecord(write_array(tmp_path / f"{name}.png", rng.integers(0, 256, (h, w, 3))), name, 2)
+        for name, (w, h) in sizes.items()
+    ]
+
+
+def test_items_have_their_buckets_size(tmp_path):
+    buckets = generate_buckets(64, 32, 128, 16)
+    dataset = CaptionedImageDataset(_shapes(tmp_path), resolution=64, buckets=buckets, step=16)
+
+    seen = {}
+    for i in range(len(dataset)):
+        item = dataset[i]
+        width, height = item["bucket"]
+        assert item["bucket"] in buckets
+        assert item["pixel_values"].shape == (3, height, width)
+        assert dataset.bucket_of(i) == item["bucket"]
+        seen[item["caption"]] = item["bucket"]
+    assert seen["wide"][0] > seen["wide"][1]  # landscape stays landscape
+    assert seen["tall"][0] < seen["tall"][1]
+    assert seen["square"] == (64, 64)
+    assert dataset.sample_buckets() == [dataset.bucket_of(i) for i in range(len(dataset))]
+
+
+def test_without_buckets_every_item_is_the_square_resolution(tmp_path):
+    dataset = CaptionedImageDataset(_shapes(tmp_path), resolution=32)
+    for i in range(len(dataset)):
+        assert dataset[i]["pixel_values"].shape == (3, 32, 32)
+        assert dataset[i]["bucket"] == (32, 32) == dataset.bucket_of(i)
+
+
+def test_no_upscale_items_keep_their_size_rounded_down(tmp_path):
+    path = write_array(tmp_path / "small.png", np.random.default_rng(1).integers(0, 256, (40, 70, 3)))
+    dataset = CaptionedImageDataset(
+        [ImageRecord(path, "", 1)], resolution=64, buckets=generate_buckets(64, 32, 128, 16), no_upscale=True, step=16
+    )
+    item = dataset[0]
+    assert item["bucket"] == (64, 32)  # 70x40 rounded down to multiples of 16; min_side ignored
+    assert item["pixel_values"].shape == (3, 32, 64)
+    # Not resized, only center-cropped: the pixels are the image's own.
+    with Image.open(path) as image:
+        expected = to_unit(np.asarray(image)[4:36, 3:67])
+    assert torch.allclose(item["pixel_values"], expected)
+
+
+def to_unit(array: np.ndarray) -> torch.Tensor:
+    return torch.from_numpy(array.astype(np.float32).transpose(2, 0, 1) / 127.5 - 1)
+
+
+def test_exif_rotated_images_are_bucketed_by_their_upright_shape(tmp_path):
+    path = tmp_path / "sideways.jpg"
+    exif = Image.Exif()
+    exif[0x0112] = 6  # stored 80 wide x 40 high, displayed rotated: 40 wide x 80 high
+    Image.new("RGB", (80, 40), (10, 200, 10)).save(path, exif=exif)
+    dataset = CaptionedImageDataset(
+        [ImageRecord(path, "", 1)], resolution=64, buckets=generate_buckets(64, 32, 128, 16), step=16
+    )
+    width, height = dataset.bucket_of(0)
+    assert width < height
+    assert dataset[0]["pixel_values"].shape == (3, height, width)
+
+
+def test_flip_aug_mirrors_about_half_the_items(tmp_path):
+    path, array = _column_ramp(tmp_path)
+    dataset = CaptionedImageDataset([ImageRecord(path, "", 1)], resolution=16, flip_aug=True)
+    plain = to_unit(array[:, 16:32])
+
+    torch.manual_seed(0)
+    flips = []
+    for _ in range(40):
+        item = dataset[0]
+        expected = torch.flip(plain, dims=[2]) if item["flipped"] else plain
+        assert torch.allclose(item["pixel_values"], expected)
+        flips.append(item["flipped"])
+    assert 8 <= sum(flips) <= 32
+    assert not any(CaptionedImageDataset([ImageRecord(path, "", 1)], resolution=16)[0]["flipped"] for _ in range(5))
+
+
+def test_color_aug_changes_colour_but_not_brightness(tmp_path):
+    array = np.zeros((16, 16, 3))
+    array[..., 0] = 220
+    array[..., 1] = 60
+    array[..., 2] = 30
+    path = write_array(tmp_path / "orange.png", array)
+    dataset = CaptionedImageDataset([ImageRecord(path, "", 1)], resolution=16, color_aug=True, max_hue_shift=0.2)
+
+    torch.manual_seed(0)
+    items = [dataset[0]["pixel_values"] for _ in range(10)]
+    assert len({tuple(item[:, 0, 0].tolist()) for item in items}) > 3
+    for item in items:
+        assert item.max(dim=0).values.max() == pytest.approx(220 / 127.5 - 1, abs=1 / 127.5)
+
+
+def test_augmentations_repeat_for_a_fixed_seed(tmp_path):
+    dataset = CaptionedImageDataset(
+        _shapes(tmp_path),
+        resolution=64,
+        random_crop=True,
+        flip_aug=True,
+        color_aug=True,
+        buckets=generate_buckets(64, 32, 128, 16),
+        step=16,
+    )
+
+    def draw(seed: int) -> list[torch.Tensor]:
+        torch.manual_seed(seed)
+        return [dataset[i]["pixel_values"] for i in range(len(dataset))]
+
+    first = draw(3)
+    assert all(torch.equal(a, b) for a, b in zip(first, draw(3), strict=True))
+    assert not all(torch.equal(a, b) for a, b in zip(first, draw(4), strict=True))
+
+
+def test_bucketed_batches_stack_through_a_dataloader(tmp_path):
+    dataset = CaptionedImageDataset(
+        _shapes(tmp_path), resolution=64, buckets=generate_buckets(64, 32, 128, 16), step=16
+    )
+    sampler = BucketBatchSampler(dataset.sample_buckets(), 3, generator=torch.Generator().manual_seed(0))
+    loader = torch.utils.data.DataLoader(dataset, batch_sampler=sampler, collate_fn=collate_captioned)
+
+    seen = []
+    for batch in loader:
+        assert len(set(batch["bucket"])) == 1
+        width, height = batch["bucket"][0]
+        assert batch["pixel_values"].shape[1:] == (3, height, width)
+        assert batch["flipped"] == [False] * len(batch["index"])
+        seen += batch["index"]
+    assert sorted(seen) == [0, 0, 1, 1, 2, 2, 3, 3]
+
+
+def test_crop_mode_describes_the_pixels(tmp_path):
+    records = _shapes(tmp_path)
+    assert CaptionedImageDataset(records, 32).crop_mode == "center"
+    assert CaptionedImageDataset(records, 32, random_crop=True).crop_mode == "random"
+    assert CaptionedImageDataset(records, 32, center_crop=False).crop_mode == "top_left"
+    bucketed = CaptionedImageDataset(records, 64, buckets=[(64, 64)], no_upscale=True, step=16)
+    assert bucketed.crop_mode == "center+no_upscale"
 
 
 # --- the sample dataset script

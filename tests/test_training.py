@@ -59,7 +59,7 @@ def test_gradient_accumulation_counts_optimizer_steps(make_cfg):
     cfg = make_cfg("train.max_steps=4", "train.grad_accum_steps=3", "scheduler=cosine")
     _, _, trainer, _, result = train(cfg)
     assert result.steps == 4
-    assert trainer.lr_scheduler.get_last_lr()[0] < cfg.optimizer.lr  # cosine moved 4 steps, not 12
+    assert trainer.lr_schedule.last_lr() < cfg.optimizer.lr  # cosine moved 4 steps, not 12
 
 
 def test_text_encoder_lora_trains_only_when_enabled(make_cfg):

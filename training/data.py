@@ -4,17 +4,22 @@
 every caption, and returns what it found plus human-readable problems instead of raising, so config
 validation can report every mistake at once before any model is loaded.
 
-``CaptionedImageDataset`` turns the scanned records into square ``[-1, 1]`` tensors (resize the short
-side, then center or random crop). Caption transforms (shuffle, dropout) live in
-``training.captions`` because they depend on the epoch and a seeded RNG, not on the image.
+``CaptionedImageDataset`` turns the scanned records into ``[-1, 1]`` tensors: each image is resized
+to cover its bucket (``training.buckets``; the square ``resolution`` when bucketing is off) and
+center or random cropped to it, then optionally flipped and hue-jittered (``training.augment``).
+Caption transforms (shuffle, dropout) live in ``training.captions`` because they depend on the
+epoch and a seeded RNG, not on the image. Regularisation images join the training records through
+``match_reg_records``.
 """
 
 from __future__ import annotations
 
 import bisect
+import dataclasses
 import itertools
 import re
 from collections import OrderedDict
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -22,6 +27,9 @@ from typing import Any
 import numpy as np
 import torch
 from PIL import Image, ImageOps
+
+from training.augment import DEFAULT_MAX_HUE_SHIFT, color_jitter_hue, crop_origin, flip_horizontal, uniform
+from training.buckets import Bucket, assign_bucket, fit_scale
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 ON_BAD_IMAGE_CHOICES = ("error", "skip")
@@ -32,11 +40,16 @@ _REPEATS_FOLDER = re.compile(r"^(\d+)_(.+)$")
 
 @dataclass(frozen=True)
 class ImageRecord:
-    """One training image, its caption (``""`` when it has no caption file) and repeats per epoch."""
+    """One training image, its caption (``""`` when it has no caption file) and repeats per epoch.
+
+    ``is_reg`` marks regularisation (class) images, whose loss is weighted by
+    ``data.prior_loss_weight``.
+    """
 
     path: Path
     caption: str
     repeats: int
+    is_reg: bool = False
 
 
 @dataclass
@@ -178,6 +191,35 @@ def _read_caption(path: Path, problems: list[str]) -> str | None:
     return None
 
 
+def match_reg_records(reg_records: Sequence[ImageRecord], n_train_samples: int) -> list[ImageRecord]:
+    """Regularisation records whose repeats add up to exactly ``n_train_samples``, marked ``is_reg``.
+
+    kohya's DreamBooth rule: prior preservation wants as many class samples per epoch as training
+    samples. The records are walked in order, the first pass adding each one's own folder repeats,
+    later passes one more use each, until the count is reached; so few regularisation images are
+    repeated and many are truncated (the images past the count are left out, the last one used
+    may get fewer repeats than its folder says). Records with 0 repeats are ignored.
+    """
+    candidates = [record for record in reg_records if record.repeats > 0]
+    if not candidates or n_train_samples <= 0:
+        return []
+    counts = [0] * len(candidates)
+    total, first_pass = 0, True
+    while total < n_train_samples:
+        for i, record in enumerate(candidates):
+            add = min(record.repeats if first_pass else 1, n_train_samples - total)
+            counts[i] += add
+            total += add
+            if total >= n_train_samples:
+                break
+        first_pass = False
+    return [
+        dataclasses.replace(record, repeats=count, is_reg=True)
+        for record, count in zip(candidates, counts, strict=True)
+        if count > 0
+    ]
+
+
 # --- images -> tensors
 
 
@@ -198,12 +240,28 @@ def load_rgb(path: Path) -> Image.Image:
 
 def resize_short_side(image: Image.Image, size: int) -> Image.Image:
     """Scale so the shorter side is ``size`` (aspect kept; the long side rounds, never below
-    ``size``). LANCZOS keeps downscaled detail; it also upscales cleanly enough for small images."""
+    ``size``): ``resize_to_cover`` for a square. LANCZOS keeps downscaled detail; it also upscales
+    cleanly enough for small images."""
+    return resize_to_cover(image, (size, size), size / min(image.size))
+
+
+def oriented_size(path: Path) -> tuple[int, int]:
+    """``(width, height)`` of ``path`` as ``load_rgb`` will return it (EXIF rotation applied), read
+    from the header where the format allows, so bucket assignment does not decode every image."""
+    with Image.open(path) as image:
+        width, height = image.size
+        if image.getexif().get(0x0112) in (5, 6, 7, 8):  # EXIF orientations that swap the axes
+            return height, width
+    return width, height
+
+
+def resize_to_cover(image: Image.Image, size: tuple[int, int], scale: float) -> Image.Image:
+    """Scale by ``scale``, never below ``size = (width, height)`` on either side (rounding could
+    otherwise leave the crop one pixel short). A scale of 1 returns the image untouched."""
     width, height = image.size
-    if min(width, height) == size:
+    new_size = (max(size[0], round(width * scale)), max(size[1], round(height * scale)))
+    if new_size == image.size:
         return image
-    scale = size / min(width, height)
-    new_size = (max(size, round(width * scale)), max(size, round(height * scale)))
     return image.resize(new_size, Image.Resampling.LANCZOS)
 
 
@@ -214,16 +272,26 @@ def to_tensor(image: Image.Image) -> torch.Tensor:
 
 
 class CaptionedImageDataset(torch.utils.data.Dataset):
-    """Square crops of the scanned images; index ``i`` walks each record ``repeats`` times.
+    """Crops of the scanned images at their bucket's size; index ``i`` walks each record ``repeats`` times.
 
-    Crop: ``random_crop`` takes a uniformly random window (``torch.randint`` on the global RNG,
-    which the DataLoader seeds per worker); otherwise ``center_crop`` takes the middle, and with
-    both off the top-left window is used. Decoded, resized images are kept in a per-process LRU
-    cache of ``cache_size`` records, since LoRA datasets are small and repeats re-read each image
-    many times per epoch.
+    Size: with ``buckets`` (from ``training.buckets.generate_buckets``) each image gets the bucket
+    nearest its aspect ratio (``no_upscale``: its own size rounded down to ``step``, the list is
+    then unused); with ``buckets=None`` every item is the square ``resolution``. The image is
+    resized to cover that size, then cropped to it.
 
-    Items also carry ``original_size`` and ``crop_top_left`` as ``(y, x)`` pairs, which SDXL's
-    micro-conditioning (``add_time_ids``) needs.
+    Crop: ``random_crop`` takes a uniformly random window; otherwise ``center_crop`` takes the
+    middle, and with both off the top-left window is used. Then ``flip_aug`` mirrors the crop with
+    probability 0.5 and ``color_aug`` rotates its hue (``training.augment``). All draws use torch's
+    global RNG (in the order crop, flip, hue), which the loop seeds and the DataLoader re-seeds
+    per worker, so a fixed seed repeats every augmentation.
+
+    Decoded, resized images are kept in a per-process LRU cache of ``cache_size`` records, since
+    LoRA datasets are small and repeats re-read each image many times per epoch.
+
+    Items carry ``pixel_values``, ``caption``, ``index`` (the record), ``is_reg``, ``flipped``,
+    ``bucket`` as ``(width, height)``, and ``original_size`` and ``crop_top_left`` as ``(y, x)``
+    pairs, which SDXL's micro-conditioning (``add_time_ids``) needs; after a flip
+    ``crop_top_left`` is measured in the flipped image, as kohya does.
     """
 
     def __init__(
@@ -234,6 +302,12 @@ class CaptionedImageDataset(torch.utils.data.Dataset):
         center_crop: bool = True,
         *,
         cache_size: int = 64,
+        flip_aug: bool = False,
+        color_aug: bool = False,
+        buckets: list[Bucket] | None = None,
+        no_upscale: bool = False,
+        step: int = 64,
+        max_hue_shift: float = DEFAULT_MAX_HUE_SHIFT,
     ) -> None:
         if resolution <= 0:
             raise ValueError(f"resolution must be positive, got {resolution}")
@@ -242,12 +316,31 @@ class CaptionedImageDataset(torch.utils.data.Dataset):
         self.random_crop = random_crop
         self.center_crop = center_crop
         self.cache_size = cache_size
+        self.flip_aug = flip_aug
+        self.color_aug = color_aug
+        self.bucketed = buckets is not None
+        self.no_upscale = no_upscale and self.bucketed
+        self.step = step
+        self.max_hue_shift = max_hue_shift
         # ends[k] = number of samples up to and including record k
         self._ends = list(itertools.accumulate(max(0, r.repeats) for r in self.records))
         self._cache: OrderedDict[int, tuple[Image.Image, tuple[int, int]]] = OrderedDict()
+        if buckets is None:
+            self.record_buckets: list[Bucket] = [(resolution, resolution)] * len(self.records)
+        else:
+            self.record_buckets = [
+                assign_bucket(*oriented_size(r.path), buckets, no_upscale=no_upscale, resolution=resolution, step=step)
+                for r in self.records
+            ]
 
     def __len__(self) -> int:
         return self._ends[-1] if self._ends else 0
+
+    @property
+    def crop_mode(self) -> str:
+        """How pixels are derived from a file besides the size: part of the latent cache key."""
+        mode = "random" if self.random_crop else "center" if self.center_crop else "top_left"
+        return mode + ("+no_upscale" if self.no_upscale else "")
 
     def record_index(self, index: int) -> int:
         """The record behind sample ``index`` (negative indices count from the end)."""
@@ -258,17 +351,34 @@ class CaptionedImageDataset(torch.utils.data.Dataset):
             raise IndexError(f"sample index {index} out of range for {length} samples")
         return bisect.bisect_right(self._ends, index)
 
+    def bucket_of(self, index: int) -> Bucket:
+        """``(width, height)`` of sample ``index``, without loading it (for the batch sampler)."""
+        return self.record_buckets[self.record_index(index)]
+
+    def sample_buckets(self) -> list[Bucket]:
+        """``bucket_of(i)`` for every sample, in order: what ``BucketBatchSampler`` takes."""
+        return [bucket for bucket, r in zip(self.record_buckets, self.records, strict=True) for _ in range(r.repeats)]
+
     def __getitem__(self, index: int) -> dict[str, Any]:
         record_idx = self.record_index(index)
         record = self.records[record_idx]
+        bucket = self.record_buckets[record_idx]
         image, original_size = self._resized(record_idx)
-        top, left = self._crop_origin(image.size)
-        size = self.resolution
-        crop = image.crop((left, top, left + size, top + size))
+        top, left = crop_origin(image.size, bucket, random=self.random_crop, center=self.center_crop)
+        crop = image.crop((left, top, left + bucket[0], top + bucket[1]))
+        flipped = self.flip_aug and uniform(None, 0.0, 1.0) < 0.5
+        if flipped:
+            crop = flip_horizontal(crop)
+            left = image.width - left - bucket[0]
+        if self.color_aug:
+            crop = color_jitter_hue(crop, None, self.max_hue_shift)
         return {
             "pixel_values": to_tensor(crop),
             "caption": record.caption,
             "index": record_idx,
+            "is_reg": record.is_reg,
+            "flipped": flipped,
+            "bucket": bucket,
             "original_size": original_size,
             "crop_top_left": (top, left),
         }
@@ -279,28 +389,18 @@ class CaptionedImageDataset(torch.utils.data.Dataset):
             self._cache.move_to_end(record_idx)
             return cached
         image = load_rgb(self.records[record_idx].path)
-        entry = (resize_short_side(image, self.resolution), (image.height, image.width))
+        bucket = self.record_buckets[record_idx]
+        scale = fit_scale(image.size, bucket, no_upscale=self.no_upscale, resolution=self.resolution)
+        entry = (resize_to_cover(image, bucket, scale), (image.height, image.width))
         if self.cache_size > 0:
             self._cache[record_idx] = entry
             while len(self._cache) > self.cache_size:
                 self._cache.popitem(last=False)
         return entry
 
-    def _crop_origin(self, image_size: tuple[int, int]) -> tuple[int, int]:
-        width, height = image_size
-        slack_y, slack_x = height - self.resolution, width - self.resolution
-        if self.random_crop:
-            return (
-                int(torch.randint(0, slack_y + 1, (1,)).item()),
-                int(torch.randint(0, slack_x + 1, (1,)).item()),
-            )
-        if self.center_crop:
-            return slack_y // 2, slack_x // 2
-        return 0, 0
-
 
 def collate_captioned(batch: list[dict[str, Any]]) -> dict[str, Any]:
-    """Stack ``pixel_values`` into ``[B, 3, R, R]``; every other field becomes a list."""
+    """Stack ``pixel_values`` into ``[B, 3, H, W]`` (one bucket per batch); every other field becomes a list."""
     collated: dict[str, Any] = {"pixel_values": torch.stack([item["pixel_values"] for item in batch])}
     for name in batch[0]:
         if name != "pixel_values":

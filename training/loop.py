@@ -1,11 +1,13 @@
 """The one shared training loop: every run and every sweep trial trains through ``Trainer.fit``.
 
-Stages: setup (devices, precision, LoRA, data, optimizer), train (noise -> denoise -> loss ->
-step, with periodic evaluation), and hand-over (a sampling pipeline and the LoRA tensors).
+Stages: setup (devices, precision, LoRA, embedding, data, optimizer, resume), train (noise ->
+denoise -> weighted loss -> step, with periodic evaluation and saving), and hand-over (a sampling
+pipeline, the LoRA tensors, the training state).
 """
 
 from __future__ import annotations
 
+import itertools
 import math
 import random
 import time
@@ -17,13 +19,23 @@ import torch
 import torch.nn.functional as F
 from accelerate import Accelerator
 from diffusers import StableDiffusionPipeline
+from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
 from tqdm.auto import tqdm
 
+from training.attention import configure_attention, configure_gradient_checkpointing
+from training.buckets import BucketBatchSampler, generate_buckets, resolve_bucket_settings
+from training.cache import default_cache_root
 from training.captions import transform_caption
-from training.data import CaptionedImageDataset, ImageRecord, collate_captioned
+from training.checkpoint import TrainingState, load_training_state
+from training.data import CaptionedImageDataset, ImageRecord, collate_captioned, match_reg_records
+from training.embedding import TrainedEmbedding, add_embedding
+from training.latent_cache import LatentStore, batch_latent_keys, cached_latent_params, model_fingerprint
+from training.lora_file import apply_init_weights
 from training.models import BaseModel
 from training.network import LoraNetwork, add_lora
+from training.noise import min_snr_weights, offset_noise, sample_timesteps, timestep_bounds
 from training.optim import build_lr_scheduler, build_optimizer
+from training.text_encoding import encode_prompt_pair, encode_prompts
 
 
 class MetricSink(Protocol):
@@ -36,9 +48,16 @@ class NonFiniteLossError(RuntimeError):
     """The loss became NaN or inf: the run cannot recover, so it stops with the step named."""
 
 
+# evaluation during training: step -> (metric, stop?); the metric also drives the plateau schedule
+EvalHook = Callable[[int], tuple[float, bool]]
+# saving during training: (step, epoch) -> None
+SaveHook = Callable[[int, int], None]
+
+
 @dataclass
 class TrainResult:
     steps: int  # optimizer steps actually taken
+    epochs: int = 0  # epochs started
     losses: list[float] = field(default_factory=list)  # per logged step
     stopped_early: bool = False  # an evaluation callback asked to stop (e.g. a pruner)
     train_seconds: float = 0.0
@@ -52,20 +71,49 @@ def resolve_mixed_precision(name: str, cuda: bool | None = None) -> str:
     return {"fp32": "no", "fp16": "fp16", "bf16": "bf16"}[name]
 
 
-def encode_captions(
-    tokenizer: Any, text_encoder: torch.nn.Module, captions: list[str], device: torch.device
-) -> torch.Tensor:
-    """The text encoder's last hidden state, as StableDiffusionPipeline conditions the UNet."""
-    ids = tokenizer(
-        captions, padding="max_length", max_length=tokenizer.model_max_length, truncation=True, return_tensors="pt"
-    ).input_ids
-    return text_encoder(ids.to(device))[0]
+def total_steps(max_steps: int | None, epochs: int | None, batches_per_epoch: int, grad_accum: int) -> int:
+    """Optimizer steps of the run: ``max_steps`` or ``epochs``, whichever ends first."""
+    limits = [max_steps] if max_steps is not None else []
+    if epochs is not None:
+        limits.append(max(1, math.ceil(epochs * batches_per_epoch / grad_accum)))
+    return min(limits)
+
+
+@dataclass
+class _Position:
+    """Where the loop is: what a saved state needs to continue exactly."""
+
+    step: int = 0
+    epoch: int = 0
+    batches_in_epoch: int = 0  # micro-batches consumed in the current epoch
+    epoch_start_order: torch.Tensor | None = None  # the data order's RNG state when this epoch began
+
+
+class _SkippableBatches(torch.utils.data.Sampler[list[int]]):
+    """The batch order, able to skip the batches a resumed epoch already consumed (without loading them)."""
+
+    def __init__(self, batches: BucketBatchSampler) -> None:
+        self.batches, self.skip = batches, 0
+
+    def __len__(self) -> int:
+        return len(self.batches)
+
+    def __iter__(self) -> Iterator[list[int]]:
+        skip, self.skip = self.skip, 0
+        return itertools.islice(iter(self.batches), skip, None)
 
 
 class Trainer:
     """Owns one run's trainable state; the base model it is given can be reused afterwards."""
 
-    def __init__(self, cfg: Any, base: BaseModel, records: list[ImageRecord], sink: MetricSink) -> None:
+    def __init__(
+        self,
+        cfg: Any,
+        base: BaseModel,
+        records: list[ImageRecord],
+        sink: MetricSink,
+        reg_records: list[ImageRecord] | None = None,
+    ) -> None:
         # --- setup: devices and precision
         self.cfg, self.base, self.sink = cfg, base, sink
         train = cfg.train
@@ -81,128 +129,240 @@ class Trainer:
             if self.weight_dtype != torch.float32:
                 module.to(dtype=self.weight_dtype)
 
-        # --- LoRA, seeded so the initial weights depend only on train.seed
+        configure_attention(base.unet, cfg.model.attention, self.device)
+
+        # --- LoRA (seeded: the initial weights depend only on train.seed) and the optional embedding
         torch.manual_seed(train.seed)
         self.network: LoraNetwork = add_lora(base.unet, base.text_encoder, cfg.network, cfg.optimizer.lr)
+        configure_gradient_checkpointing(  # set every run: the base model is shared across trials
+            base.unet,
+            base.text_encoder,
+            enabled=cfg.model.gradient_checkpointing,
+            train_text_encoder=self.network.trains_text_encoder,
+        )
+        if cfg.network.init_weights:
+            self.init_report = apply_init_weights(
+                self.network, cfg.network.init_weights, allow_pickle=cfg.output.allow_pickle
+            )
+        self.embedding: TrainedEmbedding | None = None
+        if cfg.network.embedding.enabled:
+            self.embedding = add_embedding(
+                base.tokenizer, base.text_encoder, cfg.network.embedding, cfg.data.trigger_word
+            )
 
-        # --- data
-        self.resolution = cfg.bucket.resolution or base.native_resolution
-        self.dataset = CaptionedImageDataset(records, self.resolution, random_crop=cfg.data.random_crop)
+        # --- data: training images (+ regularisation images matched to their count), one bucket per batch
+        native = base.native_resolution
+        self.resolution = cfg.bucket.resolution or native
+        if reg_records:
+            records = list(records) + match_reg_records(reg_records, sum(r.repeats for r in records))
+        buckets = None
+        if cfg.bucket.enabled:
+            resolution, min_side, max_side, step = resolve_bucket_settings(cfg.bucket, native)
+            buckets = generate_buckets(resolution, min_side, max_side, step)
+        self.dataset = CaptionedImageDataset(
+            records,
+            self.resolution,
+            random_crop=cfg.data.random_crop,
+            flip_aug=cfg.data.flip_aug,
+            color_aug=cfg.data.color_aug,
+            buckets=buckets,
+            no_upscale=cfg.bucket.no_upscale,
+            step=cfg.bucket.step,
+        )
+        self.latent_store: LatentStore | None = None
+        if cfg.data.cache_latents != "none":
+            # "memory" names an in-process store, so the trials of a sweep in one worker share it
+            self.latent_store = LatentStore(cfg.data.cache_latents, default_cache_root() / "latents")
+            self.latent_fingerprint = model_fingerprint(base.identity, self.weight_dtype)
+        self.order_rng = torch.Generator().manual_seed(train.seed)
+        self.batches = BucketBatchSampler(
+            self.dataset.sample_buckets(), train.batch_size, generator=self.order_rng, drop_last=True
+        )
+        self.batch_plan = _SkippableBatches(self.batches)
         self.loader = torch.utils.data.DataLoader(
             self.dataset,
-            batch_size=train.batch_size,
-            shuffle=True,
-            drop_last=len(self.dataset) >= train.batch_size,
+            batch_sampler=self.batch_plan,
             collate_fn=collate_captioned,
             num_workers=cfg.data.num_workers,
-            generator=torch.Generator().manual_seed(train.seed),
+            persistent_workers=cfg.data.persistent_workers and cfg.data.num_workers > 0,
             pin_memory=self.device.type == "cuda",
         )
+        self.total_steps = total_steps(train.max_steps, train.epochs, len(self.batches), train.grad_accum_steps)
 
         # --- optimizer and schedule
-        optimizer = build_optimizer(self.network.param_groups, cfg.optimizer)
-        lr_scheduler = build_lr_scheduler(optimizer, cfg.scheduler, train.max_steps)
-        self.optimizer, self.lr_scheduler = self.accelerator.prepare(optimizer, lr_scheduler)
+        groups = list(self.network.param_groups)
+        if self.embedding is not None:
+            groups.append(
+                {
+                    "params": [self.embedding.weight],
+                    "lr": cfg.network.embedding.lr,
+                    "weight_decay": 0.0,
+                    "name": "embedding",
+                }
+            )
+        optimizer = build_optimizer(groups, cfg.optimizer, train.grad_accum_steps)
+        self.lr_schedule = build_lr_scheduler(optimizer, cfg.scheduler, self.total_steps)
+        self.optimizer = self.accelerator.prepare(optimizer)  # the schedule counts real optimizer steps itself
+        scheduler_config = base.noise_scheduler.config
+        self.timesteps = timestep_bounds(
+            scheduler_config.num_train_timesteps,
+            list(train.denoise_range) if train.denoise_range is not None else None,
+            list(train.timestep_range) if train.timestep_range is not None else None,
+        )
+
+        # --- RNGs the loop draws from (all saved in a training state)
+        self.noise_rng = torch.Generator(self.device).manual_seed(train.seed)
+        self.caption_rng = random.Random(train.seed)
+        self.position = _Position()
+        self._resume_torch_rng: torch.Tensor | None = None
+        torch.manual_seed(train.seed)  # augmentation draws in the main process
+        if train.resume:
+            self._restore(load_training_state(train.resume))
 
     # --- train
-    def fit(self, on_eval: Callable[[int], bool] | None = None, show_progress: bool = True) -> TrainResult:
-        """Train ``train.max_steps`` optimizer steps; ``on_eval(step)`` returning True stops early."""
-        cfg, base, train = self.cfg, self.base, self.cfg.train
-        torch.manual_seed(train.seed)  # random crops in the main process
-        noise_rng = torch.Generator(self.device).manual_seed(train.seed)
-        caption_rng = random.Random(train.seed)
-        scheduler_config = base.noise_scheduler.config
-        trained_models = [
-            m
-            for m, on in ((base.unet, self.network.trains_unet), (base.text_encoder, self.network.trains_text_encoder))
-            if on
-        ]
-        for model in trained_models:
+    def fit(
+        self, on_eval: EvalHook | None = None, on_save: SaveHook | None = None, show_progress: bool = True
+    ) -> TrainResult:
+        """Train until ``total_steps``; ``on_eval`` may stop early, ``on_save`` writes intermediate files."""
+        cfg, train = self.cfg, self.cfg.train
+        trained = self._trained_models()
+        for model in trained:
             model.train()
-
-        result = TrainResult(steps=0)
-        progress = tqdm(total=train.max_steps, desc="train", unit="step", disable=not show_progress, dynamic_ncols=True)
+        position = self.position
+        result = TrainResult(steps=position.step, epochs=position.epoch)
+        progress = tqdm(
+            total=self.total_steps,
+            initial=position.step,
+            desc="train",
+            unit="step",
+            disable=not show_progress,
+            dynamic_ncols=True,
+        )
         pending_loss = torch.zeros((), device=self.device)
         started = time.perf_counter()
-        batches = self._epochs()
+
+        def epoch_end(epoch: int) -> None:
+            if on_save and train.save_every_n_epochs and epoch % train.save_every_n_epochs == 0:
+                on_save(position.step, epoch)
+
         try:
-            while result.steps < train.max_steps:
-                epoch, batch = next(batches)
-                with self.accelerator.accumulate(*trained_models):
-                    captions = [
-                        transform_caption(
-                            c,
-                            caption_rng,
-                            epoch,
-                            caption_rate=cfg.dropout.caption_rate,
-                            caption_every_n_epochs=cfg.dropout.caption_every_n_epochs,
-                            tag_rate=cfg.dropout.tag_rate,
-                        )
-                        for c in batch["caption"]
-                    ]
-                    loss = self._loss(batch["pixel_values"], captions, noise_rng, scheduler_config)
+            for batch in self._batches(epoch_end):
+                with self.accelerator.accumulate(*trained):
+                    loss = self._loss(batch)
                     self.accelerator.backward(loss)
                     pending_loss += loss.detach() / train.grad_accum_steps
                     if self.accelerator.sync_gradients and train.max_grad_norm > 0:
-                        self.accelerator.clip_grad_norm_(self.network.parameters(), train.max_grad_norm)
+                        self.accelerator.clip_grad_norm_(self._trainable(), train.max_grad_norm)
                     self.optimizer.step()
-                    self.lr_scheduler.step()
+                    self.lr_schedule.step_per_optimizer_step()
                     self.optimizer.zero_grad(set_to_none=True)
                 if not self.accelerator.sync_gradients:
                     continue
 
                 # --- one optimizer step done
-                result.steps += 1
-                step = result.steps
-                if step % train.log_every_n_steps == 0 or step == train.max_steps:
+                position.step += 1
+                step = result.steps = position.step
+                metrics: dict[str, float] = {}
+                if self.embedding is not None:
+                    self.embedding.after_optimizer_step(step)
+                if cfg.network.max_norm is not None:
+                    metrics.update(self.network.apply_max_norm(cfg.network.max_norm))
+                if step % train.log_every_n_steps == 0 or step == self.total_steps:
                     step_loss = pending_loss.item()  # the only host sync: at log intervals
                     if not math.isfinite(step_loss):
                         raise NonFiniteLossError(f"loss became {step_loss} at step {step}; lower optimizer.lr")
-                    lr = self.lr_scheduler.get_last_lr()[0]
                     result.losses.append(step_loss)
-                    self.sink.log_metrics({"train/loss": step_loss, "train/lr": lr, "train/epoch": epoch}, step)
+                    lr = self.lr_schedule.last_lr()
+                    metrics.update({"train/loss": step_loss, "train/lr": lr, "train/epoch": position.epoch})
                     progress.set_postfix(loss=f"{step_loss:.4f}", lr=f"{lr:.2e}", refresh=False)
+                if metrics:
+                    self.sink.log_metrics(metrics, step)
                 pending_loss.zero_()
                 progress.update(1)
+                if on_save and train.save_every_n_steps and step % train.save_every_n_steps == 0:
+                    on_save(step, position.epoch)
                 every = cfg.eval.every_n_steps
-                if on_eval and every > 0 and step % every == 0 and step < train.max_steps:
-                    for model in trained_models:
-                        model.eval()
-                    stop = on_eval(step)
-                    for model in trained_models:
-                        model.train()
+                if on_eval and every > 0 and step % every == 0 and step < self.total_steps:
+                    value, stop = self._evaluate(on_eval, step, trained)
+                    self.lr_schedule.step_on_metric(value)
                     if stop:
                         result.stopped_early = True
                         break
+                if step >= self.total_steps:
+                    break
         finally:
             progress.close()
-            for model in trained_models:
+            for model in trained:
                 model.eval()
+        result.epochs = position.epoch
         result.train_seconds = time.perf_counter() - started
         return result
 
-    def _epochs(self) -> Iterator[tuple[int, dict[str, Any]]]:
-        """Batches forever, with the epoch number (from 1) that caption dropout needs."""
-        epoch = 0
-        while True:
-            epoch += 1
-            for batch in self.loader:
-                yield epoch, batch
+    def _evaluate(self, on_eval: EvalHook, step: int, trained: list[torch.nn.Module]) -> tuple[float, bool]:
+        for model in trained:
+            model.eval()
+        try:
+            return on_eval(step)
+        finally:
+            for model in trained:
+                model.train()
 
-    def _loss(
-        self, pixels: torch.Tensor, captions: list[str], rng: torch.Generator, scheduler_config: Any
-    ) -> torch.Tensor:
+    def _batches(self, on_epoch_end: Callable[[int], None]) -> Iterator[dict[str, Any]]:
+        """Micro-batches across epochs (counted from 1), tracking the position a saved state needs.
+
+        A resumed run replays the interrupted epoch's order from its saved RNG state, skips the
+        batches already consumed without loading them, and restores the augmentation RNG before
+        the next image is drawn: with ``data.num_workers=0`` it continues exactly.
+        """
+        position, train = self.position, self.cfg.train
+        while True:
+            resuming = self._resume_torch_rng is not None
+            if resuming:
+                self.order_rng.set_state(position.epoch_start_order)
+                self.batch_plan.skip = position.batches_in_epoch
+            else:
+                position.epoch += 1
+                if train.epochs is not None and position.epoch > train.epochs:
+                    return
+                position.epoch_start_order = self.order_rng.get_state()
+                position.batches_in_epoch = 0
+            batches = iter(self.loader)
+            if resuming:
+                torch.random.set_rng_state(self._resume_torch_rng)
+                self._resume_torch_rng = None
+            for batch in batches:
+                position.batches_in_epoch += 1
+                yield batch
+            on_epoch_end(position.epoch)
+
+    def _loss(self, batch: dict[str, Any]) -> torch.Tensor:
         """Denoising loss of one micro-batch: noise, timesteps and target follow the scheduler config."""
-        base = self.base
-        pixels = pixels.to(self.device, dtype=self.weight_dtype, non_blocking=True)
+        base, cfg, rng = self.base, self.cfg, self.noise_rng
+        scheduler_config = base.noise_scheduler.config
+        pixels = batch["pixel_values"].to(self.device, dtype=self.weight_dtype, non_blocking=True)
+        captions = [self._caption(c) for c in batch["caption"]]
         with torch.no_grad():
-            latents = base.vae.encode(pixels).latent_dist.sample(generator=rng) * base.vae.config.scaling_factor
-        with torch.set_grad_enabled(self.network.trains_text_encoder), self.accelerator.autocast():
-            hidden = encode_captions(base.tokenizer, base.text_encoder, captions, self.device)
-        noise = torch.randn(latents.shape, generator=rng, device=self.device, dtype=latents.dtype)
-        timesteps = torch.randint(
-            0, scheduler_config.num_train_timesteps, (latents.shape[0],), generator=rng, device=self.device
-        )
+            if self.latent_store is None:
+                distribution = base.vae.encode(pixels).latent_dist
+            else:  # encoded once per image (and flip), then reused: the same distribution either way
+                keys = batch_latent_keys(batch, self.dataset, self.latent_fingerprint)
+                parameters = cached_latent_params(
+                    self.latent_store, keys, pixels, lambda px: base.vae.encode(px).latent_dist.parameters
+                )
+                distribution = DiagonalGaussianDistribution(parameters)
+            latents = distribution.sample(generator=rng) * base.vae.config.scaling_factor
+        with torch.set_grad_enabled(self._text_encoder_trains()), self.accelerator.autocast():
+            hidden = encode_prompts(
+                base.tokenizer,
+                base.text_encoder,
+                captions,
+                self.device,
+                clip_skip=cfg.model.clip_skip,
+                max_token_length=cfg.data.max_token_length,
+            )
+        # offset noise (Guttenberg 2023, "Diffusion with Offset Noise")
+        noise = offset_noise(latents.shape, cfg.train.noise_offset, rng, self.device, latents.dtype)
+        timesteps = sample_timesteps(latents.shape[0], *self.timesteps, rng, self.device)
         noisy = base.noise_scheduler.add_noise(latents, noise, timesteps)
         if scheduler_config.prediction_type == "v_prediction":
             # v-prediction (Salimans & Ho 2022, "Progressive Distillation", arXiv:2202.00512)
@@ -211,7 +371,123 @@ class Trainer:
             target = noise
         with self.accelerator.autocast():
             prediction = base.unet(noisy, timesteps, hidden).sample
-        return F.mse_loss(prediction.float(), target.float())
+        per_sample = F.mse_loss(prediction.float(), target.float(), reduction="none").mean(dim=(1, 2, 3))
+        weights = torch.ones_like(per_sample)
+        if cfg.train.min_snr_gamma is not None:
+            # Min-SNR weighting (Hang et al. 2023, arXiv:2303.09556)
+            alphas = base.noise_scheduler.alphas_cumprod.to(self.device)
+            weights = weights * min_snr_weights(
+                timesteps, alphas, cfg.train.min_snr_gamma, scheduler_config.prediction_type
+            )
+        if "is_reg" in batch and any(batch["is_reg"]):
+            is_reg = torch.tensor(batch["is_reg"], device=self.device)
+            weights = torch.where(is_reg, weights * cfg.data.prior_loss_weight, weights)
+        return (per_sample * weights).mean()
+
+    def _caption(self, caption: str) -> str:
+        data, dropout = self.cfg.data, self.cfg.dropout
+        text = transform_caption(
+            caption,
+            self.caption_rng,
+            self.position.epoch,
+            caption_rate=dropout.caption_rate,
+            caption_every_n_epochs=dropout.caption_every_n_epochs,
+            tag_rate=dropout.tag_rate,
+            keep_tokens=data.keep_tokens,
+            shuffle_tags=data.shuffle_tags,
+            trigger_word=data.trigger_word,
+        )
+        return self.embedding.expand(text) if self.embedding is not None else text
+
+    def encode_prompt(self, prompt: str, negative_prompt: str | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Evaluation conditioning exactly as training encodes captions (clip skip, long prompts)."""
+        base, cfg = self.base, self.cfg
+        return encode_prompt_pair(
+            base.tokenizer,
+            base.text_encoder,
+            prompt,
+            negative_prompt,
+            self.device,
+            clip_skip=cfg.model.clip_skip,
+            max_token_length=cfg.data.max_token_length,
+        )
+
+    def prompt(self, text: str) -> str:
+        """An evaluation prompt as the text encoder must see it (multi-vector trigger words expanded)."""
+        return self.embedding.expand(text) if self.embedding is not None else text
+
+    def _text_encoder_trains(self) -> bool:
+        return self.network.trains_text_encoder or (self.embedding is not None and self.embedding.weight.requires_grad)
+
+    def _trained_models(self) -> list[torch.nn.Module]:
+        base = self.base
+        models = [base.unet] if self.network.trains_unet else []
+        if self.network.trains_text_encoder or self.embedding is not None:
+            models.append(base.text_encoder)
+        return models
+
+    def _trainable(self) -> list[torch.nn.Parameter]:
+        params = self.network.parameters()
+        if self.embedding is not None and self.embedding.weight.requires_grad:
+            params.append(self.embedding.weight)
+        return params
+
+    # --- training state (save_state / resume)
+    def trainable_tensors(self) -> dict[str, torch.Tensor]:
+        """Named LoRA weights (and embedding rows): what a training state stores."""
+        tensors = {}
+        for prefix, model in (("unet.", self.base.unet), ("text_encoder.", self.base.text_encoder)):
+            for name, param in model.named_parameters():
+                if "lora_" in name:
+                    tensors[prefix + name] = param.detach()
+        if self.embedding is not None:
+            tensors["embedding.rows"] = self.embedding.vectors
+        return tensors
+
+    def training_state(self) -> TrainingState:
+        position = self.position
+        return TrainingState(
+            trainable=self.trainable_tensors(),
+            optimizer=self.optimizer.state_dict(),
+            lr_schedule=self.lr_schedule.state_dict(),
+            rng={
+                "torch": torch.random.get_rng_state(),
+                "noise": self.noise_rng.get_state(),
+                "caption": self.caption_rng.getstate(),
+                "epoch_start_order": position.epoch_start_order,
+            },
+            progress={"step": position.step, "epoch": position.epoch, "batches_in_epoch": position.batches_in_epoch},
+        )
+
+    def _restore(self, state: TrainingState) -> None:
+        live = self.trainable_tensors()
+        missing = sorted(set(live) ^ set(state.trainable))
+        if missing:
+            raise ValueError(
+                f"train.resume: the saved state does not match this run's LoRA ({len(missing)} tensors differ, "
+                f"e.g. {missing[0]}); resume with the same network settings"
+            )
+        with torch.no_grad():
+            for prefix, model in (("unet.", self.base.unet), ("text_encoder.", self.base.text_encoder)):
+                for name, param in model.named_parameters():
+                    if prefix + name in state.trainable:
+                        param.copy_(state.trainable[prefix + name])
+            if self.embedding is not None:
+                self.embedding.weight[self.embedding.token_ids] = state.trainable["embedding.rows"].to(
+                    self.embedding.weight.dtype
+                )
+        self.optimizer.load_state_dict(state.optimizer)
+        self.lr_schedule.load_state_dict(state.lr_schedule)
+        self.noise_rng.set_state(state.rng["noise"])
+        self.caption_rng.setstate(state.rng["caption"])
+        self._resume_torch_rng = state.rng["torch"]
+        progress = state.progress
+        self.position = _Position(
+            step=progress["step"],
+            epoch=progress["epoch"],
+            batches_in_epoch=progress["batches_in_epoch"],
+            epoch_start_order=state.rng["epoch_start_order"],
+        )
 
     # --- hand-over
     def sampling_pipeline(self, scheduler: Any) -> StableDiffusionPipeline:

@@ -1,32 +1,152 @@
-"""The LoRA file on disk: kohya-compatible safetensors with ``ss_*`` metadata, written atomically."""
+"""The LoRA file on disk: kohya-compatible keys and ``ss_*`` metadata, written atomically, and read back.
+
+Writing (``output.*``): safetensors by default; the pickle formats (``pt``/``ckpt``/``bin``, a
+``torch.save`` of the state dict as kohya writes them) only with ``output.allow_pickle=true``, because
+loading a pickle file can run arbitrary code. ``output.precision`` casts every tensor (the ``.alpha``
+scalars too); ``output.metadata=false`` keeps only the keys loaders need. Textual-inversion vectors
+can ride along as ``bundle_emb.<name>.string_to_param.*``, the A1111/kohya bundle convention.
+
+Reading (``network.init_weights``): ``load_lora_file`` reads ours or any kohya LoRA file, and
+``peft_state_from_kohya`` maps kohya's flattened names (``lora_unet_down_blocks_0_..._to_q``) back onto
+the dotted module names of a peft-adapted model. The underscore in a kohya name may be a dot or a real
+underscore (``down_blocks`` vs ``down.blocks``), so names are resolved against the model's actual
+modules rather than guessed.
+"""
 
 from __future__ import annotations
 
 import json
+import logging
 import os
 import tempfile
+from collections import Counter
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import safe_open
 from safetensors.torch import save_file
 
-from training.network import LoraNetwork
+from training.network import ADAPTER, TEXT_ENCODER_PREFIX, TEXT_MODEL_LEVEL, UNET_PREFIX, LoraNetwork
+
+logger = logging.getLogger(__name__)
+
+FORMATS = ("safetensors", "pt", "ckpt", "bin")
+PICKLE_FORMATS = ("pt", "ckpt", "bin")
+PRECISIONS: dict[str, torch.dtype] = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+# What A1111, ComfyUI and diffusers need to rebuild the network; output.metadata=false keeps only these.
+MINIMAL_METADATA_KEYS = ("ss_network_module", "ss_network_dim", "ss_network_alpha", "ss_base_model_version")
+EMBEDDING_PREFIX = "bundle_emb."
+EMBEDDING_PARAM = "string_to_param.*"  # the key an A1111 .pt embedding keeps its vectors under
+PICKLE_WARNING = (
+    "writing {path} as a pickle file (output.format={fmt}): loading a pickle file can run arbitrary code, "
+    "so only share it with people who trust you; safetensors is the safe format. Pickle files carry no metadata."
+)
+_DOWN, _UP, _ALPHA = ".lora_down.weight", ".lora_up.weight", ".alpha"
 
 
-def save_lora_file(path: str | Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> Path:
-    """Write safetensors under a temporary name, then rename: a crash never leaves a look-alike file."""
+class LoraFileError(ValueError):
+    """A LoRA file that cannot be written or used as asked; the message names the key to change."""
+
+
+# --- writing
+
+
+def output_problems(output_cfg: Any) -> list[str]:
+    """Every problem of the ``output`` section, for startup validation (nothing is written)."""
+    problems = []
+    fmt = output_cfg.format
+    if fmt not in FORMATS:
+        problems.append(
+            f"output.format: {fmt!r} is not one of {', '.join(FORMATS)}; use output.format=safetensors "
+            "(the pickle formats pt/ckpt/bin also need output.allow_pickle=true)"
+        )
+    elif fmt in PICKLE_FORMATS and not output_cfg.allow_pickle:
+        problems.append(_pickle_refusal("output.format", fmt))
+    if output_cfg.precision not in PRECISIONS:
+        problems.append(
+            f"output.precision: {output_cfg.precision!r} is not one of {', '.join(PRECISIONS)}; "
+            "e.g. output.precision=fp16 halves the file size"
+        )
+    name = str(output_cfg.name)
+    if not name.strip() or "/" in name or "\\" in name:
+        problems.append(f"output.name: {name!r} must be a plain file name (no folders); put the folder in output.dir")
+    return problems
+
+
+def lora_file_path(output_cfg: Any, stem: str | None = None) -> Path:
+    """``<output.dir>/<stem or output.name>.<output.format>``; ``stem`` names intermediate saves."""
+    return with_format_suffix(Path(output_cfg.dir) / (stem or output_cfg.name), output_cfg.format)
+
+
+def with_format_suffix(path: str | Path, file_format: str) -> Path:
+    """The extension follows the format: a known LoRA extension is replaced, anything else kept (``my.v2``)."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        save_file(tensors, tmp, metadata={k: str(v) for k, v in metadata.items()})
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+    if path.suffix.lstrip(".").lower() in FORMATS:
+        path = path.with_suffix("")
+    return path.with_name(f"{path.name}.{file_format}")
+
+
+def cast_tensors(tensors: dict[str, torch.Tensor], precision: str | None) -> dict[str, torch.Tensor]:
+    """Floating tensors (weights, ``.alpha`` and embeddings alike) in the saved dtype; None keeps them."""
+    if precision is None:
+        return dict(tensors)
+    if precision not in PRECISIONS:
+        raise LoraFileError(f"output.precision: {precision!r} is not one of {', '.join(PRECISIONS)}")
+    dtype = PRECISIONS[precision]
+    return {k: v.to(dtype) if v.is_floating_point() else v for k, v in tensors.items()}
+
+
+def select_metadata(metadata: dict[str, Any], full: bool = True) -> dict[str, str]:
+    """All keys as strings, or (``output.metadata=false``) only ``MINIMAL_METADATA_KEYS``."""
+    if not full:
+        metadata = {k: v for k, v in metadata.items() if k in MINIMAL_METADATA_KEYS}
+    return {k: str(v) for k, v in metadata.items()}
+
+
+def save_lora_file(
+    path: str | Path,
+    tensors: dict[str, torch.Tensor],
+    metadata: dict[str, Any],
+    *,
+    file_format: str = "safetensors",
+    allow_pickle: bool = False,
+    precision: str | None = None,
+    full_metadata: bool = True,
+) -> Path:
+    """Write the file under a temporary name, then rename: a crash never leaves a look-alike file.
+
+    Returns the path written, whose extension follows ``file_format``. Pickle formats raise
+    ``LoraFileError`` unless ``allow_pickle``; with it they are written with a logged warning.
+    """
+    if file_format not in FORMATS:
+        raise LoraFileError(f"output.format: {file_format!r} is not one of {', '.join(FORMATS)}")
+    if file_format in PICKLE_FORMATS and not allow_pickle:
+        raise LoraFileError(_pickle_refusal("output.format", file_format))
+    path = with_format_suffix(path, file_format)
+    tensors = {k: v.detach().to("cpu").contiguous() for k, v in cast_tensors(tensors, precision).items()}
+    if file_format == "safetensors":
+        _write_atomically(path, lambda tmp: save_file(tensors, tmp, metadata=select_metadata(metadata, full_metadata)))
+    else:
+        logger.warning(PICKLE_WARNING.format(path=path, fmt=file_format))
+        _write_atomically(path, lambda tmp: torch.save(tensors, tmp))
     return path
+
+
+def save_lora(
+    output_cfg: Any, tensors: dict[str, torch.Tensor], metadata: dict[str, Any], *, stem: str | None = None
+) -> Path:
+    """``save_lora_file`` as the ``output`` section says (dir, name, format, pickle opt-in, precision, metadata)."""
+    return save_lora_file(
+        lora_file_path(output_cfg, stem),
+        tensors,
+        metadata,
+        file_format=output_cfg.format,
+        allow_pickle=output_cfg.allow_pickle,
+        precision=output_cfg.precision,
+        full_metadata=output_cfg.metadata,
+    )
 
 
 def kohya_metadata(
@@ -38,9 +158,14 @@ def kohya_metadata(
     seed: int,
     steps: int,
     resolved_config: dict[str, Any],
+    tag_frequency: str | dict[str, dict[str, int]] | None = None,
     extra: dict[str, str] | None = None,
 ) -> dict[str, str]:
-    """kohya's ``ss_*`` keys (strings, as in sd-scripts) plus our resolved config as JSON."""
+    """kohya's ``ss_*`` keys (strings, as in sd-scripts) plus our resolved config as JSON.
+
+    ``tag_frequency`` is kohya's ``ss_tag_frequency``: ``{dataset folder: {tag: count}}``, as a dict or
+    an already-encoded JSON string (checked to parse, since UIs ``json.loads`` it unguarded).
+    """
     metadata = {
         "ss_network_module": "networks.lora",
         "ss_network_dim": str(network.dim),
@@ -53,5 +178,375 @@ def kohya_metadata(
         "ss_network_args": json.dumps({}),
         "lora_sweeper_config": json.dumps(resolved_config, sort_keys=True),
     }
+    if tag_frequency is not None:
+        if isinstance(tag_frequency, str):
+            try:
+                json.loads(tag_frequency)
+            except json.JSONDecodeError as error:
+                raise LoraFileError(f"ss_tag_frequency must be a JSON string ({error})") from error
+            metadata["ss_tag_frequency"] = tag_frequency
+        else:
+            metadata["ss_tag_frequency"] = json.dumps(tag_frequency)
     metadata.update(extra or {})
     return metadata
+
+
+def bundle_embeddings(tensors: dict[str, torch.Tensor], embeddings: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The LoRA tensors plus each embedding as ``bundle_emb.<name>.string_to_param.*`` ([num_vectors, dim]).
+
+    A1111 (and Forge/ComfyUI extensions) register such an embedding under ``<name>`` when the LoRA is
+    loaded, so a LoRA co-trained with a textual inversion ships as one file. Returns a new dict.
+    """
+    bundled = dict(tensors)
+    for name, vectors in embeddings.items():
+        if not name or "." in name or any(c.isspace() for c in name):
+            raise LoraFileError(f"embedding name {name!r} must be non-empty, without dots or spaces")
+        if vectors.dim() == 1:
+            vectors = vectors.unsqueeze(0)
+        if vectors.dim() != 2:
+            raise LoraFileError(f"embedding {name!r} must be [num_vectors, dim], got shape {tuple(vectors.shape)}")
+        key = f"{EMBEDDING_PREFIX}{name}.{EMBEDDING_PARAM}"
+        if key in bundled:
+            raise LoraFileError(f"embedding {name!r} is already bundled")
+        bundled[key] = vectors.detach().to("cpu").clone().contiguous()
+    return bundled
+
+
+def embeddings_of(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """``{name: [num_vectors, dim]}`` of the bundled embeddings (SD1/2 form; SDXL's clip_l/clip_g skipped)."""
+    found = {}
+    for key, value in tensors.items():
+        if not key.startswith(EMBEDDING_PREFIX):
+            continue
+        name, _, rest = key[len(EMBEDDING_PREFIX) :].partition(".")
+        if rest.startswith("string_to_param."):
+            found[name] = value
+        else:
+            logger.info("skipping bundled embedding part %s (only string_to_param embeddings are read)", key)
+    return found
+
+
+def read_bundled_embeddings(path: str | Path, *, allow_pickle: bool = False) -> dict[str, torch.Tensor]:
+    """The embeddings bundled in a LoRA file, by name."""
+    return embeddings_of(load_lora_file(path, allow_pickle=allow_pickle).tensors)
+
+
+# --- reading
+
+
+@dataclass
+class LoraFileContents:
+    """A LoRA file as read: tensors by kohya name, metadata, and its rank/alpha (most common over modules)."""
+
+    path: Path
+    file_format: str
+    tensors: dict[str, torch.Tensor]
+    metadata: dict[str, str]
+    ranks: dict[str, int]  # kohya module name (``lora_unet_...``) -> rank of its lora_down
+    alphas: dict[str, float]  # kohya module name -> alpha (kohya: alpha = rank when the file has none)
+    dim: int | None  # None when the file holds no LoRA weights
+    alpha: float | None
+
+    @property
+    def embeddings(self) -> dict[str, torch.Tensor]:
+        return embeddings_of(self.tensors)
+
+
+def file_format_of(path: str | Path) -> str:
+    """``safetensors`` or a pickle format, from the extension, else from the first bytes."""
+    path = Path(path)
+    suffix = path.suffix.lstrip(".").lower()
+    if suffix in FORMATS:
+        return suffix
+    with open(path, "rb") as file:
+        head = file.read(9)
+    return "safetensors" if len(head) == 9 and head[8:9] == b"{" else "pt"
+
+
+def load_lora_file(path: str | Path, *, allow_pickle: bool = False) -> LoraFileContents:
+    """Read a LoRA file (ours or kohya's). Pickle files only with ``allow_pickle`` (``output.allow_pickle``)."""
+    path = Path(path).expanduser()
+    if not path.is_file():
+        raise LoraFileError(f"network.init_weights: LoRA file '{path}' does not exist")
+    file_format = file_format_of(path)
+    if file_format == "safetensors":
+        tensors, metadata = {}, {}
+        with safe_open(str(path), framework="pt") as lora:
+            metadata = dict(lora.metadata() or {})
+            for key in lora.keys():  # noqa: SIM118 - safe_open is not iterable
+                tensors[key] = lora.get_tensor(key)
+    else:
+        if not allow_pickle:
+            raise LoraFileError(
+                f"network.init_weights: '{path}' is a pickle file, which can run arbitrary code when loaded; "
+                "convert it to safetensors, or set output.allow_pickle=true if you trust where it came from"
+            )
+        logger.warning("loading pickle file %s (output.allow_pickle=true): it could run code", path)
+        state = torch.load(path, map_location="cpu", weights_only=True)
+        state = state.get("state_dict", state) if isinstance(state, dict) else state
+        if not isinstance(state, dict):
+            raise LoraFileError(f"network.init_weights: '{path}' does not hold a state dict")
+        tensors, metadata = {k: v for k, v in state.items() if isinstance(v, torch.Tensor)}, {}
+
+    ranks = {k[: -len(_DOWN)]: v.shape[0] for k, v in tensors.items() if k.endswith(_DOWN)}
+    alphas = {k[: -len(_ALPHA)]: float(v) for k, v in tensors.items() if k.endswith(_ALPHA) and v.numel() == 1}
+    alphas = {module: alphas.get(module, float(rank)) for module, rank in ranks.items()}
+    dim = Counter(ranks.values()).most_common(1)[0][0] if ranks else None
+    alpha = Counter(alphas.values()).most_common(1)[0][0] if alphas else None
+    return LoraFileContents(path, file_format, tensors, metadata, ranks, alphas, dim, alpha)
+
+
+@dataclass
+class KohyaMatch:
+    """kohya tensors of one model mapped onto its peft adapter (``<module>.lora_A.<adapter>.weight``)."""
+
+    state: dict[str, torch.Tensor] = field(default_factory=dict)
+    alphas: dict[str, float] = field(default_factory=dict)  # dotted module name -> alpha in the file
+    unmatched: dict[str, str] = field(default_factory=dict)  # file key -> why it was not used
+    missing: list[str] = field(default_factory=list)  # adapted modules the file has no weights for
+
+
+def peft_state_from_kohya(
+    tensors: dict[str, torch.Tensor], model: torch.nn.Module, prefix: str, adapter_name: str = ADAPTER
+) -> KohyaMatch:
+    """Map the ``prefix`` keys of a kohya state dict onto ``model``'s peft parameter names.
+
+    Each flattened kohya name is looked up among the model's real module names (dots replaced by
+    ``_``), so ``down_blocks_0`` resolves to ``down_blocks.0`` without guessing. Text-encoder files
+    name modules as transformers 4 did (``text_model.encoder...``); a model without that level
+    (transformers 5) is matched with it put back. Keys of other prefixes are ignored. Raises
+    ``LoraFileError`` when a tensor's rank (or shape) does not fit the adapter.
+    """
+    levels = ("", TEXT_MODEL_LEVEL) if prefix == TEXT_ENCODER_PREFIX else ("",)
+    adapted: dict[str, list[str]] = {}
+    every: dict[str, list[str]] = {}
+    for name, module in model.named_modules():
+        is_adapted = adapter_name in getattr(module, "lora_A", {})
+        for level in levels:
+            dotted = name if name.startswith(level) else level + name
+            flat = dotted.replace(".", "_")
+            every.setdefault(flat, []).append(name)
+            if is_adapted and name not in adapted.get(flat, []):
+                adapted.setdefault(flat, []).append(name)
+    parameters = dict(model.named_parameters())
+
+    match = KohyaMatch()
+    mismatched: list[str] = []
+    ranks: Counter[int] = Counter()
+    for key, value in tensors.items():
+        if not key.startswith(prefix):
+            continue
+        suffix = next((s for s in (_DOWN, _UP, _ALPHA) if key.endswith(s)), None)
+        if suffix is None:
+            match.unmatched[key] = "not a plain LoRA tensor (lora_down/lora_up/alpha); LyCORIS/DoRA parts are unused"
+            continue
+        flat = key[len(prefix) : -len(suffix)]
+        names = adapted.get(flat, [])
+        if len(names) > 1:
+            match.unmatched[key] = f"ambiguous: matches modules {', '.join(names)}"
+            continue
+        if not names:
+            if flat in every:
+                match.unmatched[key] = (
+                    f"module '{every[flat][0]}' has no LoRA adapter in this run "
+                    "(not in network.unet_targets / network.text_encoder_targets)"
+                )
+            else:
+                match.unmatched[key] = "no module of that name in the model (another base model architecture?)"
+            continue
+        module = names[0]
+        if suffix == _ALPHA:
+            match.alphas[module] = float(value)
+            continue
+        target = f"{module}.{'lora_A' if suffix == _DOWN else 'lora_B'}.{adapter_name}.weight"
+        expected = parameters[target].shape
+        if tuple(value.shape) != tuple(expected):
+            file_rank, model_rank = (value.shape[0], expected[0]) if suffix == _DOWN else (value.shape[-1], expected[1])
+            ranks[file_rank] += 1
+            mismatched.append(
+                f"{key}: shape {tuple(value.shape)} in the file, {tuple(expected)} in the adapter"
+                + (f" (rank {file_rank} vs {model_rank})" if file_rank != model_rank else "")
+            )
+            continue
+        match.state[target] = value
+
+    if mismatched:
+        model_rank = next(
+            (p.shape[0] for n, p in parameters.items() if n.endswith(f"lora_A.{adapter_name}.weight")), None
+        )
+        file_ranks = sorted(ranks)
+        if model_rank is not None and file_ranks and model_rank not in file_ranks:
+            hint = (
+                f"the file has rank {', '.join(map(str, file_ranks))} but network.dim={model_rank}; the rank must "
+                f"match to continue from it: set network.dim={file_ranks[0]}"
+            )
+        else:
+            hint = "the file was trained for a different base model architecture"
+        shown = "\n  ".join(mismatched[:5]) + (f"\n  ... {len(mismatched) - 5} more" if len(mismatched) > 5 else "")
+        raise LoraFileError(f"network.init_weights: {hint}\n  {shown}")
+
+    loaded_a = {t.rsplit(".lora_A.", 1)[0] for t in match.state if ".lora_A." in t}
+    loaded_b = {t.rsplit(".lora_B.", 1)[0] for t in match.state if ".lora_B." in t}
+    every_adapted = sorted({name for names in adapted.values() for name in names})
+    match.missing = [name for name in every_adapted if name not in loaded_a or name not in loaded_b]
+    return match
+
+
+@dataclass
+class InitWeightsReport:
+    """What ``apply_init_weights`` did: log ``lines()`` and keep it with the run."""
+
+    path: Path
+    loaded: int  # tensors copied into the adapters
+    unmatched: dict[str, str]  # file key -> reason it was not used
+    missing: list[str]  # adapted modules left at their fresh init (e.g. "unet:down_blocks.0...to_q")
+    file_alpha: float | None
+    alpha: float  # the configured alpha (kept: it is the run's network.alpha)
+    alpha_note: str | None = None
+
+    def lines(self) -> list[str]:
+        out = [f"network.init_weights: loaded {self.loaded} tensors from {self.path}"]
+        if self.alpha_note:
+            out.append(self.alpha_note)
+        if self.unmatched:
+            out.append(f"{len(self.unmatched)} key(s) in the file were not used:")
+            out += [f"  {key}: {reason}" for key, reason in sorted(self.unmatched.items())]
+        if self.missing:
+            out.append(f"{len(self.missing)} adapted module(s) had no weights in the file and keep a fresh init:")
+            out += [f"  {name}" for name in self.missing]
+        return out
+
+    def __str__(self) -> str:
+        return "\n".join(self.lines())
+
+
+def apply_init_weights(network: LoraNetwork, path: str | Path, *, allow_pickle: bool = False) -> InitWeightsReport:
+    """Copy a LoRA file's weights into the live adapters (weights only: the optimizer starts fresh).
+
+    Copies in place, so the optimizer's parameter groups keep pointing at the same tensors. The
+    rank must equal ``network.dim`` (``LoraFileError`` otherwise). A file alpha that differs from the
+    configured one is reported, not adopted: the run trains at its own ``network.alpha``.
+    """
+    contents = load_lora_file(path, allow_pickle=allow_pickle)
+    if contents.dim is None:
+        raise LoraFileError(
+            f"network.init_weights: '{contents.path}' holds no kohya LoRA weights (*.lora_down.weight); "
+            "give a LoRA file written by this tool, kohya sd-scripts or a compatible trainer"
+        )
+    if network.dim not in contents.ranks.values():
+        raise LoraFileError(
+            f"network.init_weights: '{contents.path}' has rank {contents.dim} but network.dim={network.dim}; "
+            f"the rank must match to continue from it: set network.dim={contents.dim}"
+        )
+
+    unmatched: dict[str, str] = {}
+    missing: list[str] = []
+    loaded = 0
+    file_alphas: dict[str, float] = {}
+    parts = (
+        ("unet", network.unet, UNET_PREFIX, network.trains_unet, "network.train_unet=false or network.unet_lr=0"),
+        (
+            "text_encoder",
+            network.text_encoder,
+            TEXT_ENCODER_PREFIX,
+            network.trains_text_encoder,
+            "network.train_text_encoder=false or network.text_encoder_lr=0",
+        ),
+    )
+    claimed: set[str] = set()
+    for label, model, prefix, adapted, why_off in parts:
+        keys = [k for k in contents.tensors if k.startswith(prefix)]
+        claimed.update(keys)
+        if not adapted:
+            unmatched.update({k: f"the {label} gets no LoRA in this run ({why_off})" for k in keys})
+            continue
+        match = peft_state_from_kohya(contents.tensors, model, prefix, ADAPTER)
+        parameters = dict(model.named_parameters())
+        with torch.no_grad():
+            for name, value in match.state.items():
+                parameters[name].copy_(value.to(parameters[name].device, parameters[name].dtype))
+        loaded += len(match.state)
+        unmatched.update(match.unmatched)
+        missing += [f"{label}:{name}" for name in match.missing]
+        file_alphas.update({f"{label}:{m}": a for m, a in match.alphas.items()})
+    for key in contents.tensors:
+        if key in claimed:
+            continue
+        if key.startswith(EMBEDDING_PREFIX):
+            unmatched[key] = "a bundled textual-inversion embedding, not a LoRA weight (read_bundled_embeddings)"
+        else:
+            unmatched[key] = "not a kohya SD1/SD2 LoRA key (lora_unet_* / lora_te_*)"
+    if loaded == 0:
+        first = "\n  ".join(f"{k}: {r}" for k, r in list(unmatched.items())[:5])
+        raise LoraFileError(
+            f"network.init_weights: nothing in '{contents.path}' fits this model's adapters:\n  {first}"
+        )
+
+    file_alpha = Counter(file_alphas.values()).most_common(1)[0][0] if file_alphas else contents.alpha
+    note = None
+    differing = sorted({a for a in file_alphas.values() if abs(a - network.alpha) > 1e-6 * max(1.0, network.alpha)})
+    if differing:
+        shown = ", ".join(f"{a:g}" for a in differing)
+        note = (
+            f"alpha differs: the file was trained with alpha {shown}, this run uses network.alpha={network.alpha:g}; "
+            f"the loaded update is scaled by {network.alpha:g}/{network.dim} instead of "
+            f"{differing[0]:g}/{network.dim} (set network.alpha={differing[0]:g} to continue at the file's strength)"
+        )
+    report = InitWeightsReport(contents.path, loaded, unmatched, missing, file_alpha, network.alpha, note)
+    for line in report.lines():
+        logger.info(line)
+    return report
+
+
+def init_weights_problems(network_cfg: Any, *, allow_pickle: bool = False) -> list[str]:
+    """Startup check of ``network.init_weights``: the file exists, is readable, and its rank is network.dim.
+
+    Reads only the safetensors header (shapes, metadata), so it is cheap even for large files.
+    """
+    path = network_cfg.init_weights
+    if not path:
+        return []
+    path = Path(path).expanduser()
+    if not path.is_file():
+        return [f"network.init_weights: LoRA file '{path}' does not exist"]
+    try:
+        file_format = file_format_of(path)
+        if file_format != "safetensors":
+            return [] if allow_pickle else [_pickle_refusal("network.init_weights", file_format, reading=True)]
+        with safe_open(str(path), framework="pt") as lora:
+            ranks = {lora.get_slice(k).get_shape()[0] for k in lora.keys() if k.endswith(_DOWN)}  # noqa: SIM118
+    except (OSError, ValueError, RuntimeError) as error:
+        return [f"network.init_weights: '{path}' cannot be read as a LoRA file ({error})"]
+    if not ranks:
+        return [f"network.init_weights: '{path}' holds no kohya LoRA weights (*.lora_down.weight)"]
+    if network_cfg.dim not in ranks:
+        rank = min(ranks)
+        return [
+            f"network.init_weights: '{path}' has rank {rank} but network.dim={network_cfg.dim}; "
+            f"the rank must match to continue from it: set network.dim={rank}"
+        ]
+    return []
+
+
+# --- helpers
+
+
+def _pickle_refusal(key: str, fmt: str, reading: bool = False) -> str:
+    what = "reads" if reading else "writes"
+    return (
+        f"{key}: {fmt!r} {what} a pickle file, which can run arbitrary code when loaded; use safetensors "
+        "(output.format=safetensors), or set output.allow_pickle=true to opt in explicitly"
+    )
+
+
+def _write_atomically(path: Path, write: Any) -> None:
+    """``write(tmp)`` into a hidden temporary file next to ``path``, then rename it over ``path``."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)

@@ -1,0 +1,185 @@
+"""Latent cache: keys, the memory and disk stores, batch encoding, and config incompatibilities."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import torch
+from PIL import Image
+
+import training.latent_cache as latent_cache
+from training.data import CaptionedImageDataset, ImageRecord, collate_captioned
+from training.latent_cache import (
+    LatentStore,
+    batch_latent_keys,
+    cached_latent_params,
+    clear_memory_stores,
+    incompatible_with_cache,
+    latent_cache_key,
+    model_fingerprint,
+)
+
+FINGERPRINT = model_fingerprint({"source": "tiny", "weights_sha256": "abc"}, torch.float32)
+
+
+@pytest.fixture(autouse=True)
+def fresh_memory_stores():
+    clear_memory_stores()
+    yield
+    clear_memory_stores()
+
+
+def image_record(tmp_path: Path, name: str = "a.png", colour=(255, 0, 0)) -> ImageRecord:
+    path = tmp_path / name
+    Image.new("RGB", (16, 16), colour).save(path)
+    return ImageRecord(path, "caption", 1)
+
+
+# --- keys
+
+
+def test_key_is_stable_for_the_same_inputs(tmp_path):
+    record = image_record(tmp_path)
+    key = latent_cache_key(FINGERPRINT, record, (64, 64), False)
+    assert key == latent_cache_key(FINGERPRINT, record, (64, 64), False)
+    assert len(key) == 64 and int(key, 16) >= 0  # sha256 hex
+
+
+def test_key_changes_with_flip_size_crop_mode_and_model(tmp_path):
+    record = image_record(tmp_path)
+    key = latent_cache_key(FINGERPRINT, record, (64, 64), False)
+    others = {
+        latent_cache_key(FINGERPRINT, record, (64, 64), True),
+        latent_cache_key(FINGERPRINT, record, (64, 48), False),
+        latent_cache_key(FINGERPRINT, record, (64, 64), False, crop_mode="top_left"),
+        latent_cache_key(
+            model_fingerprint({"source": "tiny", "weights_sha256": "abd"}, "torch.float32"), record, (64, 64), False
+        ),
+        latent_cache_key(
+            model_fingerprint({"source": "tiny", "weights_sha256": "abc"}, torch.float16), record, (64, 64), False
+        ),
+    }
+    assert key not in others and len(others) == 5
+
+
+def test_key_changes_when_the_file_changes(tmp_path):
+    record = image_record(tmp_path)
+    key = latent_cache_key(FINGERPRINT, record, (64, 64), False)
+
+    Image.new("RGB", (16, 16), (0, 0, 255)).save(record.path)  # same size on disk is possible: pin mtime
+    stat = record.path.stat()
+    os.utime(record.path, ns=(stat.st_atime_ns, stat.st_mtime_ns + 1_000_000_000))
+    assert latent_cache_key(FINGERPRINT, record, (64, 64), False) != key
+
+    other = image_record(tmp_path, "b.png")
+    assert latent_cache_key(FINGERPRINT, other, (64, 64), False) != key
+
+
+# --- stores
+
+
+def test_memory_store_round_trips_and_is_shared_by_name(tmp_path):
+    store = LatentStore("memory", tmp_path / "cache")
+    tensor = torch.randn(8, 4, 4)
+    assert store.get("k") is None and "k" not in store
+
+    store.put("k", tensor)
+
+    assert torch.equal(store.get("k"), tensor)
+    assert "k" in store and len(store) == 1
+    assert torch.equal(LatentStore("memory", tmp_path / "cache").get("k"), tensor)  # a later trial sees it
+    assert LatentStore("memory", tmp_path / "elsewhere").get("k") is None
+    tensor.add_(1)  # the store kept its own copy
+    assert not torch.equal(store.get("k"), tensor)
+
+
+def test_disk_store_round_trips_across_instances(tmp_path):
+    tensor = torch.randn(8, 6, 4, dtype=torch.float16)
+    LatentStore("disk", tmp_path / "cache").put("abc", tensor)
+
+    again = LatentStore("disk", tmp_path / "cache")
+    loaded = again.get("abc")
+    assert loaded is not None and loaded.dtype == torch.float16
+    assert torch.equal(loaded, tensor)
+    assert "abc" in again and len(again) == 1
+    assert [p.name for p in (tmp_path / "cache").iterdir()] == ["abc.safetensors"]  # no temp files left
+
+
+def test_an_interrupted_disk_write_leaves_no_file(tmp_path, monkeypatch):
+    store = LatentStore("disk", tmp_path / "cache")
+
+    def crash_midway(tensors, filename, *args, **kwargs):
+        Path(filename).write_bytes(b"half a safetensors hea")
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(latent_cache, "save_file", crash_midway)
+    with pytest.raises(KeyboardInterrupt):
+        store.put("abc", torch.ones(2))
+
+    assert list((tmp_path / "cache").iterdir()) == []
+    assert store.get("abc") is None and "abc" not in store
+
+
+def test_a_corrupt_disk_entry_counts_as_missing(tmp_path):
+    store = LatentStore("disk", tmp_path)
+    store.path("bad").write_bytes(b"garbage")
+    assert store.get("bad") is None
+    store.put("bad", torch.ones(3))
+    assert torch.equal(store.get("bad"), torch.ones(3))
+
+
+def test_bad_modes_are_refused(tmp_path):
+    with pytest.raises(ValueError):
+        LatentStore("none")
+    with pytest.raises(ValueError):
+        LatentStore("disk")
+
+
+# --- encoding a batch through the cache
+
+
+def test_only_uncached_items_are_encoded(tmp_path):
+    records = [image_record(tmp_path, f"{i}.png", (i * 60, 0, 0)) for i in range(3)]
+    dataset = CaptionedImageDataset(records, resolution=8)
+    batch = collate_captioned([dataset[i] for i in range(3)])
+    keys = batch_latent_keys(batch, dataset, FINGERPRINT)
+    assert len(set(keys)) == 3
+    store = LatentStore("memory")
+    calls = []
+
+    def encode(pixels: torch.Tensor) -> torch.Tensor:
+        calls.append(pixels.shape[0])
+        return pixels.mean(dim=(2, 3), keepdim=True).repeat(1, 1, 2, 2)  # a stand-in "VAE"
+
+    first = cached_latent_params(store, keys[:2], batch["pixel_values"][:2], encode)
+    both = cached_latent_params(store, keys, batch["pixel_values"], encode)
+    again = cached_latent_params(store, keys, batch["pixel_values"], encode)
+
+    assert calls == [2, 1]  # the third call encoded nothing
+    assert torch.equal(both[:2], first)
+    assert torch.equal(again, both)
+    assert both.shape == (3, 3, 2, 2)
+
+
+# --- config
+
+
+def data_cfg(**overrides) -> SimpleNamespace:
+    values = {"cache_latents": "memory", "color_aug": False, "random_crop": False, "flip_aug": False}
+    return SimpleNamespace(**{**values, **overrides})
+
+
+def test_incompatibility_messages_name_both_keys():
+    problems = incompatible_with_cache(data_cfg(cache_latents="disk", color_aug=True, random_crop=True))
+    assert len(problems) == 2
+    assert "data.cache_latents" in problems[0] and "data.color_aug" in problems[0]
+    assert "data.cache_latents" in problems[1] and "data.random_crop" in problems[1]
+    assert "=disk" in problems[0]
+
+
+def test_flip_and_no_cache_are_compatible():
+    assert incompatible_with_cache(data_cfg(flip_aug=True)) == []
+    assert incompatible_with_cache(data_cfg(cache_latents="none", color_aug=True, random_crop=True)) == []

@@ -1,0 +1,98 @@
+"""The UNet's attention kernel (``model.attention``) and gradient checkpointing (``model.gradient_checkpointing``).
+
+Both are set explicitly on every run, in both directions: a worker reuses its loaded base model across
+trials, so a trial that turns checkpointing off must undo what the previous trial turned on.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+from typing import Any
+
+import torch
+from diffusers.models.attention_processor import AttnProcessor, AttnProcessor2_0
+
+ATTENTION_KINDS = ("sdpa", "xformers", "eager")
+
+
+def xformers_installed() -> bool:
+    """Whether the ``xformers`` package can be found (without importing it: validation stays light)."""
+    return importlib.util.find_spec("xformers") is not None
+
+
+def attention_problem(kind: str, cuda_available: bool) -> str | None:
+    """Why ``model.attention=kind`` cannot run here, checked at startup (None if fine)."""
+    if kind not in ATTENTION_KINDS:
+        return f"model.attention: unknown kind '{kind}'; use one of {', '.join(ATTENTION_KINDS)}"
+    if kind != "xformers":
+        return None
+    if not cuda_available:
+        return (
+            "model.attention=xformers needs a CUDA GPU and none is available; use model.attention=sdpa "
+            "(torch's scaled_dot_product_attention, as fast on current PyTorch)"
+        )
+    if not xformers_installed():
+        return (
+            "model.attention=xformers but the xformers package is not installed (pip install xformers); "
+            "or use model.attention=sdpa, which is as fast on current PyTorch"
+        )
+    return None
+
+
+def configure_attention(unet: Any, kind: str, device: torch.device | str) -> None:
+    """Set every attention layer of ``unet`` to the ``kind`` kernel.
+
+    sdpa: ``torch.nn.functional.scaled_dot_product_attention`` (flash / memory-efficient kernels inside).
+    eager: the plain softmax(QK^T)V reference implementation, for debugging and exact comparisons.
+    xformers: ``xformers.ops.memory_efficient_attention`` (Lefaudeux et al., xFormers), CUDA only.
+    """
+    cuda_available = torch.device(device).type == "cuda" and torch.cuda.is_available()
+    if problem := attention_problem(kind, cuda_available):
+        raise RuntimeError(problem)
+    if kind == "xformers":
+        unet.enable_xformers_memory_efficient_attention()
+    elif kind == "eager":
+        unet.set_attn_processor(AttnProcessor())
+    else:
+        unet.set_attn_processor(AttnProcessor2_0())
+
+
+def configure_gradient_checkpointing(unet: Any, text_encoder: Any, *, enabled: bool, train_text_encoder: bool) -> None:
+    """Recompute activations in backward instead of storing them (Chen et al. 2016, arXiv:1604.06174).
+
+    The UNet is checkpointed whenever ``enabled``: even when only the text encoder trains, gradients
+    flow back through the UNet. The text encoder is checkpointed only when it trains (it runs under
+    no_grad otherwise, so there is nothing to save). Non-reentrant checkpointing keeps gradients
+    flowing to LoRA weights when the frozen inputs do not require grad.
+    """
+    if enabled:
+        unet.enable_gradient_checkpointing()
+    else:
+        unet.disable_gradient_checkpointing()
+    if enabled and train_text_encoder:
+        _text_encoder_checkpointing(text_encoder, True)
+    elif gradient_checkpointing_enabled(text_encoder):
+        _text_encoder_checkpointing(text_encoder, False)
+
+
+def _text_encoder_checkpointing(text_encoder: Any, enabled: bool) -> None:
+    # transformers 5 renamed gradient_checkpointing_* to activation_checkpointing_* (old names warn).
+    if enabled:
+        enable = getattr(text_encoder, "activation_checkpointing_enable", None)
+        if enable is not None:
+            enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        else:
+            text_encoder.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        return
+    disable = (
+        getattr(text_encoder, "activation_checkpointing_disable", None) or text_encoder.gradient_checkpointing_disable
+    )
+    disable()
+    # enable() may have hooked the input embeddings to require grad; take that off again too.
+    if hasattr(text_encoder, "disable_input_require_grads"):
+        text_encoder.disable_input_require_grads()
+
+
+def gradient_checkpointing_enabled(model: Any) -> bool:
+    """Whether any submodule of ``model`` (UNet or text encoder) recomputes its activations."""
+    return any(getattr(m, "gradient_checkpointing", False) is True for m in model.modules())

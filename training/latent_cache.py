@@ -1,0 +1,198 @@
+"""Encode each training image with the VAE once and reuse the result (``data.cache_latents``).
+
+What is cached is the VAE's latent *distribution* (``latent_dist.parameters``: mean and log-variance
+stacked on the channel axis), not a sample of it, so every use still draws a fresh latent from the
+loop's seeded generator and training sees the same noise as without the cache.
+
+Two stores: ``memory`` keeps tensors in a dict registered per name in this process, so the trials
+of a sweep that run in one worker share it; ``disk`` writes one ``.safetensors`` per entry under a
+folder (shared by processes and later runs), each written under a temporary name and renamed, so
+an interrupted write never leaves a file that looks complete.
+
+A key covers everything that decides the pixels: the model (its fingerprint, dtype included), the
+file (path, size, modification time), the bucket size, the flip and the crop/resize mode. Flipped
+crops are cached as their own entries, which is why ``flip_aug`` works with the cache; hue jitter
+and random crops differ every time an image is used, so they cannot be cached
+(``incompatible_with_cache``).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+if TYPE_CHECKING:
+    from training.data import ImageRecord
+
+LATENT_CACHE_MODES = ("none", "memory", "disk")
+_TENSOR_NAME = "latent_params"
+
+# name -> {key: tensor}; lives as long as the process, so sweep trials in one worker share it.
+_MEMORY_STORES: dict[str, dict[str, torch.Tensor]] = {}
+
+
+def model_fingerprint(identity: Mapping[str, str], dtype: torch.dtype | str) -> str:
+    """One string for "these VAE weights at this precision" (``BaseModel.identity`` + weight dtype):
+    an fp16 VAE encodes slightly differently from an fp32 one, so they must not share entries."""
+    return json.dumps({**dict(identity), "dtype": str(dtype)}, sort_keys=True)
+
+
+def latent_cache_key(
+    model_fingerprint: str,
+    record: ImageRecord,
+    size: tuple[int, int],
+    flipped: bool,
+    *,
+    crop_mode: str = "center",
+) -> str:
+    """sha256 hex of everything that decides an encoded crop (see the module docstring).
+
+    File size and modification time (ns) stand in for the content: hashing every image on every
+    run would cost more than it saves, and an edited or replaced file changes at least one.
+    ``crop_mode`` is ``CaptionedImageDataset.crop_mode`` (it also records ``no_upscale``).
+    """
+    stat = Path(record.path).stat()
+    fields = [
+        model_fingerprint,
+        str(Path(record.path).resolve()),
+        stat.st_size,
+        stat.st_mtime_ns,
+        [int(size[0]), int(size[1])],
+        bool(flipped),
+        crop_mode,
+    ]
+    return hashlib.sha256(json.dumps(fields).encode()).hexdigest()
+
+
+def incompatible_with_cache(data_cfg: Any) -> list[str]:
+    """Problems with caching latents under this ``data`` config, each naming both keys at fault.
+
+    A cached latent is one fixed crop of one image; ``color_aug`` and ``random_crop`` make a new
+    one each time, so caching would silently turn them off. ``flip_aug`` is fine: both
+    orientations are cached.
+    """
+    mode = data_cfg.cache_latents
+    if mode in (None, "none"):
+        return []
+    problems = []
+    for key, enabled, why in (
+        ("data.color_aug", data_cfg.color_aug, "a hue jitter that changes every time"),
+        ("data.random_crop", data_cfg.random_crop, "a crop that moves every time"),
+    ):
+        if enabled:
+            problems.append(
+                f"data.cache_latents={mode} cannot be combined with {key}=true: a cached latent is encoded "
+                f"once, which would freeze {why}; set {key}=false or data.cache_latents=none"
+            )
+    return problems
+
+
+class LatentStore:
+    """Cached latent-distribution tensors by key: ``mode`` is ``"memory"`` or ``"disk"``.
+
+    ``memory``: ``folder`` only names the shared in-process dict (stores with the same name see
+    the same entries); tensors are kept on the CPU. ``disk``: ``folder`` holds one
+    ``<key>.safetensors`` per entry and is created when needed.
+    """
+
+    def __init__(self, mode: str, folder: str | Path | None = None) -> None:
+        if mode not in ("memory", "disk"):
+            raise ValueError(f"latent store mode must be memory or disk, got {mode!r}")
+        self.mode = mode
+        self.folder = Path(folder).expanduser() if folder is not None else None
+        if mode == "disk":
+            if self.folder is None:
+                raise ValueError("a disk latent store needs a folder")
+            self._entries: dict[str, torch.Tensor] | None = None
+        else:
+            self._entries = _MEMORY_STORES.setdefault(str(self.folder) if self.folder else "default", {})
+
+    def path(self, key: str) -> Path:
+        """Where ``key`` lives in a disk store."""
+        assert self.folder is not None
+        return self.folder / f"{key}.safetensors"
+
+    def get(self, key: str) -> torch.Tensor | None:
+        """The cached tensor (on the CPU; do not modify it in place), or None when absent.
+
+        A disk entry that cannot be read counts as absent: it is re-encoded and overwritten.
+        """
+        if self._entries is not None:
+            return self._entries.get(key)
+        try:
+            return load_file(self.path(key))[_TENSOR_NAME]
+        except (FileNotFoundError, SafetensorError, KeyError, OSError):
+            return None
+
+    def put(self, key: str, tensor: torch.Tensor) -> None:
+        """Store a CPU copy of ``tensor`` under ``key`` (replacing any previous entry)."""
+        value = tensor.detach().to("cpu").contiguous().clone()
+        if self._entries is not None:
+            self._entries[key] = value
+            return
+        assert self.folder is not None
+        self.folder.mkdir(parents=True, exist_ok=True)
+        handle, tmp_name = tempfile.mkstemp(prefix=f".{key}.", suffix=".tmp", dir=self.folder)
+        os.close(handle)
+        try:
+            save_file({_TENSOR_NAME: value}, tmp_name)
+            os.replace(tmp_name, self.path(key))  # atomic: readers see the old entry or the new one
+        finally:
+            if os.path.exists(tmp_name):
+                os.unlink(tmp_name)
+
+    def __contains__(self, key: str) -> bool:
+        if self._entries is not None:
+            return key in self._entries
+        return self.path(key).is_file()
+
+    def __len__(self) -> int:
+        if self._entries is not None:
+            return len(self._entries)
+        return len(list(self.folder.glob("*.safetensors"))) if self.folder and self.folder.is_dir() else 0
+
+
+def clear_memory_stores() -> None:
+    """Forget every in-memory store (tests; or to free memory after a sweep)."""
+    _MEMORY_STORES.clear()
+
+
+def batch_latent_keys(batch: Mapping[str, Any], dataset: Any, model_fingerprint: str) -> list[str]:
+    """The cache key of each item of a collated batch from ``CaptionedImageDataset`` ``dataset``."""
+    return [
+        latent_cache_key(model_fingerprint, dataset.records[index], bucket, flipped, crop_mode=dataset.crop_mode)
+        for index, bucket, flipped in zip(batch["index"], batch["bucket"], batch["flipped"], strict=True)
+    ]
+
+
+def cached_latent_params(
+    store: LatentStore,
+    keys: Sequence[str],
+    pixels: torch.Tensor,
+    encode: Callable[[torch.Tensor], torch.Tensor],
+) -> torch.Tensor:
+    """Latent-distribution parameters for a batch, encoding only the items not cached yet.
+
+    ``encode(pixels[missing])`` returns the VAE's ``latent_dist.parameters`` for those items; they
+    are stored, and the whole batch comes back on ``pixels.device`` in the dtype ``encode`` uses
+    (or the cached one when nothing was encoded).
+    """
+    found: list[torch.Tensor | None] = [store.get(key) for key in keys]
+    missing = [i for i, tensor in enumerate(found) if tensor is None]
+    if missing:
+        encoded = encode(pixels[missing])
+        for i, params in zip(missing, encoded, strict=True):
+            store.put(keys[i], params)
+            found[i] = params
+    tensors = [t for t in found if t is not None]
+    dtype = encoded.dtype if missing else tensors[0].dtype
+    return torch.stack([t.to(pixels.device, dtype=dtype) for t in tensors])
