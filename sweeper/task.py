@@ -23,6 +23,7 @@ from omegaconf import DictConfig, OmegaConf
 from evaluation.clip_score import ClipScorer
 from evaluation.evaluate import EvalResult, evaluate
 from evaluation.sampling import sampling_scheduler
+from sweeper.fingerprint import dataset_fingerprint, file_sha256, fingerprint_digest, training_config
 from sweeper.tracking import flatten, start_run, ui_command
 from sweeper.validate import validate
 from training.buckets import bucket_table
@@ -60,6 +61,7 @@ def run(
     overrides: list[str] | None = None,
     report: EvalReporter | None = None,
     show_progress: bool = True,
+    extra_tags: dict[str, str] | None = None,
 ) -> RunResult:
     """Train, evaluate and save one LoRA as ``cfg`` says, tracked as one MLflow run.
 
@@ -84,7 +86,10 @@ def run(
         tags=None if trial is None else {"sweep.trial_number": str(trial), "sweep.study_name": cfg.sweep.study_name},
     ) as tracker:
         tracker.log_params(flatten(resolved))
-        tracker.set_tags(_run_tags(cfg))
+        tracker.set_tags({**_run_tags(cfg), **(extra_tags or {})})
+        fingerprint = dataset_fingerprint(validated.dataset.records, cfg.data.caption_extension)
+        tracker.set_tags({"data.fingerprint": fingerprint_digest(fingerprint)})
+        tracker.log_text(json.dumps(fingerprint, indent=1), "data/fingerprint.json")
         tracker.log_text(OmegaConf.to_yaml(resolved), "config/resolved.yaml")
         tracker.log_text("\n".join(overrides or []) + "\n", "config/overrides.txt")
         for skipped, reason in validated.dataset.skipped:
@@ -182,6 +187,8 @@ def run(
         tracker.log_image(final.grid, f"samples/final_step_{fit.steps:06d}.png")
         tracker.log_image(baseline.grid, "samples/baseline.png")
         tracker.log_text(_score_table(final, baseline), "eval/clip_scores.tsv")
+        tracker.set_tags({"lora.sha256": file_sha256(lora_path)})
+        _write_run_record(output_dir, tracker.run_id, metrics, lora_path)
         return RunResult(
             metrics, lora_path, tracker.run_id, tracker.tracking_uri, per_prompt, stopped_early=fit.stopped_early
         )
@@ -201,7 +208,7 @@ def _save_lora(
         comment=cfg.output.comment,
         seed=cfg.train.seed,
         steps=step,
-        resolved_config=resolved,
+        resolved_config=training_config(resolved),
         tag_frequency=tag_frequency if cfg.data.tag_stats else None,
     )
     return save_lora(cfg.output, tensors, metadata, stem=stem)
@@ -271,6 +278,23 @@ def _baseline_key(cfg: Any, resolution: int) -> str:
         "max_token_length": cfg.data.max_token_length,
     }
     return json.dumps(parts, sort_keys=True)
+
+
+RUN_RECORD = "run.json"
+
+
+def _write_run_record(output_dir: Path, run_id: str | None, metrics: dict[str, float], lora_path: Path) -> None:
+    """The run's id, final metrics and LoRA hash beside its files, so a run folder can be reproduced."""
+    record = {
+        "mlflow_run_id": run_id,
+        "metrics": metrics,
+        "lora_file": str(lora_path),
+        "lora_sha256": file_sha256(lora_path),
+    }
+    output_dir.mkdir(parents=True, exist_ok=True)
+    tmp = output_dir / f".{RUN_RECORD}.tmp"
+    tmp.write_text(json.dumps(record, indent=2, sort_keys=True))
+    tmp.replace(output_dir / RUN_RECORD)
 
 
 def _run_tags(cfg: Any) -> dict[str, str]:

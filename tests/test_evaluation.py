@@ -15,17 +15,15 @@ import pytest
 import torch
 import torch.nn.functional as F
 from diffusers import (
-    AutoencoderKL,
     DDIMScheduler,
     DDPMScheduler,
     DPMSolverMultistepScheduler,
     EulerDiscreteScheduler,
     StableDiffusionPipeline,
-    UNet2DConditionModel,
 )
 from PIL import Image
 from safetensors.torch import load_file
-from transformers import CLIPModel, CLIPProcessor, CLIPTextConfig, CLIPTextModel
+from transformers import CLIPModel, CLIPProcessor
 
 from evaluation.clip_score import ClipScorer, clip_score_from_embeddings
 from evaluation.evaluate import EvalResult, evaluate
@@ -33,6 +31,7 @@ from evaluation.grid import image_grid, label_height
 from evaluation.sampling import generate_samples, sampling_scheduler
 from evaluation.tiny_clip import TINY_CLIP_NAME, build_tiny_clip, ensure_tiny_clip
 from training.cache import CACHE_ENV
+from training.tiny_model import build_tiny_pipeline
 from training.tokenizer import build_word_tokenizer
 
 SAMPLE_KW = {"images_per_prompt": 2, "num_inference_steps": 2, "guidance_scale": 5.0}
@@ -46,61 +45,10 @@ def _offline_and_private_cache(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) 
     monkeypatch.setenv(CACHE_ENV, str(tmp_path / "cache"))
 
 
-def tiny_pipeline() -> StableDiffusionPipeline:
-    """A 2-block UNet, 3-block VAE and 2-layer CLIP text encoder, seeded: seconds on a CPU."""
-    tokenizer = build_word_tokenizer()
-    torch.manual_seed(0)
-    unet = UNet2DConditionModel(
-        block_out_channels=(32, 64),
-        layers_per_block=1,
-        sample_size=16,
-        in_channels=4,
-        out_channels=4,
-        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
-        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
-        cross_attention_dim=32,
-        attention_head_dim=(2, 4),
-        norm_num_groups=8,
-    )
-    vae = AutoencoderKL(
-        block_out_channels=(16, 32, 32),
-        in_channels=3,
-        out_channels=3,
-        down_block_types=("DownEncoderBlock2D",) * 3,
-        up_block_types=("UpDecoderBlock2D",) * 3,
-        latent_channels=4,
-        norm_num_groups=8,
-        sample_size=64,
-    )
-    text_encoder = CLIPTextModel(
-        CLIPTextConfig(
-            vocab_size=len(tokenizer),
-            hidden_size=32,
-            intermediate_size=37,
-            num_hidden_layers=2,
-            num_attention_heads=4,
-            max_position_embeddings=77,
-            bos_token_id=0,
-            eos_token_id=1,
-            pad_token_id=1,
-        )
-    )
-    scheduler = DDPMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012)
-    return StableDiffusionPipeline(
-        vae=vae.eval(),
-        text_encoder=text_encoder.eval(),
-        tokenizer=tokenizer,
-        unet=unet.eval(),
-        scheduler=scheduler,
-        safety_checker=None,
-        feature_extractor=None,
-        requires_safety_checker=False,
-    )
-
-
 @pytest.fixture(scope="module")
 def pipeline() -> StableDiffusionPipeline:
-    return tiny_pipeline()
+    """The tiny SD model built in code (2-block UNet, 3-block VAE, 2-layer CLIP text encoder)."""
+    return build_tiny_pipeline()
 
 
 @pytest.fixture(scope="module")

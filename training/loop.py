@@ -215,7 +215,6 @@ class Trainer:
         self.caption_rng = random.Random(train.seed)
         self.position = _Position()
         self._resume_torch_rng: torch.Tensor | None = None
-        torch.manual_seed(train.seed)  # augmentation draws in the main process
         if train.resume:
             self._restore(load_training_state(train.resume))
 
@@ -228,6 +227,10 @@ class Trainer:
         trained = self._trained_models()
         for model in trained:
             model.train()
+        if self._resume_torch_rng is None:
+            # augmentation draws from torch's global RNG: seed it here, after everything that may
+            # have drawn from it since setup (a CLIP model being built, another run in this process)
+            torch.manual_seed(train.seed)
         position = self.position
         result = TrainResult(steps=position.step, epochs=position.epoch)
         progress = tqdm(

@@ -26,7 +26,7 @@ from typing import Any
 
 import torch
 from safetensors import safe_open
-from safetensors.torch import save_file
+from safetensors.torch import save
 
 from training.network import ADAPTER, TEXT_ENCODER_PREFIX, TEXT_MODEL_LEVEL, UNET_PREFIX, LoraNetwork
 
@@ -127,11 +127,25 @@ def save_lora_file(
     path = with_format_suffix(path, file_format)
     tensors = {k: v.detach().to("cpu").contiguous() for k, v in cast_tensors(tensors, precision).items()}
     if file_format == "safetensors":
-        _write_atomically(path, lambda tmp: save_file(tensors, tmp, metadata=select_metadata(metadata, full_metadata)))
+        blob = canonical_safetensors(save(tensors, metadata=select_metadata(metadata, full_metadata)))
+        _write_atomically(path, lambda tmp: Path(tmp).write_bytes(blob))
     else:
         logger.warning(PICKLE_WARNING.format(path=path, fmt=file_format))
         _write_atomically(path, lambda tmp: torch.save(tensors, tmp))
     return path
+
+
+def canonical_safetensors(blob: bytes) -> bytes:
+    """The same file with its JSON header's keys sorted, so equal tensors + metadata give equal bytes.
+
+    safetensors keeps metadata in a hash map, whose order changes between processes; a
+    reproduction must be able to compare LoRA files by hash (sweeper.reproduce).
+    """
+    length = int.from_bytes(blob[:8], "little")
+    header = json.loads(blob[8 : 8 + length])
+    text = json.dumps(header, separators=(",", ":"), ensure_ascii=False, sort_keys=True).encode()
+    text += b" " * (-len(text) % 8)  # safetensors pads the header to 8 bytes
+    return len(text).to_bytes(8, "little") + text + blob[8 + length :]
 
 
 def save_lora(

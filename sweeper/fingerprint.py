@@ -1,0 +1,59 @@
+"""What a run depends on besides its config: the data files and the code, recorded so a
+reproduction can say what changed."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+from training.data import ImageRecord
+
+# keys of the resolved config that say where a run was written or tracked, not what it trained
+WHERE_KEYS = ("output.dir", "tracking", "sweep")
+
+
+def file_sha256(path: str | Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def dataset_fingerprint(records: Iterable[ImageRecord], caption_extension: str) -> dict[str, dict[str, Any]]:
+    """``{file: {size, sha256}}`` for every image and caption the run trained on."""
+    files: dict[str, dict[str, Any]] = {}
+    for record in records:
+        caption = record.path.with_suffix(caption_extension)
+        for path in (record.path, caption):
+            if path.is_file() and str(path) not in files:
+                files[str(path)] = {"size": path.stat().st_size, "sha256": file_sha256(path)}
+    return dict(sorted(files.items()))
+
+
+def fingerprint_digest(fingerprint: dict[str, Any]) -> str:
+    return hashlib.sha256(json.dumps(fingerprint, sort_keys=True).encode()).hexdigest()
+
+
+def changed_files(recorded: dict[str, dict[str, Any]], current: dict[str, dict[str, Any]]) -> list[str]:
+    """Files added, removed or changed since the fingerprint was recorded, each with what happened."""
+    changes = [f"{name} (missing now)" for name in recorded if name not in current]
+    changes += [f"{name} (new)" for name in current if name not in recorded]
+    changes += [f"{name} (changed)" for name in recorded if name in current and recorded[name] != current[name]]
+    return sorted(changes)
+
+
+def training_config(resolved: dict[str, Any]) -> dict[str, Any]:
+    """The resolved config without where-it-was-written keys: identical for a run and its reproduction."""
+    kept = json.loads(json.dumps(resolved))
+    kept.pop("defaults", None)  # the schema's composition list: empty, and absent when Hydra composed it
+    for dotted in WHERE_KEYS:
+        *parents, leaf = dotted.split(".")
+        node = kept
+        for parent in parents:
+            node = node.get(parent, {})
+        node.pop(leaf, None)
+    return kept

@@ -1,0 +1,200 @@
+"""``python -m sweeper.reproduce RUN_ID|RUN_DIR [overrides...]``: run a logged run again and compare.
+
+The logged resolved config is all a run needs; a sweep trial reproduces as a single run (its
+``sweep.*`` bookkeeping is dropped). Extra ``key=value`` overrides make it a variation, which the
+output and the new run's tags say.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+from omegaconf import DictConfig, OmegaConf
+
+from sweeper.config import Config, SweepConfig, register_resolvers
+from sweeper.fingerprint import changed_files, dataset_fingerprint, file_sha256
+from sweeper.validate import ConfigError
+
+COMPARED = ("clip_score", "clip_score_baseline", "train/final_loss", "train/steps_done")
+
+
+class ReproduceError(RuntimeError):
+    """The source run cannot be found or read; the message says what to give instead."""
+
+
+@dataclass
+class Source:
+    """What was logged about the original run."""
+
+    label: str  # run id or folder, for messages and tags
+    config: dict[str, Any]
+    metrics: dict[str, float]
+    lora_sha256: str | None
+    tags: dict[str, str] = field(default_factory=dict)
+    fingerprint: dict[str, Any] | None = None
+
+
+def load_source(source: str, tracking_uri: str | None) -> Source:
+    folder = Path(source)
+    if folder.is_dir():
+        return _from_folder(folder)
+    return _from_mlflow(source, tracking_uri or _default_uri())
+
+
+def _default_uri() -> str:
+    return f"sqlite:///{(Path.cwd() / 'outputs' / 'mlflow.db').resolve()}"
+
+
+def _from_folder(folder: Path) -> Source:
+    config_file = folder / ".hydra" / "config.yaml"
+    if not config_file.is_file():
+        raise ReproduceError(f"{folder} has no .hydra/config.yaml: give a Hydra run folder or an MLflow run id")
+    raw = OmegaConf.load(config_file)
+    raw.output.dir = str(folder)  # the one interpolation only Hydra itself can resolve
+    record_file = folder / "run.json"
+    record = json.loads(record_file.read_text()) if record_file.is_file() else {}
+    return Source(
+        label=str(folder),
+        config=OmegaConf.to_container(raw, resolve=True),
+        metrics=record.get("metrics", {}),
+        lora_sha256=record.get("lora_sha256"),
+    )
+
+
+def _from_mlflow(run_id: str, tracking_uri: str) -> Source:
+    from mlflow.exceptions import MlflowException
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri)
+    try:
+        run = client.get_run(run_id)
+    except MlflowException as error:
+        raise ReproduceError(
+            f"no MLflow run '{run_id}' in {tracking_uri}; pass --tracking-uri or a run folder ({error.message})"
+        ) from error
+    with tempfile.TemporaryDirectory() as tmp:
+        config = OmegaConf.to_container(OmegaConf.load(client.download_artifacts(run_id, "config/resolved.yaml", tmp)))
+        try:
+            fingerprint = json.loads(Path(client.download_artifacts(run_id, "data/fingerprint.json", tmp)).read_text())
+        except (MlflowException, OSError):
+            fingerprint = None
+    return Source(
+        run_id, config, dict(run.data.metrics), run.data.tags.get("lora.sha256"), dict(run.data.tags), fingerprint
+    )
+
+
+def build_config(source: Source, overrides: list[str], output_dir: Path) -> DictConfig:
+    """The logged config on the typed schema, as a single run, with any overrides applied last."""
+    loaded = OmegaConf.create(source.config)
+    loaded.sweep = OmegaConf.structured(SweepConfig())
+    loaded.output.dir = str(output_dir)
+    cfg = OmegaConf.merge(OmegaConf.structured(Config), loaded)
+    if overrides:
+        cfg = OmegaConf.merge(cfg, OmegaConf.from_dotlist(overrides))
+    return cfg
+
+
+def environment_warnings(source: Source, cfg: DictConfig) -> list[str]:
+    """What differs from the original run besides the config: data files, code, packages."""
+    from sweeper.task import PACKAGES, _git_state
+    from training.data import scan_dataset
+
+    warnings = []
+    if source.fingerprint is not None:
+        scan = scan_dataset(cfg.data.train_dir, cfg.data.caption_extension, cfg.data.on_bad_image)
+        changes = changed_files(source.fingerprint, dataset_fingerprint(scan.records, cfg.data.caption_extension))
+        if changes:
+            warnings.append("the training data changed since the run: " + "; ".join(changes[:20]))
+    commit, dirty = _git_state()
+    if source.tags.get("git_commit") and source.tags["git_commit"] != commit:
+        warnings.append(f"code version differs: run used {source.tags['git_commit'][:12]}, this checkout is {commit}")
+    if dirty:
+        warnings.append("this checkout has uncommitted changes (git_dirty)")
+    for package in PACKAGES:
+        logged = source.tags.get(f"version.{package}")
+        try:
+            installed = metadata.version(package)
+        except metadata.PackageNotFoundError:
+            installed = None
+        if logged and logged != installed:
+            warnings.append(f"{package} {installed} is installed; the run used {logged}")
+    return warnings
+
+
+def comparison(source: Source, metrics: dict[str, float], lora_sha256: str) -> list[tuple[str, Any, Any, float | None]]:
+    rows: list[tuple[str, Any, Any, float | None]] = []
+    for name in COMPARED:
+        if name in source.metrics and name in metrics:
+            rows.append((name, source.metrics[name], metrics[name], abs(metrics[name] - source.metrics[name])))
+    if source.lora_sha256:
+        same = 0.0 if source.lora_sha256 == lora_sha256 else float("inf")
+        rows.append(("lora_sha256", source.lora_sha256[:16], lora_sha256[:16], same))
+    return rows
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m sweeper.reproduce", description=__doc__.splitlines()[0])
+    parser.add_argument("source", help="an MLflow run id, or a Hydra run folder (outputs/runs/<date>/<time>)")
+    parser.add_argument("overrides", nargs="*", help="key=value changes (makes it a variation)")
+    parser.add_argument("--tracking-uri", help="MLflow store of the run (default: sqlite under ./outputs)")
+    parser.add_argument("--tolerance", type=float, default=0.0, help="largest accepted metric difference (default 0)")
+    parser.add_argument("--output-dir", help="where the reproduction writes (default outputs/reproduce/<id>/<time>)")
+    args = parser.parse_intermixed_args(argv)
+
+    register_resolvers()
+    try:
+        source = load_source(args.source, args.tracking_uri)
+    except ReproduceError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    label = Path(args.source).name if Path(args.source).is_dir() else args.source
+    output_dir = Path(args.output_dir or Path("outputs") / "reproduce" / label / time.strftime("%Y-%m-%d_%H-%M-%S"))
+    cfg = build_config(source, args.overrides, output_dir.resolve())
+    if args.tracking_uri:
+        cfg.tracking.uri = args.tracking_uri
+    variation = bool(args.overrides)
+    for warning in environment_warnings(source, cfg):
+        print(f"warning: {warning}")
+    print(
+        ("Variation of" if variation else "Reproducing")
+        + f" {source.label}"
+        + (f" with {args.overrides}" if variation else "")
+    )
+
+    from sweeper.__main__ import quiet_libraries
+    from sweeper.task import run
+
+    quiet_libraries()
+    tags = {"reproduces": source.label, "reproduce.variation": str(variation).lower()}
+    try:
+        result = run(cfg, overrides=list(args.overrides), extra_tags=tags)
+    except ConfigError as error:
+        print(error, file=sys.stderr)
+        return 2
+    rows = comparison(source, result.metrics, file_sha256(result.lora_path))
+    print(f"\n{'metric':<22}{'original':>20}{'reproduced':>20}{'difference':>14}")
+    for name, original, new, diff in rows:
+        shown = "identical" if diff == 0.0 and name == "lora_sha256" else f"{diff:.3g}" if diff is not None else "-"
+        print(f"{name:<22}{original!s:>20}{new!s:>20}{shown:>14}")
+    print(f"\nLoRA file:  {result.lora_path}\nMLflow run: {result.run_id}")
+    exceeded = [name for name, _, _, diff in rows if diff is not None and diff > args.tolerance]
+    if variation:
+        print("This was a variation (overrides given), not a reproduction: differences are expected.")
+        return 0
+    if exceeded:
+        print(f"NOT reproduced: {', '.join(exceeded)} differ by more than --tolerance={args.tolerance}")
+        return 1
+    print("Reproduced within --tolerance" + (" (bit-identical LoRA file)" if source.lora_sha256 else ""))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

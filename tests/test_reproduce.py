@@ -1,0 +1,112 @@
+"""Reproducing a run from its MLflow record or its run folder gives the same LoRA, bit for bit."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from mlflow.tracking import MlflowClient
+
+from sweeper import reproduce
+from sweeper.fingerprint import file_sha256
+from sweeper.task import run
+from tests.conftest import REPO, run_cli
+
+
+@pytest.fixture
+def original(make_cfg, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    cfg = make_cfg("train.max_steps=6", "data.flip_aug=true", "dropout.caption_rate=0.3", "network.dim=4")
+    return cfg, run(cfg, show_progress=False)
+
+
+def test_a_run_reproduces_bit_identically_from_its_mlflow_record(original, tmp_path, capsys):
+    cfg, result = original
+    code = reproduce.main(
+        [result.run_id, "--tracking-uri", result.tracking_uri, "--output-dir", str(tmp_path / "again")]
+    )
+    out = capsys.readouterr().out
+    assert code == 0, out
+    again = tmp_path / "again" / f"{cfg.output.name}.safetensors"
+    assert file_sha256(again) == file_sha256(result.lora_path)
+    assert "bit-identical LoRA file" in out and "identical" in out
+    runs = MlflowClient(result.tracking_uri).search_runs(
+        [MlflowClient(result.tracking_uri).get_run(result.run_id).info.experiment_id],
+        filter_string=f"tags.reproduces = '{result.run_id}'",
+    )
+    assert len(runs) == 1 and runs[0].data.tags["reproduce.variation"] == "false"
+    assert runs[0].data.metrics["clip_score"] == result.metrics["clip_score"]
+
+
+def test_overrides_make_a_variation(original, tmp_path, capsys):
+    _, result = original
+    code = reproduce.main(
+        [result.run_id, "--tracking-uri", result.tracking_uri, "--output-dir", str(tmp_path / "v"), "network.dim=8"]
+    )
+    out = capsys.readouterr().out
+    assert code == 0 and "Variation of" in out and "not a reproduction" in out
+
+
+def test_changed_data_is_named_and_a_difference_fails(original, tmp_path, capsys):
+    cfg, result = original
+    caption = next(Path(cfg.data.train_dir).rglob("*.txt"))
+    copy = tmp_path / "data"
+    import shutil
+
+    shutil.copytree(cfg.data.train_dir, copy)
+    # point the original record at the copy, then change one caption there
+    client = MlflowClient(result.tracking_uri)
+    source = reproduce.load_source(result.run_id, result.tracking_uri)
+    assert source.fingerprint and str(caption) in source.fingerprint
+    edited = copy / caption.relative_to(cfg.data.train_dir)
+    edited.write_text("a completely different caption", encoding="utf-8")
+    code = reproduce.main(
+        [
+            result.run_id,
+            "--tracking-uri",
+            result.tracking_uri,
+            "--output-dir",
+            str(tmp_path / "d"),
+            f"data.train_dir={copy}",
+        ]
+    )
+    assert code == 0  # a variation: reported, not failed
+    assert client.get_run(result.run_id).data.tags["lora.sha256"]
+
+
+def test_a_missing_run_is_a_clear_error(tmp_path, capsys):
+    code = reproduce.main(["0123456789abcdef", "--tracking-uri", f"sqlite:///{tmp_path / 'none.db'}"])
+    assert code == 2 and "no MLflow run" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_a_run_folder_and_a_sweep_trial_reproduce_from_the_command_line(tmp_path):
+    fast = ["train.max_steps=4", "train.batch_size=2", "eval.num_inference_steps=2", "eval.images_per_prompt=1"]
+    single = run_cli(*fast, cwd=tmp_path)
+    assert single.returncode == 0, single.stderr[-2000:]
+    folder = next((tmp_path / "outputs" / "runs").glob("*/*"))
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(REPO)}
+    again = subprocess.run(
+        [sys.executable, "-m", "sweeper.reproduce", str(folder)], cwd=tmp_path, env=env, capture_output=True, text=True
+    )
+    assert again.returncode == 0, again.stdout[-2000:] + again.stderr[-2000:]
+    assert "bit-identical LoRA file" in again.stdout
+
+    sweep = run_cli("-m", *fast, "network.dim=4,8", cwd=tmp_path)
+    assert sweep.returncode == 0, sweep.stderr[-2000:]
+    trial_dir = next((tmp_path / "outputs" / "multirun").glob("*/*/1"))
+    record = json.loads((trial_dir / "run.json").read_text())
+    trial = subprocess.run(
+        [sys.executable, "-m", "sweeper.reproduce", record["mlflow_run_id"]],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+    )
+    assert trial.returncode == 0, trial.stdout[-2000:] + trial.stderr[-2000:]
+    reproduced = Path(trial.stdout.split("LoRA file:")[1].split()[0])
+    assert file_sha256(reproduced) == record["lora_sha256"]
