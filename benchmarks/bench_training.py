@@ -1,0 +1,275 @@
+"""Throughput of the project's own training loop at SD1.5 scale (random weights, synthetic data).
+
+Builds an SD1.5-architecture model from its published configs with random weights (speed does not
+depend on the weights), writes a synthetic 512px dataset in the kohya layout, and runs
+``training.loop.Trainer`` -- the loop ``python -m sweeper`` uses -- for each configuration:
+steady-state images/s (warm-up excluded), peak GPU memory, and MFU against the FLOPs counted by
+``torch.utils.flop_counter`` and the bf16 matmul peak measured in the same run.
+
+    python benchmarks/bench_training.py --out results/  [--steps 30] [--quick]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
+from omegaconf import OmegaConf
+from PIL import Image, ImageDraw
+from transformers import CLIPTextConfig, CLIPTextModel
+
+from sweeper.config import Config
+from training.data import scan_dataset
+from training.loop import Trainer
+from training.models import BaseModel
+from training.network import remove_lora
+from training.tokenizer import build_word_tokenizer
+
+# --- the SD1.5 architecture (runwayml/stable-diffusion-v1-5 configs)
+UNET = dict(
+    sample_size=64,
+    in_channels=4,
+    out_channels=4,
+    layers_per_block=2,
+    block_out_channels=(320, 640, 1280, 1280),
+    cross_attention_dim=768,
+    attention_head_dim=8,
+    down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
+    up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3,
+)
+VAE = dict(
+    in_channels=3,
+    out_channels=3,
+    latent_channels=4,
+    layers_per_block=2,
+    sample_size=512,
+    block_out_channels=(128, 256, 512, 512),
+    down_block_types=("DownEncoderBlock2D",) * 4,
+    up_block_types=("UpDecoderBlock2D",) * 4,
+)
+TEXT = dict(
+    vocab_size=49408,
+    hidden_size=768,
+    intermediate_size=3072,
+    num_hidden_layers=12,
+    num_attention_heads=12,
+    max_position_embeddings=77,
+    hidden_act="quick_gelu",
+    projection_dim=768,
+    bos_token_id=0,
+    eos_token_id=1,
+)
+
+
+def sd15_base_model() -> BaseModel:
+    torch.manual_seed(0)
+    tokenizer = build_word_tokenizer()  # no download; the text encoder keeps CLIP's 49408-token table
+    scheduler = DDPMScheduler(
+        num_train_timesteps=1000,
+        beta_schedule="scaled_linear",
+        beta_start=0.00085,
+        beta_end=0.012,
+        steps_offset=1,
+        clip_sample=False,
+    )
+    parts = (UNet2DConditionModel(**UNET), AutoencoderKL(**VAE), CLIPTextModel(CLIPTextConfig(**TEXT)))
+    for part in parts:
+        part.requires_grad_(False).eval()
+    unet, vae, text_encoder = parts
+    identity = {"source": "benchmark-sd15-random", "location": "in-memory", "weights_sha256": "random-seed-0"}
+    return BaseModel(unet, vae, text_encoder, tokenizer, scheduler, "in-memory", identity)
+
+
+def tiny_base_model() -> BaseModel:
+    from training.tiny_model import build_tiny_pipeline
+
+    pipe = build_tiny_pipeline()
+    for part in (pipe.unet, pipe.vae, pipe.text_encoder):
+        part.requires_grad_(False).eval()
+    identity = {"source": "tiny", "location": "in-memory", "weights_sha256": "tiny-seed-0"}
+    return BaseModel(pipe.unet, pipe.vae, pipe.text_encoder, pipe.tokenizer, pipe.scheduler, "in-memory", identity)
+
+
+def synthetic_dataset(root: Path, count: int, size: int = 512) -> Path:
+    folder = root / "1_synthetic"
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(0)
+    for i in range(count):
+        image = Image.fromarray(rng.integers(0, 255, (size, size, 3), dtype=np.uint8))
+        draw = ImageDraw.Draw(image)
+        x, y = rng.integers(0, size * 3 // 4, 2)
+        draw.ellipse((x, y, x + size // 5, y + size // 5), fill=tuple(int(c) for c in rng.integers(0, 255, 3)))
+        image.save(folder / f"{i:03d}.png")
+        (folder / f"{i:03d}.txt").write_text("a red circle on a blue background, photo, high quality")
+    return root
+
+
+def matmul_peak_tflops() -> float:
+    a = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
+    b = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
+    for _ in range(3):
+        a @ b
+    times = []
+    for _ in range(10):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        a @ b
+        end.record()
+        torch.cuda.synchronize()
+        times.append(start.elapsed_time(end) / 1e3)
+    return 2 * 8192**3 / float(np.median(times)) / 1e12
+
+
+class StepClock:
+    """A metric sink that notes when the loop logs (right after its loss sync): step -> time."""
+
+    def __init__(self) -> None:
+        self.times: dict[int, float] = {}
+
+    def log_metrics(self, metrics: dict, step: int) -> None:
+        if "train/loss" in metrics:
+            self.times[step] = time.perf_counter()
+
+
+def config(data_dir: Path, out_dir: Path, *, batch: int, rank: int, cache: str, steps: int, warmup: int):
+    cfg = OmegaConf.merge(
+        OmegaConf.structured(Config),
+        OmegaConf.create(
+            {
+                "model": {"source": "diffusers", "path": "in-memory"},
+                "network": {"dim": rank, "alpha": rank},
+                "optimizer": {"name": "adamw", "lr": 1e-4},
+                "scheduler": {"name": "constant"},
+                "precision": {"mixed": "bf16"},
+                "bucket": {"resolution": 512},
+                "dropout": {},
+                "data": {"train_dir": str(data_dir), "cache_latents": cache},
+                "eval": {"prompts": ["a red circle"]},
+                "tracking": {"enabled": False},
+                "train": {"max_steps": warmup + steps, "batch_size": batch, "log_every_n_steps": warmup},
+                "output": {"dir": str(out_dir)},
+            }
+        ),
+    )
+    return cfg
+
+
+def count_flops(trainer: Trainer) -> float:
+    """FLOPs of one training micro-step (forward + backward of the whole loss) per image."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    trainer.position.epoch = 1
+    batch = next(iter(trainer.loader))
+    with FlopCounterMode(display=False) as counter:
+        loss = trainer._loss(batch)
+        loss.backward()
+    trainer.optimizer.zero_grad(set_to_none=True)
+    return counter.get_total_flops() / len(batch["caption"])
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--out", default="benchmarks/out")
+    parser.add_argument("--steps", type=int, default=30, help="timed steps per configuration")
+    parser.add_argument("--images", type=int, default=64)
+    parser.add_argument("--quick", action="store_true", help="only the first three configurations")
+    parser.add_argument("--tiny", action="store_true", help="the tiny model instead (a smoke run, CPU or GPU)")
+    args = parser.parse_args()
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    cuda = torch.cuda.is_available()
+    if not cuda and not args.tiny:
+        raise SystemExit("the SD1.5-scale benchmark needs a CUDA GPU (use --tiny for a CPU smoke run)")
+    peak = matmul_peak_tflops() if cuda else float("nan")
+    device = torch.cuda.get_device_name() if cuda else "cpu"
+    print(f"{device}: bf16 matmul peak {peak:.0f} TFLOP/s; torch {torch.__version__}", flush=True)
+    base = tiny_base_model() if args.tiny else sd15_base_model()
+    resolution = base.native_resolution
+    tmp = Path(tempfile.mkdtemp())
+    data_dir = synthetic_dataset(tmp / "data", args.images, resolution)
+    records = scan_dataset(data_dir).records
+
+    grid = [
+        (1, 4, "none"),
+        (4, 4, "none"),
+        (4, 4, "memory"),
+        (16, 4, "memory"),
+        (32, 4, "memory"),
+        (1, 32, "none"),
+        (4, 32, "none"),
+        (1, 4, "memory"),
+    ]
+    if args.quick:
+        grid = grid[:3]
+    rows = []
+    for batch, rank, cache in grid:
+        warmup = math.ceil(args.images / batch) + 3  # the first epoch fills the latent cache
+        cfg = config(data_dir, tmp / "out", batch=batch, rank=rank, cache=cache, steps=args.steps, warmup=warmup)
+        cfg.bucket.resolution = resolution
+        cfg.precision.mixed = "bf16" if cuda else "fp32"
+        if cuda:
+            torch.cuda.empty_cache()
+            torch.cuda.reset_peak_memory_stats()
+        clock = StepClock()
+        trainer = Trainer(cfg, base, records, clock)
+        try:
+            started = time.perf_counter()
+            trainer.fit(show_progress=False)
+            total = time.perf_counter() - started
+            end = cfg.train.max_steps
+            seconds = clock.times[end] - clock.times[warmup]
+            rate = args.steps * batch / seconds
+            memory = torch.cuda.max_memory_allocated() / 2**30 if cuda else float("nan")
+            flops = count_flops(trainer)  # after training: a filled latent cache is not counted
+            row = {
+                "batch": batch,
+                "rank": rank,
+                "cache_latents": cache,
+                "images_per_s": rate,
+                "steps_per_s": args.steps / seconds,
+                "peak_gib": memory,
+                "tflop_per_image": flops / 1e12,
+                "mfu": flops * rate / (peak * 1e12),
+                "warmup_steps": warmup,
+                "run_seconds": total,
+            }
+        except torch.cuda.OutOfMemoryError as error:
+            row = {"batch": batch, "rank": rank, "cache_latents": cache, "error": f"OOM: {error}"[:200]}
+        finally:
+            remove_lora(trainer.network)
+            del trainer
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+
+    result = {
+        "device": device,
+        "torch": torch.__version__,
+        "matmul_peak_tflops": peak,
+        "rows": rows,
+        "date": time.strftime("%Y-%m-%d"),
+        "timed_steps": args.steps,
+    }
+    (out / "results.json").write_text(json.dumps(result, indent=2))
+    print("\n| batch | rank | cache | images/s | it/s | peak GiB | TFLOP/img | MFU |")
+    print("|---|---|---|---|---|---|---|---|")
+    for r in rows:
+        if "error" in r:
+            print(f"| {r['batch']} | {r['rank']} | {r['cache_latents']} | {r['error'][:40]} | | | | |")
+        else:
+            print(
+                f"| {r['batch']} | {r['rank']} | {r['cache_latents']} | {r['images_per_s']:.1f} | "
+                f"{r['steps_per_s']:.1f} | {r['peak_gib']:.1f} | {r['tflop_per_image']:.2f} | {r['mfu']:.1%} |"
+            )
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    main()
