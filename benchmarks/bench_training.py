@@ -162,6 +162,30 @@ def config(data_dir: Path, out_dir: Path, *, batch: int, rank: int, cache: str, 
     return cfg
 
 
+def time_split(cfg, base: BaseModel, records, steps: int = 8) -> dict[str, float]:
+    """Host milliseconds per optimizer step in each named stage of the loop (torch.profiler ranges)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    cfg = cfg.copy()
+    cfg.train.max_steps = steps
+    cfg.train.log_every_n_steps = steps
+    trainer = Trainer(cfg, base, records, StepClock())
+    trainer.fit(show_progress=False)  # warm: fills the latent cache
+    cfg.train.max_steps = steps
+    trainer.total_steps = 2 * steps
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if torch.cuda.is_available() else [])
+    started = time.perf_counter()
+    with profile(activities=activities) as prof:
+        trainer.fit(show_progress=False)
+    wall = (time.perf_counter() - started) * 1e3 / steps
+    remove_lora(trainer.network)
+    split = {"step_wall": wall}
+    for event in prof.key_averages():
+        if event.key.startswith("loop/"):
+            split[event.key.removeprefix("loop/")] = event.cpu_time_total / 1e3 / steps
+    return split
+
+
 def count_flops(trainer: Trainer) -> float:
     """FLOPs of one training micro-step (forward + backward of the whole loss) per image."""
     from torch.utils.flop_counter import FlopCounterMode
@@ -197,23 +221,27 @@ def main() -> None:
     data_dir = synthetic_dataset(tmp / "data", args.images, resolution)
     records = scan_dataset(data_dir).records
 
-    grid = [
-        (1, 4, "none"),
-        (4, 4, "none"),
-        (4, 4, "memory"),
-        (16, 4, "memory"),
-        (32, 4, "memory"),
-        (1, 32, "none"),
-        (4, 32, "none"),
-        (1, 4, "memory"),
+    grid = [  # (batch, rank, cache_latents, data workers)
+        (1, 4, "none", 0),
+        (4, 4, "none", 0),
+        (4, 4, "memory", 0),
+        (16, 4, "memory", 0),
+        (32, 4, "memory", 0),
+        (1, 32, "none", 0),
+        (4, 32, "none", 0),
+        (1, 4, "memory", 0),
+        (1, 4, "memory", 4),
+        (4, 4, "memory", 4),
     ]
     if args.quick:
         grid = grid[:3]
     rows = []
-    for batch, rank, cache in grid:
+    for batch, rank, cache, workers in grid:
         warmup = math.ceil(args.images / batch) + 3  # the first epoch fills the latent cache
         cfg = config(data_dir, tmp / "out", batch=batch, rank=rank, cache=cache, steps=args.steps, warmup=warmup)
         cfg.bucket.resolution = resolution
+        cfg.data.num_workers = workers
+        cfg.data.persistent_workers = workers > 0
         cfg.precision.mixed = "bf16" if cuda else "fp32"
         if cuda:
             torch.cuda.empty_cache()
@@ -233,6 +261,7 @@ def main() -> None:
                 "batch": batch,
                 "rank": rank,
                 "cache_latents": cache,
+                "workers": workers,
                 "images_per_s": rate,
                 "steps_per_s": args.steps / seconds,
                 "peak_gib": memory,
@@ -242,15 +271,26 @@ def main() -> None:
                 "run_seconds": total,
             }
         except torch.cuda.OutOfMemoryError as error:
-            row = {"batch": batch, "rank": rank, "cache_latents": cache, "error": f"OOM: {error}"[:200]}
+            row = {"batch": batch, "rank": rank, "cache_latents": cache, "workers": workers, "error": f"OOM: {error}"}
         finally:
             remove_lora(trainer.network)
             del trainer
         rows.append(row)
         print(json.dumps(row), flush=True)
 
+    splits = {}
+    for batch, cache in ((1, "memory"), (4, "memory"), (4, "none")):
+        cfg = config(data_dir, tmp / "out", batch=batch, rank=4, cache=cache, steps=8, warmup=1)
+        cfg.bucket.resolution = resolution
+        cfg.precision.mixed = "bf16" if cuda else "fp32"
+        split = time_split(cfg, base, records)
+        splits[f"batch{batch}-{cache}"] = split
+        print("time split (host ms per step)", batch, cache, json.dumps({k: round(v, 2) for k, v in split.items()}))
+    if args.tiny:
+        device += " (tiny model)"
     result = {
         "device": device,
+        "time_split_ms": splits,
         "torch": torch.__version__,
         "matmul_peak_tflops": peak,
         "rows": rows,
@@ -258,14 +298,14 @@ def main() -> None:
         "timed_steps": args.steps,
     }
     (out / "results.json").write_text(json.dumps(result, indent=2))
-    print("\n| batch | rank | cache | images/s | it/s | peak GiB | TFLOP/img | MFU |")
-    print("|---|---|---|---|---|---|---|---|")
+    print("\n| batch | rank | cache | workers | images/s | it/s | peak GiB | TFLOP/img | MFU |")
+    print("|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         if "error" in r:
-            print(f"| {r['batch']} | {r['rank']} | {r['cache_latents']} | {r['error'][:40]} | | | | |")
+            print(f"| {r['batch']} | {r['rank']} | {r['cache_latents']} | {r['workers']} | {r['error'][:40]} | | | | |")
         else:
             print(
-                f"| {r['batch']} | {r['rank']} | {r['cache_latents']} | {r['images_per_s']:.1f} | "
+                f"| {r['batch']} | {r['rank']} | {r['cache_latents']} | {r['workers']} | {r['images_per_s']:.1f} | "
                 f"{r['steps_per_s']:.1f} | {r['peak_gib']:.1f} | {r['tflop_per_image']:.2f} | {r['mfu']:.1%} |"
             )
 

@@ -38,6 +38,11 @@ from training.optim import build_lr_scheduler, build_optimizer
 from training.text_encoding import encode_prompt_pair, encode_prompts
 
 
+def stage(name: str) -> torch.profiler.record_function:
+    """A named range of the step (``loop/<name>``) that torch.profiler reports; no cost when not profiling."""
+    return torch.profiler.record_function(f"loop/{name}")
+
+
 class MetricSink(Protocol):
     """Where the loop reports step metrics (an MLflow run, or the null tracker)."""
 
@@ -248,17 +253,24 @@ class Trainer:
             if on_save and train.save_every_n_epochs and epoch % train.save_every_n_epochs == 0:
                 on_save(position.step, epoch)
 
+        batches = self._batches(epoch_end)
         try:
-            for batch in self._batches(epoch_end):
+            while True:
+                with stage("data"):
+                    batch = next(batches, None)
+                if batch is None:
+                    break
                 with self.accelerator.accumulate(*trained):
                     loss = self._loss(batch)
-                    self.accelerator.backward(loss)
+                    with stage("backward"):
+                        self.accelerator.backward(loss)
                     pending_loss += loss.detach() / train.grad_accum_steps
-                    if self.accelerator.sync_gradients and train.max_grad_norm > 0:
-                        self.accelerator.clip_grad_norm_(self._trainable(), train.max_grad_norm)
-                    self.optimizer.step()
-                    self.lr_schedule.step_per_optimizer_step()
-                    self.optimizer.zero_grad(set_to_none=True)
+                    with stage("optimizer"):
+                        if self.accelerator.sync_gradients and train.max_grad_norm > 0:
+                            self.accelerator.clip_grad_norm_(self._trainable(), train.max_grad_norm)
+                        self.optimizer.step()
+                        self.lr_schedule.step_per_optimizer_step()
+                        self.optimizer.zero_grad(set_to_none=True)
                 if not self.accelerator.sync_gradients:
                     continue
 
@@ -344,7 +356,7 @@ class Trainer:
         scheduler_config = base.noise_scheduler.config
         pixels = batch["pixel_values"].to(self.device, dtype=self.weight_dtype, non_blocking=True)
         captions = [self._caption(c) for c in batch["caption"]]
-        with torch.no_grad():
+        with torch.no_grad(), stage("vae"):
             if self.latent_store is None:
                 distribution = base.vae.encode(pixels).latent_dist
             else:  # encoded once per image (and flip), then reused: the same distribution either way
@@ -354,7 +366,7 @@ class Trainer:
                 )
                 distribution = DiagonalGaussianDistribution(parameters)
             latents = distribution.sample(generator=rng) * base.vae.config.scaling_factor
-        with torch.set_grad_enabled(self._text_encoder_trains()), self.accelerator.autocast():
+        with torch.set_grad_enabled(self._text_encoder_trains()), self.accelerator.autocast(), stage("text_encoder"):
             hidden = encode_prompts(
                 base.tokenizer,
                 base.text_encoder,
@@ -372,7 +384,7 @@ class Trainer:
             target = base.noise_scheduler.get_velocity(latents, noise, timesteps)
         else:
             target = noise
-        with self.accelerator.autocast():
+        with self.accelerator.autocast(), stage("unet_forward"):
             prediction = base.unet(noisy, timesteps, hidden).sample
         per_sample = F.mse_loss(prediction.float(), target.float(), reduction="none").mean(dim=(1, 2, 3))
         weights = torch.ones_like(per_sample)
