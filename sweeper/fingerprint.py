@@ -3,14 +3,19 @@ reproduction can say what changed."""
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
+import subprocess
 from collections.abc import Iterable
+from importlib import metadata
 from pathlib import Path
 from typing import Any
 
+from sweeper.config import PROJECT_ROOT
 from training.data import ImageRecord
 
+PACKAGES = ("torch", "diffusers", "transformers", "peft", "accelerate", "safetensors", "hydra-core", "optuna", "mlflow")
 # keys of the resolved config that say where a run was written or tracked, not what it trained
 WHERE_KEYS = ("output.dir", "tracking", "sweep")
 
@@ -57,3 +62,32 @@ def training_config(resolved: dict[str, Any]) -> dict[str, Any]:
             node = node.get(parent, {})
         node.pop(leaf, None)
     return kept
+
+
+def code_version() -> dict[str, str]:
+    """The code a run uses, as MLflow tags: git commit and dirty flag (in a checkout), package versions."""
+    tags = {}
+    commit, dirty = _git_state()
+    if commit:
+        tags.update({"git_commit": commit, "git_dirty": str(dirty).lower()})
+    for package in PACKAGES:
+        with contextlib.suppress(metadata.PackageNotFoundError):
+            tags[f"version.{package}"] = metadata.version(package)
+    return tags
+
+
+def _git_state() -> tuple[str | None, bool]:
+    try:
+        commit = subprocess.run(
+            ["git", "rev-parse", "HEAD"], cwd=PROJECT_ROOT, capture_output=True, text=True, check=True
+        ).stdout.strip()
+        status = subprocess.run(
+            ["git", "status", "--porcelain", "--untracked-files=no"],
+            cwd=PROJECT_ROOT,
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout
+    except (OSError, subprocess.CalledProcessError):
+        return None, False
+    return commit, bool(status.strip())

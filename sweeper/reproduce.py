@@ -13,14 +13,13 @@ import sys
 import tempfile
 import time
 from dataclasses import dataclass, field
-from importlib import metadata
 from pathlib import Path
 from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
 from sweeper.config import Config, SweepConfig, register_resolvers
-from sweeper.fingerprint import changed_files, dataset_fingerprint, file_sha256
+from sweeper.fingerprint import PACKAGES, changed_files, code_version, dataset_fingerprint
 from sweeper.validate import ConfigError
 
 COMPARED = ("clip_score", "clip_score_baseline", "train/final_loss", "train/steps_done")
@@ -104,7 +103,6 @@ def build_config(source: Source, overrides: list[str], output_dir: Path) -> Dict
 
 def environment_warnings(source: Source, cfg: DictConfig) -> list[str]:
     """What differs from the original run besides the config: data files, code, packages."""
-    from sweeper.task import PACKAGES, _git_state
     from training.data import scan_dataset
 
     warnings = []
@@ -113,17 +111,14 @@ def environment_warnings(source: Source, cfg: DictConfig) -> list[str]:
         changes = changed_files(source.fingerprint, dataset_fingerprint(scan.records, cfg.data.caption_extension))
         if changes:
             warnings.append("the training data changed since the run: " + "; ".join(changes[:20]))
-    commit, dirty = _git_state()
+    current = code_version()
+    commit = current.get("git_commit")
     if source.tags.get("git_commit") and source.tags["git_commit"] != commit:
         warnings.append(f"code version differs: run used {source.tags['git_commit'][:12]}, this checkout is {commit}")
-    if dirty:
+    if current.get("git_dirty") == "true":
         warnings.append("this checkout has uncommitted changes (git_dirty)")
     for package in PACKAGES:
-        logged = source.tags.get(f"version.{package}")
-        try:
-            installed = metadata.version(package)
-        except metadata.PackageNotFoundError:
-            installed = None
+        logged, installed = source.tags.get(f"version.{package}"), current.get(f"version.{package}")
         if logged and logged != installed:
             warnings.append(f"{package} {installed} is installed; the run used {logged}")
     return warnings
@@ -179,7 +174,7 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as error:
         print(error, file=sys.stderr)
         return 2
-    rows = comparison(source, result.metrics, file_sha256(result.lora_path))
+    rows = comparison(source, result.metrics, result.lora_sha256)
     print(f"\n{'metric':<22}{'original':>20}{'reproduced':>20}{'difference':>14}")
     for name, original, new, diff in rows:
         shown = "identical" if diff == 0.0 and name == "lora_sha256" else f"{diff:.3g}" if diff is not None else "-"

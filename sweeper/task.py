@@ -5,15 +5,12 @@ A single run and every sweep trial call ``run``; a trial only adds its bookkeepi
 
 from __future__ import annotations
 
-import contextlib
 import json
 import re
 import resource
-import subprocess
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from importlib import metadata
 from pathlib import Path
 from typing import Any
 
@@ -23,7 +20,7 @@ from omegaconf import DictConfig, OmegaConf
 from evaluation.clip_score import ClipScorer
 from evaluation.evaluate import EvalResult, evaluate
 from evaluation.sampling import sampling_scheduler
-from sweeper.fingerprint import dataset_fingerprint, file_sha256, fingerprint_digest, training_config
+from sweeper.fingerprint import code_version, dataset_fingerprint, file_sha256, fingerprint_digest, training_config
 from sweeper.tracking import flatten, start_run, ui_command
 from sweeper.validate import validate
 from training.buckets import bucket_table
@@ -33,9 +30,6 @@ from training.lora_file import bundle_embeddings, kohya_metadata, save_lora
 from training.models import RUNTIME_MODEL_KEYS, BaseModel, load_base_model
 from training.network import remove_leftover_adapters, remove_lora
 from training.tag_stats import ss_tag_frequency, tag_frequencies, tag_frequencies_by_folder, tag_table
-
-PROJECT_ROOT = Path(__file__).resolve().parent.parent
-PACKAGES = ("torch", "diffusers", "transformers", "peft", "accelerate", "safetensors", "hydra-core", "optuna", "mlflow")
 
 # (step, clip score) -> True to stop training early; sweeps hook their pruner in here
 EvalReporter = Callable[[int, float], bool]
@@ -49,6 +43,7 @@ class RunResult:
     tracking_uri: str | None
     per_prompt: dict[str, float] = field(default_factory=dict)
     stopped_early: bool = False
+    lora_sha256: str = ""
 
     @property
     def ui_command(self) -> str | None:
@@ -187,10 +182,17 @@ def run(
         tracker.log_image(final.grid, f"samples/final_step_{fit.steps:06d}.png")
         tracker.log_image(baseline.grid, "samples/baseline.png")
         tracker.log_text(_score_table(final, baseline), "eval/clip_scores.tsv")
-        tracker.set_tags({"lora.sha256": file_sha256(lora_path)})
-        _write_run_record(output_dir, tracker.run_id, metrics, lora_path)
+        lora_sha256 = file_sha256(lora_path)
+        tracker.set_tags({"lora.sha256": lora_sha256})
+        _write_run_record(output_dir, tracker.run_id, metrics, lora_path, lora_sha256)
         return RunResult(
-            metrics, lora_path, tracker.run_id, tracker.tracking_uri, per_prompt, stopped_early=fit.stopped_early
+            metrics,
+            lora_path,
+            tracker.run_id,
+            tracker.tracking_uri,
+            per_prompt,
+            stopped_early=fit.stopped_early,
+            lora_sha256=lora_sha256,
         )
 
 
@@ -283,13 +285,15 @@ def _baseline_key(cfg: Any, resolution: int) -> str:
 RUN_RECORD = "run.json"
 
 
-def _write_run_record(output_dir: Path, run_id: str | None, metrics: dict[str, float], lora_path: Path) -> None:
+def _write_run_record(
+    output_dir: Path, run_id: str | None, metrics: dict[str, float], lora_path: Path, lora_sha256: str
+) -> None:
     """The run's id, final metrics and LoRA hash beside its files, so a run folder can be reproduced."""
     record = {
         "mlflow_run_id": run_id,
         "metrics": metrics,
         "lora_file": str(lora_path),
-        "lora_sha256": file_sha256(lora_path),
+        "lora_sha256": lora_sha256,
     }
     output_dir.mkdir(parents=True, exist_ok=True)
     tmp = output_dir / f".{RUN_RECORD}.tmp"
@@ -298,31 +302,7 @@ def _write_run_record(output_dir: Path, run_id: str | None, metrics: dict[str, f
 
 
 def _run_tags(cfg: Any) -> dict[str, str]:
-    tags = {"seed": str(cfg.train.seed), "test_seed": str(cfg.eval.test_seed)}
-    commit, dirty = _git_state()
-    if commit:
-        tags.update({"git_commit": commit, "git_dirty": str(dirty).lower()})
-    for package in PACKAGES:
-        with contextlib.suppress(metadata.PackageNotFoundError):
-            tags[f"version.{package}"] = metadata.version(package)
-    return tags
-
-
-def _git_state() -> tuple[str | None, bool]:
-    try:
-        commit = subprocess.run(
-            ["git", "rev-parse", "HEAD"], cwd=PROJECT_ROOT, capture_output=True, text=True, check=True
-        ).stdout.strip()
-        status = subprocess.run(
-            ["git", "status", "--porcelain", "--untracked-files=no"],
-            cwd=PROJECT_ROOT,
-            capture_output=True,
-            text=True,
-            check=True,
-        ).stdout
-    except (OSError, subprocess.CalledProcessError):
-        return None, False
-    return commit, bool(status.strip())
+    return {"seed": str(cfg.train.seed), "test_seed": str(cfg.eval.test_seed), **code_version()}
 
 
 def _peak_memory_mb(device: torch.device) -> float:

@@ -19,6 +19,7 @@ from training.latent_cache import incompatible_with_cache
 from training.lora_file import init_weights_problems, output_problems
 from training.models import model_problems
 from training.optim import optimizer_problems, scheduler_problems
+from training.text_encoding import max_token_length_problem
 
 PRECISIONS = ("fp32", "fp16", "bf16", "auto")
 
@@ -161,8 +162,8 @@ def _loss_problems(train: Any) -> list[str]:
 def _data_problems(cfg: Any) -> list[str]:
     data, bucket = cfg.data, cfg.bucket
     problems = []
-    if data.max_token_length not in (75, 150, 225):
-        problems.append(f"data.max_token_length must be 75, 150 or 225 (got {data.max_token_length})")
+    if problem := max_token_length_problem(data.max_token_length):
+        problems.append(problem)
     if data.keep_tokens < 0:
         problems.append(f"data.keep_tokens must be >= 0 (got {data.keep_tokens})")
     if data.prior_loss_weight < 0:

@@ -209,6 +209,7 @@ class Trainer:
         self.lr_schedule = build_lr_scheduler(optimizer, cfg.scheduler, self.total_steps)
         self.optimizer = self.accelerator.prepare(optimizer)  # the schedule counts real optimizer steps itself
         scheduler_config = base.noise_scheduler.config
+        self.alphas_cumprod = base.noise_scheduler.alphas_cumprod.to(self.device)  # for min-SNR, once
         self.timesteps = timestep_bounds(
             scheduler_config.num_train_timesteps,
             list(train.denoise_range) if train.denoise_range is not None else None,
@@ -390,9 +391,8 @@ class Trainer:
         weights = torch.ones_like(per_sample)
         if cfg.train.min_snr_gamma is not None:
             # Min-SNR weighting (Hang et al. 2023, arXiv:2303.09556)
-            alphas = base.noise_scheduler.alphas_cumprod.to(self.device)
             weights = weights * min_snr_weights(
-                timesteps, alphas, cfg.train.min_snr_gamma, scheduler_config.prediction_type
+                timesteps, self.alphas_cumprod, cfg.train.min_snr_gamma, scheduler_config.prediction_type
             )
         if "is_reg" in batch and any(batch["is_reg"]):
             is_reg = torch.tensor(batch["is_reg"], device=self.device)
@@ -412,7 +412,7 @@ class Trainer:
             shuffle_tags=data.shuffle_tags,
             trigger_word=data.trigger_word,
         )
-        return self.embedding.expand(text) if self.embedding is not None else text
+        return self.prompt(text)
 
     def encode_prompt(self, prompt: str, negative_prompt: str | None) -> tuple[torch.Tensor, torch.Tensor]:
         """Evaluation conditioning exactly as training encodes captions (clip skip, long prompts)."""

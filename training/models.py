@@ -130,12 +130,6 @@ def model_problems(model_cfg: Any) -> list[str]:
     return problems
 
 
-def model_location_problem(model_cfg: Any) -> str | None:
-    """``model_problems`` as one message (None if fine), for callers that take a single problem."""
-    problems = model_problems(model_cfg)
-    return "; ".join(problems) if problems else None
-
-
 def _path_problems(model_cfg: Any) -> list[str]:
     path = model_cfg.path
     if not path:

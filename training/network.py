@@ -139,13 +139,11 @@ def add_lora(unet: torch.nn.Module, text_encoder: torch.nn.Module, network_cfg: 
 
 def remove_lora(network: LoraNetwork) -> None:
     """Take the adapters out again so the base model can serve another trial untouched."""
-    for model, adapted in ((network.unet, network.trains_unet), (network.text_encoder, network.trains_text_encoder)):
-        if adapted:
-            model.delete_adapters(ADAPTER) if hasattr(model, "delete_adapters") else model.delete_adapter(ADAPTER)
+    remove_leftover_adapters(network.unet, network.text_encoder)
 
 
 def remove_leftover_adapters(*models: torch.nn.Module) -> None:
-    """Delete any adapter still attached (a run that crashed between add_lora and its clean-up)."""
+    """Delete every adapter still attached (also after a run that crashed before its clean-up)."""
     for model in models:
         names = list(getattr(model, "peft_config", {}) or {})
         if names:

@@ -103,7 +103,7 @@ class OptunaSweep:
         summary = SweepSummary(study, space, objectives, directions, sampler_name, storage_url)
         print(
             f"Sweep '{study_name}': {sampler_name} sampler, pruner {options.pruner}, "
-            f"storage {redact_password(storage_url)}, {self._remaining(study, space)} trial(s) to run"
+            f"storage {redact_password(storage_url)}, {self._remaining(study, space, sampler_name)} trial(s) to run"
         )
         returns: list[JobReturn] = []
         with start_run(
@@ -116,7 +116,7 @@ class OptunaSweep:
             parent.set_tags(summary.parent_tags(options))
             progress = SweepProgress()
             try:
-                while self._remaining(study, space) > 0:
+                while self._remaining(study, space, sampler_name) > 0:
                     returns.append(self._run_trial(study, space, objectives, storage_url, parent.run_id, progress))
                     self._check_failure_rate(progress)
             finally:
@@ -126,10 +126,10 @@ class OptunaSweep:
                     print(f"MLflow parent run: {parent.run_id}\nMLflow UI: {ui_command(parent.tracking_uri)}")
         return returns
 
-    def _remaining(self, study: optuna.Study, space: SearchSpace) -> int:
+    def _remaining(self, study: optuna.Study, space: SearchSpace, sampler_name: str) -> int:
         """Trials still to run: unvisited grid points, or n_trials minus the finished ones."""
         trials = study.get_trials(deepcopy=False)
-        if resolve_sampler_name(self.options, space) == "grid":
+        if sampler_name == "grid":
             taken = [t for t in trials if t.state.is_finished() or t.state == TrialState.RUNNING]
             seen = {_grid_point(t.params, space) for t in taken}
             return space.grid_size - len(seen & _all_grid_points(space))
