@@ -27,10 +27,12 @@ from PIL import Image, ImageDraw
 from transformers import CLIPTextConfig, CLIPTextModel
 
 from sweeper.config import Config
+from training.compile import configure_compile
 from training.data import scan_dataset
 from training.loop import Trainer
 from training.models import BaseModel
 from training.network import remove_lora
+from training.text_cache import clear_text_caches
 from training.tokenizer import build_word_tokenizer
 
 # --- the SD1.5 architecture (runwayml/stable-diffusion-v1-5 configs)
@@ -139,7 +141,19 @@ class StepClock:
             self.times[step] = time.perf_counter()
 
 
-def config(data_dir: Path, out_dir: Path, *, batch: int, rank: int, cache: str, steps: int, warmup: int):
+def config(
+    data_dir: Path,
+    out_dir: Path,
+    *,
+    batch: int,
+    rank: int,
+    cache: str,
+    steps: int,
+    warmup: int,
+    text_cache: bool = False,
+    compile_kind: str = "none",
+    compile_mode: str = "default",
+):
     cfg = OmegaConf.merge(
         OmegaConf.structured(Config),
         OmegaConf.create(
@@ -151,10 +165,16 @@ def config(data_dir: Path, out_dir: Path, *, batch: int, rank: int, cache: str, 
                 "precision": {"mixed": "bf16"},
                 "bucket": {"resolution": 512},
                 "dropout": {},
-                "data": {"train_dir": str(data_dir), "cache_latents": cache},
+                "data": {"train_dir": str(data_dir), "cache_latents": cache, "cache_text_embeddings": text_cache},
                 "eval": {"prompts": ["a red circle"]},
                 "tracking": {"enabled": False},
-                "train": {"max_steps": warmup + steps, "batch_size": batch, "log_every_n_steps": warmup},
+                "train": {
+                    "max_steps": warmup + steps,
+                    "batch_size": batch,
+                    "log_every_n_steps": warmup,
+                    "compile": compile_kind,
+                    "compile_mode": compile_mode,
+                },
                 "output": {"dir": str(out_dir)},
             }
         ),
@@ -191,6 +211,7 @@ def count_flops(trainer: Trainer) -> float:
     """FLOPs of one training micro-step (forward + backward of the whole loss) per image."""
     from torch.utils.flop_counter import FlopCounterMode
 
+    configure_compile(trainer.base.unet, "none", "default")  # count the eager operators
     trainer.position.epoch = 1
     batch = next(iter(trainer.loader))
     with FlopCounterMode(display=False) as counter:
@@ -223,26 +244,46 @@ def main() -> None:
     data_dir = synthetic_dataset(tmp / "data", args.images, resolution)
     records = scan_dataset(data_dir).records
 
-    grid = [  # (batch, rank, cache_latents, data workers)
-        (1, 4, "none", 0),
-        (4, 4, "none", 0),
-        (4, 4, "memory", 0),
-        (16, 4, "memory", 0),
-        (32, 4, "memory", 0),
-        (1, 32, "none", 0),
-        (4, 32, "none", 0),
-        (1, 4, "memory", 0),
-        (1, 4, "memory", 4),
-        (4, 4, "memory", 4),
+    # (batch, rank, cache_latents, data workers, text cache, compile, compile mode): each optimisation
+    # next to the row without it, in this one invocation
+    grid = [
+        (1, 4, "memory", 0, False, "none", "default"),
+        (1, 4, "memory", 0, True, "none", "default"),
+        (1, 4, "memory", 0, True, "blocks", "default"),
+        (1, 4, "memory", 0, True, "blocks", "reduce-overhead"),
+        (4, 4, "memory", 0, False, "none", "default"),
+        (4, 4, "memory", 0, True, "none", "default"),
+        (4, 4, "memory", 4, True, "none", "default"),
+        (4, 4, "memory", 4, True, "blocks", "default"),
+        (4, 4, "memory", 4, True, "blocks", "reduce-overhead"),
+        (32, 4, "memory", 4, False, "none", "default"),
+        (32, 4, "memory", 4, True, "none", "default"),
+        (32, 4, "memory", 4, True, "blocks", "default"),
+        (1, 32, "memory", 0, True, "blocks", "default"),
+        (4, 32, "memory", 4, True, "blocks", "default"),
+        (4, 4, "none", 4, True, "blocks", "default"),
     ]
     if args.quick:
         grid = grid[:3]
     if args.split_only:
         grid = []
     rows = []
-    for batch, rank, cache, workers in grid:
-        warmup = math.ceil(args.images / batch) + 3  # the first epoch fills the latent cache
-        cfg = config(data_dir, tmp / "out", batch=batch, rank=rank, cache=cache, steps=args.steps, warmup=warmup)
+    for batch, rank, cache, workers, text_cache, compile_kind, compile_mode in grid:
+        warmup = math.ceil(args.images / batch) + 3  # the first epoch fills the caches (and compiles)
+        cfg = config(
+            data_dir,
+            tmp / "out",
+            batch=batch,
+            rank=rank,
+            cache=cache,
+            steps=args.steps,
+            warmup=warmup,
+            text_cache=text_cache,
+            compile_kind=compile_kind,
+            compile_mode=compile_mode,
+        )
+        torch._dynamo.reset()  # each configuration compiles from scratch, as a fresh run would
+        clear_text_caches()
         cfg.bucket.resolution = resolution
         cfg.data.num_workers = workers
         cfg.data.persistent_workers = workers > 0
@@ -252,6 +293,14 @@ def main() -> None:
             torch.cuda.reset_peak_memory_stats()
         clock = StepClock()
         trainer = Trainer(cfg, base, records, clock)
+        setting = {
+            "batch": batch,
+            "rank": rank,
+            "cache_latents": cache,
+            "workers": workers,
+            "text_cache": text_cache,
+            "compile": compile_kind if compile_kind == "none" else f"{compile_kind}/{compile_mode}",
+        }
         try:
             started = time.perf_counter()
             trainer.fit(show_progress=False)
@@ -262,22 +311,21 @@ def main() -> None:
             memory = torch.cuda.max_memory_allocated() / 2**30 if cuda else float("nan")
             flops = count_flops(trainer)  # after training: a filled latent cache is not counted
             row = {
-                "batch": batch,
-                "rank": rank,
-                "cache_latents": cache,
-                "workers": workers,
+                **setting,
                 "images_per_s": rate,
                 "steps_per_s": args.steps / seconds,
                 "peak_gib": memory,
                 "tflop_per_image": flops / 1e12,
                 "mfu": flops * rate / (peak * 1e12),
                 "warmup_steps": warmup,
+                "warmup_seconds": clock.times[warmup] - started,  # includes compilation
                 "run_seconds": total,
             }
-        except torch.cuda.OutOfMemoryError as error:
-            row = {"batch": batch, "rank": rank, "cache_latents": cache, "workers": workers, "error": f"OOM: {error}"}
+        except Exception as error:  # an OOM or a compile failure ends this row, not the benchmark
+            row = {**setting, "error": f"{type(error).__name__}: {str(error)[:300]}"}
         finally:
             remove_lora(trainer.network)
+            configure_compile(base.unet, "none", "default")
             del trainer
         rows.append(row)
         print(json.dumps(row), flush=True)
@@ -302,15 +350,20 @@ def main() -> None:
         "timed_steps": args.steps,
     }
     (out / "results.json").write_text(json.dumps(result, indent=2))
-    print("\n| batch | rank | cache | workers | images/s | it/s | peak GiB | TFLOP/img | MFU |")
-    print("|---|---|---|---|---|---|---|---|---|")
+    header = "| batch | rank | latents | workers | text cache | compile | img/s | it/s | peak GiB | MFU | warmup s |"
+    print("\n" + header)
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
+        head = (
+            f"| {r['batch']} | {r['rank']} | {r['cache_latents']} | {r['workers']} | "
+            f"{'on' if r['text_cache'] else 'off'} | {r['compile']} |"
+        )
         if "error" in r:
-            print(f"| {r['batch']} | {r['rank']} | {r['cache_latents']} | {r['workers']} | {r['error'][:40]} | | | | |")
+            print(f"{head} {r['error'][:60]} | | | | |")
         else:
             print(
-                f"| {r['batch']} | {r['rank']} | {r['cache_latents']} | {r['workers']} | {r['images_per_s']:.1f} | "
-                f"{r['steps_per_s']:.1f} | {r['peak_gib']:.1f} | {r['tflop_per_image']:.2f} | {r['mfu']:.1%} |"
+                f"{head} {r['images_per_s']:.1f} | {r['steps_per_s']:.1f} | {r['peak_gib']:.1f} | "
+                f"{r['mfu']:.1%} | {r['warmup_seconds']:.0f} |"
             )
 
 

@@ -131,6 +131,7 @@ class DataConfig:
     color_aug: bool = False
     random_crop: bool = False  # random instead of center crop to the resolution
     cache_latents: str = "none"  # none | memory | disk
+    cache_text_embeddings: bool = True  # encode each distinct caption once (skipped while the text encoder trains)
     num_workers: int = 0
     persistent_workers: bool = False
     tag_stats: str | None = None  # count | alpha: tag-frequency table artifact + ss_tag_frequency
@@ -173,6 +174,8 @@ class TrainConfig:
     save_every_n_epochs: int = 0
     save_state: bool = False  # also save the full training state (resumable) with each save
     resume: str | None = None  # a saved state folder to continue from exactly
+    compile: str = "none"  # none | blocks (torch.compile the UNet's repeated transformer blocks)
+    compile_mode: str = "default"  # torch.compile mode: default | reduce-overhead | max-autotune-no-cudagraphs
 
 
 @dataclass

@@ -14,6 +14,7 @@ import torch
 from evaluation.sampling import SAMPLERS
 from training.buckets import bucket_problems, resolve_bucket_settings
 from training.checkpoint import resume_problem
+from training.compile import compile_problems
 from training.data import DatasetScan, scan_dataset
 from training.latent_cache import incompatible_with_cache
 from training.lora_file import init_weights_problems, output_problems
@@ -56,6 +57,7 @@ def validate(cfg: Any) -> Validated:
     problems += output_problems(cfg.output)
     problems += init_weights_problems(cfg.network, allow_pickle=cfg.output.allow_pickle)
     problems += incompatible_with_cache(cfg.data)
+    problems += compile_problems(cfg.train.compile, cfg.train.compile_mode)
     scan = scan_dataset(cfg.data.train_dir, cfg.data.caption_extension, cfg.data.on_bad_image)
     problems += scan.problems
     regularisation = None

@@ -27,6 +27,7 @@ from training.buckets import BucketBatchSampler, generate_buckets, resolve_bucke
 from training.cache import default_cache_root
 from training.captions import transform_caption
 from training.checkpoint import TrainingState, load_training_state
+from training.compile import configure_compile
 from training.data import CaptionedImageDataset, ImageRecord, collate_captioned, match_reg_records
 from training.embedding import TrainedEmbedding, add_embedding
 from training.latent_cache import LatentStore, batch_latent_keys, cached_latent_params, model_fingerprint
@@ -35,6 +36,7 @@ from training.models import BaseModel
 from training.network import LoraNetwork, add_lora
 from training.noise import min_snr_weights, offset_noise, sample_timesteps, timestep_bounds
 from training.optim import build_lr_scheduler, build_optimizer
+from training.text_cache import TextEmbeddingCache, shared_text_cache, text_cache_key
 from training.text_encoding import encode_prompt_pair, encode_prompts
 
 
@@ -145,6 +147,8 @@ class Trainer:
             enabled=cfg.model.gradient_checkpointing,
             train_text_encoder=self.network.trains_text_encoder,
         )
+        # after the LoRA layers exist, so the compiled blocks contain them
+        configure_compile(base.unet, train.compile, train.compile_mode)
         if cfg.network.init_weights:
             self.init_report = apply_init_weights(
                 self.network, cfg.network.init_weights, allow_pickle=cfg.output.allow_pickle
@@ -179,6 +183,19 @@ class Trainer:
             # "memory" names an in-process store, so the trials of a sweep in one worker share it
             self.latent_store = LatentStore(cfg.data.cache_latents, default_cache_root() / "latents")
             self.latent_fingerprint = model_fingerprint(base.identity, self.weight_dtype)
+        self.text_cache: TextEmbeddingCache | None = None
+        # exact only while the text encoder is the base model's own: no text-encoder LoRA, no new embedding
+        if cfg.data.cache_text_embeddings and self.embedding is None and not self.network.trains_text_encoder:
+            self.text_cache = shared_text_cache(
+                text_cache_key(
+                    base.identity,
+                    dtype=self.weight_dtype,
+                    mixed=self.accelerator.mixed_precision,
+                    device=self.device,
+                    clip_skip=cfg.model.clip_skip,
+                    max_token_length=cfg.data.max_token_length,
+                )
+            )
         self.order_rng = torch.Generator().manual_seed(train.seed)
         self.batches = BucketBatchSampler(
             self.dataset.sample_buckets(), train.batch_size, generator=self.order_rng, drop_last=True
@@ -368,14 +385,7 @@ class Trainer:
                 distribution = DiagonalGaussianDistribution(parameters)
             latents = distribution.sample(generator=rng) * base.vae.config.scaling_factor
         with torch.set_grad_enabled(self._text_encoder_trains()), self.accelerator.autocast(), stage("text_encoder"):
-            hidden = encode_prompts(
-                base.tokenizer,
-                base.text_encoder,
-                captions,
-                self.device,
-                clip_skip=cfg.model.clip_skip,
-                max_token_length=cfg.data.max_token_length,
-            )
+            hidden = self._encode_captions(captions)
         # offset noise (Guttenberg 2023, "Diffusion with Offset Noise")
         noise = offset_noise(latents.shape, cfg.train.noise_offset, rng, self.device, latents.dtype)
         timesteps = sample_timesteps(latents.shape[0], *self.timesteps, rng, self.device)
@@ -398,6 +408,22 @@ class Trainer:
             is_reg = torch.tensor(batch["is_reg"], device=self.device)
             weights = torch.where(is_reg, weights * cfg.data.prior_loss_weight, weights)
         return (per_sample * weights).mean()
+
+    def _encode_captions(self, captions: list[str]) -> torch.Tensor:
+        """The UNet's conditioning for ``captions``, from the text-embedding cache when it is on."""
+        cfg = self.cfg
+
+        def encode(texts: list[str]) -> torch.Tensor:
+            return encode_prompts(
+                self.base.tokenizer,
+                self.base.text_encoder,
+                texts,
+                self.device,
+                clip_skip=cfg.model.clip_skip,
+                max_token_length=cfg.data.max_token_length,
+            )
+
+        return encode(captions) if self.text_cache is None else self.text_cache.encode(captions, encode)
 
     def _caption(self, caption: str) -> str:
         data, dropout = self.cfg.data, self.cfg.dropout

@@ -1,0 +1,111 @@
+"""The GPU speed paths change time, not results: the text-embedding cache and compiled blocks."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from sweeper.tracking import NullTracker
+from sweeper.validate import ConfigError, validate
+from training.compile import configure_compile, repeated_blocks
+from training.data import scan_dataset
+from training.loop import Trainer
+from training.models import load_base_model
+from training.network import add_lora, remove_lora
+from training.text_cache import TextEmbeddingCache, clear_text_caches
+from training.tiny_model import build_tiny_pipeline
+
+
+def losses_of(cfg) -> tuple[list[float], Trainer]:
+    base = load_base_model(cfg.model)
+    trainer = Trainer(cfg, base, scan_dataset(cfg.data.train_dir).records, NullTracker())
+    try:
+        return trainer.fit(show_progress=False).losses, trainer
+    finally:
+        remove_lora(trainer.network)
+
+
+# --- text-embedding cache
+def test_cache_encodes_each_distinct_caption_once_and_keeps_order():
+    calls: list[list[str]] = []
+
+    def encoder(texts: list[str]) -> torch.Tensor:
+        calls.append(list(texts))
+        return torch.stack([torch.full((3, 2), float(len(t))) for t in texts])
+
+    cache = TextEmbeddingCache(max_entries=10)
+    first = cache.encode(["aa", "b", "aa"], encoder)
+    second = cache.encode(["b", "cccc"], encoder)
+    assert calls == [["aa", "b"], ["cccc"]]
+    assert first[:, 0, 0].tolist() == [2.0, 1.0, 2.0] and second[:, 0, 0].tolist() == [1.0, 4.0]
+    assert (cache.hits, cache.misses) == (2, 3)
+
+
+def test_cache_evicts_least_recently_used_first():
+    cache = TextEmbeddingCache(max_entries=2)
+
+    def encoder(texts):
+        return torch.zeros(len(texts), 1, 1)
+
+    cache.encode(["a"], encoder)
+    cache.encode(["b"], encoder)
+    cache.encode(["a"], encoder)  # a is now the most recent
+    cache.encode(["c"], encoder)  # evicts b
+    assert len(cache) == 2
+    cache.encode(["a"], encoder)
+    assert cache.misses == 3  # a was still cached; b and c were not asked for again
+
+
+def test_cached_text_embeddings_give_the_same_losses(make_cfg):
+    clear_text_caches()
+    common = ("train.max_steps=12", "data.shuffle_tags=true", "dropout.caption_rate=0.2")
+    cached, trainer = losses_of(make_cfg(*common, "data.cache_text_embeddings=true"))
+    assert trainer.text_cache is not None and trainer.text_cache.hits > 0
+    plain, trainer = losses_of(make_cfg(*common, "data.cache_text_embeddings=false"))
+    assert trainer.text_cache is None
+    torch.testing.assert_close(torch.tensor(cached), torch.tensor(plain), rtol=1e-5, atol=1e-6)
+
+
+def test_text_cache_is_off_while_the_text_encoder_trains(make_cfg):
+    _, trainer = losses_of(make_cfg("train.max_steps=1", "network.train_text_encoder=true"))
+    assert trainer.text_cache is None
+
+
+# --- compiled blocks
+def lora_gradients(unet: torch.nn.Module, call: torch.nn.Module) -> dict[str, torch.Tensor]:
+    generator = torch.Generator().manual_seed(0)
+    sample = torch.randn(2, 4, 16, 16, generator=generator)
+    context = torch.randn(2, 77, 32, generator=generator)
+    unet.zero_grad(set_to_none=True)
+    call(sample, torch.tensor([10, 600]), context).sample.pow(2).mean().backward()
+    return {n: p.grad.clone() for n, p in unet.named_parameters() if p.requires_grad}
+
+
+@pytest.mark.slow
+def test_compiled_blocks_give_the_eager_gradients(make_cfg):
+    """Compile time on 2 CPU cores is the slow part; the check itself is one forward + backward."""
+    pipe = build_tiny_pipeline()
+    unet = pipe.unet.requires_grad_(False)
+    add_lora(unet, pipe.text_encoder, make_cfg().network, 1e-3)
+    with torch.no_grad():  # lora_B starts at zero: give every LoRA tensor a gradient to compare
+        for name, param in unet.named_parameters():
+            if "lora_B" in name:
+                param.normal_(0, 0.1, generator=torch.Generator().manual_seed(1))
+    eager = lora_gradients(unet, unet)
+
+    assert configure_compile(unet, "blocks", "default") == len(repeated_blocks(unet)) > 0
+    compiled = lora_gradients(unet, unet)
+    assert all(block._compiled_call_impl is not None for block in repeated_blocks(unet))
+    assert eager.keys() == compiled.keys() and len(eager) > 0
+    for name in eager:
+        torch.testing.assert_close(compiled[name], eager[name], rtol=1e-4, atol=1e-6, msg=name)
+
+    configure_compile(unet, "none", "default")  # the next trial of a worker runs eagerly again
+    assert all(block._compiled_call_impl is None for block in repeated_blocks(unet))
+
+
+def test_unknown_compile_settings_fail_validation(make_cfg):
+    with pytest.raises(ConfigError) as error:
+        validate(make_cfg("train.compile=whole", "train.compile_mode=fast"))
+    assert "train.compile must be one of none, blocks" in str(error.value)
+    assert "train.compile_mode must be one of" in str(error.value)
