@@ -229,6 +229,8 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="only the first three configurations")
     parser.add_argument("--tiny", action="store_true", help="the tiny model instead (a smoke run, CPU or GPU)")
     parser.add_argument("--split-only", action="store_true", help="only the per-stage time split")
+    parser.add_argument("--no-split", action="store_true", help="skip the per-stage time split")
+    parser.add_argument("--rows", default="", help="comma-separated grid row numbers to run (default: all)")
     args = parser.parse_args()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -265,8 +267,19 @@ def main() -> None:
     ]
     if args.quick:
         grid = grid[:3]
+    if args.rows:
+        grid = [grid[int(i)] for i in args.rows.split(",")]
     if args.split_only:
         grid = []
+    result = {
+        "device": device + (" (tiny model)" if args.tiny else ""),
+        "torch": torch.__version__,
+        "matmul_peak_tflops": peak,
+        "date": time.strftime("%Y-%m-%d"),
+        "timed_steps": args.steps,
+        "rows": [],
+        "time_split_ms": {},
+    }
     rows = []
     for batch, rank, cache, workers, text_cache, compile_kind, compile_mode in grid:
         warmup = math.ceil(args.images / batch) + 3  # the first epoch fills the caches (and compiles)
@@ -328,27 +341,18 @@ def main() -> None:
             configure_compile(base.unet, "none", "default")
             del trainer
         rows.append(row)
+        result["rows"] = rows
+        (out / "results.json").write_text(json.dumps(result, indent=2))  # after each row: a timeout keeps them
         print(json.dumps(row), flush=True)
 
-    splits = {}
-    for batch, cache in ((1, "memory"), (4, "memory"), (4, "none")):
-        cfg = config(data_dir, tmp / "out", batch=batch, rank=4, cache=cache, steps=8, warmup=1)
+    splits = result["time_split_ms"]
+    for batch, cache in () if args.no_split else ((1, "memory"), (4, "memory"), (4, "none")):
+        cfg = config(data_dir, tmp / "out", batch=batch, rank=4, cache=cache, steps=8, warmup=1, text_cache=True)
         cfg.bucket.resolution = resolution
         cfg.precision.mixed = "bf16" if cuda else "fp32"
         split = time_split(cfg, base, records)
         splits[f"batch{batch}-{cache}"] = split
         print("time split (host ms per step)", batch, cache, json.dumps({k: round(v, 2) for k, v in split.items()}))
-    if args.tiny:
-        device += " (tiny model)"
-    result = {
-        "device": device,
-        "time_split_ms": splits,
-        "torch": torch.__version__,
-        "matmul_peak_tflops": peak,
-        "rows": rows,
-        "date": time.strftime("%Y-%m-%d"),
-        "timed_steps": args.steps,
-    }
     (out / "results.json").write_text(json.dumps(result, indent=2))
     header = "| batch | rank | latents | workers | text cache | compile | img/s | it/s | peak GiB | MFU | warmup s |"
     print("\n" + header)
