@@ -15,10 +15,13 @@ from PIL import Image
 from transformers import CLIPModel, CLIPProcessor
 
 from evaluation.tiny_clip import ensure_tiny_clip
+from training.toy.shipped import shipped_folder
 
 TINY = "tiny"
+TOY = "toy"
 _FIX = (
-    "Set eval.clip_model to 'tiny' (a small random CLIP built offline, for smoke tests), to a local "
+    "Set eval.clip_model to 'toy' (the toy world's trained CLIP, shipped with the project), 'tiny' (a "
+    "small random CLIP built offline, for smoke tests), to a local "
     "folder written by CLIPModel.save_pretrained (with its CLIPProcessor), or to a hub id such as "
     "'openai/clip-vit-large-patch14' that is already in the Hugging Face cache or can be downloaded "
     "(not with HF_HUB_OFFLINE=1)."
@@ -67,7 +70,7 @@ class ClipScorer:
         self.source = model
         self.device = torch.device(device)
         self.batch_size = batch_size
-        path = ensure_tiny_clip(cache_root) if model == TINY else model
+        path = clip_location(model, cache_root)
         self.model, self.processor = _load(path, model)
         self.model.to(self.device).eval()
         tokenizer_max = self.processor.tokenizer.model_max_length or 0
@@ -105,6 +108,15 @@ class ClipScorer:
             text_embeds = self.embed_texts(prompts[start:stop])
             scores.append(clip_score_from_embeddings(image_embeds, text_embeds).cpu())
         return torch.cat(scores) if scores else torch.empty(0)
+
+
+def clip_location(model: str, cache_root: Path | None = None) -> str | Path:
+    """The folder or hub id behind ``eval.clip_model`` (the names toy and tiny are built in)."""
+    if model == TOY:
+        return shipped_folder("clip")
+    if model == TINY:
+        return ensure_tiny_clip(cache_root)
+    return model
 
 
 def _load(path: str | Path, name: str) -> tuple[CLIPModel, CLIPProcessor]:

@@ -19,9 +19,10 @@ PROJECT_ROOT = Path(__file__).resolve().parent.parent
 
 @dataclass
 class ModelConfig:
-    """Base model: ``tiny`` (built in code, cached) or a ``diffusers`` folder / file / hub id."""
+    """Base model: ``toy`` (the shipped toy-world model), ``tiny`` (random, built in code, cached) or a
+    ``diffusers`` folder / file / hub id."""
 
-    source: str = "tiny"  # tiny | diffusers
+    source: str = "toy"  # toy | tiny | diffusers
     path: str | None = None  # diffusers folder, single-file .safetensors checkpoint, or hub id (online)
     config_dir: str | None = None  # a local diffusers config folder for a single-file checkpoint (offline)
     revision: str | None = None  # hub revision (branch, tag or commit)
@@ -60,7 +61,10 @@ class NetworkConfig:
     text_encoder_lr: float | None = None  # falls back to optimizer.lr; 0 freezes it
     max_norm: float | None = None  # rescale modules whose |up.down.scale| exceeds it, after each step
     init_weights: str | None = None  # start from an existing LoRA file (ours or kohya's); weights only
-    unet_targets: list[str] = field(default_factory=lambda: ["to_q", "to_k", "to_v", "to_out.0"])
+    # kohya's default LoRA: every linear (and 1x1 conv) of the transformer blocks: attention, proj_in/out, feed-forward
+    unet_targets: list[str] = field(
+        default_factory=lambda: ["to_q", "to_k", "to_v", "to_out.0", "proj_in", "proj_out", "ff.net.0.proj", "ff.net.2"]
+    )
     text_encoder_targets: list[str] = field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "out_proj"])
     embedding: EmbeddingConfig = field(default_factory=EmbeddingConfig)
 
@@ -145,7 +149,7 @@ class EvalConfig:
     num_inference_steps: int = 20
     guidance_scale: float = 7.5
     sampler: str = "ddim"  # ddim | euler | dpm++ | ddpm
-    clip_model: str = "tiny"  # tiny, a local CLIP folder, or a hub id
+    clip_model: str = "toy"  # toy (shipped, trained), tiny (random, smoke tests), a local CLIP folder, or a hub id
     every_n_steps: int = 0  # periodic evaluation during training; 0 = only at the end
 
 

@@ -9,23 +9,15 @@ import json
 import subprocess
 from collections.abc import Iterable
 from importlib import metadata
-from pathlib import Path
 from typing import Any
 
 from sweeper.config import PROJECT_ROOT
+from training.cache import file_sha256
 from training.data import ImageRecord
 
 PACKAGES = ("torch", "diffusers", "transformers", "peft", "accelerate", "safetensors", "hydra-core", "optuna", "mlflow")
 # keys of the resolved config that say where a run was written or tracked, not what it trained
 WHERE_KEYS = ("output.dir", "tracking", "sweep")
-
-
-def file_sha256(path: str | Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def dataset_fingerprint(records: Iterable[ImageRecord], caption_extension: str) -> dict[str, dict[str, Any]]:

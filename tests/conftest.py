@@ -19,8 +19,11 @@ from sweeper.config import register_configs, register_resolvers
 REPO = Path(__file__).resolve().parents[1]
 CONF_DIR = REPO / "conf"
 
-# Small but real: enough steps for the loss to move, few sampling steps.
+# Small but real: enough steps for the loss to move, few sampling steps. Unit tests use the random
+# tiny model and tiny CLIP (fast, built in code); the toy world's own tests use model=toy explicitly.
 FAST = [
+    "model=tiny",
+    "eval.clip_model=tiny",
     "train.max_steps=20",
     "train.batch_size=2",
     "eval.num_inference_steps=2",

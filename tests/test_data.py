@@ -21,6 +21,7 @@ from training.data import (
     match_reg_records,
     scan_dataset,
 )
+from training.toy.world import HELD_OUT_SHAPE, render, scenes, sentence_caption
 
 REPO = Path(__file__).resolve().parents[1]
 SCRIPT = REPO / "scripts" / "make_sample_dataset.py"
@@ -567,22 +568,6 @@ def test_crop_mode_describes_the_pixels(tmp_path):
 
 # --- the sample dataset script
 
-NAMED_COLOURS = {
-    "red": (255, 0, 0),
-    "green": (0, 255, 0),
-    "blue": (0, 0, 255),
-    "yellow": (255, 255, 0),
-    "white": (255, 255, 255),
-    "black": (0, 0, 0),
-}
-
-
-def nearest_colour_name(rgb) -> str:
-    def distance(name: str) -> int:
-        return sum((int(a) - b) ** 2 for a, b in zip(rgb, NAMED_COLOURS[name], strict=True))
-
-    return min(NAMED_COLOURS, key=distance)
-
 
 def run_script(out: Path, *args: str) -> None:
     subprocess.run([sys.executable, str(SCRIPT), "--out", str(out), *args], check=True, capture_output=True)
@@ -616,42 +601,18 @@ def test_sample_dataset_is_small_and_scans_cleanly(tmp_path):
     assert all(r.caption for r in scan.records)
 
 
-ALLOWED_WORDS = {
-    *("a", "small", "large", "on", "background"),
-    *("red", "green", "blue", "yellow", "white", "black"),
-    *("circle", "square", "triangle"),
-}
-
-
-def test_sample_captions_describe_their_images(tmp_path):
+def test_sample_is_the_held_out_concept_with_world_captions(tmp_path):
+    """Every sample image is the toy world's rendering of a star scene, captioned as the world says."""
     run_script(tmp_path)
-    scan = scan_dataset(tmp_path)
-    shapes_seen = set()
-    for record in scan.records:
-        words = record.caption.split()
-        assert set(words) <= ALLOWED_WORDS, record.caption
-        # "a <size> <colour> <shape> on a <background> background"
-        size, colour, shape, background = words[1], words[2], words[3], words[6]
-        shapes_seen.add(shape)
-
+    records = sorted(scan_dataset(tmp_path).records, key=lambda r: r.path)
+    expected = scenes(0, len(records), shapes=[HELD_OUT_SHAPE])
+    assert len(records) == 16
+    for record, scene in zip(records, expected, strict=True):
+        assert scene.shape == HELD_OUT_SHAPE
+        assert record.caption == sentence_caption(scene)
         with Image.open(record.path) as image:
             assert image.mode == "RGB" and image.size == (64, 64)
-            pixels = np.asarray(image).astype(int)
-        assert nearest_colour_name(pixels[0, 0]) == background
-        assert nearest_colour_name(pixels[-1, -1]) == background
-
-        mask = np.any(pixels != pixels[0, 0], axis=2)
-        ys, xs = np.nonzero(mask)
-        cy, cx = round(ys.mean()), round(xs.mean())
-        assert nearest_colour_name(pixels[cy, cx]) == colour, record.caption
-
-        # The fill ratio of the bounding box tells the shapes apart: 1 square, pi/4 circle, 1/2 triangle.
-        height, width = ys.max() - ys.min() + 1, xs.max() - xs.min() + 1
-        fill = mask.sum() / (height * width)
-        expected_fill = {"square": 1.0, "circle": np.pi / 4, "triangle": 0.5}[shape]
-        assert abs(fill - expected_fill) < 0.08, (record.caption, fill)
-        assert (width >= 32) == (size == "large"), (record.caption, width)
-    assert shapes_seen == {"circle", "square", "triangle"}
+            assert np.array_equal(np.asarray(image), np.asarray(render(scene)))
 
 
 def test_sample_script_main_is_importable(tmp_path, monkeypatch):
@@ -660,4 +621,4 @@ def test_sample_script_main_is_importable(tmp_path, monkeypatch):
     monkeypatch.setitem(sys.modules, spec.name, module)  # dataclasses look their module up
     spec.loader.exec_module(module)
     module.main(["--out", str(tmp_path), "--count", "3"])
-    assert len(list((tmp_path / "10_shapes").glob("*.png"))) == 3
+    assert len(list((tmp_path / "10_star").glob("*.png"))) == 3

@@ -22,8 +22,10 @@ from transformers import CLIPTextModel, CLIPTokenizer
 from training.attention import attention_problem
 from training.text_encoding import clip_skip_problem
 from training.tiny_model import ensure_tiny_model
+from training.toy.shipped import shipped_folder
 
-MODEL_SOURCES = ("tiny", "diffusers")
+MODEL_SOURCES = ("toy", "tiny", "diffusers")
+EMBEDDED_SOURCES = ("toy", "tiny")  # SD1-shaped models that ship with (or are built by) the project
 MODEL_KINDS = ("sd1", "sd2")
 PREDICTION_TYPES = ("epsilon", "v_prediction")
 CHECKPOINT_SUFFIXES = (".safetensors", ".ckpt")  # .ckpt is read with torch.load(weights_only=True)
@@ -68,8 +70,8 @@ class BaseModel:
     @property
     def base_model_version(self) -> str:
         """kohya's ``ss_base_model_version`` naming: sd_v1, sd_v2, sd_v2_v (v-prediction), tiny_sd_v1."""
-        if self.identity.get("source") == "tiny":
-            return "tiny_sd_v1"
+        if self.identity.get("source") in EMBEDDED_SOURCES:
+            return f"{self.identity['source']}_sd_v1"
         if (self.kind or loaded_kind(self.text_encoder)) == "sd2":
             v_prediction = self.noise_scheduler.config.prediction_type == "v_prediction"
             return "sd_v2_v" if v_prediction else "sd_v2"
@@ -91,7 +93,10 @@ def is_checkpoint_file(path: str | Path) -> bool:
 
 
 def resolve_model_location(model_cfg: Any) -> str:
-    """Where the weights come from: the tiny model's cache folder, a local folder or file, or a hub id."""
+    """Where the weights come from: the toy world's shipped folder, the tiny model's cache folder, a
+    local folder or file, or a hub id."""
+    if model_cfg.source == "toy":
+        return str(shipped_folder("base"))
     if model_cfg.source == "tiny":
         return str(ensure_tiny_model(model_cfg.cache_dir))
     local = Path(model_cfg.path).expanduser()
@@ -120,9 +125,16 @@ def model_problems(model_cfg: Any) -> list[str]:
         problems.append(problem)
     if problem := clip_skip_problem(model_cfg.clip_skip):
         problems.append(problem)
-    if model_cfg.source == "tiny":
+    if model_cfg.source in EMBEDDED_SOURCES:
         if model_cfg.kind == "sd2":
-            problems.append("model.kind=sd2 but model.source=tiny is an SD1-shaped model; use model.kind=sd1")
+            problems.append(
+                f"model.kind=sd2 but model.source={model_cfg.source} is an SD1-shaped model; use model.kind=sd1"
+            )
+        if model_cfg.source == "toy":
+            try:
+                shipped_folder("base")
+            except FileNotFoundError as error:
+                problems.append(f"model.source=toy: {error}")
     elif model_cfg.source == "diffusers":
         problems += _path_problems(model_cfg)
     if model_cfg.vae:

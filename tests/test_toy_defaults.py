@@ -1,0 +1,99 @@
+"""The shipped toy world: its weights match the manifest, its CLIP knows the world, and the default
+run (model=toy, eval.clip_model=toy, data=sample) really teaches the held-out concept."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import optuna
+import pytest
+import torch
+from safetensors.torch import load_file
+from transformers import CLIPModel, CLIPProcessor
+
+from sweeper.task import run
+from tests.conftest import run_cli
+from training.toy.pretrain_clip import zero_shot_accuracy
+from training.toy.shipped import BASE_DIR, CLIP_DIR, MANIFEST, SIZE_LIMIT_MB, manifest_problems
+
+ACCURACY_MARGIN = 0.03  # the test scores a 500-scene subset; the recorded figure is over 2000
+SENSIBLE_LR, ABSURD_LR = 1e-3, 0.5
+
+
+def manifest() -> dict:
+    return json.loads(MANIFEST.read_text())
+
+
+def test_shipped_files_match_the_manifest():
+    assert manifest_problems() == []
+    assert manifest()["total_bytes"] <= SIZE_LIMIT_MB * 1e6
+    for part in ("clip", "base"):
+        entry = manifest()["parts"][part]
+        assert entry["command"] and entry["seed"] is not None and entry["metrics"]
+
+
+def test_a_changed_or_missing_weight_file_is_caught(tmp_path):
+    copy = tmp_path / "weights"
+    shutil.copytree(MANIFEST.parent, copy)
+    weights = copy / "clip" / "model.safetensors"
+    data = bytearray(weights.read_bytes())
+    data[-1] ^= 0xFF
+    weights.write_bytes(bytes(data))
+    (copy / "base" / "vae" / "config.json").unlink()
+    problems = manifest_problems(copy / MANIFEST.name)
+    assert "clip/model.safetensors: sha256 differs from the manifest" in problems
+    assert "base/vae/config.json: missing" in problems
+
+
+def test_shipped_clip_classifies_held_out_scenes_as_recorded():
+    recorded = manifest()["parts"]["clip"]["metrics"]
+    model = CLIPModel.from_pretrained(CLIP_DIR).eval()
+    processor = CLIPProcessor.from_pretrained(CLIP_DIR)
+    accuracy = zero_shot_accuracy(model, processor, seed=recorded["eval_seed"], count=500, device="cpu")
+    assert accuracy["shape_accuracy"] >= recorded["shape_accuracy"] - ACCURACY_MARGIN
+    assert accuracy["colour_accuracy"] >= recorded["colour_accuracy"] - ACCURACY_MARGIN
+
+
+def test_the_base_models_text_encoder_is_the_clip_text_tower():
+    clip = load_file(CLIP_DIR / "model.safetensors")
+    text_encoder = load_file(BASE_DIR / "text_encoder" / "model.safetensors")
+    assert text_encoder
+    for name, tensor in text_encoder.items():  # CLIPModel keeps the tower under text_model.
+        assert torch.equal(tensor, clip[f"text_model.{name}"]), name
+
+
+def test_toy_is_the_default_model_and_clip(make_cfg):
+    cfg = make_cfg(fast=False)
+    assert cfg.model.source == "toy" and cfg.eval.clip_model == "toy"
+    assert cfg.data.trigger_word and all(cfg.data.trigger_word in p for p in cfg.eval.prompts)
+
+
+def concept_run(make_cfg, *overrides: str):
+    cfg = make_cfg("tracking.enabled=false", *overrides, fast=False)
+    return run(cfg, show_progress=False).metrics
+
+
+@pytest.mark.slow
+def test_the_default_run_teaches_the_concept_and_lr_zero_does_not(make_cfg):
+    trained = concept_run(make_cfg)
+    assert trained["clip_score"] > trained["clip_score_baseline"] + 1.0, trained
+
+    frozen = concept_run(make_cfg, "optimizer.lr=0")
+    assert frozen["clip_score"] == pytest.approx(frozen["clip_score_baseline"], abs=1e-4)
+
+
+@pytest.mark.slow
+def test_a_learning_rate_sweep_ranks_the_sensible_rate_best(tmp_path: Path):
+    done = run_cli("-m", f"optimizer.lr=0,{SENSIBLE_LR},{ABSURD_LR}", cwd=tmp_path)
+    assert done.returncode == 0, done.stderr[-3000:]
+    storage = f"sqlite:///{tmp_path / 'outputs' / 'optuna.db'}"
+    (summary,) = optuna.get_all_study_summaries(storage)
+    trials = optuna.load_study(study_name=summary.study_name, storage=storage).get_trials()
+    scores = {t.params["optimizer.lr"]: t.value for t in trials}
+    assert len(scores) == 3
+    assert scores[SENSIBLE_LR] is not None and scores[0.0] is not None
+    assert scores[SENSIBLE_LR] > scores[0.0]
+    # an absurd rate either fails (NaN loss) or scores below doing nothing
+    assert scores[ABSURD_LR] is None or scores[ABSURD_LR] < scores[0.0]
