@@ -74,7 +74,9 @@ class LoraNetwork:
         scale = self.alpha / self.dim
         norms, scaled = [], 0
         for down, up in self.lora_pairs():
-            norm = torch.linalg.matrix_norm(up.float() @ down.float()) * scale
+            # 1x1-conv LoRA (proj_in/out of SD1) has (out, r, 1, 1) and (r, in, 1, 1): the same matrices
+            update = up.float().flatten(1) @ down.float().flatten(1)
+            norm = torch.linalg.matrix_norm(update) * scale
             norms.append(float(norm))
             if norm > max_norm:
                 ratio = (max_norm / norm).sqrt()
