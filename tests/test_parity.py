@@ -80,7 +80,7 @@ def test_loss_options_run_together(make_cfg):
     assert result.steps == 3
     scale = trainer.network.alpha / trainer.network.dim
     norms = [
-        float(torch.linalg.matrix_norm(up.detach() @ down.detach())) * scale
+        float(torch.linalg.matrix_norm(up.detach().flatten(1) @ down.detach().flatten(1))) * scale
         for down, up in trainer.network.lora_pairs()
     ]
     assert max(norms) <= 0.01 + 1e-6
@@ -188,7 +188,7 @@ def test_aspect_buckets_train_one_bucket_per_batch(make_cfg, tmp_path):
         ),
         (["output.format=ckpt"], ["output.format", "output.allow_pickle"]),
         (["scheduler=plateau", "eval.every_n_steps=0"], ["plateau", "eval.every_n_steps"]),
-        (["network.embedding.enabled=true"], ["network.embedding", "data.trigger_word"]),
+        (["network.embedding.enabled=true", "data.trigger_word=null"], ["network.embedding", "data.trigger_word"]),
     ],
 )
 def test_invalid_combinations_name_both_keys(make_cfg, overrides, keys):
