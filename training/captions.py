@@ -42,6 +42,19 @@ def prepend_trigger(tags: list[str], trigger_word: str | None) -> tuple[list[str
     return trigger_tags + rest, len(trigger_tags)
 
 
+def with_trigger(prompt: str, trigger_word: str | None) -> str:
+    """An eval prompt as training captions looked: the trigger word first, unless the prompt uses it.
+
+    Prompts written with the trigger (``a photo of sks dog``) are left as they are; prompts that
+    only describe the content (``a red star``) get it prepended, as every training caption had it.
+    """
+    trigger_tags = split_tags(trigger_word or "")
+    words = set(prompt.replace(",", " ").split())
+    if not trigger_tags or all(word in words for tag in trigger_tags for word in tag.split()):
+        return prompt
+    return join_tags(prepend_trigger(split_tags(prompt), trigger_word)[0])
+
+
 def shuffle_tags(tags: list[str], rng: random.Random, keep: int = 0) -> list[str]:
     """A copy of ``tags`` with the first ``keep`` in place and the rest in random order."""
     fixed, flexible = tags[:keep], tags[keep:]

@@ -25,7 +25,7 @@ from tqdm.auto import tqdm
 from training.attention import configure_attention, configure_gradient_checkpointing
 from training.buckets import BucketBatchSampler, generate_buckets, resolve_bucket_settings
 from training.cache import default_cache_root
-from training.captions import transform_caption
+from training.captions import transform_caption, with_trigger
 from training.checkpoint import TrainingState, load_training_state
 from training.compile import configure_compile
 from training.data import CaptionedImageDataset, ImageRecord, collate_captioned, match_reg_records
@@ -454,7 +454,9 @@ class Trainer:
         )
 
     def prompt(self, text: str) -> str:
-        """An evaluation prompt as the text encoder must see it (multi-vector trigger words expanded)."""
+        """An evaluation prompt as the text encoder must see it: with the trigger word (as training
+        captions had it) and multi-vector trigger words expanded. CLIP scores the prompt as written."""
+        text = with_trigger(text, self.cfg.data.trigger_word)
         return self.embedding.expand(text) if self.embedding is not None else text
 
     def _text_encoder_trains(self) -> bool:
