@@ -111,13 +111,15 @@ class LoraNetwork:
 def add_lora(unet: torch.nn.Module, text_encoder: torch.nn.Module, network_cfg: Any, base_lr: float) -> LoraNetwork:
     """Attach fresh LoRA adapters; the caller seeds the RNG first so init is reproducible.
 
-    A part whose learning rate is 0 gets no adapter: "0 freezes that part" (PARAMETERS.md).
+    A part whose own learning rate (``network.unet_lr`` / ``text_encoder_lr``) is 0 gets no adapter:
+    "0 freezes that part" (PARAMETERS.md). ``optimizer.lr=0`` alone keeps the adapters and trains
+    them at rate 0 (they stay at their initial, no-op values): a learning-rate sweep may include 0.
     """
     alpha = effective_alpha(network_cfg)
     unet_lr = base_lr if network_cfg.unet_lr is None else network_cfg.unet_lr
     te_lr = base_lr if network_cfg.text_encoder_lr is None else network_cfg.text_encoder_lr
-    trains_unet = network_cfg.train_unet and unet_lr > 0
-    trains_te = network_cfg.train_text_encoder and te_lr > 0
+    trains_unet = network_cfg.train_unet and (unet_lr > 0 or network_cfg.unet_lr is None)
+    trains_te = network_cfg.train_text_encoder and (te_lr > 0 or network_cfg.text_encoder_lr is None)
     groups: list[dict[str, Any]] = []
     for model, adapted, targets, lr, label in (
         (unet, trains_unet, network_cfg.unet_targets, unet_lr, "unet"),
