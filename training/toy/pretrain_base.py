@@ -47,6 +47,7 @@ from evaluation.clip_score import ClipScorer
 from evaluation.sampling import generate_samples, sampling_scheduler
 from training.noise import min_snr_weights
 from training.text_encoding import encode_prompts
+from training.toy.pretrain_clip import resolve_device
 from training.toy.world import HELD_OUT_SHAPE, SHAPES, Scene, render, scenes, sentence_caption, tag_caption
 
 RESOLUTION = 64
@@ -129,12 +130,6 @@ def config_problems(cfg: PretrainConfig) -> list[str]:
     elif cfg.device.startswith("cuda") and not torch.cuda.is_available():
         problems.append(f"--device {cfg.device}: CUDA is not available here")
     return problems
-
-
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
 
 
 def autocast(device: torch.device) -> AbstractContextManager:
