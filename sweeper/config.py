@@ -33,6 +33,7 @@ class ModelConfig:
     clip_skip: int = 1  # use hidden_states[-n] + final layer norm; 1 = last layer (A1111 convention)
     attention: str = "sdpa"  # sdpa | xformers | eager
     gradient_checkpointing: bool = False
+    channels_last: bool = True  # on a GPU, keep the UNet's conv weights channels-last (cuDNN's fast layout)
 
 
 @dataclass
@@ -180,6 +181,7 @@ class TrainConfig:
     resume: str | None = None  # a saved state folder to continue from exactly
     compile: str = "none"  # none | blocks (torch.compile the UNet's repeated transformer blocks)
     compile_mode: str = "default"  # torch.compile mode: default | reduce-overhead | max-autotune-no-cudagraphs
+    cuda_graphs: bool = False  # replay the UNet's forward+backward as CUDA graphs (GPU; one capture per bucket)
 
 
 @dataclass

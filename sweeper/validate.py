@@ -15,6 +15,7 @@ from evaluation.sampling import SAMPLERS
 from training.buckets import bucket_problems, resolve_bucket_settings
 from training.checkpoint import resume_problem
 from training.compile import compile_problems
+from training.cuda_graph import cuda_graph_problems
 from training.data import DatasetScan, scan_dataset
 from training.latent_cache import incompatible_with_cache
 from training.lora_file import init_weights_problems, output_problems
@@ -58,6 +59,12 @@ def validate(cfg: Any) -> Validated:
     problems += init_weights_problems(cfg.network, allow_pickle=cfg.output.allow_pickle)
     problems += incompatible_with_cache(cfg.data)
     problems += compile_problems(cfg.train.compile, cfg.train.compile_mode)
+    problems += cuda_graph_problems(
+        cfg.train.cuda_graphs,
+        grad_accum_steps=cfg.train.grad_accum_steps,
+        compile_mode=cfg.train.compile_mode,
+        checkpointing=cfg.model.gradient_checkpointing,
+    )
     scan = scan_dataset(cfg.data.train_dir, cfg.data.caption_extension, cfg.data.on_bad_image)
     problems += scan.problems
     regularisation = None

@@ -622,3 +622,37 @@ def test_sample_script_main_is_importable(tmp_path, monkeypatch):
     spec.loader.exec_module(module)
     module.main(["--out", str(tmp_path), "--count", "3"])
     assert len(list((tmp_path / "10_star").glob("*.png"))) == 3
+
+
+@pytest.mark.parametrize("flip", [False, True])
+@pytest.mark.parametrize("no_upscale", [False, True])
+def test_items_without_pixels_carry_the_same_geometry(tmp_path, flip, no_upscale):
+    sizes = [(96, 48), (40, 100), (64, 64), (70, 30)]
+    records = [ImageRecord(write_image(tmp_path / f"{i}.png", size), "c", 1) for i, size in enumerate(sizes)]
+    buckets = generate_buckets(64, 32, 128, 16)
+
+    def items(load_pixels: bool) -> list[dict]:
+        dataset = CaptionedImageDataset(records, 64, flip_aug=flip, buckets=buckets, no_upscale=no_upscale, step=16)
+        dataset.load_pixels = load_pixels
+        torch.manual_seed(3)  # the flips draw from torch's RNG in both passes alike
+        return [dataset[i] for i in range(len(dataset))]
+
+    with_pixels, without = items(True), items(False)
+    assert all("pixel_values" not in item for item in without)
+    for full, light in zip(with_pixels, without, strict=True):
+        assert {k: v for k, v in full.items() if k != "pixel_values"} == light
+    assert any(item["flipped"] for item in with_pixels) == flip
+
+
+def test_fixed_crop_equals_the_item_pixels(tmp_path):
+    records = [ImageRecord(write_image(tmp_path / "a.png", (40, 24), (10, 200, 30)), "c", 1)]
+    dataset = CaptionedImageDataset(records, 16, flip_aug=True)
+    torch.manual_seed(0)
+    seen = {}
+    for _ in range(20):
+        item = dataset[0]
+        seen[item["flipped"]] = item["pixel_values"]
+    for flipped, pixels in seen.items():
+        assert torch.equal(dataset.fixed_crop(0, flipped), pixels)
+    with pytest.raises(ValueError, match="random_crop"):
+        CaptionedImageDataset(records, 16, random_crop=True).fixed_crop(0, False)

@@ -11,15 +11,15 @@ import torch
 from PIL import Image
 
 import training.latent_cache as latent_cache
-from training.data import CaptionedImageDataset, ImageRecord, collate_captioned
+from training.data import CaptionedImageDataset, ImageRecord
 from training.latent_cache import (
     LatentStore,
-    batch_latent_keys,
-    cached_latent_params,
     clear_memory_stores,
+    fill_latent_cache,
     incompatible_with_cache,
     latent_cache_key,
     model_fingerprint,
+    stacked_latent_params,
 )
 
 FINGERPRINT = model_fingerprint({"source": "tiny", "weights_sha256": "abc"}, torch.float32)
@@ -141,12 +141,18 @@ def test_bad_modes_are_refused(tmp_path):
 # --- encoding a batch through the cache
 
 
-def test_only_uncached_items_are_encoded(tmp_path):
+def test_filling_encodes_only_missing_crops_grouped_by_size(tmp_path):
     records = [image_record(tmp_path, f"{i}.png", (i * 60, 0, 0)) for i in range(3)]
-    dataset = CaptionedImageDataset(records, resolution=8)
-    batch = collate_captioned([dataset[i] for i in range(3)])
-    keys = batch_latent_keys(batch, dataset, FINGERPRINT)
-    assert len(set(keys)) == 3
+    dataset = CaptionedImageDataset(records, resolution=8, flip_aug=True)
+    crops = [
+        (
+            latent_cache_key(FINGERPRINT, records[i], (8, 8), flipped),
+            (8, 8),
+            lambda i=i, f=flipped: dataset.fixed_crop(i, f),
+        )
+        for i in range(3)
+        for flipped in (False, True)
+    ]
     store = LatentStore("memory")
     calls = []
 
@@ -154,14 +160,20 @@ def test_only_uncached_items_are_encoded(tmp_path):
         calls.append(pixels.shape[0])
         return pixels.mean(dim=(2, 3), keepdim=True).repeat(1, 1, 2, 2)  # a stand-in "VAE"
 
-    first = cached_latent_params(store, keys[:2], batch["pixel_values"][:2], encode)
-    both = cached_latent_params(store, keys, batch["pixel_values"], encode)
-    again = cached_latent_params(store, keys, batch["pixel_values"], encode)
+    assert fill_latent_cache(store, crops[:2], encode, batch_size=4, show_progress=False) == 2
+    assert fill_latent_cache(store, crops, encode, batch_size=3, show_progress=False) == 4
+    assert fill_latent_cache(store, crops, encode, batch_size=3, show_progress=False) == 0
+    assert calls == [2, 3, 1]  # the third fill encoded nothing
+    stacked = stacked_latent_params(store, [key for key, _, _ in crops], torch.device("cpu"))
+    assert stacked.shape == (6, 3, 2, 2)
+    # each entry is its own crop's encoding (red channel of image i = i * 60 -> pixel value)
+    expected_red = torch.tensor([i * 60 / 127.5 - 1 for i in range(3) for _ in range(2)])
+    assert torch.allclose(stacked[:, 0, 0, 0], expected_red)
 
-    assert calls == [2, 1]  # the third call encoded nothing
-    assert torch.equal(both[:2], first)
-    assert torch.equal(again, both)
-    assert both.shape == (3, 3, 2, 2)
+
+def test_a_missing_entry_is_an_error_naming_the_key():
+    with pytest.raises(KeyError, match="abc123"):
+        stacked_latent_params(LatentStore("memory"), ["abc123"], torch.device("cpu"))
 
 
 # --- config

@@ -7,6 +7,7 @@ import torch
 
 from sweeper.tracking import NullTracker
 from sweeper.validate import ConfigError, validate
+from training.attention import configure_memory_format
 from training.compile import configure_compile, repeated_blocks
 from training.data import scan_dataset
 from training.loop import Trainer
@@ -109,3 +110,55 @@ def test_unknown_compile_settings_fail_validation(make_cfg):
         validate(make_cfg("train.compile=whole", "train.compile_mode=fast"))
     assert "train.compile must be one of none, blocks" in str(error.value)
     assert "train.compile_mode must be one of" in str(error.value)
+
+
+# --- CUDA graphs and the channels-last layout
+@pytest.mark.parametrize(
+    ("overrides", "keys"),
+    [
+        (["train.grad_accum_steps=2"], ["train.grad_accum_steps"]),
+        (["train.compile=blocks", "train.compile_mode=reduce-overhead"], ["train.compile_mode=reduce-overhead"]),
+        (["model.gradient_checkpointing=true"], ["model.gradient_checkpointing"]),
+    ],
+)
+def test_cuda_graphs_refuse_settings_they_cannot_replay(make_cfg, overrides, keys):
+    with pytest.raises(ConfigError) as error:
+        validate(make_cfg("train.cuda_graphs=true", *overrides))
+    message = str(error.value)
+    assert "train.cuda_graphs=true" in message and all(key in message for key in keys)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message a CPU-only machine gives")
+def test_cuda_graphs_on_a_cpu_fail_before_training_naming_the_key(make_cfg):
+    cfg = make_cfg("train.cuda_graphs=true", "train.max_steps=1")
+    base = load_base_model(cfg.model)
+    with pytest.raises(RuntimeError, match=r"train\.cuda_graphs=false"):
+        Trainer(cfg, base, scan_dataset(cfg.data.train_dir).records, NullTracker())
+
+
+def test_channels_last_is_undone_for_the_next_trial():
+    unet = build_tiny_pipeline().unet
+    conv = unet.conv_in.weight
+    configure_memory_format(unet, True)
+    assert conv.is_contiguous(memory_format=torch.channels_last) and not conv.is_contiguous()
+    configure_memory_format(unet, False)
+    assert conv.is_contiguous()
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a CUDA GPU")
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_cuda_graph_steps_give_the_eager_losses_and_lora(make_cfg, precision):
+    """Replayed graphs run the eager kernels: the same losses, and the same LoRA after training."""
+    results = {}
+    for graphs in (False, True):
+        clear_text_caches()
+        cfg = make_cfg("train.max_steps=6", f"precision.mixed={precision}", f"train.cuda_graphs={graphs}")
+        losses, trainer = losses_of(cfg)
+        results[graphs] = losses, trainer.network.kohya_state_dict()
+        assert (trainer.graphed_unet is not None) == graphs
+    (eager_losses, eager_lora), (graph_losses, graph_lora) = results[False], results[True]
+    tolerance = {"rtol": 1e-4, "atol": 1e-6} if precision == "fp32" else {"rtol": 2e-2, "atol": 1e-3}
+    torch.testing.assert_close(torch.tensor(graph_losses), torch.tensor(eager_losses), **tolerance)
+    assert eager_lora.keys() == graph_lora.keys()
+    for name in eager_lora:
+        torch.testing.assert_close(graph_lora[name], eager_lora[name], **tolerance, msg=name)

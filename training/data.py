@@ -255,11 +255,15 @@ def oriented_size(path: Path) -> tuple[int, int]:
     return width, height
 
 
+def covering_size(image_size: tuple[int, int], size: tuple[int, int], scale: float) -> tuple[int, int]:
+    """``(width, height)`` that ``resize_to_cover`` gives an image of ``image_size``."""
+    return max(size[0], round(image_size[0] * scale)), max(size[1], round(image_size[1] * scale))
+
+
 def resize_to_cover(image: Image.Image, size: tuple[int, int], scale: float) -> Image.Image:
     """Scale by ``scale``, never below ``size = (width, height)`` on either side (rounding could
     otherwise leave the crop one pixel short). A scale of 1 returns the image untouched."""
-    width, height = image.size
-    new_size = (max(size[0], round(width * scale)), max(size[1], round(height * scale)))
+    new_size = covering_size(image.size, size, scale)
     if new_size == image.size:
         return image
     return image.resize(new_size, Image.Resampling.LANCZOS)
@@ -325,6 +329,8 @@ class CaptionedImageDataset(torch.utils.data.Dataset):
         # ends[k] = number of samples up to and including record k
         self._ends = list(itertools.accumulate(max(0, r.repeats) for r in self.records))
         self._cache: OrderedDict[int, tuple[Image.Image, tuple[int, int]]] = OrderedDict()
+        # False once every crop's latent is cached: items then carry no pixels and nothing is decoded
+        self.load_pixels = True
         if buckets is None:
             self.record_buckets: list[Bucket] = [(resolution, resolution)] * len(self.records)
         else:
@@ -363,25 +369,51 @@ class CaptionedImageDataset(torch.utils.data.Dataset):
         record_idx = self.record_index(index)
         record = self.records[record_idx]
         bucket = self.record_buckets[record_idx]
-        image, original_size = self._resized(record_idx)
-        top, left = crop_origin(image.size, bucket, random=self.random_crop, center=self.center_crop)
-        crop = image.crop((left, top, left + bucket[0], top + bucket[1]))
+        if self.load_pixels:
+            image, original_size = self._resized(record_idx)
+            resized_size = image.size
+        else:  # the geometry alone, from the file header: no decoding
+            image, (resized_size, original_size) = None, self._geometry(record_idx)
+        top, left = crop_origin(resized_size, bucket, random=self.random_crop, center=self.center_crop)
         flipped = self.flip_aug and uniform(None, 0.0, 1.0) < 0.5
-        if flipped:
-            crop = flip_horizontal(crop)
-            left = image.width - left - bucket[0]
-        if self.color_aug:
-            crop = color_jitter_hue(crop, None, self.max_hue_shift)
-        return {
-            "pixel_values": to_tensor(crop),
+        item = {
             "caption": record.caption,
             "index": record_idx,
             "is_reg": record.is_reg,
             "flipped": flipped,
             "bucket": bucket,
             "original_size": original_size,
-            "crop_top_left": (top, left),
+            # after a flip, measured in the flipped image
+            "crop_top_left": (top, resized_size[0] - left - bucket[0] if flipped else left),
         }
+        if image is not None:
+            item["pixel_values"] = self._crop_pixels(image, top, left, bucket, flipped)
+        return item
+
+    def fixed_crop(self, record_idx: int, flipped: bool) -> torch.Tensor:
+        """The pixels of record ``record_idx`` as ``__getitem__`` gives them with this flip, drawing
+        nothing at random: what the latent cache encodes ahead of training (no random crop, no hue)."""
+        if self.random_crop or self.color_aug:
+            raise ValueError("a fixed crop needs random_crop and color_aug off")
+        image, _ = self._resized(record_idx)
+        bucket = self.record_buckets[record_idx]
+        top, left = crop_origin(image.size, bucket, random=False, center=self.center_crop)
+        return self._crop_pixels(image, top, left, bucket, flipped)
+
+    def _crop_pixels(self, image: Image.Image, top: int, left: int, bucket: Bucket, flipped: bool) -> torch.Tensor:
+        crop = image.crop((left, top, left + bucket[0], top + bucket[1]))
+        if flipped:
+            crop = flip_horizontal(crop)
+        if self.color_aug:
+            crop = color_jitter_hue(crop, None, self.max_hue_shift)
+        return to_tensor(crop)
+
+    def _geometry(self, record_idx: int) -> tuple[tuple[int, int], tuple[int, int]]:
+        """``(resized (w, h), original (h, w))`` of a record without decoding it (same as ``_resized``)."""
+        width, height = oriented_size(self.records[record_idx].path)
+        bucket = self.record_buckets[record_idx]
+        scale = fit_scale((width, height), bucket, no_upscale=self.no_upscale, resolution=self.resolution)
+        return covering_size((width, height), bucket, scale), (height, width)
 
     def _resized(self, record_idx: int) -> tuple[Image.Image, tuple[int, int]]:
         cached = self._cache.get(record_idx)
@@ -400,8 +432,11 @@ class CaptionedImageDataset(torch.utils.data.Dataset):
 
 
 def collate_captioned(batch: list[dict[str, Any]]) -> dict[str, Any]:
-    """Stack ``pixel_values`` into ``[B, 3, H, W]`` (one bucket per batch); every other field becomes a list."""
-    collated: dict[str, Any] = {"pixel_values": torch.stack([item["pixel_values"] for item in batch])}
+    """Stack ``pixel_values`` (when items carry them) into ``[B, 3, H, W]`` (one bucket per batch);
+    every other field becomes a list."""
+    collated: dict[str, Any] = {}
+    if "pixel_values" in batch[0]:
+        collated["pixel_values"] = torch.stack([item["pixel_values"] for item in batch])
     for name in batch[0]:
         if name != "pixel_values":
             collated[name] = [item[name] for item in batch]

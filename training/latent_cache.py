@@ -22,13 +22,14 @@ import hashlib
 import json
 import os
 import tempfile
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Hashable, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
+from tqdm.auto import tqdm
 
 if TYPE_CHECKING:
     from training.data import ImageRecord
@@ -166,33 +167,49 @@ def clear_memory_stores() -> None:
     _MEMORY_STORES.clear()
 
 
-def batch_latent_keys(batch: Mapping[str, Any], dataset: Any, model_fingerprint: str) -> list[str]:
-    """The cache key of each item of a collated batch from ``CaptionedImageDataset`` ``dataset``."""
-    return [
-        latent_cache_key(model_fingerprint, dataset.records[index], bucket, flipped, crop_mode=dataset.crop_mode)
-        for index, bucket, flipped in zip(batch["index"], batch["bucket"], batch["flipped"], strict=True)
-    ]
-
-
-def cached_latent_params(
+def fill_latent_cache(
     store: LatentStore,
-    keys: Sequence[str],
-    pixels: torch.Tensor,
+    crops: Sequence[tuple[str, Hashable, Callable[[], torch.Tensor]]],
     encode: Callable[[torch.Tensor], torch.Tensor],
-) -> torch.Tensor:
-    """Latent-distribution parameters for a batch, encoding only the items not cached yet.
+    batch_size: int,
+    show_progress: bool = True,
+) -> int:
+    """Encode every crop whose entry is missing (or unreadable), before training; returns how many.
 
-    ``encode(pixels[missing])`` returns the VAE's ``latent_dist.parameters`` for those items; they
-    are stored, and the whole batch comes back on ``pixels.device`` in the dtype ``encode`` uses
-    (or the cached one when nothing was encoded).
+    ``crops`` holds ``(key, size, pixels)``: crops of one ``size`` are encoded together, up to
+    ``batch_size`` at a time, ``pixels()`` giving one ``[3, H, W]`` crop. ``encode`` returns the
+    VAE's ``latent_dist.parameters`` for a batch. Filling ahead (as kohya does) means the
+    training steps never decode an image or wait on the VAE.
     """
-    found: list[torch.Tensor | None] = [store.get(key) for key in keys]
-    missing = [i for i, tensor in enumerate(found) if tensor is None]
-    if missing:
-        encoded = encode(pixels[missing])
-        for i, params in zip(missing, encoded, strict=True):
-            store.put(keys[i], params)
-            found[i] = params
-    tensors = [t for t in found if t is not None]
-    dtype = encoded.dtype if missing else tensors[0].dtype
-    return torch.stack([t.to(pixels.device, dtype=dtype) for t in tensors])
+    groups: dict[Hashable, list[tuple[str, Callable[[], torch.Tensor]]]] = {}
+    for key, size, pixels in crops:
+        if store.get(key) is None:
+            groups.setdefault(size, []).append((key, pixels))
+    missing = sum(len(items) for items in groups.values())
+    with tqdm(total=missing, desc="caching latents", unit="image", disable=not show_progress or not missing) as bar:
+        for items in groups.values():
+            for start in range(0, len(items), batch_size):
+                chunk = items[start : start + batch_size]
+                encoded = encode(torch.stack([pixels() for _, pixels in chunk]))
+                for (key, _), params in zip(chunk, encoded, strict=True):
+                    store.put(key, params)
+                bar.update(len(chunk))
+    return missing
+
+
+def stacked_latent_params(store: LatentStore, keys: Sequence[str], device: torch.device) -> torch.Tensor:
+    """The entries of ``keys`` as one batch on ``device``, copied without a host sync.
+
+    A pageable host-to-GPU copy waits for the GPU to drain, which left the GPU idle while the
+    host dispatched the next step; one pinned, non-blocking copy per batch does not.
+    """
+    tensors = []
+    for key in keys:
+        tensor = store.get(key)
+        if tensor is None:
+            raise KeyError(f"latent cache entry {key} is missing although the cache was filled before training")
+        tensors.append(tensor)
+    batch = torch.stack(tensors)
+    if device.type == "cuda":
+        batch = batch.pin_memory()
+    return batch.to(device, non_blocking=True)

@@ -7,6 +7,7 @@ pipeline, the LoRA tensors, the training state).
 
 from __future__ import annotations
 
+import functools
 import itertools
 import math
 import random
@@ -20,17 +21,25 @@ import torch.nn.functional as F
 from accelerate import Accelerator
 from diffusers import StableDiffusionPipeline
 from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
+from peft.helpers import disable_input_dtype_casting
 from tqdm.auto import tqdm
 
-from training.attention import configure_attention, configure_gradient_checkpointing
+from training.attention import configure_attention, configure_gradient_checkpointing, configure_memory_format
 from training.buckets import BucketBatchSampler, generate_buckets, resolve_bucket_settings
 from training.cache import default_cache_root
 from training.captions import transform_caption, with_trigger
 from training.checkpoint import TrainingState, load_training_state
 from training.compile import configure_compile
+from training.cuda_graph import GraphedUNet, cuda_graph_problems
 from training.data import CaptionedImageDataset, ImageRecord, collate_captioned, match_reg_records
 from training.embedding import TrainedEmbedding, add_embedding
-from training.latent_cache import LatentStore, batch_latent_keys, cached_latent_params, model_fingerprint
+from training.latent_cache import (
+    LatentStore,
+    fill_latent_cache,
+    latent_cache_key,
+    model_fingerprint,
+    stacked_latent_params,
+)
 from training.lora_file import apply_init_weights
 from training.models import BaseModel
 from training.network import LoraNetwork, add_lora
@@ -149,6 +158,18 @@ class Trainer:
         )
         # after the LoRA layers exist, so the compiled blocks contain them
         configure_compile(base.unet, train.compile, train.compile_mode)
+        configure_memory_format(base.unet, cfg.model.channels_last and self.device.type == "cuda")
+        self.autocast_dtype = half  # the dtype autocast computes in; None without mixed precision
+        self.graphed_unet: GraphedUNet | None = None
+        if train.cuda_graphs:
+            if problems := cuda_graph_problems(
+                True,
+                grad_accum_steps=train.grad_accum_steps,
+                compile_mode=train.compile_mode,
+                checkpointing=cfg.model.gradient_checkpointing,
+            ):
+                raise ValueError("; ".join(problems))
+            self.graphed_unet = GraphedUNet(base.unet, half)
         if cfg.network.init_weights:
             self.init_report = apply_init_weights(
                 self.network, cfg.network.init_weights, allow_pickle=cfg.output.allow_pickle
@@ -179,6 +200,7 @@ class Trainer:
             step=cfg.bucket.step,
         )
         self.latent_store: LatentStore | None = None
+        self._latent_keys: dict[tuple[int, bool], str] | None = None
         if cfg.data.cache_latents != "none":
             # "memory" names an in-process store, so the trials of a sweep in one worker share it
             self.latent_store = LatentStore(cfg.data.cache_latents, default_cache_root() / "latents")
@@ -254,6 +276,8 @@ class Trainer:
             # augmentation draws from torch's global RNG: seed it here, after everything that may
             # have drawn from it since setup (a CLIP model being built, another run in this process)
             torch.manual_seed(train.seed)
+        if self.latent_store is not None:
+            self.latent_keys(show_progress)  # fills the latent cache (outside train_seconds) before any batch loads
         position = self.position
         result = TrainResult(steps=position.step, epochs=position.epoch)
         progress = tqdm(
@@ -372,17 +396,14 @@ class Trainer:
         """Denoising loss of one micro-batch: noise, timesteps and target follow the scheduler config."""
         base, cfg, rng = self.base, self.cfg, self.noise_rng
         scheduler_config = base.noise_scheduler.config
-        pixels = batch["pixel_values"].to(self.device, dtype=self.weight_dtype, non_blocking=True)
         captions = [self._caption(c) for c in batch["caption"]]
         with torch.no_grad(), stage("vae"):
             if self.latent_store is None:
+                pixels = batch["pixel_values"].to(self.device, dtype=self.weight_dtype, non_blocking=True)
                 distribution = base.vae.encode(pixels).latent_dist
-            else:  # encoded once per image (and flip), then reused: the same distribution either way
-                keys = batch_latent_keys(batch, self.dataset, self.latent_fingerprint)
-                parameters = cached_latent_params(
-                    self.latent_store, keys, pixels, lambda px: base.vae.encode(px).latent_dist.parameters
-                )
-                distribution = DiagonalGaussianDistribution(parameters)
+            else:  # encoded once per image (and flip) before training: the same distribution either way
+                keys = [self.latent_keys()[crop] for crop in zip(batch["index"], batch["flipped"], strict=True)]
+                distribution = DiagonalGaussianDistribution(stacked_latent_params(self.latent_store, keys, self.device))
             latents = distribution.sample(generator=rng) * base.vae.config.scaling_factor
         with torch.set_grad_enabled(self._text_encoder_trains()), self.accelerator.autocast(), stage("text_encoder"):
             hidden = self._encode_captions(captions)
@@ -396,7 +417,13 @@ class Trainer:
         else:
             target = noise
         with self.accelerator.autocast(), stage("unet_forward"):
-            prediction = base.unet(noisy, timesteps, hidden).sample
+            if self.graphed_unet is not None:
+                prediction = self.graphed_unet(noisy, timesteps, hidden)
+            else:
+                # under autocast peft's cast of each LoRA input to fp32 is undone by the next matmul:
+                # skipping it saves two copies of every adapted activation (same numbers)
+                with disable_input_dtype_casting(base.unet, active=self.autocast_dtype is not None):
+                    prediction = base.unet(noisy, timesteps, hidden).sample
         per_sample = F.mse_loss(prediction.float(), target.float(), reduction="none").mean(dim=(1, 2, 3))
         weights = torch.ones_like(per_sample)
         if cfg.train.min_snr_gamma is not None:
@@ -408,6 +435,38 @@ class Trainer:
             is_reg = torch.tensor(batch["is_reg"], device=self.device)
             weights = torch.where(is_reg, weights * cfg.data.prior_loss_weight, weights)
         return (per_sample * weights).mean()
+
+    def latent_keys(self, show_progress: bool = False) -> dict[tuple[int, bool], str]:
+        """Latent-cache key of each ``(record, flipped)`` crop; the first call fills the cache.
+
+        Every crop training can draw (both flips with ``flip_aug``) is encoded here, before the
+        first batch is loaded, so the dataset can stop decoding images: batches then carry only
+        what the keys need.
+        """
+        if self._latent_keys is not None:
+            return self._latent_keys
+        assert self.latent_store is not None
+        dataset, vae = self.dataset, self.base.vae
+        flips = (False, True) if dataset.flip_aug else (False,)
+        keys, crops = {}, []
+        for index, record in enumerate(dataset.records):
+            if record.repeats <= 0:
+                continue
+            bucket = dataset.record_buckets[index]
+            for flipped in flips:
+                key = latent_cache_key(self.latent_fingerprint, record, bucket, flipped, crop_mode=dataset.crop_mode)
+                keys[(index, flipped)] = key
+                crops.append((key, bucket, functools.partial(dataset.fixed_crop, index, flipped)))
+
+        @torch.no_grad()
+        def encode(pixels: torch.Tensor) -> torch.Tensor:
+            return vae.encode(pixels.to(self.device, dtype=self.weight_dtype)).latent_dist.parameters
+
+        # the VAE's activations at 512 px are large: encode at most 8 crops at a time
+        fill_latent_cache(self.latent_store, crops, encode, min(self.cfg.train.batch_size, 8), show_progress)
+        dataset.load_pixels = False  # before the DataLoader's workers copy the dataset
+        self._latent_keys = keys
+        return keys
 
     def _encode_captions(self, captions: list[str]) -> torch.Tensor:
         """The UNet's conditioning for ``captions``, from the text-embedding cache when it is on."""

@@ -1,0 +1,89 @@
+"""``train.cuda_graphs``: replay the UNet's training forward and backward as CUDA graphs.
+
+At small batches a LoRA step on a GPU is bound by the host: the SD1.5 UNet with its LoRA layers is
+~4,500 kernel launches per step, each dispatched by Python. A CUDA graph records them once and
+replays them with one launch, so the GPU no longer waits on the host.
+
+We capture with ``torch.cuda.make_graphed_callables`` (eager kernels, no compiler): capture costs a
+few warm-up steps, not minutes of compilation, and the kernels are the eager ones, so gradients are
+the eager gradients. That matters for sweeps of short trials, where each trial adds new LoRA
+weights and a compiled whole UNet would recompile. It composes with ``train.compile=blocks``
+(Inductor kernels are recorded like any other) but not with ``compile_mode=reduce-overhead``
+(that already replays its own graphs).
+
+One graph is captured per input shape (each aspect-ratio bucket), each with its own activation
+memory, so memory grows with the number of buckets.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from peft.helpers import disable_input_dtype_casting
+
+
+def cuda_graph_problems(enabled: bool, *, grad_accum_steps: int, compile_mode: str, checkpointing: bool) -> list[str]:
+    """Why ``train.cuda_graphs=true`` cannot be combined with the rest of the config."""
+    if not enabled:
+        return []
+    problems = []
+    if grad_accum_steps != 1:
+        problems.append(
+            "train.cuda_graphs=true needs train.grad_accum_steps=1 (a replayed backward writes its gradients "
+            "into the same buffers each time, so micro-steps cannot add up); raise train.batch_size instead"
+        )
+    if compile_mode == "reduce-overhead":
+        problems.append(
+            "train.cuda_graphs=true cannot be combined with train.compile_mode=reduce-overhead (that mode replays "
+            "its own CUDA graphs); use train.compile_mode=default"
+        )
+    if checkpointing:
+        problems.append(
+            "train.cuda_graphs=true cannot be combined with model.gradient_checkpointing=true "
+            "(checkpointing saves memory, graphs save host time: pick one)"
+        )
+    return problems
+
+
+class _Prediction(torch.nn.Module):
+    """The UNet as a function of positional tensors (what ``make_graphed_callables`` takes)."""
+
+    def __init__(self, unet: torch.nn.Module, mixed: bool) -> None:
+        super().__init__()
+        self.unet, self.mixed = unet, mixed
+
+    def forward(self, noisy: torch.Tensor, timesteps: torch.Tensor, hidden: torch.Tensor) -> torch.Tensor:
+        # as in the eager loop: under autocast, peft's cast of LoRA inputs to fp32 is wasted work
+        with disable_input_dtype_casting(self.unet, active=self.mixed):
+            return self.unet(noisy, timesteps, hidden).sample
+
+
+class GraphedUNet:
+    """``unet(noisy, timesteps, hidden).sample`` for training, replayed from one CUDA graph per shape.
+
+    Capture happens on the first call with a new shape (under the loop's autocast dtype, as
+    ``make_graphed_callables`` requires autocast's weight cache off). A trainer owns one: new
+    LoRA weights (a new trial) need a new capture, which takes a few steps' time.
+    """
+
+    def __init__(self, unet: Any, autocast_dtype: torch.dtype | None, warmup_steps: int = 3) -> None:
+        if not torch.cuda.is_available() or next(unet.parameters()).device.type != "cuda":
+            raise RuntimeError("train.cuda_graphs=true needs the model on a CUDA GPU; set train.cuda_graphs=false")
+        self.prediction = _Prediction(unet, mixed=autocast_dtype is not None)
+        self.autocast_dtype = autocast_dtype
+        self.warmup_steps = warmup_steps
+        self.graphs: dict[tuple, Any] = {}
+
+    def __call__(self, noisy: torch.Tensor, timesteps: torch.Tensor, hidden: torch.Tensor) -> torch.Tensor:
+        key = (tuple(noisy.shape), tuple(hidden.shape), noisy.dtype, hidden.dtype, hidden.requires_grad)
+        graphed = self.graphs.get(key)
+        if graphed is None:
+            graphed = self.graphs[key] = self._capture(noisy, timesteps, hidden)
+        return graphed(noisy, timesteps, hidden)
+
+    def _capture(self, noisy: torch.Tensor, timesteps: torch.Tensor, hidden: torch.Tensor) -> Any:
+        samples = tuple(t.detach().clone().requires_grad_(t.requires_grad) for t in (noisy, timesteps, hidden))
+        enabled = self.autocast_dtype is not None
+        with torch.autocast("cuda", dtype=self.autocast_dtype, enabled=enabled, cache_enabled=False):
+            return torch.cuda.make_graphed_callables(self.prediction, samples, num_warmup_iters=self.warmup_steps)
