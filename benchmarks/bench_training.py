@@ -12,6 +12,7 @@ steady-state images/s (warm-up excluded), peak GPU memory, and MFU against the F
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
 import os
@@ -23,9 +24,11 @@ import numpy as np
 import torch
 from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
 from omegaconf import OmegaConf
+from peft.helpers import disable_input_dtype_casting
 from PIL import Image, ImageDraw
 from transformers import CLIPTextConfig, CLIPTextModel
 
+import training.loop
 from sweeper.config import Config
 from training.compile import configure_compile
 from training.data import scan_dataset
@@ -130,6 +133,12 @@ def matmul_peak_tflops() -> float:
     return 2 * 8192**3 / float(np.median(times)) / 1e12
 
 
+@contextlib.contextmanager
+def keep_input_casting(model, active: bool = True):
+    """The loop as it was before this pass: peft casts each LoRA input to fp32 under autocast."""
+    yield
+
+
 class StepClock:
     """A metric sink that notes when the loop logs (right after its loss sync): step -> time."""
 
@@ -153,12 +162,14 @@ def config(
     text_cache: bool = False,
     compile_kind: str = "none",
     compile_mode: str = "default",
+    channels_last: bool = False,
+    cuda_graphs: bool = False,
 ):
     cfg = OmegaConf.merge(
         OmegaConf.structured(Config),
         OmegaConf.create(
             {
-                "model": {"source": "diffusers", "path": "in-memory"},
+                "model": {"source": "diffusers", "path": "in-memory", "channels_last": channels_last},
                 "network": {"dim": rank, "alpha": rank},
                 "optimizer": {"name": "adamw", "lr": 1e-4},
                 "scheduler": {"name": "constant"},
@@ -174,6 +185,7 @@ def config(
                     "log_every_n_steps": warmup,
                     "compile": compile_kind,
                     "compile_mode": compile_mode,
+                    "cuda_graphs": cuda_graphs,
                 },
                 "output": {"dir": str(out_dir)},
             }
@@ -212,6 +224,7 @@ def count_flops(trainer: Trainer) -> float:
     from torch.utils.flop_counter import FlopCounterMode
 
     configure_compile(trainer.base.unet, "none", "default")  # count the eager operators
+    trainer.graphed_unet = None  # a replayed graph runs no operators the counter could see
     trainer.position.epoch = 1
     batch = next(iter(trainer.loader))
     with FlopCounterMode(display=False) as counter:
@@ -246,24 +259,31 @@ def main() -> None:
     data_dir = synthetic_dataset(tmp / "data", args.images, resolution)
     records = scan_dataset(data_dir).records
 
-    # (batch, rank, cache_latents, data workers, text cache, compile, compile mode): each optimisation
-    # next to the row without it, in this one invocation
+    # each optimisation next to the row without it, in this one invocation. Keys: b batch, r rank,
+    # w data workers, c compile ("none" | "blocks" | "blocks/reduce-overhead"), cl channels-last,
+    # g train.cuda_graphs, cast: peft's fp32 cast of LoRA inputs left on (the loop before this pass),
+    # latents: data.cache_latents. Text embeddings are cached in every row.
     grid = [
-        (1, 4, "memory", 0, False, "none", "default"),
-        (1, 4, "memory", 0, True, "none", "default"),
-        (1, 4, "memory", 0, True, "blocks", "default"),
-        (1, 4, "memory", 0, True, "blocks", "reduce-overhead"),
-        (4, 4, "memory", 0, False, "none", "default"),
-        (4, 4, "memory", 0, True, "none", "default"),
-        (4, 4, "memory", 4, True, "none", "default"),
-        (4, 4, "memory", 4, True, "blocks", "default"),
-        (4, 4, "memory", 4, True, "blocks", "reduce-overhead"),
-        (32, 4, "memory", 4, False, "none", "default"),
-        (32, 4, "memory", 4, True, "none", "default"),
-        (32, 4, "memory", 4, True, "blocks", "default"),
-        (1, 32, "memory", 0, True, "blocks", "default"),
-        (4, 32, "memory", 4, True, "blocks", "default"),
-        (4, 4, "none", 4, True, "blocks", "default"),
+        dict(b=1, w=0, c="none", cl=False, g=False, cast=True),
+        dict(b=1, w=0, c="none", cl=False, g=False),
+        dict(b=1, w=0, c="none", cl=True, g=False),
+        dict(b=1, w=0, c="none", cl=True, g=True),
+        dict(b=1, w=0, c="blocks", cl=True, g=True),
+        dict(b=1, w=0, c="blocks/reduce-overhead", cl=True, g=False),
+        dict(b=4, w=4, c="none", cl=False, g=False, cast=True),
+        dict(b=4, w=4, c="none", cl=False, g=False),
+        dict(b=4, w=4, c="none", cl=True, g=False),
+        dict(b=4, w=4, c="none", cl=True, g=True),
+        dict(b=4, w=4, c="blocks", cl=True, g=True),
+        dict(b=4, w=4, c="blocks/reduce-overhead", cl=True, g=False),
+        dict(b=32, w=4, c="none", cl=False, g=False, cast=True),
+        dict(b=32, w=4, c="none", cl=True, g=False),
+        dict(b=32, w=4, c="none", cl=True, g=True),
+        dict(b=32, w=4, c="blocks", cl=True, g=True),
+        dict(b=1, r=32, w=0, c="none", cl=True, g=True),
+        dict(b=4, r=32, w=4, c="none", cl=True, g=True),
+        dict(b=4, w=4, c="none", cl=True, g=True, latents="none"),
+        dict(b=48, w=4, c="blocks", cl=True, g=True),
     ]
     if args.quick:
         grid = grid[:3]
@@ -281,8 +301,10 @@ def main() -> None:
         "time_split_ms": {},
     }
     rows = []
-    for batch, rank, cache, workers, text_cache, compile_kind, compile_mode in grid:
-        warmup = math.ceil(args.images / batch) + 3  # the first epoch fills the caches (and compiles)
+    for spec in grid:
+        batch, rank, workers, cache = spec["b"], spec.get("r", 4), spec["w"], spec.get("latents", "memory")
+        compile_kind, _, compile_mode = spec["c"].partition("/")
+        warmup = math.ceil(args.images / batch) + 3  # the first epoch (and compilation / graph capture)
         cfg = config(
             data_dir,
             tmp / "out",
@@ -291,9 +313,11 @@ def main() -> None:
             cache=cache,
             steps=args.steps,
             warmup=warmup,
-            text_cache=text_cache,
+            text_cache=True,
             compile_kind=compile_kind,
-            compile_mode=compile_mode,
+            compile_mode=compile_mode or "default",
+            channels_last=spec["cl"],
+            cuda_graphs=spec["g"],
         )
         torch._dynamo.reset()  # each configuration compiles from scratch, as a fresh run would
         clear_text_caches()
@@ -305,16 +329,22 @@ def main() -> None:
             torch.cuda.empty_cache()
             torch.cuda.reset_peak_memory_stats()
         clock = StepClock()
-        trainer = Trainer(cfg, base, records, clock)
+        training.loop.disable_input_dtype_casting = (
+            keep_input_casting if spec.get("cast") else disable_input_dtype_casting
+        )
+        trainer = None
         setting = {
             "batch": batch,
             "rank": rank,
             "cache_latents": cache,
             "workers": workers,
-            "text_cache": text_cache,
-            "compile": compile_kind if compile_kind == "none" else f"{compile_kind}/{compile_mode}",
+            "compile": spec["c"],
+            "channels_last": spec["cl"],
+            "cuda_graphs": spec["g"],
+            "peft_input_cast": bool(spec.get("cast")),
         }
         try:
+            trainer = Trainer(cfg, base, records, clock)
             started = time.perf_counter()
             trainer.fit(show_progress=False)
             total = time.perf_counter() - started
@@ -337,9 +367,11 @@ def main() -> None:
         except Exception as error:  # an OOM or a compile failure ends this row, not the benchmark
             row = {**setting, "error": f"{type(error).__name__}: {str(error)[:300]}"}
         finally:
-            remove_lora(trainer.network)
+            if trainer is not None:
+                remove_lora(trainer.network)
             configure_compile(base.unet, "none", "default")
             del trainer
+            training.loop.disable_input_dtype_casting = disable_input_dtype_casting
         rows.append(row)
         result["rows"] = rows
         (out / "results.json").write_text(json.dumps(result, indent=2))  # after each row: a timeout keeps them
@@ -354,13 +386,14 @@ def main() -> None:
         splits[f"batch{batch}-{cache}"] = split
         print("time split (host ms per step)", batch, cache, json.dumps({k: round(v, 2) for k, v in split.items()}))
     (out / "results.json").write_text(json.dumps(result, indent=2))
-    header = "| batch | rank | latents | workers | text cache | compile | img/s | it/s | peak GiB | MFU | warmup s |"
-    print("\n" + header)
-    print("|---|---|---|---|---|---|---|---|---|---|---|")
+    header = "| batch | rank | latents | workers | compile | channels-last | CUDA graphs | peft cast | img/s | it/s |"
+    print("\n" + header + " peak GiB | MFU | warm-up s |")
+    print("|---" * 13 + "|")
     for r in rows:
         head = (
-            f"| {r['batch']} | {r['rank']} | {r['cache_latents']} | {r['workers']} | "
-            f"{'on' if r['text_cache'] else 'off'} | {r['compile']} |"
+            f"| {r['batch']} | {r['rank']} | {r['cache_latents']} | {r['workers']} | {r['compile']} | "
+            f"{'on' if r['channels_last'] else 'off'} | {'on' if r['cuda_graphs'] else 'off'} | "
+            f"{'on' if r['peft_input_cast'] else 'off'} |"
         )
         if "error" in r:
             print(f"{head} {r['error'][:60]} | | | | |")

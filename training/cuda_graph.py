@@ -23,11 +23,22 @@ import torch
 from peft.helpers import disable_input_dtype_casting
 
 
-def cuda_graph_problems(enabled: bool, *, grad_accum_steps: int, compile_mode: str, checkpointing: bool) -> list[str]:
-    """Why ``train.cuda_graphs=true`` cannot be combined with the rest of the config."""
+def cuda_graph_problems(
+    enabled: bool,
+    *,
+    grad_accum_steps: int,
+    compile_mode: str,
+    checkpointing: bool,
+    device: torch.device | None = None,
+) -> list[str]:
+    """Why ``train.cuda_graphs=true`` cannot be combined with the rest of the config (or ``device``)."""
     if not enabled:
         return []
     problems = []
+    if device is not None and device.type != "cuda":
+        problems.append(
+            f"train.cuda_graphs=true needs a CUDA GPU (training runs on {device}); set train.cuda_graphs=false"
+        )
     if grad_accum_steps != 1:
         problems.append(
             "train.cuda_graphs=true needs train.grad_accum_steps=1 (a replayed backward writes its gradients "
@@ -68,7 +79,7 @@ class GraphedUNet:
     """
 
     def __init__(self, unet: Any, autocast_dtype: torch.dtype | None, warmup_steps: int = 3) -> None:
-        if not torch.cuda.is_available() or next(unet.parameters()).device.type != "cuda":
+        if next(unet.parameters()).device.type != "cuda":
             raise RuntimeError("train.cuda_graphs=true needs the model on a CUDA GPU; set train.cuda_graphs=false")
         self.prediction = _Prediction(unet, mixed=autocast_dtype is not None)
         self.autocast_dtype = autocast_dtype

@@ -146,6 +146,14 @@ class Trainer:
                 module.to(dtype=self.weight_dtype)
 
         configure_attention(base.unet, cfg.model.attention, self.device)
+        if problems := cuda_graph_problems(  # before LoRA layers are added to the shared base model
+            train.cuda_graphs,
+            grad_accum_steps=train.grad_accum_steps,
+            compile_mode=train.compile_mode,
+            checkpointing=cfg.model.gradient_checkpointing,
+            device=self.device,
+        ):
+            raise RuntimeError("; ".join(problems))
 
         # --- LoRA (seeded: the initial weights depend only on train.seed) and the optional embedding
         torch.manual_seed(train.seed)
@@ -160,16 +168,7 @@ class Trainer:
         configure_compile(base.unet, train.compile, train.compile_mode)
         configure_memory_format(base.unet, cfg.model.channels_last and self.device.type == "cuda")
         self.autocast_dtype = half  # the dtype autocast computes in; None without mixed precision
-        self.graphed_unet: GraphedUNet | None = None
-        if train.cuda_graphs:
-            if problems := cuda_graph_problems(
-                True,
-                grad_accum_steps=train.grad_accum_steps,
-                compile_mode=train.compile_mode,
-                checkpointing=cfg.model.gradient_checkpointing,
-            ):
-                raise ValueError("; ".join(problems))
-            self.graphed_unet = GraphedUNet(base.unet, half)
+        self.graphed_unet = GraphedUNet(base.unet, half) if train.cuda_graphs else None
         if cfg.network.init_weights:
             self.init_report = apply_init_weights(
                 self.network, cfg.network.init_weights, allow_pickle=cfg.output.allow_pickle
