@@ -40,6 +40,7 @@ def evaluate(
     negative_prompt: str | None = None,
     encode_prompt: PromptEncoder | None = None,
     generation_prompts: list[str] | None = None,
+    batch_size: int = 16,
 ) -> EvalResult:
     """Sample ``images_per_prompt`` images per prompt with ``test_seed`` and score each against its prompt.
 
@@ -61,6 +62,7 @@ def evaluate(
         width=width,
         negative_prompt=negative_prompt,
         encode_prompt=encode_prompt,
+        batch_size=batch_size,
     )
     flat_images = [image for row in images for image in row]
     flat_prompts = [prompt for prompt, row in zip(prompts, images, strict=True) for _ in row]

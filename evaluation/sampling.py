@@ -19,6 +19,7 @@ from diffusers import (
     StableDiffusionPipeline,
 )
 from diffusers.schedulers.scheduling_utils import SchedulerMixin
+from diffusers.utils.torch_utils import randn_tensor
 from PIL import Image
 
 # (prompt, negative prompt) -> (prompt embeddings, negative prompt embeddings)
@@ -45,6 +46,11 @@ def sampling_scheduler(train_scheduler_config: Mapping[str, Any] | SchedulerMixi
     return SAMPLERS[key].from_config(config)
 
 
+# samplers whose steps draw no noise that matters (DDIM at eta 0, Euler without churn, DPM-Solver++ 2M):
+# their images are decided by the initial latents alone, so prompts can share one batched call
+DETERMINISTIC_SAMPLERS = (DDIMScheduler, EulerDiscreteScheduler, DPMSolverMultistepScheduler)
+
+
 def generate_samples(
     pipeline: StableDiffusionPipeline,
     prompts: list[str],
@@ -58,12 +64,17 @@ def generate_samples(
     negative_prompt: str | None = None,
     show_progress: bool = False,
     encode_prompt: PromptEncoder | None = None,
+    batch_size: int = 16,
 ) -> list[list[Image.Image]]:
     """``images_per_prompt`` images for each prompt, one list per prompt, in order.
 
-    Prompt ``i`` gets its own generator seeded ``test_seed + i`` and its own pipeline call, so its
-    images depend only on (seed, position, prompt): editing or dropping another prompt leaves them
-    unchanged, and the same call twice gives the same images.
+    Prompt ``i``'s starting latents come from its own generator seeded ``test_seed + i``, so its
+    images depend only on (seed, position, prompt): editing or dropping another prompt leaves
+    them unchanged (up to floating-point rounding of a different batch size), and the same call
+    twice gives the same images. With a deterministic sampler the prompts are generated together,
+    up to ``batch_size`` images per pipeline call (a few calls instead of one per prompt: on a GPU
+    the sampling of a trial is bound by the host at small batches); DDPM draws noise at every
+    step, so it keeps one call per prompt.
 
     ``encode_prompt(prompt, negative_prompt) -> (embeds, negative_embeds)`` replaces the pipeline's
     own text encoding, for what it cannot do itself (clip skip, 150/225-token prompts, the training
@@ -72,24 +83,86 @@ def generate_samples(
     pipeline.set_progress_bar_config(disable=not show_progress)
     # The execution device differs from pipeline.device under CPU offload; the latents are drawn there.
     device = getattr(pipeline, "_execution_device", None) or pipeline.device
-    samples = []
-    for index, prompt in enumerate(prompts):
-        generator = torch.Generator(device=device).manual_seed(test_seed + index)
-        if encode_prompt is not None:
-            with torch.no_grad():
-                embeds, negative_embeds = encode_prompt(prompt, negative_prompt)
-            text: dict[str, Any] = {"prompt_embeds": embeds, "negative_prompt_embeds": negative_embeds}
-        else:
-            text = {"prompt": prompt, "negative_prompt": negative_prompt}
+    height = height or pipeline.unet.config.sample_size * pipeline.vae_scale_factor
+    width = width or pipeline.unet.config.sample_size * pipeline.vae_scale_factor
+    texts = [_prompt_inputs(prompt, negative_prompt, encode_prompt) for prompt in prompts]
+    latents = [
+        randn_tensor(
+            (
+                images_per_prompt,
+                pipeline.unet.config.in_channels,
+                height // pipeline.vae_scale_factor,
+                width // pipeline.vae_scale_factor,
+            ),
+            generator=torch.Generator(device=device).manual_seed(test_seed + index),
+            device=device,
+            dtype=_dtype(text, pipeline),
+        )
+        for index, text in enumerate(texts)
+    ]
+    together = isinstance(pipeline.scheduler, DETERMINISTIC_SAMPLERS)
+    samples: list[list[Image.Image]] = []
+    for group in _groups(texts, images_per_prompt, batch_size if together else images_per_prompt):
         output = pipeline(
-            **text,
-            num_images_per_prompt=images_per_prompt,
+            **_batched(group, texts, images_per_prompt),
+            latents=torch.cat([latents[i] for i in group]),
+            num_images_per_prompt=1,
             num_inference_steps=num_inference_steps,
             guidance_scale=guidance_scale,
             height=height,
             width=width,
-            generator=generator,
+            # the deterministic samplers' noise draws have zero weight; DDPM (one prompt per call) uses it
+            generator=[torch.Generator(device=device).manual_seed(test_seed + group[0]) for _ in group]
+            * images_per_prompt
+            if together
+            else torch.Generator(device=device).manual_seed(test_seed + group[0]),
             output_type="pil",
         )
-        samples.append(list(output.images))
+        images = list(output.images)
+        samples += [images[k * images_per_prompt : (k + 1) * images_per_prompt] for k in range(len(group))]
     return samples
+
+
+def _prompt_inputs(prompt: str, negative_prompt: str | None, encode_prompt: PromptEncoder | None) -> dict[str, Any]:
+    if encode_prompt is None:
+        return {"prompt": prompt, "negative_prompt": negative_prompt or ""}
+    with torch.no_grad():
+        embeds, negative_embeds = encode_prompt(prompt, negative_prompt)
+    return {"prompt_embeds": embeds, "negative_prompt_embeds": negative_embeds}
+
+
+def _dtype(text: dict[str, Any], pipeline: StableDiffusionPipeline) -> torch.dtype:
+    """The dtype the pipeline draws its latents in (that of the prompt embeddings)."""
+    embeds = text.get("prompt_embeds")
+    return embeds.dtype if embeds is not None else pipeline.text_encoder.dtype
+
+
+def _groups(texts: list[dict[str, Any]], images_per_prompt: int, batch_size: int) -> list[list[int]]:
+    """Consecutive prompts per pipeline call: at most ``batch_size`` images (at least one prompt),
+    and one embedding shape (long prompts may encode to more tokens than short ones)."""
+    groups: list[list[int]] = []
+    for index, text in enumerate(texts):
+        shape = text["prompt_embeds"].shape if "prompt_embeds" in text else None
+        last = groups[-1] if groups else None
+        if (
+            last is not None
+            and (len(last) + 1) * images_per_prompt <= batch_size
+            and (shape is None or texts[last[0]]["prompt_embeds"].shape == shape)
+        ):
+            last.append(index)
+        else:
+            groups.append([index])
+    return groups
+
+
+def _batched(group: list[int], texts: list[dict[str, Any]], images_per_prompt: int) -> dict[str, Any]:
+    """The pipeline's text inputs for ``group``: each prompt repeated for its images, in order."""
+    if "prompt" in texts[group[0]]:
+        return {
+            key: [texts[i][key] for i in group for _ in range(images_per_prompt)]
+            for key in ("prompt", "negative_prompt")
+        }
+    return {
+        key: torch.cat([texts[i][key] for i in group]).repeat_interleave(images_per_prompt, dim=0)
+        for key in ("prompt_embeds", "negative_prompt_embeds")
+    }

@@ -152,6 +152,7 @@ class EvalConfig:
     sampler: str = "ddim"  # ddim | euler | dpm++ | ddpm
     clip_model: str = "toy"  # toy (shipped, trained), tiny (random, smoke tests), a local CLIP folder, or a hub id
     every_n_steps: int = 0  # periodic evaluation during training; 0 = only at the end
+    batch_size: int = 16  # images generated per pipeline call (prompts batched; DDPM: one prompt per call)
 
 
 @dataclass

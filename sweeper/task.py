@@ -112,6 +112,7 @@ def run(
                         list(cfg.eval.prompts),
                         test_seed=cfg.eval.test_seed,
                         images_per_prompt=cfg.eval.images_per_prompt,
+                        batch_size=cfg.eval.batch_size,
                         num_inference_steps=cfg.eval.num_inference_steps,
                         guidance_scale=cfg.eval.guidance_scale,
                         height=trainer.resolution,

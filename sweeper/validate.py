@@ -210,7 +210,7 @@ def _eval_problems(eval_cfg: Any) -> list[str]:
     problems = []
     if not eval_cfg.prompts:
         problems.append("eval.prompts is empty; give at least one prompt, e.g. eval.prompts='[a photo of sks]'")
-    for key in ("images_per_prompt", "num_inference_steps"):
+    for key in ("images_per_prompt", "num_inference_steps", "batch_size"):
         if getattr(eval_cfg, key) < 1:
             problems.append(f"eval.{key} must be >= 1 (got {getattr(eval_cfg, key)})")
     if eval_cfg.every_n_steps < 0:

@@ -240,7 +240,7 @@ def test_global_rng_state_does_not_leak_into_samples(pipeline: StableDiffusionPi
 def test_a_prompts_images_do_not_depend_on_the_other_prompts(pipeline: StableDiffusionPipeline) -> None:
     # Prompt i is seeded test_seed + i, so "a blue square" at position 1 with seed 10 must match
     # "a blue square" alone at position 0 with seed 11: same seed, same prompt, and nothing else.
-    # A generator shared across prompts, or one batched call for all prompts, breaks this.
+    # A generator shared across prompts breaks this; prompts batched in one call keep it.
     together = generate_samples(pipeline, ["a red circle", "a blue square"], test_seed=10, **SAMPLE_KW)
     alone = generate_samples(pipeline, ["a blue square"], test_seed=11, **SAMPLE_KW)
     with_other_first = generate_samples(pipeline, ["two green stars", "a blue square"], test_seed=10, **SAMPLE_KW)
@@ -248,6 +248,43 @@ def test_a_prompts_images_do_not_depend_on_the_other_prompts(pipeline: StableDif
     assert same_images(together[1], alone[0])
     assert same_images(together[1], with_other_first[1])
     assert not same_images(together[0], with_other_first[0])  # prompt 0 did change the images it owns
+
+
+def nearly_same_images(a: list[Image.Image], b: list[Image.Image], levels: int = 2) -> bool:
+    """Equal up to float rounding of a different batch size (at most ``levels`` of 255 per pixel)."""
+    return len(a) == len(b) and all(
+        np.abs(np.asarray(x, dtype=np.int16) - np.asarray(y, dtype=np.int16)).max() <= levels
+        for x, y in zip(a, b, strict=True)
+    )
+
+
+@pytest.mark.parametrize("sampler", ["ddim", "euler", "dpm++", "ddpm"])
+def test_prompts_batched_in_one_call_give_the_images_of_one_call_each(pipeline, sampler, monkeypatch) -> None:
+    monkeypatch.setattr(pipeline, "scheduler", sampling_scheduler(pipeline.scheduler.config, sampler))
+    calls = []
+    original = type(pipeline).__call__
+    monkeypatch.setattr(
+        type(pipeline), "__call__", lambda self, **kw: calls.append(kw["latents"].shape[0]) or original(self, **kw)
+    )
+    prompts = ["a red circle", "a blue square", "two green stars"]
+    batched = generate_samples(pipeline, prompts, test_seed=4, batch_size=16, **SAMPLE_KW)
+    batched_calls, calls[:] = list(calls), []
+    single = generate_samples(pipeline, prompts, test_seed=4, batch_size=2, **SAMPLE_KW)
+    # DDPM draws noise at each step from the prompt's generator: it keeps one call per prompt
+    assert batched_calls == ([2, 2, 2] if sampler == "ddpm" else [6]) and calls == [2, 2, 2]
+    for a, b in zip(batched, single, strict=True):
+        assert nearly_same_images(a, b)
+
+
+def test_batches_hold_whole_prompts_up_to_the_batch_size(pipeline, monkeypatch) -> None:
+    monkeypatch.setattr(pipeline, "scheduler", sampling_scheduler(pipeline.scheduler.config, "ddim"))
+    calls = []
+    original = type(pipeline).__call__
+    monkeypatch.setattr(
+        type(pipeline), "__call__", lambda self, **kw: calls.append(kw["latents"].shape[0]) or original(self, **kw)
+    )
+    images = generate_samples(pipeline, ["a", "b", "c", "d", "e"], test_seed=0, batch_size=5, **SAMPLE_KW)
+    assert calls == [4, 4, 2] and [len(row) for row in images] == [2] * 5
 
 
 def test_progress_bar_is_off_unless_asked(pipeline: StableDiffusionPipeline) -> None:
