@@ -119,6 +119,41 @@ class _SkippableBatches(torch.utils.data.Sampler[list[int]]):
         return itertools.islice(iter(self.batches), skip, None)
 
 
+class _LossReader:
+    """Loss values read back from the GPU without stalling it.
+
+    ``.item()`` would wait for the GPU to finish the step, and the host would then dispatch the
+    next step to an idle GPU. Instead each logged loss is copied into pinned host memory behind
+    the step's kernels and read once its event has passed, usually one step later.
+    """
+
+    def __init__(self, device: torch.device) -> None:
+        self.cuda = device.type == "cuda"
+        self.pending: list[tuple[int, torch.Tensor, Any, dict[str, float]]] = []
+
+    def push(self, loss: torch.Tensor, step: int, extra: dict[str, float]) -> None:
+        """Queue ``loss`` (a 0-d tensor the caller may overwrite afterwards) as the value of ``step``."""
+        host = torch.empty((), dtype=loss.dtype, pin_memory=self.cuda)
+        host.copy_(loss, non_blocking=self.cuda)
+        event = torch.cuda.Event() if self.cuda else None
+        if event is not None:
+            event.record()
+        self.pending.append((step, host, event, extra))
+
+    def ready(self, wait: bool = False) -> list[tuple[int, float, dict[str, float]]]:
+        """``(step, loss, extra)`` of every queued loss whose copy has finished (all of them with ``wait``)."""
+        done = []
+        while self.pending:
+            step, host, event, extra = self.pending[0]
+            if event is not None and not event.query():
+                if not wait:
+                    break
+                event.synchronize()
+            done.append((step, host.item(), extra))
+            self.pending.pop(0)
+        return done
+
+
 class Trainer:
     """Owns one run's trainable state; the base model it is given can be reused afterwards."""
 
@@ -288,6 +323,16 @@ class Trainer:
             dynamic_ncols=True,
         )
         pending_loss = torch.zeros((), device=self.device)
+        losses = _LossReader(self.device)
+
+        def log_losses(ready: list[tuple[int, float, dict[str, float]]]) -> None:
+            for logged_step, step_loss, extra in ready:
+                if not math.isfinite(step_loss):
+                    raise NonFiniteLossError(f"loss became {step_loss} at step {logged_step}; lower optimizer.lr")
+                result.losses.append(step_loss)
+                self.sink.log_metrics({"train/loss": step_loss, **extra}, logged_step)
+                progress.set_postfix(loss=f"{step_loss:.4f}", lr=f"{extra['train/lr']:.2e}", refresh=False)
+
         started = time.perf_counter()
 
         def epoch_end(epoch: int) -> None:
@@ -324,21 +369,18 @@ class Trainer:
                 if cfg.network.max_norm is not None:
                     metrics.update(self.network.apply_max_norm(cfg.network.max_norm))
                 if step % train.log_every_n_steps == 0 or step == self.total_steps:
-                    step_loss = pending_loss.item()  # the only host sync: at log intervals
-                    if not math.isfinite(step_loss):
-                        raise NonFiniteLossError(f"loss became {step_loss} at step {step}; lower optimizer.lr")
-                    result.losses.append(step_loss)
                     lr = self.lr_schedule.last_lr()
-                    metrics.update({"train/loss": step_loss, "train/lr": lr, "train/epoch": position.epoch})
-                    progress.set_postfix(loss=f"{step_loss:.4f}", lr=f"{lr:.2e}", refresh=False)
+                    losses.push(pending_loss, step, {"train/lr": lr, "train/epoch": position.epoch})
                 if metrics:
                     self.sink.log_metrics(metrics, step)
+                log_losses(losses.ready())
                 pending_loss.zero_()
                 progress.update(1)
                 if on_save and train.save_every_n_steps and step % train.save_every_n_steps == 0:
                     on_save(step, position.epoch)
                 every = cfg.eval.every_n_steps
                 if on_eval and every > 0 and step % every == 0 and step < self.total_steps:
+                    log_losses(losses.ready(wait=True))
                     value, stop = self._evaluate(on_eval, step, trained)
                     self.lr_schedule.step_on_metric(value)
                     if stop:
@@ -346,6 +388,7 @@ class Trainer:
                         break
                 if step >= self.total_steps:
                     break
+            log_losses(losses.ready(wait=True))
         finally:
             progress.close()
             for model in trained:
