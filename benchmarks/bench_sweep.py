@@ -87,7 +87,8 @@ def main() -> None:
         metrics = json.loads(record.read_text())["metrics"]
         wall, train = metrics["wall_time_s"], metrics["train/seconds"]
         trial = int(record.parent.name)
-        trials.append({"trial": trial, "wall_s": wall, "train_s": train, "overhead": 1 - train / wall})
+        phases = {k.removeprefix("time/"): round(v, 2) for k, v in metrics.items() if k.startswith("time/")}
+        trials.append({"trial": trial, "wall_s": wall, "train_s": train, "overhead": 1 - train / wall, **phases})
         print(json.dumps(trials[-1]), flush=True)
     result = {
         "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",

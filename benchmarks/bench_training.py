@@ -276,6 +276,7 @@ def main() -> None:
         dict(b=4, w=4, c="none", cl=True, g=True),
         dict(b=4, w=4, c="blocks", cl=True, g=True),
         dict(b=4, w=4, c="blocks/reduce-overhead", cl=True, g=False),
+        dict(b=16, w=4, c="blocks", cl=True, g=True),
         dict(b=32, w=4, c="none", cl=False, g=False, cast=True),
         dict(b=32, w=4, c="none", cl=True, g=False),
         dict(b=32, w=4, c="none", cl=True, g=True),

@@ -93,6 +93,8 @@ def run(
             tracker.log_text("\n".join(f"{p}\t{r}" for p, r in validated.dataset.skipped) + "\n", "data/skipped.tsv")
 
         # --- setup (the base model and the CLIP scorer are reused by later runs in this process)
+        phases = {"start_s": time.perf_counter() - started}  # validation + run start; where a trial's time went
+        mark = time.perf_counter()
         base = _worker.base_model(cfg.model)
         tracker.set_tags({f"model.{k}": v for k, v in base.identity.items()})
         regularisation = validated.regularisation.records if validated.regularisation else None
@@ -143,7 +145,9 @@ def run(
             tag_frequency = ss_tag_frequency(tag_frequencies_by_folder(validated.dataset.records))
 
             # --- train
+            phases["setup_s"], mark = time.perf_counter() - mark, time.perf_counter()
             fit = trainer.fit(on_eval=periodic_eval, on_save=save, show_progress=show_progress)
+            phases["fit_s"], mark = time.perf_counter() - mark, time.perf_counter()
 
             # --- evaluate: the LoRA (a pruned run keeps its last value), then the base model
             final = periodic[-1] if fit.stopped_early else evaluate_now()
@@ -154,8 +158,11 @@ def run(
                 baseline = _worker.baselines[baseline_key] = evaluate_now()
                 trainer.network.set_enabled(True)
 
+            phases["eval_s"], mark = time.perf_counter() - mark, time.perf_counter()
+
             # --- save
             lora_path = save(fit.steps, fit.epochs, final=True)
+            phases["save_s"] = time.perf_counter() - mark
         finally:
             remove_lora(trainer.network)
 
@@ -166,6 +173,7 @@ def run(
             "train/steps_done": float(fit.steps),
             "train/seconds": fit.train_seconds,
             "wall_time_s": time.perf_counter() - started,
+            **{f"time/{name}": seconds for name, seconds in phases.items()},
             "peak_memory_mb": _peak_memory_mb(trainer.device),
             "lora_file_mb": lora_path.stat().st_size / 2**20,
         }
