@@ -107,7 +107,7 @@ def run(
             pipeline = trainer.sampling_pipeline(sampling_scheduler(base.noise_scheduler.config, cfg.eval.sampler))
 
             def evaluate_now() -> EvalResult:
-                with trainer.accelerator.autocast():
+                with trainer.accelerator.autocast(), trainer.lora_without_input_casts(base.unet, base.text_encoder):
                     return evaluate(
                         pipeline,
                         scorer,

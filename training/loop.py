@@ -7,6 +7,7 @@ pipeline, the LoRA tensors, the training state).
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import itertools
 import math
@@ -462,9 +463,7 @@ class Trainer:
             if self.graphed_unet is not None:
                 prediction = self.graphed_unet(noisy, timesteps, hidden)
             else:
-                # under autocast peft's cast of each LoRA input to fp32 is undone by the next matmul:
-                # skipping it saves two copies of every adapted activation (same numbers)
-                with disable_input_dtype_casting(base.unet, active=self.autocast_dtype is not None):
+                with self.lora_without_input_casts(base.unet):
                     prediction = base.unet(noisy, timesteps, hidden).sample
         per_sample = F.mse_loss(prediction.float(), target.float(), reduction="none").mean(dim=(1, 2, 3))
         weights = torch.ones_like(per_sample)
@@ -477,6 +476,18 @@ class Trainer:
             is_reg = torch.tensor(batch["is_reg"], device=self.device)
             weights = torch.where(is_reg, weights * cfg.data.prior_loss_weight, weights)
         return (per_sample * weights).mean()
+
+    @contextlib.contextmanager
+    def lora_without_input_casts(self, *models: torch.nn.Module) -> Iterator[None]:
+        """Under autocast, skip peft's cast of each LoRA layer's input to the fp32 LoRA weights.
+
+        The next matmul casts it straight back to the autocast dtype, so the cast only costs two
+        copies of every adapted activation: the numbers are the same without it.
+        """
+        with contextlib.ExitStack() as stack:
+            for model in models:
+                stack.enter_context(disable_input_dtype_casting(model, active=self.autocast_dtype is not None))
+            yield
 
     def latent_keys(self, show_progress: bool = False) -> dict[tuple[int, bool], str]:
         """Latent-cache key of each ``(record, flipped)`` crop; the first call fills the cache.
