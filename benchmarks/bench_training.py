@@ -285,6 +285,7 @@ def main() -> None:
         dict(b=4, r=32, w=4, c="none", cl=True, g=True),
         dict(b=4, w=4, c="none", cl=True, g=True, latents="none"),
         dict(b=48, w=4, c="blocks", cl=True, g=True),
+        dict(b=64, w=4, c="blocks", cl=True, g=True),
     ]
     if args.quick:
         grid = grid[:3]
