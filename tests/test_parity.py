@@ -158,6 +158,20 @@ def test_cached_latents_give_the_same_losses(make_cfg):
     assert losses["memory"] == pytest.approx(losses["none"], rel=1e-5)
 
 
+def test_with_cached_latents_batches_decode_no_images(make_cfg, monkeypatch):
+    trainer = trainer_for(make_cfg("data.cache_latents=memory", "train.max_steps=3", "data.flip_aug=true"))
+    try:
+        records = {index for index, record in enumerate(trainer.dataset.records) if record.repeats > 0}
+        assert set(trainer.latent_keys()) == {(i, flipped) for i in records for flipped in (False, True)}
+        decoded = []
+        monkeypatch.setattr("training.data.load_rgb", lambda path: decoded.append(path))
+        batch = next(iter(trainer.loader))
+        assert "pixel_values" not in batch and decoded == []
+        assert trainer.fit(show_progress=False).steps == 3 and decoded == []
+    finally:
+        remove_lora(trainer.network)
+
+
 def test_aspect_buckets_train_one_bucket_per_batch(make_cfg, tmp_path):
     folder = tmp_path / "data" / "2_mixed"
     folder.mkdir(parents=True)

@@ -292,7 +292,8 @@ class CaptionedImageDataset(torch.utils.data.Dataset):
     Decoded, resized images are kept in a per-process LRU cache of ``cache_size`` records, since
     LoRA datasets are small and repeats re-read each image many times per epoch.
 
-    Items carry ``pixel_values``, ``caption``, ``index`` (the record), ``is_reg``, ``flipped``,
+    Items carry ``pixel_values`` (unless ``load_pixels`` is off: every crop's latent is cached and
+    nothing is decoded), ``caption``, ``index`` (the record), ``is_reg``, ``flipped``,
     ``bucket`` as ``(width, height)``, and ``original_size`` and ``crop_top_left`` as ``(y, x)``
     pairs, which SDXL's micro-conditioning (``add_time_ids``) needs; after a flip
     ``crop_top_left`` is measured in the flipped image, as kohya does.
