@@ -445,7 +445,8 @@ class Trainer:
                 pixels = batch["pixel_values"].to(self.device, dtype=self.weight_dtype, non_blocking=True)
                 distribution = base.vae.encode(pixels).latent_dist
             else:  # encoded once per image (and flip) before training: the same distribution either way
-                keys = [self.latent_keys()[crop] for crop in zip(batch["index"], batch["flipped"], strict=True)]
+                key_of = self.latent_keys()
+                keys = [key_of[crop] for crop in zip(batch["index"], batch["flipped"], strict=True)]
                 distribution = DiagonalGaussianDistribution(stacked_latent_params(self.latent_store, keys, self.device))
             latents = distribution.sample(generator=rng) * base.vae.config.scaling_factor
         with torch.set_grad_enabled(self._text_encoder_trains()), self.accelerator.autocast(), stage("text_encoder"):
