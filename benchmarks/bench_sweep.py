@@ -22,23 +22,21 @@ import time
 from pathlib import Path
 
 import torch
-from diffusers import StableDiffusionPipeline
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_training import sd15_base_model, synthetic_dataset
 
+from training.pipeline import sd_pipeline
+
 
 def write_model(folder: Path) -> Path:
     base = sd15_base_model()
-    pipeline = StableDiffusionPipeline(
+    pipeline = sd_pipeline(
         vae=base.vae,
         text_encoder=base.text_encoder,
         tokenizer=base.tokenizer,
         unet=base.unet,
         scheduler=base.noise_scheduler,
-        safety_checker=None,
-        feature_extractor=None,
-        requires_safety_checker=False,
     )
     pipeline.save_pretrained(folder, safe_serialization=True)
     return folder

@@ -46,6 +46,7 @@ from training.models import BaseModel
 from training.network import LoraNetwork, add_lora
 from training.noise import min_snr_weights, offset_noise, sample_timesteps, timestep_bounds
 from training.optim import build_lr_scheduler, build_optimizer
+from training.pipeline import sd_pipeline
 from training.text_cache import TextEmbeddingCache, shared_text_cache, text_cache_key
 from training.text_encoding import encode_prompt_pair, encode_prompts
 
@@ -649,14 +650,7 @@ class Trainer:
     def sampling_pipeline(self, scheduler: Any) -> StableDiffusionPipeline:
         """A pipeline over the live (LoRA-adapted) models, for evaluation."""
         base = self.base
-        pipeline = StableDiffusionPipeline(
-            vae=base.vae,
-            text_encoder=base.text_encoder,
-            tokenizer=base.tokenizer,
-            unet=base.unet,
-            scheduler=scheduler,
-            safety_checker=None,
-            feature_extractor=None,
-            requires_safety_checker=False,
+        pipeline = sd_pipeline(
+            vae=base.vae, text_encoder=base.text_encoder, tokenizer=base.tokenizer, unet=base.unet, scheduler=scheduler
         )
         return pipeline.to(self.device)

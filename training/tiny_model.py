@@ -14,6 +14,7 @@ from diffusers import AutoencoderKL, DDPMScheduler, StableDiffusionPipeline, UNe
 from transformers import CLIPTextConfig, CLIPTextModel
 
 from training.cache import cached_folder, default_cache_root
+from training.pipeline import sd_pipeline
 from training.tokenizer import build_word_tokenizer
 
 TINY_SD_NAME = "tiny-sd-v1"
@@ -75,16 +76,7 @@ def build_tiny_pipeline(seed: int = TINY_SEED) -> StableDiffusionPipeline:
         )
     finally:
         torch.random.set_rng_state(generator_state)
-    return StableDiffusionPipeline(
-        vae=vae,
-        text_encoder=text_encoder,
-        tokenizer=tokenizer,
-        unet=unet,
-        scheduler=scheduler,
-        safety_checker=None,
-        feature_extractor=None,
-        requires_safety_checker=False,
-    )
+    return sd_pipeline(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet, scheduler=scheduler)
 
 
 def build_tiny_model_folder(folder: Path) -> None:

@@ -46,6 +46,7 @@ from transformers import CLIPModel, CLIPTextModel, CLIPTokenizer
 from evaluation.clip_score import ClipScorer
 from evaluation.sampling import generate_samples, sampling_scheduler
 from training.noise import min_snr_weights
+from training.pipeline import sd_pipeline
 from training.text_encoding import encode_prompts
 from training.toy.pretrain_clip import resolve_device
 from training.toy.world import HELD_OUT_SHAPE, SHAPES, Scene, render, scenes, sentence_caption, tag_caption
@@ -765,15 +766,12 @@ def tile(images: Sequence[Image.Image], columns: int) -> Image.Image:
 def assemble_pipeline(
     vae: AutoencoderKL, unet: UNet2DConditionModel, text_encoder: CLIPTextModel, tokenizer: CLIPTokenizer
 ) -> StableDiffusionPipeline:
-    return StableDiffusionPipeline(
+    return sd_pipeline(
         vae=vae.cpu().eval(),
         text_encoder=text_encoder.cpu().eval(),
         tokenizer=tokenizer,
         unet=unet.cpu().eval(),
         scheduler=build_scheduler(),
-        safety_checker=None,
-        feature_extractor=None,
-        requires_safety_checker=False,
     )
 
 
