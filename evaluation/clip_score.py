@@ -15,6 +15,7 @@ from PIL import Image
 from transformers import CLIPModel, CLIPProcessor
 
 from evaluation.tiny_clip import ensure_tiny_clip
+from training.checked_loading import load_checked
 from training.toy.shipped import shipped_folder
 
 TINY = "tiny"
@@ -128,7 +129,7 @@ def _load(path: str | Path, name: str) -> tuple[CLIPModel, CLIPProcessor]:
         raise FileNotFoundError(f"eval.clip_model={name!r}: no such folder {str(local)!r}. {_FIX}")
     source = str(local) if looks_local else text
     try:
-        model = CLIPModel.from_pretrained(source)
+        model = load_checked(CLIPModel, source)
         processor = CLIPProcessor.from_pretrained(source)
     except (OSError, ValueError, KeyError) as err:
         error = ValueError if looks_local else FileNotFoundError

@@ -10,6 +10,8 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig
 
+from sweeper.versions import check_versions_or_exit
+
 
 def quiet_libraries() -> None:
     """Our own progress bar and summary are the output; the libraries' load chatter is noise.
@@ -25,6 +27,7 @@ def quiet_libraries() -> None:
         logging.disable_progress_bar()
 
 
+check_versions_or_exit()  # before the libraries it checks are imported
 quiet_libraries()
 
 from sweeper.config import register_configs, register_resolvers  # noqa: E402

@@ -24,10 +24,8 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
 import re
 import sys
-import tempfile
 import tomllib
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -38,6 +36,7 @@ from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from sweeper.config import GROUP_SCHEMAS, PROJECT_ROOT, OutputConfig, TrainConfig
+from training.atomic_file import write_text_atomically
 
 CONF_DIR = PROJECT_ROOT / "conf"
 DEFAULT_OUT = CONF_DIR / "experiment"
@@ -1011,18 +1010,7 @@ def import_config(path: str | Path, conf_dir: str | Path = CONF_DIR) -> ImportRe
 
 def write_experiment(result: ImportResult, name: str, out_dir: str | Path = DEFAULT_OUT) -> Path:
     """Write ``<out_dir>/<name>.yaml`` under a temporary name, then rename it into place."""
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    target = out_dir / f"{name}.yaml"
-    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=out_dir)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as file:
-            file.write(result.yaml(name))
-        os.replace(tmp, target)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-    return target
+    return write_text_atomically(Path(out_dir) / f"{name}.yaml", result.yaml(name))
 
 
 def experiment_name(path: str | Path) -> str:

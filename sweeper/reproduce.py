@@ -1,8 +1,14 @@
-"""``python -m sweeper.reproduce RUN_ID|RUN_DIR [overrides...]``: run a logged run again and compare.
+"""``python -m sweeper.reproduce RUN_ID|RUN_DIR|LORA_FILE [overrides...]``: run a logged run again and compare.
 
 The logged resolved config is all a run needs; a sweep trial reproduces as a single run (its
-``sweep.*`` bookkeeping is dropped). Extra ``key=value`` overrides make it a variation, which the
-output and the new run's tags say.
+``sweep.*`` bookkeeping is dropped). A LoRA file leads back to its run through its
+``lora_sweeper_run_id`` metadata, or, when that run is not in the tracking store, through the
+config it carries (``lora_sweeper_config``). Extra ``key=value`` overrides make it a variation,
+which the output and the new run's tags say.
+
+A reproduction matches when the LoRA's tensors are bit-identical and its metadata equal except the
+keys that record when and by which run it was written (``VOLATILE_METADATA_KEYS``: start/finish
+times, date, session and run id); the comparison names those keys.
 """
 
 from __future__ import annotations
@@ -18,9 +24,12 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
-from sweeper.config import Config, SweepConfig, register_resolvers
+from sweeper.config import Config, SweepConfig, TrackingConfig, register_resolvers
 from sweeper.fingerprint import PACKAGES, changed_files, code_version, dataset_fingerprint
 from sweeper.validate import ConfigError
+from sweeper.versions import check_versions_or_exit
+from training.lora_file import lora_identity, read_metadata
+from training.lora_metadata import CONFIG_KEY, RUN_ID_KEY, VOLATILE_METADATA_KEYS
 
 COMPARED = ("clip_score", "clip_score_baseline", "train/final_loss", "train/steps_done")
 
@@ -39,13 +48,52 @@ class Source:
     lora_sha256: str | None
     tags: dict[str, str] = field(default_factory=dict)
     fingerprint: dict[str, Any] | None = None
+    lora_identity: dict[str, str] = field(default_factory=dict)  # tensors_sha256, metadata_sha256
+    lora_metadata: dict[str, str] | None = None
 
 
 def load_source(source: str, tracking_uri: str | None) -> Source:
-    folder = Path(source)
-    if folder.is_dir():
-        return _from_folder(folder)
+    path = Path(source)
+    if path.is_dir():
+        return _from_folder(path)
+    if path.is_file():
+        return _from_lora_file(path, tracking_uri or _default_uri())
     return _from_mlflow(source, tracking_uri or _default_uri())
+
+
+def _from_lora_file(path: Path, tracking_uri: str) -> Source:
+    """The run a LoRA file names (``lora_sweeper_run_id``), else the config the file carries."""
+    from safetensors import SafetensorError
+
+    try:
+        metadata = read_metadata(path)
+    except (SafetensorError, OSError) as error:
+        raise ReproduceError(f"{path} is not a safetensors LoRA file ({error})") from error
+    run_id = metadata.get(RUN_ID_KEY)
+    if run_id:
+        try:
+            source = _from_mlflow(run_id, tracking_uri)
+        except ReproduceError as error:
+            print(f"note: {error}; using the config stored in the file instead")
+        else:
+            source.lora_metadata = source.lora_metadata or metadata
+            return source
+    if CONFIG_KEY not in metadata:
+        raise ReproduceError(
+            f"{path} carries no lora_sweeper_config (written with output.metadata=false, or by another trainer); "
+            "give its MLflow run id or run folder instead"
+        )
+    config = json.loads(metadata[CONFIG_KEY])
+    # where-it-was-written keys are not in the file: the reproduction logs to the given (or default) store
+    config.setdefault("tracking", OmegaConf.to_container(OmegaConf.structured(TrackingConfig(uri=tracking_uri))))
+    return Source(
+        label=str(path),
+        config=config,
+        metrics={},
+        lora_sha256=None,
+        lora_identity=lora_identity(path),
+        lora_metadata=metadata,
+    )
 
 
 def _default_uri() -> str:
@@ -60,11 +108,14 @@ def _from_folder(folder: Path) -> Source:
     raw.output.dir = str(folder)  # the one interpolation only Hydra itself can resolve
     record_file = folder / "run.json"
     record = json.loads(record_file.read_text()) if record_file.is_file() else {}
+    lora_file = Path(record.get("lora_file", ""))
     return Source(
         label=str(folder),
         config=OmegaConf.to_container(raw, resolve=True),
         metrics=record.get("metrics", {}),
         lora_sha256=record.get("lora_sha256"),
+        lora_identity={k: record[f"lora_{k}"] for k in IDENTITY if f"lora_{k}" in record},
+        lora_metadata=read_metadata(lora_file) if lora_file.suffix == ".safetensors" and lora_file.is_file() else None,
     )
 
 
@@ -81,13 +132,26 @@ def _from_mlflow(run_id: str, tracking_uri: str) -> Source:
         ) from error
     with tempfile.TemporaryDirectory() as tmp:
         config = OmegaConf.to_container(OmegaConf.load(client.download_artifacts(run_id, "config/resolved.yaml", tmp)))
-        try:
-            fingerprint = json.loads(Path(client.download_artifacts(run_id, "data/fingerprint.json", tmp)).read_text())
-        except (MlflowException, OSError):
-            fingerprint = None
+        fingerprint, metadata = (_artifact_json(client, run_id, name, tmp) for name in LOGGED_JSON)
+    tags = dict(run.data.tags)
+    identity = {k: tags[f"lora.{k}"] for k in IDENTITY if f"lora.{k}" in tags}
     return Source(
-        run_id, config, dict(run.data.metrics), run.data.tags.get("lora.sha256"), dict(run.data.tags), fingerprint
+        run_id, config, dict(run.data.metrics), tags.get("lora.sha256"), tags, fingerprint, identity, metadata
     )
+
+
+LOGGED_JSON = ("data/fingerprint.json", "lora/metadata.json")
+IDENTITY = ("tensors_sha256", "metadata_sha256")
+
+
+def _artifact_json(client: Any, run_id: str, name: str, folder: str) -> Any:
+    """A JSON artifact of the run, or None for runs logged before it existed."""
+    from mlflow.exceptions import MlflowException
+
+    try:
+        return json.loads(Path(client.download_artifacts(run_id, name, folder)).read_text())
+    except (MlflowException, OSError):
+        return None
 
 
 def build_config(source: Source, overrides: list[str], output_dir: Path) -> DictConfig:
@@ -124,33 +188,53 @@ def environment_warnings(source: Source, cfg: DictConfig) -> list[str]:
     return warnings
 
 
-def comparison(source: Source, metrics: dict[str, float], lora_sha256: str) -> list[tuple[str, Any, Any, float | None]]:
+def comparison(
+    source: Source, metrics: dict[str, float], lora_path: Path, lora_sha256: str
+) -> list[tuple[str, Any, Any, float | None]]:
+    """Rows of (what, original, reproduced, difference); the LoRA rows are 0 (identical) or inf."""
     rows: list[tuple[str, Any, Any, float | None]] = []
     for name in COMPARED:
         if name in source.metrics and name in metrics:
             rows.append((name, source.metrics[name], metrics[name], abs(metrics[name] - source.metrics[name])))
-    if source.lora_sha256:
+    identity = lora_identity(lora_path)
+    if source.lora_identity:
+        for key, value in source.lora_identity.items():
+            new = identity.get(key, "")
+            rows.append((f"lora {key}", value[:16], new[:16], 0.0 if value == new else float("inf")))
+    elif source.lora_sha256:  # a run logged before the LoRA's tensors and metadata were hashed apart
         same = 0.0 if source.lora_sha256 == lora_sha256 else float("inf")
         rows.append(("lora_sha256", source.lora_sha256[:16], lora_sha256[:16], same))
     return rows
 
 
+def metadata_differences(source: Source, lora_path: Path) -> tuple[list[str], list[str]]:
+    """(keys that differ only as times/run ids do, keys that differ otherwise) between the two LoRA files."""
+    if source.lora_metadata is None or lora_path.suffix != ".safetensors":
+        return [], []
+    new = read_metadata(lora_path)
+    keys = sorted(k for k in set(source.lora_metadata) | set(new) if source.lora_metadata.get(k) != new.get(k))
+    return [k for k in keys if k in VOLATILE_METADATA_KEYS], [k for k in keys if k not in VOLATILE_METADATA_KEYS]
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m sweeper.reproduce", description=__doc__.splitlines()[0])
-    parser.add_argument("source", help="an MLflow run id, or a Hydra run folder (outputs/runs/<date>/<time>)")
+    parser.add_argument(
+        "source", help="an MLflow run id, a Hydra run folder (outputs/runs/<date>/<time>) or a LoRA file it wrote"
+    )
     parser.add_argument("overrides", nargs="*", help="key=value changes (makes it a variation)")
     parser.add_argument("--tracking-uri", help="MLflow store of the run (default: sqlite under ./outputs)")
     parser.add_argument("--tolerance", type=float, default=0.0, help="largest accepted metric difference (default 0)")
     parser.add_argument("--output-dir", help="where the reproduction writes (default outputs/reproduce/<id>/<time>)")
     args = parser.parse_intermixed_args(argv)
 
+    check_versions_or_exit()
     register_resolvers()
     try:
         source = load_source(args.source, args.tracking_uri)
     except ReproduceError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
-    label = Path(args.source).name if Path(args.source).is_dir() else args.source
+    label = Path(args.source).name if Path(args.source).exists() else args.source
     output_dir = Path(args.output_dir or Path("outputs") / "reproduce" / label / time.strftime("%Y-%m-%d_%H-%M-%S"))
     cfg = build_config(source, args.overrides, output_dir.resolve())
     if args.tracking_uri:
@@ -174,11 +258,16 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as error:
         print(error, file=sys.stderr)
         return 2
-    rows = comparison(source, result.metrics, result.lora_sha256)
+    rows = comparison(source, result.metrics, Path(result.lora_path), result.lora_sha256)
     print(f"\n{'metric':<22}{'original':>20}{'reproduced':>20}{'difference':>14}")
     for name, original, new, diff in rows:
         shown = "identical" if diff == 0.0 and name == "lora_sha256" else f"{diff:.3g}" if diff is not None else "-"
         print(f"{name:<22}{original!s:>20}{new!s:>20}{shown:>14}")
+    by_time, other = metadata_differences(source, Path(result.lora_path))
+    if by_time:
+        print(f"\nLoRA metadata that differs only by when/which run wrote it: {', '.join(by_time)}")
+    if other:
+        print(f"LoRA metadata that differs otherwise: {', '.join(other)}")
     print(f"\nLoRA file:  {result.lora_path}\nMLflow run: {result.run_id}")
     exceeded = [name for name, _, _, diff in rows if diff is not None and diff > args.tolerance]
     if variation:
@@ -187,7 +276,11 @@ def main(argv: list[str] | None = None) -> int:
     if exceeded:
         print(f"NOT reproduced: {', '.join(exceeded)} differ by more than --tolerance={args.tolerance}")
         return 1
-    print("Reproduced within --tolerance" + (" (bit-identical LoRA file)" if source.lora_sha256 else ""))
+    if source.lora_identity:
+        note = " (bit-identical LoRA tensors, same metadata but times and run id)"
+    else:
+        note = " (bit-identical LoRA file)" if source.lora_sha256 else ""
+    print("Reproduced within --tolerance" + note)
     return 0
 
 

@@ -23,13 +23,16 @@ from evaluation.sampling import sampling_scheduler
 from sweeper.fingerprint import code_version, dataset_fingerprint, file_sha256, fingerprint_digest, training_config
 from sweeper.tracking import flatten, start_run, ui_command
 from sweeper.validate import validate
+from training.atomic_file import write_text_atomically
 from training.buckets import bucket_table
 from training.checkpoint import save_training_state
+from training.data import oriented_size
 from training.loop import Trainer
-from training.lora_file import bundle_embeddings, kohya_metadata, save_lora
+from training.lora_file import bundle_embeddings, lora_identity, read_metadata, save_lora
+from training.lora_metadata import DatasetSummary, kohya_metadata, summarize_dataset, training_metadata
 from training.models import RUNTIME_MODEL_KEYS, BaseModel, load_base_model
 from training.network import remove_leftover_adapters, remove_lora
-from training.tag_stats import ss_tag_frequency, tag_frequencies, tag_frequencies_by_folder, tag_table
+from training.tag_stats import tag_frequencies, tag_frequencies_by_folder, tag_table
 
 # (step, clip score) -> True to stop training early; sweeps hook their pruner in here
 EvalReporter = Callable[[int, float], bool]
@@ -63,7 +66,7 @@ def run(
     In a sweep trial ``cfg.sweep`` names the trial: the run nests under the sweep's parent run and
     its periodic CLIP scores go to the trial's pruner (unless ``report`` is given explicitly).
     """
-    started = time.perf_counter()
+    started, started_at = time.perf_counter(), time.time()
     validated = validate(cfg)  # every problem at once, before any model is loaded
     resolved = OmegaConf.to_container(cfg, resolve=True)
     output_dir = Path(cfg.output.dir)
@@ -135,14 +138,20 @@ def run(
             def save(step: int, epoch: int, final: bool = False) -> Path:
                 """The LoRA file (and, with train.save_state, the resumable training state) at this point."""
                 stem = None if final else f"{cfg.output.name}-step{step:06d}"
-                path = _save_lora(cfg, trainer, base, resolved, step, stem, tag_frequency)
+                path = _save_lora(cfg, trainer, base, resolved, step, stem, provenance(epoch))
                 if cfg.train.save_state:
                     save_training_state(output_dir / f"state-step{step:06d}", trainer.training_state())
                 if not final:
                     tracker.log_artifact(path, "lora/intermediate")
                 return path
 
-            tag_frequency = ss_tag_frequency(tag_frequencies_by_folder(validated.dataset.records))
+            summary = _dataset_summary(trainer, validated)
+
+            def provenance(epoch: int) -> dict[str, str]:
+                """The run-level metadata of a LoRA file saved now (when, from what data, by which run)."""
+                return training_metadata(
+                    cfg, trainer, base, summary=summary, epoch=epoch, started_at=started_at, run_id=tracker.run_id
+                )
 
             # --- train
             phases["setup_s"], mark = time.perf_counter() - mark, time.perf_counter()
@@ -192,8 +201,11 @@ def run(
         tracker.log_image(baseline.grid, "samples/baseline.png")
         tracker.log_text(_score_table(final, baseline), "eval/clip_scores.tsv")
         lora_sha256 = file_sha256(lora_path)
-        tracker.set_tags({"lora.sha256": lora_sha256})
-        _write_run_record(output_dir, tracker.run_id, metrics, lora_path, lora_sha256)
+        identity = lora_identity(lora_path)
+        tracker.set_tags({"lora.sha256": lora_sha256, **{f"lora.{k}": v for k, v in identity.items()}})
+        if cfg.output.format == "safetensors":
+            tracker.log_text(json.dumps(read_metadata(lora_path), indent=1, sort_keys=True), "lora/metadata.json")
+        _write_run_record(output_dir, tracker.run_id, metrics, lora_path, lora_sha256, identity)
         return RunResult(
             metrics,
             lora_path,
@@ -206,7 +218,7 @@ def run(
 
 
 def _save_lora(
-    cfg: Any, trainer: Trainer, base: BaseModel, resolved: dict, step: int, stem: str | None, tag_frequency: str
+    cfg: Any, trainer: Trainer, base: BaseModel, resolved: dict, step: int, stem: str | None, extra: dict[str, str]
 ) -> Path:
     """The kohya-compatible LoRA file (with the embedding bundled in, if one was learned)."""
     tensors = trainer.network.kohya_state_dict()
@@ -220,9 +232,24 @@ def _save_lora(
         seed=cfg.train.seed,
         steps=step,
         resolved_config=training_config(resolved),
-        tag_frequency=tag_frequency if cfg.data.tag_stats else None,
+        v2=base.kind == "sd2",
+        extra=extra,
     )
     return save_lora(cfg.output, tensors, metadata, stem=stem)
+
+
+def _dataset_summary(trainer: Trainer, validated: Any) -> DatasetSummary:
+    """Folders, counts, buckets and tags of the data this run trains on, for the LoRA file's metadata."""
+    records = trainer.dataset.records
+    originals = list(validated.dataset.records) + (
+        list(validated.regularisation.records) if validated.regularisation else []
+    )
+    return summarize_dataset(
+        records,
+        trainer.dataset.record_buckets,
+        [oriented_size(r.path) for r in records],
+        tag_frequencies_by_folder(originals),
+    )
 
 
 def _log_data_tables(tracker: Any, cfg: Any, trainer: Trainer) -> None:
@@ -295,19 +322,22 @@ RUN_RECORD = "run.json"
 
 
 def _write_run_record(
-    output_dir: Path, run_id: str | None, metrics: dict[str, float], lora_path: Path, lora_sha256: str
+    output_dir: Path,
+    run_id: str | None,
+    metrics: dict[str, float],
+    lora_path: Path,
+    lora_sha256: str,
+    identity: dict[str, str],
 ) -> None:
-    """The run's id, final metrics and LoRA hash beside its files, so a run folder can be reproduced."""
+    """The run's id, final metrics and LoRA hashes beside its files, so a run folder can be reproduced."""
     record = {
         "mlflow_run_id": run_id,
         "metrics": metrics,
         "lora_file": str(lora_path),
         "lora_sha256": lora_sha256,
+        **{f"lora_{k}": v for k, v in identity.items()},
     }
-    output_dir.mkdir(parents=True, exist_ok=True)
-    tmp = output_dir / f".{RUN_RECORD}.tmp"
-    tmp.write_text(json.dumps(record, indent=2, sort_keys=True))
-    tmp.replace(output_dir / RUN_RECORD)
+    write_text_atomically(output_dir / RUN_RECORD, json.dumps(record, indent=2, sort_keys=True))
 
 
 def _run_tags(cfg: Any) -> dict[str, str]:

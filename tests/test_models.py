@@ -15,6 +15,7 @@ from transformers import CLIPTextConfig, CLIPTextModel
 import training.attention
 from sweeper.validate import ConfigError, validate
 from tests.helpers_checkpoint import copy_configs, write_ldm_checkpoint, write_ldm_vae
+from training.adapters import attach_lora
 from training.attention import (
     attention_problem,
     configure_attention,
@@ -307,8 +308,8 @@ def test_gradient_checkpointing_keeps_lora_gradients_flowing():
     unet, text_encoder = pipeline.unet, pipeline.text_encoder
     for model in (unet, text_encoder):
         model.requires_grad_(False)
-    text_encoder.add_adapter(
-        LoraConfig(r=4, lora_alpha=4, target_modules=["q_proj", "v_proj"], init_lora_weights=False)
+    attach_lora(
+        text_encoder, LoraConfig(r=4, lora_alpha=4, target_modules=["q_proj", "v_proj"], init_lora_weights=False)
     )
     configure_gradient_checkpointing(unet, text_encoder, enabled=True, train_text_encoder=True)
     unet.train()

@@ -1,4 +1,5 @@
-"""Reproducing a run from its MLflow record or its run folder gives the same LoRA, bit for bit."""
+"""Reproducing a run from its MLflow record or its run folder gives the same LoRA tensors, bit for bit,
+and the same metadata but for the times and run id it records."""
 
 from __future__ import annotations
 
@@ -16,6 +17,7 @@ from sweeper import reproduce
 from sweeper.fingerprint import file_sha256
 from sweeper.task import run
 from tests.conftest import REPO, run_cli
+from training.lora_file import lora_identity, tensors_sha256
 
 
 @pytest.fixture
@@ -33,8 +35,10 @@ def test_a_run_reproduces_bit_identically_from_its_mlflow_record(original, tmp_p
     out = capsys.readouterr().out
     assert code == 0, out
     again = tmp_path / "again" / f"{cfg.output.name}.safetensors"
-    assert file_sha256(again) == file_sha256(result.lora_path)
-    assert "bit-identical LoRA file" in out and "identical" in out
+    assert lora_identity(again) == lora_identity(result.lora_path)  # tensors and stable metadata
+    assert file_sha256(again) != file_sha256(result.lora_path)  # the times and the run id differ
+    assert "bit-identical LoRA tensors" in out and "identical" in out
+    assert "differs only by when/which run wrote it: lora_sweeper_run_id" in out
     runs = MlflowClient(result.tracking_uri).search_runs(
         [MlflowClient(result.tracking_uri).get_run(result.run_id).info.experiment_id],
         filter_string=f"tags.reproduces = '{result.run_id}'",
@@ -82,7 +86,7 @@ def test_a_run_folder_and_a_sweep_trial_reproduce_from_the_command_line(tmp_path
         [sys.executable, "-m", "sweeper.reproduce", str(folder)], cwd=tmp_path, env=env, capture_output=True, text=True
     )
     assert again.returncode == 0, again.stdout[-2000:] + again.stderr[-2000:]
-    assert "bit-identical LoRA file" in again.stdout
+    assert "bit-identical LoRA tensors" in again.stdout
 
     sweep = run_cli("-m", *fast, "network.dim=4,8", cwd=tmp_path)
     assert sweep.returncode == 0, sweep.stderr[-2000:]
@@ -97,4 +101,4 @@ def test_a_run_folder_and_a_sweep_trial_reproduce_from_the_command_line(tmp_path
     )
     assert trial.returncode == 0, trial.stdout[-2000:] + trial.stderr[-2000:]
     reproduced = Path(trial.stdout.split("LoRA file:")[1].split()[0])
-    assert file_sha256(reproduced) == record["lora_sha256"]
+    assert tensors_sha256(reproduced) == record["lora_tensors_sha256"]

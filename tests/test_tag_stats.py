@@ -8,7 +8,8 @@ from pathlib import Path
 import pytest
 
 from training.data import ImageRecord
-from training.tag_stats import ss_tag_frequency, tag_frequencies, tag_frequencies_by_folder, tag_table
+from training.lora_metadata import tag_frequency_json
+from training.tag_stats import tag_frequencies, tag_frequencies_by_folder, tag_table
 
 CAPTIONS = ["sks, red, circle", "sks, Blue , square,", "sks, red, triangle", "", "zebra"]
 
@@ -58,7 +59,7 @@ def test_ss_tag_frequency_is_kohya_json():
         ImageRecord(Path("/data/2_bg/c.png"), "grass", 2),
     ]
     by_folder = tag_frequencies_by_folder(records)
-    text = ss_tag_frequency(by_folder)
+    text = tag_frequency_json(by_folder)
 
     assert isinstance(text, str)
     assert json.loads(text) == {"10_dog": {"sks": 2, "dog": 2, "grass": 1}, "2_bg": {"grass": 1}}

@@ -20,8 +20,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import tempfile
 from collections.abc import Callable, Hashable, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -30,6 +28,8 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
+
+from training.atomic_file import write_atomically
 
 if TYPE_CHECKING:
     from training.data import ImageRecord
@@ -141,15 +141,8 @@ class LatentStore:
             self._entries[key] = value
             return
         assert self.folder is not None
-        self.folder.mkdir(parents=True, exist_ok=True)
-        handle, tmp_name = tempfile.mkstemp(prefix=f".{key}.", suffix=".tmp", dir=self.folder)
-        os.close(handle)
-        try:
-            save_file({_TENSOR_NAME: value}, tmp_name)
-            os.replace(tmp_name, self.path(key))  # atomic: readers see the old entry or the new one
-        finally:
-            if os.path.exists(tmp_name):
-                os.unlink(tmp_name)
+        # atomic: readers see the old entry or the new one
+        write_atomically(self.path(key), lambda tmp: save_file({_TENSOR_NAME: value}, str(tmp)))
 
     def __contains__(self, key: str) -> bool:
         if self._entries is not None:

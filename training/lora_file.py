@@ -15,10 +15,9 @@ modules rather than guessed.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
-import os
-import tempfile
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -28,6 +27,8 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save
 
+from training.atomic_file import write_atomically
+from training.lora_metadata import metadata_sha256, minimal_metadata
 from training.network import ADAPTER, TEXT_ENCODER_PREFIX, TEXT_MODEL_LEVEL, UNET_PREFIX, LoraNetwork
 
 logger = logging.getLogger(__name__)
@@ -35,8 +36,6 @@ logger = logging.getLogger(__name__)
 FORMATS = ("safetensors", "pt", "ckpt", "bin")
 PICKLE_FORMATS = ("pt", "ckpt", "bin")
 PRECISIONS: dict[str, torch.dtype] = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
-# What A1111, ComfyUI and diffusers need to rebuild the network; output.metadata=false keeps only these.
-MINIMAL_METADATA_KEYS = ("ss_network_module", "ss_network_dim", "ss_network_alpha", "ss_base_model_version")
 EMBEDDING_PREFIX = "bundle_emb."
 EMBEDDING_PARAM = "string_to_param.*"  # the key an A1111 .pt embedding keeps its vectors under
 PICKLE_WARNING = (
@@ -99,10 +98,47 @@ def cast_tensors(tensors: dict[str, torch.Tensor], precision: str | None) -> dic
 
 
 def select_metadata(metadata: dict[str, Any], full: bool = True) -> dict[str, str]:
-    """All keys as strings, or (``output.metadata=false``) only ``MINIMAL_METADATA_KEYS``."""
-    if not full:
-        metadata = {k: v for k, v in metadata.items() if k in MINIMAL_METADATA_KEYS}
-    return {k: str(v) for k, v in metadata.items()}
+    """All keys as strings, or (``output.metadata=false``) the minimal set loaders need."""
+    metadata = {k: str(v) for k, v in metadata.items()}
+    return metadata if full else minimal_metadata(metadata)
+
+
+def kohya_hashes(tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> dict[str, str]:
+    """kohya's ``sshs_model_hash`` and ``sshs_legacy_hash`` (sd-webui-additional-networks' hashes).
+
+    As kohya computes them, over the file serialized with only its ``ss_*`` metadata: the model hash
+    is the sha256 of the tensor data after the header (so it equals that of the written file and
+    ignores every metadata key), the legacy hash the first 8 hex digits of the sha256 of bytes
+    1 MiB .. 1 MiB + 64 KiB. The header is canonical (sorted) so the legacy hash is reproducible.
+    """
+    blob = canonical_safetensors(save(tensors, metadata={k: v for k, v in metadata.items() if k.startswith("ss_")}))
+    header_end = 8 + int.from_bytes(blob[:8], "little")
+    return {
+        "sshs_model_hash": hashlib.sha256(blob[header_end:]).hexdigest(),
+        "sshs_legacy_hash": hashlib.sha256(blob[0x100000 : 0x100000 + 0x10000]).hexdigest()[:8],
+    }
+
+
+def read_metadata(path: str | Path) -> dict[str, str]:
+    """A safetensors file's metadata (the header only: cheap for any size)."""
+    with safe_open(str(path), framework="pt") as file:
+        return dict(file.metadata() or {})
+
+
+def lora_identity(path: str | Path) -> dict[str, str]:
+    """What a reproduction must match: the tensors' hash and the hash of the metadata without times
+    and run id (``tensors_sha256``, ``metadata_sha256``); empty for pickle files."""
+    if file_format_of(path) != "safetensors":
+        return {}
+    return {"tensors_sha256": tensors_sha256(path), "metadata_sha256": metadata_sha256(read_metadata(path))}
+
+
+def tensors_sha256(path: str | Path) -> str:
+    """sha256 of a safetensors file's tensor data (after the header): equal tensors, equal hash,
+    whatever the metadata. It is the file's ``sshs_model_hash``."""
+    with open(path, "rb") as file:
+        file.seek(8 + int.from_bytes(file.read(8), "little"))
+        return hashlib.file_digest(file, "sha256").hexdigest()
 
 
 def save_lora_file(
@@ -127,11 +163,13 @@ def save_lora_file(
     path = with_format_suffix(path, file_format)
     tensors = {k: v.detach().to("cpu").contiguous() for k, v in cast_tensors(tensors, precision).items()}
     if file_format == "safetensors":
-        blob = canonical_safetensors(save(tensors, metadata=select_metadata(metadata, full_metadata)))
-        _write_atomically(path, lambda tmp: Path(tmp).write_bytes(blob))
+        selected = select_metadata(metadata, full_metadata)
+        selected.update(kohya_hashes(tensors, selected))
+        blob = canonical_safetensors(save(tensors, metadata=selected))
+        write_atomically(path, lambda tmp: tmp.write_bytes(blob))
     else:
         logger.warning(PICKLE_WARNING.format(path=path, fmt=file_format))
-        _write_atomically(path, lambda tmp: torch.save(tensors, tmp))
+        write_atomically(path, lambda tmp: torch.save(tensors, tmp))
     return path
 
 
@@ -161,48 +199,6 @@ def save_lora(
         precision=output_cfg.precision,
         full_metadata=output_cfg.metadata,
     )
-
-
-def kohya_metadata(
-    network: LoraNetwork,
-    *,
-    output_name: str,
-    base_model_version: str,
-    comment: str,
-    seed: int,
-    steps: int,
-    resolved_config: dict[str, Any],
-    tag_frequency: str | dict[str, dict[str, int]] | None = None,
-    extra: dict[str, str] | None = None,
-) -> dict[str, str]:
-    """kohya's ``ss_*`` keys (strings, as in sd-scripts) plus our resolved config as JSON.
-
-    ``tag_frequency`` is kohya's ``ss_tag_frequency``: ``{dataset folder: {tag: count}}``, as a dict or
-    an already-encoded JSON string (checked to parse, since UIs ``json.loads`` it unguarded).
-    """
-    metadata = {
-        "ss_network_module": "networks.lora",
-        "ss_network_dim": str(network.dim),
-        "ss_network_alpha": f"{network.alpha:g}",
-        "ss_base_model_version": base_model_version,
-        "ss_output_name": output_name,
-        "ss_training_comment": comment,
-        "ss_seed": str(seed),
-        "ss_steps": str(steps),
-        "ss_network_args": json.dumps({}),
-        "lora_sweeper_config": json.dumps(resolved_config, sort_keys=True),
-    }
-    if tag_frequency is not None:
-        if isinstance(tag_frequency, str):
-            try:
-                json.loads(tag_frequency)
-            except json.JSONDecodeError as error:
-                raise LoraFileError(f"ss_tag_frequency must be a JSON string ({error})") from error
-            metadata["ss_tag_frequency"] = tag_frequency
-        else:
-            metadata["ss_tag_frequency"] = json.dumps(tag_frequency)
-    metadata.update(extra or {})
-    return metadata
 
 
 def bundle_embeddings(tensors: dict[str, torch.Tensor], embeddings: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -551,16 +547,3 @@ def _pickle_refusal(key: str, fmt: str, reading: bool = False) -> str:
         f"{key}: {fmt!r} {what} a pickle file, which can run arbitrary code when loaded; use safetensors "
         "(output.format=safetensors), or set output.allow_pickle=true to opt in explicitly"
     )
-
-
-def _write_atomically(path: Path, write: Any) -> None:
-    """``write(tmp)`` into a hidden temporary file next to ``path``, then rename it over ``path``."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)

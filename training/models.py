@@ -20,6 +20,7 @@ from diffusers import AutoencoderKL, DDPMScheduler, StableDiffusionPipeline, UNe
 from transformers import CLIPTextModel, CLIPTokenizer
 
 from training.attention import attention_problem
+from training.checked_loading import load_checked
 from training.text_encoding import clip_skip_problem
 from training.tiny_model import ensure_tiny_model
 from training.toy.shipped import shipped_folder
@@ -292,9 +293,9 @@ def _local_or_id(path: str) -> str:
 
 def _load_diffusers_folder(location: str, revision: str | None, vae: AutoencoderKL | None) -> tuple:
     kwargs = {"revision": revision} if revision else {}
-    unet = UNet2DConditionModel.from_pretrained(location, subfolder="unet", **kwargs)
-    base_vae = vae or AutoencoderKL.from_pretrained(location, subfolder="vae", **kwargs)
-    text_encoder = CLIPTextModel.from_pretrained(location, subfolder="text_encoder", **kwargs)
+    unet = load_checked(UNet2DConditionModel, location, "unet", **kwargs)
+    base_vae = vae or load_checked(AutoencoderKL, location, "vae", **kwargs)
+    text_encoder = load_checked(CLIPTextModel, location, "text_encoder", **kwargs)
     tokenizer = CLIPTokenizer.from_pretrained(location, subfolder="tokenizer", **kwargs)
     noise_scheduler = DDPMScheduler.from_pretrained(location, subfolder="scheduler", **kwargs)
     return unet, base_vae, text_encoder, tokenizer, noise_scheduler
@@ -337,8 +338,8 @@ def _load_vae(vae: str, config_source: str | None) -> AutoencoderKL:
             local_files_only=local_configs or hub_offline(),
         )
     if local.is_dir() and not (local / "config.json").is_file():
-        return AutoencoderKL.from_pretrained(str(local), subfolder="vae")
-    return AutoencoderKL.from_pretrained(str(local) if local.is_dir() else vae)
+        return load_checked(AutoencoderKL, local, "vae")
+    return load_checked(AutoencoderKL, str(local) if local.is_dir() else vae)
 
 
 def _require_loaded(module: torch.nn.Module, name: str, location: str) -> None:

@@ -15,7 +15,8 @@ import torch.nn.functional as F
 from peft import LoraConfig
 from peft.utils import get_peft_model_state_dict
 
-ADAPTER = "default"
+from training.adapters import ADAPTER, attach_lora, detach_adapters, set_adapters_enabled
+
 UNET_PREFIX = "lora_unet_"
 TEXT_ENCODER_PREFIX = "lora_te_"
 # kohya names text-encoder modules as in transformers 4's CLIPTextModel (``text_model.encoder...``);
@@ -51,7 +52,7 @@ class LoraNetwork:
         """Switch the LoRA on or off (off = the base model, for the baseline score)."""
         for model, adapted in ((self.unet, self.trains_unet), (self.text_encoder, self.trains_text_encoder)):
             if adapted:
-                model.enable_adapters() if enabled else model.disable_adapters()
+                set_adapters_enabled(model, enabled)
 
     def lora_pairs(self) -> list[tuple[torch.nn.Parameter, torch.nn.Parameter]]:
         """(down, up) weights of every adapted linear layer."""
@@ -127,9 +128,8 @@ def add_lora(unet: torch.nn.Module, text_encoder: torch.nn.Module, network_cfg: 
     ):
         if not adapted:
             continue
-        model.add_adapter(
-            LoraConfig(r=network_cfg.dim, lora_alpha=alpha, target_modules=list(targets), lora_dropout=0.0),
-            adapter_name=ADAPTER,
+        attach_lora(
+            model, LoraConfig(r=network_cfg.dim, lora_alpha=alpha, target_modules=list(targets), lora_dropout=0.0)
         )
         if network_cfg.dropout > 0:
             _add_rank_dropout(model, network_cfg.dropout)
@@ -149,9 +149,7 @@ def remove_lora(network: LoraNetwork) -> None:
 def remove_leftover_adapters(*models: torch.nn.Module) -> None:
     """Delete every adapter still attached (also after a run that crashed before its clean-up)."""
     for model in models:
-        names = list(getattr(model, "peft_config", {}) or {})
-        if names:
-            model.delete_adapters(names) if hasattr(model, "delete_adapters") else model.delete_adapter(names)
+        detach_adapters(model)
 
 
 def _add_rank_dropout(model: torch.nn.Module, rate: float) -> None:

@@ -9,7 +9,6 @@ the A1111/Forge LoRA browsers read to show which tags a LoRA was trained on.
 
 from __future__ import annotations
 
-import json
 from collections import Counter
 from collections.abc import Iterable, Mapping
 from pathlib import Path
@@ -48,8 +47,3 @@ def tag_table(freqs: Mapping[str, int], sort: str = "count") -> str:
         raise ValueError(f"sort must be one of {', '.join(TAG_SORTS)}, got {sort!r}")
     # A tab or line break inside a tag would shift the columns; it shows as a space instead.
     return "tag\tcount\n" + "".join(f"{' '.join(tag.split())}\t{count}\n" for tag, count in rows)
-
-
-def ss_tag_frequency(freqs_by_folder: Mapping[str, Mapping[str, int]]) -> str:
-    """kohya's ``ss_tag_frequency`` metadata value: JSON ``{folder: {tag: count}}``."""
-    return json.dumps({folder: dict(freqs) for folder, freqs in freqs_by_folder.items()})

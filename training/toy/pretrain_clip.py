@@ -35,6 +35,7 @@ from tqdm import tqdm
 from transformers import CLIPConfig, CLIPModel, CLIPProcessor, CLIPTextModel, CLIPTokenizer
 
 from evaluation.tiny_clip import _ImageProcessor
+from training.checked_loading import load_checked
 from training.tokenizer import MAX_LENGTH
 from training.toy.world import (
     COLOURS,
@@ -124,7 +125,7 @@ def text_encoder_from_clip(folder: str | Path) -> CLIPTextModel:
     ``CLIPTextModel.from_pretrained(folder)`` works too, but reports every vision weight as
     unexpected; copying the tower loads cleanly.
     """
-    clip = CLIPModel.from_pretrained(folder)
+    clip = load_checked(CLIPModel, folder)
     if isinstance(clip.text_model, CLIPTextModel):  # transformers >= 5: the tower is a CLIPTextModel
         return clip.text_model.eval()
     text = CLIPTextModel(clip.config.text_config)  # pragma: no cover - transformers 4.x
