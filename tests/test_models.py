@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import shutil
+from pathlib import Path
 
 import pytest
 import torch
 from diffusers import DDPMScheduler, UNet2DConditionModel
 from diffusers.models.attention_processor import AttnProcessor, AttnProcessor2_0
 from peft import LoraConfig
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
 from transformers import CLIPTextConfig, CLIPTextModel
 
 import training.attention
@@ -22,6 +23,7 @@ from training.attention import (
     configure_gradient_checkpointing,
     gradient_checkpointing_enabled,
 )
+from training.checked_loading import IncompleteWeightsError
 from training.models import load_base_model, model_problems
 from training.tiny_model import build_tiny_pipeline
 
@@ -79,6 +81,54 @@ def test_a_broken_folder_fails_loudly(make_cfg, tmp_path, diffusers_folder):
     shutil.rmtree(broken / "vae")
     with pytest.raises(OSError):
         load_base_model(make_cfg("model=diffusers", f"model.path={broken}").model)
+
+
+def _edit_weights(file: Path, edit) -> None:
+    tensors = load_file(file)
+    save_file(edit(tensors), file)
+
+
+@pytest.mark.parametrize(
+    ("part", "change", "reported"),
+    [
+        # a renamed tensor: transformers would leave the layer norm at its fresh init with only a warning
+        (
+            "text_encoder",
+            lambda t: {k.replace("final_layer_norm.weight", "final_layer_norm.gamma"): v for k, v in t.items()},
+            ["missing keys: final_layer_norm.weight", "unexpected keys: final_layer_norm.gamma"],
+        ),
+        ("unet", lambda t: {k: v for k, v in t.items() if k != "conv_in.weight"}, ["missing keys: conv_in.weight"]),
+        ("vae", lambda t: {**t, "decoder.extra.weight": torch.zeros(1)}, ["unexpected keys: decoder.extra.weight"]),
+    ],
+)
+def test_missing_or_renamed_weights_fail_naming_file_and_keys(
+    make_cfg, tmp_path, diffusers_folder, part, change, reported
+):
+    """A folder whose weights do not fit the model must never load as silently random parameters."""
+    folder, _ = diffusers_folder
+    broken = tmp_path / "broken"
+    shutil.copytree(folder, broken)
+    weights = next((broken / part).glob("*.safetensors"))
+    _edit_weights(weights, change)
+    with pytest.raises(IncompleteWeightsError) as error:
+        load_base_model(make_cfg("model=diffusers", f"model.path={broken}").model)
+    message = str(error.value)
+    assert str(weights) in message
+    assert all(phrase in message for phrase in reported), message
+
+
+def test_a_clip_model_with_a_renamed_weight_names_eval_clip_model(tmp_path):
+    from evaluation.clip_score import ClipScorer
+    from training.toy.shipped import shipped_folder
+
+    clip = tmp_path / "clip"
+    shutil.copytree(shipped_folder("clip"), clip)
+    weights = clip / "model.safetensors"
+    _edit_weights(weights, lambda t: {k.replace("logit_scale", "logit_scale_old"): v for k, v in t.items()})
+    with pytest.raises(
+        ValueError, match=r"eval.clip_model=.*missing keys: logit_scale.*unexpected keys: logit_scale_old"
+    ):
+        ClipScorer(str(clip))
 
 
 # --- single-file checkpoints, replacement VAE, prediction type, kind
