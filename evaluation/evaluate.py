@@ -1,40 +1,128 @@
-"""One evaluation of a pipeline: seeded samples, their CLIP scores and a labelled grid.
+"""One evaluation of a pipeline: seeded samples, their per-image metrics and a labelled grid.
 
-The training loop calls this at each validation step and the sweep objective reads
-``EvalResult.clip_score``; sampling, scoring and drawing live in their own modules.
+The run calls this at every evaluation step and for the base model; the sweep objective reads one of
+``EvalResult.values``. Sampling, scoring and drawing live in their own modules; the metrics are
+defined in ``evaluation.metrics`` and their intervals in ``evaluation.stats``.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass, field
 
+import torch
 from diffusers import StableDiffusionPipeline
 from PIL import Image
 
-from evaluation.clip_score import ClipScorer
+from evaluation.clip_score import ClipScorer, clip_score_from_embeddings
+from evaluation.dino import DinoEmbedder
 from evaluation.grid import image_grid
+from evaluation.metrics import concept_hits, copy_risk, diversity, fidelity
 from evaluation.sampling import PromptEncoder, generate_samples
+from evaluation.stats import Estimate, mean_interval, paired_gain
+
+# Each metric and whether higher is better; ``clip_score`` is the former name of ``clip_t``.
+DIRECTIONS = {
+    "clip_t": "maximize",
+    "clip_i": "maximize",
+    "dino_i": "maximize",
+    "concept_acc": "maximize",
+    "copy_risk": "minimize",
+    "diversity": "maximize",
+    "val_loss": "minimize",
+}
+ALIASES = {"clip_score": "clip_t"}
+SELECTIONS = ("best", "last")  # eval.select: which evaluated checkpoint is the run's result
+
+
+def metric_name(name: str) -> str:
+    """The canonical metric of an objective or config name (``clip_score`` -> ``clip_t``)."""
+    return ALIASES.get(name, name)
+
+
+@dataclass
+class References:
+    """Embeddings of the training images (computed once per dataset): what fidelity compares with."""
+
+    clip: torch.Tensor
+    dino: torch.Tensor | None = None
+
+
+@dataclass
+class Concept:
+    """Zero-shot labels (CLIP text embeddings) and the index of the concept the LoRA should produce."""
+
+    labels: list[str]
+    embeds: torch.Tensor
+    target: int
+
+
+@dataclass
+class Scorers:
+    """Everything that turns sample images into metrics; optional parts switch their metrics off."""
+
+    clip: ClipScorer
+    dino: DinoEmbedder | None = None
+    references: References | None = None
+    concept: Concept | None = None
+
+    def reference_embeddings(self, images: Sequence[Image.Image]) -> References:
+        return References(
+            self.clip.embed_images(list(images)).float().cpu(),
+            self.dino.embed_images(list(images)) if self.dino is not None else None,
+        )
+
+    def concept_for(self, labels: Sequence[str], target: str) -> Concept:
+        if target not in labels:
+            raise ValueError(f"eval.concept.target={target!r} is not one of eval.concept.labels {list(labels)}")
+        return Concept(list(labels), self.clip.embed_texts(list(labels)).float().cpu(), list(labels).index(target))
 
 
 @dataclass
 class EvalResult:
-    """What one evaluation produced; ``clip_score`` is the number a trial is ranked by."""
+    """Per-image values of every metric (in sample order: prompt, then seed, then image) and the grid."""
 
-    clip_score: float  # mean over all images of all prompts
-    per_prompt: dict[str, float]  # mean over that prompt's images (over all its occurrences)
-    images: list[list[Image.Image]]  # images[i] are the samples of prompts[i]
+    values: dict[str, list[float]]
+    prompts: list[str]  # the scoring prompt of each sample
+    images: list[list[Image.Image]]  # images[i]: every sample of prompts[i] (all seeds)
     grid: Image.Image
+    per_prompt: dict[str, float] = field(default_factory=dict)  # mean clip_t of each prompt
+
+    @property
+    def clip_score(self) -> float:
+        return self.mean("clip_t")
+
+    def mean(self, metric: str) -> float:
+        values = [v for v in self.values[metric_name(metric)] if not math.isnan(v)]
+        return sum(values) / len(values) if values else float("nan")
+
+    def estimate(self, metric: str) -> Estimate:
+        return mean_interval([v for v in self.values[metric_name(metric)] if not math.isnan(v)])
+
+    def gain(self, metric: str, baseline: EvalResult) -> Estimate:
+        """The paired gain over ``baseline``: same prompt and seed (same held-out image for val_loss)."""
+        pairs = [
+            (a, b)
+            for a, b in zip(self.values[metric_name(metric)], baseline.values[metric_name(metric)], strict=True)
+            if not (math.isnan(a) or math.isnan(b))
+        ]
+        return paired_gain([a for a, _ in pairs], [b for _, b in pairs])
+
+    def with_values(self, extra: dict[str, list[float]]) -> EvalResult:
+        return EvalResult({**self.values, **extra}, self.prompts, self.images, self.grid, self.per_prompt)
 
 
 def evaluate(
     pipeline: StableDiffusionPipeline,
-    scorer: ClipScorer,
+    scorers: Scorers | ClipScorer,
     prompts: list[str],
     *,
     test_seed: int,
     images_per_prompt: int,
     num_inference_steps: int,
     guidance_scale: float,
+    seeds: Sequence[int] | None = None,
     height: int | None = None,
     width: int | None = None,
     negative_prompt: str | None = None,
@@ -42,7 +130,8 @@ def evaluate(
     generation_prompts: list[str] | None = None,
     batch_size: int = 16,
 ) -> EvalResult:
-    """Sample ``images_per_prompt`` images per prompt with ``test_seed`` and score each against its prompt.
+    """Sample ``images_per_prompt`` images per prompt for each seed (``seeds``, default ``[test_seed]``)
+    and compute every metric the scorers allow, per image.
 
     ``generation_prompts`` (same length) are what the pipeline sees when it differs from what CLIP
     should score against, e.g. a trigger word written as its textual-inversion tokens.
@@ -51,29 +140,83 @@ def evaluate(
         raise ValueError("evaluate needs at least one prompt (eval.prompts is empty)")
     if images_per_prompt < 1:
         raise ValueError(f"eval.images_per_prompt must be >= 1, got {images_per_prompt}")
-    images = generate_samples(
-        pipeline,
-        generation_prompts or prompts,
-        test_seed=test_seed,
-        images_per_prompt=images_per_prompt,
-        num_inference_steps=num_inference_steps,
-        guidance_scale=guidance_scale,
-        height=height,
-        width=width,
-        negative_prompt=negative_prompt,
-        encode_prompt=encode_prompt,
-        batch_size=batch_size,
-    )
-    flat_images = [image for row in images for image in row]
-    flat_prompts = [prompt for prompt, row in zip(prompts, images, strict=True) for _ in row]
-    scores = scorer.score(flat_images, flat_prompts)
-
+    scorers = scorers if isinstance(scorers, Scorers) else Scorers(scorers)
+    rows: list[list[Image.Image]] = [[] for _ in prompts]
+    for seed in list(seeds or []) or [test_seed]:
+        samples = generate_samples(
+            pipeline,
+            generation_prompts or prompts,
+            test_seed=seed,
+            images_per_prompt=images_per_prompt,
+            num_inference_steps=num_inference_steps,
+            guidance_scale=guidance_scale,
+            height=height,
+            width=width,
+            negative_prompt=negative_prompt,
+            encode_prompt=encode_prompt,
+            batch_size=batch_size,
+        )
+        for row, images in zip(rows, samples, strict=True):
+            row.extend(images)
+    flat_images = [image for row in rows for image in row]
+    flat_prompts = [prompt for prompt, row in zip(prompts, rows, strict=True) for _ in row]
+    values = score_images(scorers, flat_images, flat_prompts)
     by_prompt: dict[str, list[float]] = {}
-    for prompt, score in zip(flat_prompts, scores.tolist(), strict=True):
+    for prompt, score in zip(flat_prompts, values["clip_t"], strict=True):
         by_prompt.setdefault(prompt, []).append(score)
     return EvalResult(
-        clip_score=float(scores.mean()),
-        per_prompt={prompt: sum(values) / len(values) for prompt, values in by_prompt.items()},
-        images=images,
-        grid=image_grid(images, prompts),
+        values=values,
+        prompts=flat_prompts,
+        images=rows,
+        grid=image_grid(rows, prompts),
+        per_prompt={prompt: sum(v) / len(v) for prompt, v in by_prompt.items()},
     )
+
+
+def score_images(scorers: Scorers, images: list[Image.Image], prompts: list[str]) -> dict[str, list[float]]:
+    """Every metric the scorers make possible, one value per image (NaN where a value is undefined)."""
+    clip = scorers.clip
+    image_embeds = torch.cat(
+        [
+            clip.embed_images(images[i : i + clip.batch_size]).float().cpu()
+            for i in range(0, len(images), clip.batch_size)
+        ]
+    )
+    text_embeds = torch.cat(
+        [
+            clip.embed_texts(prompts[i : i + clip.batch_size]).float().cpu()
+            for i in range(0, len(prompts), clip.batch_size)
+        ]
+    )
+    values = {
+        "clip_t": clip_score_from_embeddings(image_embeds, text_embeds),
+        "diversity": diversity(image_embeds, prompts),
+    }
+    if scorers.references is not None:
+        values["clip_i"] = fidelity(image_embeds, scorers.references.clip)
+        values["copy_risk"] = copy_risk(image_embeds, scorers.references.clip)
+        if scorers.dino is not None and scorers.references.dino is not None:
+            values["dino_i"] = fidelity(scorers.dino.embed_images(images), scorers.references.dino)
+    if scorers.concept is not None:
+        values["concept_acc"] = concept_hits(image_embeds, scorers.concept.embeds, scorers.concept.target)
+    if all(math.isnan(v) for v in values["diversity"].tolist()):
+        del values["diversity"]  # one sample per prompt: nothing to compare
+    return {name: [float(v) for v in tensor.tolist()] for name, tensor in values.items()}
+
+
+DIGITS = {"clip_t": 1, "val_loss": 4}  # decimals shown; cosines and shares get 3
+
+
+def summary_lines(result: EvalResult, baseline: EvalResult) -> list[str]:
+    """``clip_t 38.7 (36.9-40.4), base 36.9, gain +1.8 (+0.4 to +3.2)`` for every metric of both."""
+    lines = []
+    for metric in DIRECTIONS:
+        if metric not in result.values or metric not in baseline.values:
+            continue
+        digits = DIGITS.get(metric, 3)
+        gain = result.gain(metric, baseline)
+        lines.append(
+            f"{metric} {result.estimate(metric).text(digits=digits)}, base {baseline.mean(metric):.{digits}f}, "
+            f"gain {gain.text(signed=True, digits=digits)}" + ("" if gain.excludes(0.0) else " (not significant)")
+        )
+    return lines

@@ -139,7 +139,17 @@ class DataConfig:
     cache_text_embeddings: bool = True  # encode each distinct caption once (skipped while the text encoder trains)
     num_workers: int = 0
     persistent_workers: bool = False
-    tag_stats: str | None = None  # count | alpha: tag-frequency table artifact + ss_tag_frequency
+    tag_stats: str | None = None  # count | alpha: tag-frequency table artifact (ss_tag_frequency is always written)
+    val_split: float = 0.0  # a seeded fraction of the training images held out (never trained on) for val_loss
+    val_dir: str | None = None  # or a separate folder of held-out images (kohya layout) for val_loss
+
+
+@dataclass
+class ConceptConfig:
+    """Zero-shot concept check of every sample (concept_acc); null = the toy world's shapes with the toy model."""
+
+    labels: list[str] | None = None  # candidate labels, e.g. [a circle, a square, a star]; [] = off
+    target: str | None = None  # the label the LoRA's samples should get, e.g. a star
 
 
 @dataclass
@@ -153,6 +163,11 @@ class EvalConfig:
     clip_model: str = "toy"  # toy (shipped, trained), tiny (random, smoke tests), a local CLIP folder, or a hub id
     every_n_steps: int = 0  # periodic evaluation during training; 0 = only at the end
     batch_size: int = 16  # images generated per pipeline call (prompts batched; DDPM: one prompt per call)
+    seeds: list[int] = field(default_factory=list)  # several test seeds per prompt; empty = [test_seed]
+    dino_model: str | None = None  # DINO ViT folder or hub id for dino_i; null = off
+    concept: ConceptConfig = field(default_factory=ConceptConfig)
+    objective: str = "clip_t"  # the metric the best checkpoint is chosen by (a sweep uses its first objective)
+    select: str = "best"  # best | last: which evaluated checkpoint is the run's result and LoRA file
 
 
 @dataclass
@@ -208,7 +223,9 @@ class SweepConfig:
     storage: str | None = None
     trial_number: int | None = None
     parent_run_id: str | None = None
-    report_objective: bool = False  # report periodic CLIP scores to the pruner
+    report_objective: bool = False  # report periodic evaluations of the objective to the pruner
+    objective: str | None = None  # the sweep's (first) objective: what the trial reports and selects by
+    direction: str = "maximize"  # of that objective
     pruner: str = "none"  # the sweep's pruner settings: Optuna keeps no pruner in its storage
     pruner_startup_trials: int = 1
     pruner_warmup_steps: int = 0

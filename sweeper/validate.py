@@ -11,6 +11,7 @@ from typing import Any
 
 import torch
 
+from evaluation.evaluate import DIRECTIONS, SELECTIONS, metric_name
 from evaluation.sampling import SAMPLERS
 from training.buckets import bucket_problems, resolve_bucket_settings
 from training.checkpoint import resume_problem
@@ -179,6 +180,10 @@ def _data_problems(cfg: Any) -> list[str]:
         problems.append(f"data.prior_loss_weight must be >= 0 (got {data.prior_loss_weight})")
     if data.tag_stats not in (None, "count", "alpha"):
         problems.append(f"data.tag_stats must be count, alpha or null (got {data.tag_stats})")
+    if not 0 <= data.val_split < 1:
+        problems.append(f"data.val_split must be in [0, 1): the fraction of images held out (got {data.val_split})")
+    if data.val_split and data.val_dir:
+        problems.append("data.val_split and data.val_dir both set: hold out a fraction or give a folder, not both")
     if data.cache_latents not in ("none", "memory", "disk"):
         problems.append(f"data.cache_latents must be none, memory or disk (got {data.cache_latents})")
     if bucket.step < 8 or bucket.step % 8:
@@ -217,4 +222,18 @@ def _eval_problems(eval_cfg: Any) -> list[str]:
         problems.append("eval.every_n_steps must be >= 0 (0 = only at the end)")
     if eval_cfg.sampler not in SAMPLERS:
         problems.append(f"eval.sampler: unknown sampler '{eval_cfg.sampler}'; use one of {', '.join(SAMPLERS)}")
+    if eval_cfg.select not in SELECTIONS:
+        problems.append(f"eval.select: {eval_cfg.select!r} is not one of {', '.join(SELECTIONS)}")
+    if metric_name(eval_cfg.objective) not in DIRECTIONS:
+        problems.append(f"eval.objective: unknown metric {eval_cfg.objective!r}; use one of {', '.join(DIRECTIONS)}")
+    if len(set(eval_cfg.seeds)) != len(eval_cfg.seeds):
+        problems.append(f"eval.seeds: {list(eval_cfg.seeds)} repeats a seed (it would count the same images twice)")
+    concept = eval_cfg.concept
+    if concept.labels and concept.target not in concept.labels:
+        problems.append(
+            f"eval.concept.target={concept.target!r} is not one of eval.concept.labels {list(concept.labels)}; "
+            "name the label the LoRA's samples should get"
+        )
+    elif concept.target is not None and concept.labels is not None and not concept.labels:
+        problems.append("eval.concept.target is set but eval.concept.labels is empty; give the candidate labels")
     return problems

@@ -1,0 +1,119 @@
+"""A held-out denoising loss that compares across checkpoints, runs and trials (``val_loss``).
+
+The training loss is too noisy to compare checkpoints by: every step draws new images, noise and
+timesteps. In the style of the "demystifying Stable Diffusion fine-tuning" validation protocol,
+the held-out images are encoded once (the VAE's mean, no sampling), each paired with its own fixed
+noise at a fixed, evenly spaced set of timesteps covering the whole schedule. The loss of a model
+is then a deterministic function of its weights: the same LoRA gives the same value, and two runs,
+trials or checkpoints are compared on identical inputs, image by image (so the base model's values
+pair with the LoRA's for a paired interval).
+
+Held-out images come from ``data.val_split`` (a seeded fraction of the training images, which are
+then never trained on) or ``data.val_dir`` (a separate folder in the same layout).
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from training.data import CaptionedImageDataset, ImageRecord
+
+VAL_SEED = 20_231_130  # the held-out noise; fixed so every run and trial uses the same
+VAL_TIMESTEPS = 8  # evenly spaced over the whole schedule
+MIN_TRAINING_IMAGES = 2  # a split that would leave fewer is refused
+
+
+@dataclass
+class HeldOut:
+    """The training records left after the split, the held-out ones, and why it is off (if it is)."""
+
+    train: list[ImageRecord]
+    held_out: list[ImageRecord]
+    note: str | None = None
+
+
+def split_held_out(records: Sequence[ImageRecord], fraction: float, seed: int) -> HeldOut:
+    """Hold out ``round(fraction * images)`` training images, chosen with ``seed``; regularisation
+    images always train. Off (with a note) when that is no image or leaves fewer than 2 to train on."""
+    trainable = [i for i, r in enumerate(records) if not r.is_reg]
+    count = round(fraction * len(trainable))
+    if fraction <= 0:
+        return HeldOut(list(records), [])
+    if count < 1 or len(trainable) - count < MIN_TRAINING_IMAGES:
+        return HeldOut(
+            list(records),
+            [],
+            f"val_loss is off: data.val_split={fraction:g} of {len(trainable)} image(s) holds out {count}, "
+            f"which leaves no held-out image or fewer than {MIN_TRAINING_IMAGES} to train on; "
+            "add images or give data.val_dir",
+        )
+    chosen = set(random.Random(seed).sample(trainable, count))
+    return HeldOut(
+        [r for i, r in enumerate(records) if i not in chosen], [r for i, r in enumerate(records) if i in chosen]
+    )
+
+
+def fixed_timesteps(num_train_timesteps: int, count: int = VAL_TIMESTEPS) -> list[int]:
+    """``count`` timesteps at the centres of equal parts of [0, T)."""
+    return [int((k + 0.5) * num_train_timesteps / count) for k in range(count)]
+
+
+class ValidationLoss:
+    """Per held-out image, the mean denoising MSE over the fixed timesteps (the loop's plain loss).
+
+    ``encode(captions) -> conditioning`` and ``predict(noisy, timesteps, conditioning) -> prediction``
+    are the trainer's own (its text encoding with the trigger word, its UNet call under autocast),
+    so the loss is that of the model as trained, LoRA and all.
+    """
+
+    def __init__(
+        self,
+        records: Sequence[ImageRecord],
+        *,
+        vae: torch.nn.Module,
+        noise_scheduler: object,
+        resolution: int,
+        device: torch.device,
+        dtype: torch.dtype,
+        caption: Callable[[str], str],
+    ) -> None:
+        self.records = list(records)
+        self.scheduler = noise_scheduler
+        dataset = CaptionedImageDataset(self.records, resolution)  # centre crop, no augmentation
+        latents = []
+        with torch.no_grad():
+            for index in range(len(self.records)):
+                pixels = dataset[index]["pixel_values"].unsqueeze(0).to(device, dtype)
+                latents.append(vae.encode(pixels).latent_dist.mean * vae.config.scaling_factor)
+        self.latents = torch.cat(latents).float()
+        self.captions = [caption(r.caption) for r in self.records]
+        config = noise_scheduler.config
+        self.timesteps = torch.tensor(fixed_timesteps(config.num_train_timesteps), device=device)
+        generator = torch.Generator().manual_seed(VAL_SEED)
+        shape = (len(self.timesteps), *self.latents.shape[1:])
+        # one noise tensor per (image, timestep), drawn on the CPU so every device sees the same numbers
+        self.noise = torch.stack([torch.randn(shape, generator=generator) for _ in self.records]).to(device)
+        self.v_prediction = config.prediction_type == "v_prediction"
+
+    @torch.no_grad()
+    def per_image(
+        self,
+        encode: Callable[[list[str]], torch.Tensor],
+        predict: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor],
+    ) -> list[float]:
+        values = []
+        steps = len(self.timesteps)
+        for index, caption in enumerate(self.captions):
+            latents = self.latents[index : index + 1].expand(steps, -1, -1, -1)
+            noise = self.noise[index]
+            noisy = self.scheduler.add_noise(latents, noise, self.timesteps)
+            target = self.scheduler.get_velocity(latents, noise, self.timesteps) if self.v_prediction else noise
+            conditioning = encode([caption]).expand(steps, -1, -1)
+            prediction = predict(noisy, self.timesteps, conditioning)
+            values.append(float(F.mse_loss(prediction.float(), target.float())))
+        return values
