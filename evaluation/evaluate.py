@@ -18,27 +18,10 @@ from PIL import Image
 from evaluation.clip_score import ClipScorer, clip_score_from_embeddings
 from evaluation.dino import DinoEmbedder
 from evaluation.grid import image_grid
+from evaluation.metric_names import DIRECTIONS, metric_name
 from evaluation.metrics import concept_hits, copy_risk, diversity, fidelity
 from evaluation.sampling import PromptEncoder, generate_samples
 from evaluation.stats import Estimate, mean_interval, paired_gain
-
-# Each metric and whether higher is better; ``clip_score`` is the former name of ``clip_t``.
-DIRECTIONS = {
-    "clip_t": "maximize",
-    "clip_i": "maximize",
-    "dino_i": "maximize",
-    "concept_acc": "maximize",
-    "copy_risk": "minimize",
-    "diversity": "maximize",
-    "val_loss": "minimize",
-}
-ALIASES = {"clip_score": "clip_t"}
-SELECTIONS = ("best", "last")  # eval.select: which evaluated checkpoint is the run's result
-
-
-def metric_name(name: str) -> str:
-    """The canonical metric of an objective or config name (``clip_score`` -> ``clip_t``)."""
-    return ALIASES.get(name, name)
 
 
 @dataclass

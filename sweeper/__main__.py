@@ -51,15 +51,14 @@ def main(cfg: DictConfig) -> dict[str, Any]:
         print(error, file=sys.stderr)
         sys.exit(2)
     metrics = result.metrics
-    print(
-        f"\nCLIP score: {metrics['clip_score']:.2f} "
-        f"(base model: {metrics['clip_score_baseline']:.2f}, change {metrics['clip_score_gain']:+.2f})"
-    )
+    print(f"\nScores at step {result.selected_step} (95% intervals; gain = paired difference to the base model):")
+    for line in result.summary:
+        print(f"  {line}")
     print(f"LoRA file:  {result.lora_path.resolve()}")
     if result.run_id:
         print(f"MLflow run: {result.run_id}")
         print(f"MLflow UI:  {result.ui_command}")
-    return {"metrics": metrics, "pruned": result.stopped_early, "run_id": result.run_id}
+    return {"metrics": metrics, "pruned": result.stopped_early, "run_id": result.run_id, "per_image": result.per_image}
 
 
 if __name__ == "__main__":

@@ -6,8 +6,11 @@ A single run and every sweep trial call ``run``; a trial only adds its bookkeepi
 from __future__ import annotations
 
 import json
+import math
+import os
 import re
 import resource
+import shutil
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -18,24 +21,28 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from evaluation.clip_score import ClipScorer
-from evaluation.evaluate import EvalResult, evaluate
+from evaluation.dino import DinoEmbedder
+from evaluation.evaluate import EvalResult, References, Scorers, evaluate, summary_lines
+from evaluation.metric_names import DIRECTIONS, metric_name
 from evaluation.sampling import sampling_scheduler
 from sweeper.fingerprint import code_version, dataset_fingerprint, file_sha256, fingerprint_digest, training_config
 from sweeper.tracking import flatten, start_run, ui_command
-from sweeper.validate import validate
-from training.atomic_file import write_text_atomically
+from sweeper.validate import ConfigError, validate
+from training.atomic_file import write_atomically, write_text_atomically
 from training.buckets import bucket_table
 from training.checkpoint import save_training_state
-from training.data import oriented_size
+from training.data import load_rgb, oriented_size, scan_dataset
 from training.loop import Trainer
 from training.lora_file import bundle_embeddings, lora_identity, read_metadata, save_lora
 from training.lora_metadata import DatasetSummary, kohya_metadata, summarize_dataset, training_metadata
 from training.models import RUNTIME_MODEL_KEYS, BaseModel, load_base_model
 from training.network import remove_leftover_adapters, remove_lora
 from training.tag_stats import tag_frequencies, tag_frequencies_by_folder, tag_table
+from training.toy.world import HELD_OUT_SHAPE, SHAPES
+from training.validation import VAL_SEED, HeldOut, split_held_out
 
-# (step, clip score) -> True to stop training early; sweeps hook their pruner in here
-EvalReporter = Callable[[int, float], bool]
+# (step, objective mean, its per-image values) -> True to stop training early; sweeps hook their pruner in here
+EvalReporter = Callable[[int, float, list[float]], bool]
 
 
 @dataclass
@@ -47,6 +54,9 @@ class RunResult:
     per_prompt: dict[str, float] = field(default_factory=dict)
     stopped_early: bool = False
     lora_sha256: str = ""
+    per_image: dict[str, list[float]] = field(default_factory=dict)  # the selected evaluation's values
+    summary: list[str] = field(default_factory=list)  # one line per metric: value (interval), base, gain
+    selected_step: int = 0
 
     @property
     def ui_command(self) -> str | None:
@@ -103,19 +113,27 @@ def run(
         regularisation = validated.regularisation.records if validated.regularisation else None
         if cfg.network.embedding.enabled:
             _worker.discard(cfg.model)  # new tokens change the tokenizer: later runs load a clean model
-        trainer = Trainer(cfg, base, validated.dataset.records, tracker, reg_records=regularisation)
+        held_out = _held_out(cfg, validated)
+        if held_out.note:
+            print(held_out.note)
+            tracker.set_tags({"val_loss": held_out.note})
+        trainer = Trainer(cfg, base, held_out.train, tracker, reg_records=regularisation)
         _log_data_tables(tracker, cfg, trainer)
         try:
-            scorer = _worker.scorer(cfg.eval.clip_model, trainer.device)
+            scorers = _worker.scorers(cfg, trainer.device, [r for r in held_out.train if not r.is_reg])
             pipeline = trainer.sampling_pipeline(sampling_scheduler(base.noise_scheduler.config, cfg.eval.sampler))
+            validation = trainer.validation_loss(held_out.held_out) if held_out.held_out else None
+            objective = metric_name(cfg.sweep.objective or cfg.eval.objective)
+            maximize = (cfg.sweep.direction if cfg.sweep.objective else DIRECTIONS[objective]) == "maximize"
 
             def evaluate_now() -> EvalResult:
                 with trainer.accelerator.autocast(), trainer.lora_without_input_casts(base.unet, base.text_encoder):
-                    return evaluate(
+                    result = evaluate(
                         pipeline,
-                        scorer,
+                        scorers,
                         list(cfg.eval.prompts),
                         test_seed=cfg.eval.test_seed,
+                        seeds=list(cfg.eval.seeds),
                         images_per_prompt=cfg.eval.images_per_prompt,
                         batch_size=cfg.eval.batch_size,
                         num_inference_steps=cfg.eval.num_inference_steps,
@@ -125,15 +143,24 @@ def run(
                         encode_prompt=trainer.encode_prompt,
                         generation_prompts=[trainer.prompt(p) for p in cfg.eval.prompts],
                     )
+                if validation is not None:
+                    result = result.with_values({"val_loss": trainer.held_out_loss(validation)})
+                return result
 
-            periodic: list[EvalResult] = []
+            checkpoints: list[Checkpoint] = []
 
             def periodic_eval(step: int) -> tuple[float, bool]:
+                """Metrics of the LoRA at this step; with eval.select=best its file too, to pick the best later."""
                 result = evaluate_now()
-                periodic.append(result)
-                tracker.log_metrics({"eval/clip_score": result.clip_score}, step)
+                if objective not in result.values:
+                    raise ValueError(_missing_objective(objective, result))
+                path = save(step, trainer.position.epoch) if cfg.eval.select == "best" else None
+                checkpoints.append(Checkpoint(step, result, path))
+                tracker.log_metrics(_eval_metrics(result), step)
                 tracker.log_image(result.grid, f"samples/step_{step:06d}.png")
-                return result.clip_score, bool(report and report(step, result.clip_score))
+                value = result.mean(objective)
+                stop = bool(report and report(step, value, result.values[objective]))
+                return (value if maximize else -value), stop  # the plateau schedule wants higher = better
 
             def save(step: int, epoch: int, final: bool = False) -> Path:
                 """The LoRA file (and, with train.save_state, the resumable training state) at this point."""
@@ -158,8 +185,10 @@ def run(
             fit = trainer.fit(on_eval=periodic_eval, on_save=save, show_progress=show_progress)
             phases["fit_s"], mark = time.perf_counter() - mark, time.perf_counter()
 
-            # --- evaluate: the LoRA (a pruned run keeps its last value), then the base model
-            final = periodic[-1] if fit.stopped_early else evaluate_now()
+            # --- evaluate: the LoRA at its last step (a pruned run has just been), then the base model
+            if not fit.stopped_early:
+                checkpoints.append(Checkpoint(fit.steps, evaluate_now(), None))
+            selected = _select(checkpoints, objective, maximize, cfg.eval.select)
             baseline_key = _baseline_key(cfg, trainer.resolution)
             baseline = _worker.baselines.get(baseline_key)
             if baseline is None:
@@ -169,16 +198,21 @@ def run(
 
             phases["eval_s"], mark = time.perf_counter() - mark, time.perf_counter()
 
-            # --- save
+            # --- save: the last step's file, then the selected checkpoint's under the run's name
             lora_path = save(fit.steps, fit.epochs, final=True)
+            last_path = None
+            if selected.path is not None and selected.step != fit.steps:
+                last_path = lora_path.with_name(f"{cfg.output.name}-last{lora_path.suffix}")
+                os.replace(lora_path, last_path)
+                write_atomically(lora_path, lambda tmp: shutil.copyfile(selected.path, tmp))
             phases["save_s"] = time.perf_counter() - mark
         finally:
             remove_lora(trainer.network)
 
+        final = selected.result
         metrics = {
-            "clip_score": final.clip_score,
-            "clip_score_baseline": baseline.clip_score,
-            "clip_score_gain": final.clip_score - baseline.clip_score,
+            **_final_metrics(final, baseline),
+            "selected_step": float(selected.step),
             "train/steps_done": float(fit.steps),
             "train/seconds": fit.train_seconds,
             "wall_time_s": time.perf_counter() - started,
@@ -194,12 +228,19 @@ def run(
             metrics[f"clip_score/{_metric_safe(prompt)}"] = score
             metrics[f"clip_score_baseline/{_metric_safe(prompt)}"] = baseline.per_prompt[prompt]
         tracker.log_metrics(metrics, fit.steps)
+        tags = {"selected_step": str(selected.step), "eval.select": cfg.eval.select, "eval.objective": objective}
         if fit.stopped_early:
-            tracker.set_tags({"pruned": "true", "pruned_at_step": str(fit.steps)})
+            tags.update({"pruned": "true", "pruned_at_step": str(fit.steps)})
+        tracker.set_tags(tags)
         tracker.log_artifact(lora_path, "lora")
-        tracker.log_image(final.grid, f"samples/final_step_{fit.steps:06d}.png")
+        if last_path is not None:
+            tracker.log_artifact(last_path, "lora")
+        tracker.log_image(final.grid, f"samples/final_step_{selected.step:06d}.png")
         tracker.log_image(baseline.grid, "samples/baseline.png")
         tracker.log_text(_score_table(final, baseline), "eval/clip_scores.tsv")
+        tracker.log_text(_per_image_table(final, baseline), "eval/per_image.tsv")
+        lines = summary_lines(final, baseline)
+        tracker.log_text("\n".join(lines) + "\n", "eval/summary.txt")
         lora_sha256 = file_sha256(lora_path)
         identity = lora_identity(lora_path)
         tracker.set_tags({"lora.sha256": lora_sha256, **{f"lora.{k}": v for k, v in identity.items()}})
@@ -214,7 +255,99 @@ def run(
             per_prompt,
             stopped_early=fit.stopped_early,
             lora_sha256=lora_sha256,
+            per_image=final.values,
+            summary=lines,
+            selected_step=selected.step,
         )
+
+
+@dataclass
+class Checkpoint:
+    """One evaluation of the LoRA during or after training; ``path`` is its file when it was kept."""
+
+    step: int
+    result: EvalResult
+    path: Path | None
+
+
+def concept_labels(cfg: Any) -> tuple[list[str], str | None]:
+    """``eval.concept``, or (labels unset) the toy world's eight shapes with the star as target on the toy model."""
+    concept = cfg.eval.concept
+    if concept.labels is None:
+        if cfg.model.source != "toy":
+            return [], None
+        return [f"a {shape}" for shape in SHAPES], concept.target or f"a {HELD_OUT_SHAPE}"
+    return list(concept.labels), concept.target
+
+
+def _select(checkpoints: list[Checkpoint], objective: str, maximize: bool, select: str) -> Checkpoint:
+    """``eval.select``: the checkpoint best on the objective (the earliest of ties), or the last one."""
+    if select == "last":
+        return checkpoints[-1]
+    sign = 1.0 if maximize else -1.0
+    return max(checkpoints, key=lambda c: (sign * c.result.mean(objective), -c.step))
+
+
+def _missing_objective(objective: str, result: EvalResult) -> str:
+    hints = {
+        "clip_i": "it needs training images",
+        "copy_risk": "it needs training images",
+        "dino_i": "set eval.dino_model",
+        "concept_acc": "set eval.concept.labels and eval.concept.target",
+        "val_loss": "set data.val_split or data.val_dir",
+        "diversity": "it needs several images per prompt (eval.images_per_prompt or eval.seeds)",
+    }
+    return (
+        f"objective {objective!r} was not measured ({hints.get(objective, 'unknown metric')}); "
+        f"measured: {', '.join(sorted(result.values))}"
+    )
+
+
+def _eval_metrics(result: EvalResult) -> dict[str, float]:
+    """What a periodic evaluation logs: each metric's mean under ``eval/`` (``eval/clip_score`` kept)."""
+    metrics = {f"eval/{name}": result.mean(name) for name in result.values}
+    metrics["eval/clip_score"] = result.clip_score
+    return {k: v for k, v in metrics.items() if math.isfinite(v)}
+
+
+def _final_metrics(final: EvalResult, baseline: EvalResult) -> dict[str, float]:
+    """Every metric with its interval, the base model's, and the paired gain: ``clip_t``, ``clip_t/low``,
+    ``clip_t/high``, ``clip_t_baseline`` (+ bounds), ``clip_t_gain`` (+ bounds); ``clip_score*`` as before."""
+    metrics: dict[str, float] = {}
+    for name in final.values:
+        if name not in baseline.values or math.isnan(final.mean(name)):
+            continue
+        for key, estimate in (
+            (name, final.estimate(name)),
+            (f"{name}_baseline", baseline.estimate(name)),
+            (f"{name}_gain", final.gain(name, baseline)),
+        ):
+            metrics.update({key: estimate.mean, f"{key}/low": estimate.low, f"{key}/high": estimate.high})
+    metrics["clip_score"] = metrics["clip_t"]
+    metrics["clip_score_baseline"] = metrics["clip_t_baseline"]
+    metrics["clip_score_gain"] = metrics["clip_t_gain"]
+    return metrics
+
+
+def _per_image_table(final: EvalResult, baseline: EvalResult) -> str:
+    """TSV of every sample's metrics beside the base model's (same prompt, same seed)."""
+    names = [n for n in final.values if n in baseline.values and n != "val_loss"]
+    rows = ["prompt\t" + "\t".join(f"{n}\t{n}_baseline" for n in names)]
+    for i, prompt in enumerate(final.prompts):
+        cells = "\t".join(f"{final.values[n][i]:.4f}\t{baseline.values[n][i]:.4f}" for n in names)
+        rows.append(f"{prompt}\t{cells}")
+    return "\n".join(rows) + "\n"
+
+
+def _held_out(cfg: Any, validated: Any) -> HeldOut:
+    """The images val_loss is measured on: a seeded split of the training set, or data.val_dir."""
+    records = list(validated.dataset.records)
+    if cfg.data.val_dir:
+        scan = scan_dataset(cfg.data.val_dir, cfg.data.caption_extension, cfg.data.on_bad_image, key="data.val_dir")
+        if scan.problems:
+            raise ConfigError(scan.problems)
+        return HeldOut(records, scan.records)
+    return split_held_out(records, cfg.data.val_split, VAL_SEED)
 
 
 def _save_lora(
@@ -271,6 +404,8 @@ class _WorkerCache:
     def __init__(self) -> None:
         self._models: dict[str, BaseModel] = {}
         self._scorers: dict[tuple[str, str], ClipScorer] = {}
+        self._dinos: dict[tuple[str, str, str], DinoEmbedder] = {}
+        self._references: dict[tuple, References] = {}
         self.baselines: dict[str, EvalResult] = {}
         self.model_loads = 0
 
@@ -296,6 +431,30 @@ class _WorkerCache:
             self._scorers[key] = ClipScorer(clip_model, device=device)
         return self._scorers[key]
 
+    def scorers(self, cfg: Any, device: torch.device, training: list[Any]) -> Scorers:
+        """CLIP, DINO (with eval.dino_model), the training images' embeddings and the concept labels.
+
+        The embeddings of the training images are computed once per dataset and model, like the baseline.
+        """
+        clip = self.scorer(cfg.eval.clip_model, device)
+        dino = None
+        if cfg.eval.dino_model:
+            key = ("dino", cfg.eval.dino_model, str(device))
+            if key not in self._dinos:
+                self._dinos[key] = DinoEmbedder(cfg.eval.dino_model, device=device)
+            dino = self._dinos[key]
+        scorers = Scorers(clip, dino)
+        files = tuple(str(r.path) for r in training)
+        ref_key = (cfg.eval.clip_model, cfg.eval.dino_model, str(device), files)
+        if ref_key not in self._references:
+            self._references.clear()
+            self._references[ref_key] = scorers.reference_embeddings([load_rgb(r.path) for r in training])
+        scorers.references = self._references[ref_key]
+        labels, target = concept_labels(cfg)
+        if labels:
+            scorers.concept = scorers.concept_for(labels, target)
+        return scorers
+
 
 _worker = _WorkerCache()
 
@@ -310,10 +469,16 @@ def _baseline_key(cfg: Any, resolution: int) -> str:
     """Everything the base model's sample images depend on."""
     parts = {
         "model": OmegaConf.to_container(cfg.model, resolve=True),
-        "eval": {k: v for k, v in OmegaConf.to_container(cfg.eval, resolve=True).items() if k != "every_n_steps"},
+        "eval": {
+            k: v
+            for k, v in OmegaConf.to_container(cfg.eval, resolve=True).items()
+            if k not in ("every_n_steps", "objective", "select")
+        },
         "precision": cfg.precision.mixed,
         "resolution": resolution,
         "max_token_length": cfg.data.max_token_length,
+        # the references (clip_i, copy_risk), the held-out images (val_loss) and the prompts' trigger word
+        "data": {k: cfg.data[k] for k in ("train_dir", "val_split", "val_dir", "trigger_word", "caption_extension")},
     }
     return json.dumps(parts, sort_keys=True)
 

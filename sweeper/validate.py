@@ -11,7 +11,7 @@ from typing import Any
 
 import torch
 
-from evaluation.evaluate import DIRECTIONS, SELECTIONS, metric_name
+from evaluation.metric_names import DIRECTIONS, SELECTIONS, metric_name
 from evaluation.sampling import SAMPLERS
 from training.buckets import bucket_problems, resolve_bucket_settings
 from training.checkpoint import resume_problem

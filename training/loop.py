@@ -49,6 +49,7 @@ from training.optim import build_lr_scheduler, build_optimizer
 from training.pipeline import sd_pipeline
 from training.text_cache import TextEmbeddingCache, shared_text_cache, text_cache_key
 from training.text_encoding import encode_prompt_pair, encode_prompts
+from training.validation import ValidationLoss
 
 
 def stage(name: str) -> torch.profiler.record_function:
@@ -553,6 +554,28 @@ class Trainer:
             trigger_word=data.trigger_word,
         )
         return self.prompt(text)
+
+    def validation_loss(self, records: list[ImageRecord]) -> ValidationLoss:
+        """The held-out images encoded once (``training.validation``), captioned as evaluation prompts are."""
+        return ValidationLoss(
+            records,
+            vae=self.base.vae,
+            noise_scheduler=self.base.noise_scheduler,
+            resolution=self.resolution,
+            device=self.device,
+            dtype=self.weight_dtype,
+            caption=self.prompt,
+        )
+
+    def held_out_loss(self, validation: ValidationLoss) -> list[float]:
+        """Per held-out image, the denoising loss of the model as it is now (LoRA on or off)."""
+        base = self.base
+
+        def predict(noisy: torch.Tensor, timesteps: torch.Tensor, hidden: torch.Tensor) -> torch.Tensor:
+            return base.unet(noisy, timesteps, hidden).sample
+
+        with self.accelerator.autocast(), self.lora_without_input_casts(base.unet, base.text_encoder):
+            return validation.per_image(self._encode_captions, predict)
 
     def encode_prompt(self, prompt: str, negative_prompt: str | None) -> tuple[torch.Tensor, torch.Tensor]:
         """Evaluation conditioning exactly as training encodes captions (clip skip, long prompts)."""

@@ -22,6 +22,7 @@ from omegaconf import DictConfig, OmegaConf
 from optuna.storages._heartbeat import get_heartbeat_thread
 from optuna.trial import TrialState
 
+from evaluation.metric_names import metric_name
 from sweeper.search.report import SweepSummary, log_parent_results, print_summary
 from sweeper.search.settings import OptunaSweeperConf
 from sweeper.search.space import SearchSpace, SearchSpaceError, format_value, parse_search_space
@@ -48,6 +49,7 @@ class TrialOutcome:
     values: list[float] | None = None
     run_id: str | None = None
     error: str | None = None
+    per_image: dict[str, list[float]] = field(default_factory=dict)  # objective -> per-image values
 
 
 @dataclass
@@ -154,6 +156,8 @@ class OptunaSweep:
             f"sweep.storage={format_value(storage_url)}",
             f"sweep.trial_number={trial.number}",
             f"sweep.report_objective={format_value(self.reports_to_pruner(objectives))}",
+            f"sweep.objective={objectives[0]}",
+            f"sweep.direction={study.directions[0].name.lower()}",
             f"sweep.pruner={self.options.pruner}",
             f"sweep.pruner_startup_trials={self.options.pruner_startup_trials}",
             f"sweep.pruner_warmup_steps={self.options.pruner_warmup_steps}",
@@ -172,6 +176,8 @@ class OptunaSweep:
         outcome = _classify(job, objectives)
         if outcome.run_id:
             trial.set_user_attr("mlflow_run_id", outcome.run_id)
+        if outcome.per_image:
+            trial.set_user_attr("per_image", outcome.per_image)  # what the summary's significance tests pair
         if outcome.error:
             trial.set_user_attr("error", outcome.error[:2000])
         study.tell(trial, outcome.values if outcome.state == TrialState.COMPLETE else None, state=outcome.state)
@@ -186,8 +192,12 @@ class OptunaSweep:
         return job
 
     def reports_to_pruner(self, objectives: list[str]) -> bool:
-        """Periodic evaluations measure the CLIP score, so only that single objective can be pruned on."""
-        return self.options.pruner != "none" and objectives == ["clip_score"]
+        """Periodic evaluations measure every metric, so a single objective can be pruned on.
+
+        Optuna's ``Trial.report`` does not support multi-objective studies (it raises), so a
+        multi-objective sweep runs without pruning.
+        """
+        return self.options.pruner != "none" and len(objectives) == 1
 
     def _check_failure_rate(self, progress: SweepProgress) -> None:
         if progress.finished >= 2 and progress.failed / progress.finished > self.options.max_failure_rate:
@@ -218,7 +228,9 @@ def _classify(job: JobReturn, objectives: list[str]) -> TrialOutcome:
     values = [float(metrics[name]) for name in objectives]
     if not all(math.isfinite(v) for v in values):
         return TrialOutcome(TrialState.FAIL, run_id=run_id, error=f"objective value is not finite: {values}")
-    return TrialOutcome(TrialState.COMPLETE, values=values, run_id=run_id)
+    per_image = result.get("per_image") or {}
+    paired = {name: per_image[metric_name(name)] for name in objectives if metric_name(name) in per_image}
+    return TrialOutcome(TrialState.COMPLETE, values=values, run_id=run_id, per_image=paired)
 
 
 def _is_out_of_memory(error: BaseException) -> bool:

@@ -13,6 +13,7 @@ from typing import Any
 import optuna
 from optuna.trial import FrozenTrial, TrialState
 
+from evaluation.stats import ALPHA, paired_p_value
 from sweeper.search.space import SearchSpace, format_value
 from sweeper.tracking import redact_password
 
@@ -63,7 +64,46 @@ class SweepSummary:
             tags["sweep.n_trials"] = str(options.n_trials)
         return tags
 
+    def comparisons(self) -> dict[int, float]:
+        """Paired Wilcoxon p-value of each completed trial against the best one, on the objective's
+        per-image values (same prompts and seeds in every trial); single-objective studies only."""
+        best = self.best_trials()
+        if self.multi_objective or not best:
+            return {}
+        name = self.objectives[0]
+        reference = best[0].user_attrs.get("per_image", {}).get(name)
+        if not reference:
+            return {}
+        p_values = {}
+        for trial in self.trials():
+            values = trial.user_attrs.get("per_image", {}).get(name)
+            if trial.state == TrialState.COMPLETE and values and len(values) == len(reference):
+                p_values[trial.number] = 1.0 if trial.number == best[0].number else paired_p_value(reference, values)
+        return p_values
+
+    def verdict(self) -> list[str]:
+        """In words: which trials are indistinguishable from the best, or that the best is clearly best."""
+        best, p_values = self.best_trials(), self.comparisons()
+        others = {n: p for n, p in p_values.items() if n != best[0].number} if best else {}
+        if not others:
+            return []
+        tied = {n: p for n, p in others.items() if p >= ALPHA}
+        test = f"paired Wilcoxon signed-rank test on per-image {self.objectives[0]}, alpha {ALPHA}"
+        if not tied:
+            return [f"Every other trial is significantly worse than trial {best[0].number} ({test})."]
+        listed = _and_list([f"{n} (p={p:.2g})" for n, p in sorted(tied.items())])
+        if len(tied) == len(others):
+            return [
+                f"No trial is significantly different from the best: trial {best[0].number} is best by its mean, but "
+                f"trials {listed} are within noise of it ({test}). More images per prompt or seeds narrow this."
+            ]
+        return [
+            f"Trials {listed} are not significantly different from trial {best[0].number} ({test}); the rest are worse."
+        ]
+
     def rows(self) -> list[dict[str, Any]]:
+        p_values = self.comparisons()
+        best_numbers = {t.number for t in self.best_trials()}
         rows = []
         for trial in self.trials():
             values = trial.values or ([trial.value] if trial.value is not None else [])
@@ -73,6 +113,10 @@ class SweepSummary:
             row.update({key: format_value(value) for key, value in trial.params.items()})
             for name, value in zip(self.objectives, values, strict=False):
                 row[name] = f"{value:.4f}"
+            if trial.number in p_values:
+                p = p_values[trial.number]
+                row["p_vs_best"] = f"{p:.3g}" if trial.number not in best_numbers else "-"
+                row["vs_best"] = "best" if trial.number in best_numbers else ("tied" if p >= ALPHA else "worse")
             row["mlflow_run_id"] = trial.user_attrs.get("mlflow_run_id", "")
             row["error"] = trial.user_attrs.get("error", "")
             rows.append(row)
@@ -80,7 +124,8 @@ class SweepSummary:
 
     def csv_text(self) -> str:
         rows = self.rows()
-        columns = ["number", "state", *self.space.distributions, *self.objectives, "mlflow_run_id", "error"]
+        columns = ["number", "state", *self.space.distributions, *self.objectives, "vs_best", "p_vs_best"]
+        columns += ["mlflow_run_id", "error"]
         buffer = io.StringIO()
         writer = csv.DictWriter(buffer, fieldnames=columns, extrasaction="ignore")
         writer.writeheader()
@@ -91,7 +136,8 @@ class SweepSummary:
 def print_summary(summary: SweepSummary) -> None:
     """A table of every trial of the study and the best one(s)."""
     rows = summary.rows()
-    columns = ["number", "state", *summary.space.distributions, *summary.objectives, "mlflow_run_id"]
+    columns = ["number", "state", *summary.space.distributions, *summary.objectives, "vs_best", "p_vs_best"]
+    columns.append("mlflow_run_id")
     widths = {c: max([len(c)] + [len(str(r.get(c, ""))) for r in rows]) for c in columns}
     print(f"\nStudy '{summary.study.study_name}': {len(rows)} trial(s)")
     print("  ".join(c.ljust(widths[c]) for c in columns))
@@ -103,6 +149,8 @@ def print_summary(summary: SweepSummary) -> None:
         values = ", ".join(f"{n}={v:.4f}" for n, v in zip(summary.objectives, trial.values, strict=True))
         params = " ".join(f"{k}={format_value(v)}" for k, v in trial.params.items())
         print(f"{label}: trial {trial.number} ({values}) {params} run {trial.user_attrs.get('mlflow_run_id', '-')}")
+    for line in summary.verdict():
+        print(line)
     if not best:
         print("No trial completed.")
 
@@ -121,6 +169,9 @@ def log_parent_results(parent: Any, summary: SweepSummary) -> None:
         for t in best
     ]
     parent.log_text(json.dumps(payload, indent=2, default=str), "sweep/best_trials.json")
+    if verdict := summary.verdict():
+        parent.log_text("\n".join(verdict) + "\n", "sweep/verdict.txt")
+        parent.set_tags({"best.verdict": verdict[0][:5000]})
     if best and not summary.multi_objective:
         top = best[0]
         parent.set_tags(
@@ -165,6 +216,10 @@ def _log_plots(parent: Any, summary: SweepSummary) -> None:
             path = Path(tmp) / f"{plot_name}.html"
             figure.write_html(str(path), include_plotlyjs="cdn")
             parent.log_artifact(path, "sweep/plots")
+
+
+def _and_list(items: list[str]) -> str:
+    return items[0] if len(items) == 1 else ", ".join(items[:-1]) + " and " + items[-1]
 
 
 def _describe(distribution: optuna.distributions.BaseDistribution) -> str:

@@ -6,7 +6,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 SAMPLERS = ("auto", "grid", "tpe", "random", "cmaes", "nsgaii")
-PRUNERS = ("none", "median", "successive_halving", "hyperband")
+PRUNERS = ("none", "median", "successive_halving", "hyperband", "wilcoxon")
 DIRECTIONS = ("maximize", "minimize")
 
 

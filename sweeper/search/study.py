@@ -109,6 +109,9 @@ def build_sampler(name: str, seed: int, space: SearchSpace) -> optuna.samplers.B
     return optuna.samplers.NSGAIISampler(seed=seed)
 
 
+WILCOXON_STARTUP_IMAGES = 6  # paired images needed before the test may prune
+
+
 def build_pruner(options: Any) -> optuna.pruners.BasePruner:
     name = options.pruner
     if name not in PRUNERS:
@@ -121,4 +124,8 @@ def build_pruner(options: Any) -> optuna.pruners.BasePruner:
         return optuna.pruners.SuccessiveHalvingPruner()
     if name == "hyperband":
         return optuna.pruners.HyperbandPruner()
+    if name == "wilcoxon":
+        # Paired signed-rank test of this trial's per-image values against the best trial's on the
+        # same images (sweeper.search.trial numbers them); it stops a trial once it is worse at p < 0.1.
+        return optuna.pruners.WilcoxonPruner(p_threshold=0.1, n_startup_steps=WILCOXON_STARTUP_IMAGES)
     return optuna.pruners.NopPruner()

@@ -6,6 +6,7 @@ whatever launcher runs the job: in the sweeper's process, another process, or an
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import optuna
@@ -23,12 +24,27 @@ def load_trial(sweep_cfg: Any) -> optuna.trial.Trial:
     return optuna.trial.Trial(study, trial_id)
 
 
+# The Wilcoxon pruner compares per-instance values: each evaluated image is an instance, numbered
+# step * INSTANCES_PER_STEP + image index, so the same image at the same step pairs across trials.
+INSTANCES_PER_STEP = 100_000
+
+
 def trial_reporter(sweep_cfg: Any) -> EvalReporter:
-    """(step, value) -> True when the pruner says this trial should stop."""
+    """(step, mean, per-image values) -> True when the pruner says this trial should stop.
+
+    Most pruners see the objective's mean at each evaluation step. ``wilcoxon`` sees every image of
+    every evaluation as its own instance, so Optuna's WilcoxonPruner can run its paired signed-rank
+    test against the best trial's values on the same images.
+    """
     trial = load_trial(sweep_cfg)
 
-    def report(step: int, value: float) -> bool:
-        trial.report(value, step)
+    def report(step: int, value: float, per_image: list[float]) -> bool:
+        if sweep_cfg.pruner == "wilcoxon":
+            for index, image_value in enumerate(per_image):
+                if math.isfinite(image_value):
+                    trial.report(image_value, step * INSTANCES_PER_STEP + index)
+        else:
+            trial.report(value, step)
         return trial.should_prune()
 
     return report
