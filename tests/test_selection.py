@@ -1,0 +1,174 @@
+"""Which checkpoint a run keeps (eval.select), the held-out loss, the Wilcoxon pruner and the sweep's
+verdict on which trials are really different."""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import optuna
+import torch
+from mlflow.tracking import MlflowClient
+from safetensors import safe_open
+
+import sweeper.task
+from evaluation.evaluate import EvalResult
+from sweeper.search.report import SweepSummary
+from sweeper.search.space import SearchSpace
+from sweeper.search.study import build_pruner
+from sweeper.search.trial import trial_reporter
+from sweeper.task import run
+from training.lora_file import tensors_sha256
+
+
+def metadata(path) -> dict[str, str]:
+    with safe_open(str(path), framework="pt") as lora:
+        return dict(lora.metadata())
+
+
+def test_select_best_keeps_the_planted_best_step_as_the_runs_lora(make_cfg, monkeypatch):
+    """Evaluations at steps 4, 8, 12 and the last (16) score 10, 30, 20, 15: step 8 is the run's result."""
+    planted = iter([10.0, 30.0, 20.0, 15.0, 5.0])  # the last value is the base model's
+    real_evaluate = sweeper.task.evaluate
+
+    def planted_evaluate(*args, **kwargs) -> EvalResult:
+        result = real_evaluate(*args, **kwargs)  # real samples; only the score is planted
+        value = next(planted)
+        return EvalResult({"clip_t": [value, value]}, result.prompts, result.images, result.grid, result.per_prompt)
+
+    monkeypatch.setattr(sweeper.task, "evaluate", planted_evaluate)
+    cfg = make_cfg("train.max_steps=16", "eval.every_n_steps=4", "network.dim=4")
+    result = run(cfg, show_progress=False)
+
+    assert result.selected_step == 8 and result.metrics["selected_step"] == 8
+    assert result.metrics["clip_t"] == 30.0 and result.metrics["clip_t_gain"] == 25.0
+    best, last = result.lora_path, result.lora_path.with_name("lora-last.safetensors")
+    assert metadata(best)["ss_steps"] == "8" and metadata(last)["ss_steps"] == "16"
+    assert tensors_sha256(best) == tensors_sha256(best.with_name("lora-step000008.safetensors"))
+    assert tensors_sha256(best) != tensors_sha256(last)
+    artifacts = MlflowClient(result.tracking_uri).list_artifacts(result.run_id, "lora")
+    assert {a.path for a in artifacts} >= {"lora/lora.safetensors", "lora/lora-last.safetensors"}
+
+
+def test_select_last_keeps_the_last_step(make_cfg):
+    cfg = make_cfg("train.max_steps=8", "eval.every_n_steps=4", "network.dim=4", "eval.select=last")
+    result = run(cfg, show_progress=False)
+    assert result.selected_step == 8 and metadata(result.lora_path)["ss_steps"] == "8"
+    assert not result.lora_path.with_name("lora-last.safetensors").exists()
+
+
+# --- held-out loss
+
+
+def test_val_loss_is_deterministic_and_held_out_images_never_train(make_cfg):
+    cfg = make_cfg("train.max_steps=6", "network.dim=4", "data.val_split=0.25")
+    first = run(cfg, show_progress=False)
+    again = run(cfg, show_progress=False)
+    assert len(first.per_image["val_loss"]) == 4  # 25% of the 16 sample images
+    assert first.per_image["val_loss"] == again.per_image["val_loss"]  # same LoRA, same inputs: same values
+    assert first.metrics["val_loss_baseline"] == again.metrics["val_loss_baseline"]
+    assert first.metrics["val_loss"] != first.metrics["val_loss_baseline"]  # the LoRA changes it
+
+    from sweeper.validate import validate
+    from training.validation import VAL_SEED, split_held_out
+
+    records = validate(cfg).dataset.records
+    held_out = split_held_out(records, 0.25, VAL_SEED)
+    trained = {str(r.path) for r in held_out.train}
+    assert not trained & {str(r.path) for r in held_out.held_out}
+    assert held_out.held_out == split_held_out(records, 0.25, VAL_SEED).held_out  # the same split every run
+
+
+def test_the_held_out_images_are_not_in_any_training_batch(make_cfg):
+    from sweeper.task import _held_out, _worker
+    from sweeper.validate import validate
+    from training.loop import Trainer
+
+    cfg = make_cfg("data.val_split=0.25", "train.max_steps=4")
+    validated = validate(cfg)
+    held_out = _held_out(cfg, validated)
+    trainer = Trainer(cfg, _worker.base_model(cfg.model), held_out.train, SimpleNamespace(log_metrics=lambda *a: None))
+    try:
+        seen = set()
+        for batch in trainer.loader:
+            seen.update(str(trainer.dataset.records[i].path) for i in batch["index"])
+        assert seen and not seen & {str(r.path) for r in held_out.held_out}
+        validation = trainer.validation_loss(held_out.held_out)
+        assert trainer.held_out_loss(validation) == trainer.held_out_loss(validation)
+    finally:
+        sweeper.task.remove_lora(trainer.network)
+
+
+def test_a_dataset_too_small_to_hold_out_says_so():
+    from training.data import ImageRecord
+    from training.validation import split_held_out
+
+    records = [ImageRecord(f"/d/{i}.png", "", 1) for i in range(2)]
+    held_out = split_held_out(records, 0.25, 0)
+    assert held_out.held_out == [] and len(held_out.train) == 2
+    assert "val_loss is off" in held_out.note and "data.val_dir" in held_out.note
+
+
+# --- the Wilcoxon pruner and the sweep's verdict
+
+
+def test_the_wilcoxon_pruner_stops_a_planted_bad_trial(tmp_path):
+    url = f"sqlite:///{tmp_path / 'optuna.db'}"
+    options = SimpleNamespace(pruner="wilcoxon", pruner_startup_trials=1, pruner_warmup_steps=0)
+    study = optuna.create_study(study_name="w", storage=url, direction="maximize", pruner=build_pruner(options))
+    good = torch.linspace(30, 40, 24).tolist()
+    best = study.ask()
+    for index, value in enumerate(good):
+        best.report(value, 100_000 * 5 + index)  # step 5, image index
+    study.tell(best, sum(good) / len(good))
+
+    def reporter_for(trial):
+        cfg = SimpleNamespace(study_name="w", storage=url, trial_number=trial.number, **vars(options))
+        return trial_reporter(cfg)
+
+    bad = study.ask()
+    assert reporter_for(bad)(5, 0.0, [v - 3.0 for v in good]) is True  # every image worse: pruned
+    close = study.ask()
+    noise = torch.tensor([(-1) ** i * 0.5 for i in range(24)])
+    assert reporter_for(close)(5, 0.0, (torch.tensor(good) + noise).tolist()) is False  # a tie goes on
+
+
+def _summary(per_trial: dict[int, list[float]], with_values: bool = True) -> SweepSummary:
+    study = optuna.create_study(direction="maximize")
+    dim = optuna.distributions.CategoricalDistribution([4, 8, 16])
+    for number, values in per_trial.items():
+        study.add_trial(
+            optuna.trial.create_trial(
+                params={"network.dim": [4, 8, 16][number]},
+                distributions={"network.dim": dim},
+                value=sum(values) / len(values),
+                user_attrs={"per_image": {"clip_score": values}} if with_values else {},
+            )
+        )
+    space = SearchSpace(distributions={"network.dim": dim}, grid_values={}, fixed=[])
+    return SweepSummary(study, space, ["clip_score"], ["maximize"], "grid", "sqlite://")
+
+
+def test_the_verdict_names_a_clear_winner():
+    base = torch.linspace(30, 40, 24)
+    summary = _summary({0: (base - 2).tolist(), 1: base.tolist(), 2: (base - 3).tolist()})
+    (line,) = summary.verdict()
+    assert line.startswith("Every other trial is significantly worse than trial 1")
+    rows = {row["number"]: row for row in summary.rows()}
+    assert rows[1]["vs_best"] == "best" and rows[0]["vs_best"] == rows[2]["vs_best"] == "worse"
+
+
+def test_the_verdict_says_when_nothing_is_significant():
+    base = torch.linspace(30, 40, 24)
+    g = torch.Generator().manual_seed(0)
+    noise = [torch.randn(24, generator=g) for _ in range(3)]  # seed noise of the same size as any difference
+    summary = _summary({n: (base + noise[n] + 0.1 * (n == 1)).tolist() for n in range(3)})
+    (line,) = summary.verdict()
+    assert line.startswith("No trial is significantly different from the best: trial 1 is best by its mean")
+    assert "trials 0 (p=" in line and " and 2 (p=" in line
+    assert "vs_best" in summary.csv_text().splitlines()[0]
+    assert {row["vs_best"] for row in summary.rows()} == {"best", "tied"}
+
+
+def test_no_verdict_without_paired_values():
+    summary = _summary({0: [30.0, 31.0], 1: [40.0, 41.0]}, with_values=False)
+    assert summary.verdict() == [] and summary.comparisons() == {}
