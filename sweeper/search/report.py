@@ -184,6 +184,7 @@ def log_parent_results(parent: Any, summary: SweepSummary) -> None:
         parent.log_metrics({f"best/{summary.objectives[0]}": top.values[0]})
     elif best:
         parent.set_tags({"pareto.trial_numbers": ",".join(str(t.number) for t in best)})
+        _log_front_grids(parent, best)
     states = [t.state for t in summary.trials()]
     parent.log_metrics({f"trials/{s.name.lower()}": float(states.count(s)) for s in TrialState})
     _log_plots(parent, summary)
@@ -216,6 +217,26 @@ def _log_plots(parent: Any, summary: SweepSummary) -> None:
             path = Path(tmp) / f"{plot_name}.html"
             figure.write_html(str(path), include_plotlyjs="cdn")
             parent.log_artifact(path, "sweep/plots")
+
+
+def _log_front_grids(parent: Any, front: list[FrozenTrial]) -> None:
+    """Each Pareto-front member's final sample grid, copied from its trial run to ``sweep/pareto/``."""
+    if not parent.run_id or not parent.tracking_uri:
+        return
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(parent.tracking_uri)
+    with tempfile.TemporaryDirectory() as tmp:
+        for trial in front:
+            run_id = trial.user_attrs.get("mlflow_run_id")
+            grids = [a.path for a in client.list_artifacts(run_id, "samples")] if run_id else []
+            final = sorted(p for p in grids if Path(p).name.startswith("final_step_"))
+            if not final:
+                continue
+            local = Path(client.download_artifacts(run_id, final[-1], tmp))
+            target = local.with_name(f"trial_{trial.number}_{local.name}")
+            local.rename(target)
+            parent.log_artifact(target, "sweep/pareto")
 
 
 def _and_list(items: list[str]) -> str:
