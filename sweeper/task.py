@@ -235,7 +235,8 @@ def run(
         tracker.log_artifact(lora_path, "lora")
         if last_path is not None:
             tracker.log_artifact(last_path, "lora")
-        tracker.log_image(final.grid, f"samples/final_step_{selected.step:06d}.png")
+        tracker.log_image(checkpoints[-1].result.grid, f"samples/final_step_{checkpoints[-1].step:06d}.png")
+        tracker.log_image(final.grid, "samples/selected.png")  # the run's result (eval.select)
         tracker.log_image(baseline.grid, "samples/baseline.png")
         tracker.log_text(_score_table(final, baseline), "eval/clip_scores.tsv")
         tracker.log_text(_per_image_table(final, baseline), "eval/per_image.tsv")

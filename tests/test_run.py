@@ -116,7 +116,7 @@ def test_lora_file_keys_and_metadata(finished_run):
     assert metadata["ss_output_name"] == "shapes"
     assert metadata["ss_training_comment"] == "spine test"
     assert metadata["ss_seed"] == str(cfg.train.seed)
-    assert metadata["ss_steps"] == "20"
+    assert metadata["ss_steps"] == str(result.selected_step)  # the checkpoint eval.select kept
     assert json.loads(metadata["lora_sweeper_config"])["network"]["dim"] == 4
     assert not list(result.lora_path.parent.glob(".*.tmp")), "no temporary file left behind"
 

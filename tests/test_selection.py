@@ -36,6 +36,7 @@ def test_select_best_keeps_the_planted_best_step_as_the_runs_lora(make_cfg, monk
         return EvalResult({"clip_t": [value, value]}, result.prompts, result.images, result.grid, result.per_prompt)
 
     monkeypatch.setattr(sweeper.task, "evaluate", planted_evaluate)
+    monkeypatch.setattr(sweeper.task._worker, "baselines", {})  # the base model is evaluated (planted) here
     cfg = make_cfg("train.max_steps=16", "eval.every_n_steps=4", "network.dim=4")
     result = run(cfg, show_progress=False)
 

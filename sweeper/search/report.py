@@ -229,12 +229,11 @@ def _log_front_grids(parent: Any, front: list[FrozenTrial]) -> None:
     with tempfile.TemporaryDirectory() as tmp:
         for trial in front:
             run_id = trial.user_attrs.get("mlflow_run_id")
-            grids = [a.path for a in client.list_artifacts(run_id, "samples")] if run_id else []
-            final = sorted(p for p in grids if Path(p).name.startswith("final_step_"))
-            if not final:
+            grids = {a.path for a in client.list_artifacts(run_id, "samples")} if run_id else set()
+            if "samples/selected.png" not in grids:
                 continue
-            local = Path(client.download_artifacts(run_id, final[-1], tmp))
-            target = local.with_name(f"trial_{trial.number}_{local.name}")
+            local = Path(client.download_artifacts(run_id, "samples/selected.png", tmp))
+            target = local.with_name(f"trial_{trial.number}.png")
             local.rename(target)
             parent.log_artifact(target, "sweep/pareto")
 
