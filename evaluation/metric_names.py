@@ -19,3 +19,14 @@ SELECTIONS = ("best", "last")  # eval.select: which evaluated checkpoint is the 
 def metric_name(name: str) -> str:
     """The canonical metric of an objective or config name (``clip_score`` -> ``clip_t``)."""
     return ALIASES.get(name, name)
+
+
+def evaluated_metric(objective: str) -> str | None:
+    """The per-image metric behind an objective, or None when evaluations do not measure it.
+
+    ``clip_t_gain`` ranks trials exactly as ``clip_t`` does (the base model's values are the same
+    in every trial), so a gain is measured, selected and paired by its metric.
+    """
+    name = metric_name(objective)
+    name = metric_name(name.removesuffix("_gain")) if name.endswith("_gain") else name
+    return name if name in DIRECTIONS else None

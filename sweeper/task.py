@@ -23,7 +23,7 @@ from omegaconf import DictConfig, OmegaConf
 from evaluation.clip_score import ClipScorer
 from evaluation.dino import DinoEmbedder
 from evaluation.evaluate import EvalResult, References, Scorers, evaluate, summary_lines
-from evaluation.metric_names import DIRECTIONS, metric_name
+from evaluation.metric_names import DIRECTIONS, evaluated_metric, metric_name
 from evaluation.sampling import sampling_scheduler
 from sweeper.fingerprint import code_version, dataset_fingerprint, file_sha256, fingerprint_digest, training_config
 from sweeper.tracking import flatten, start_run, ui_command
@@ -123,8 +123,7 @@ def run(
             scorers = _worker.scorers(cfg, trainer.device, [r for r in held_out.train if not r.is_reg])
             pipeline = trainer.sampling_pipeline(sampling_scheduler(base.noise_scheduler.config, cfg.eval.sampler))
             validation = trainer.validation_loss(held_out.held_out) if held_out.held_out else None
-            objective = metric_name(cfg.sweep.objective or cfg.eval.objective)
-            maximize = (cfg.sweep.direction if cfg.sweep.objective else DIRECTIONS[objective]) == "maximize"
+            objective, maximize = _selection_objective(cfg)
 
             def evaluate_now() -> EvalResult:
                 with trainer.accelerator.autocast(), trainer.lora_without_input_casts(base.unet, base.text_encoder):
@@ -279,6 +278,16 @@ def concept_labels(cfg: Any) -> tuple[list[str], str | None]:
             return [], None
         return [f"a {shape}" for shape in SHAPES], concept.target or f"a {HELD_OUT_SHAPE}"
     return list(concept.labels), concept.target
+
+
+def _selection_objective(cfg: Any) -> tuple[str, bool]:
+    """The metric checkpoints are chosen (and pruned) by, and whether higher is better: the sweep's
+    first objective when evaluations measure it, else ``eval.objective``."""
+    swept = evaluated_metric(cfg.sweep.objective) if cfg.sweep.objective else None
+    if swept is not None:
+        return swept, cfg.sweep.direction == "maximize"
+    objective = metric_name(cfg.eval.objective)
+    return objective, DIRECTIONS[objective] == "maximize"
 
 
 def _select(checkpoints: list[Checkpoint], objective: str, maximize: bool, select: str) -> Checkpoint:

@@ -6,6 +6,7 @@ from __future__ import annotations
 from types import SimpleNamespace
 
 import optuna
+import pytest
 import torch
 from mlflow.tracking import MlflowClient
 from safetensors import safe_open
@@ -173,3 +174,23 @@ def test_the_verdict_says_when_nothing_is_significant():
 def test_no_verdict_without_paired_values():
     summary = _summary({0: [30.0, 31.0], 1: [40.0, 41.0]}, with_values=False)
     assert summary.verdict() == [] and summary.comparisons() == {}
+
+
+@pytest.mark.parametrize(
+    ("objective", "direction", "expected"),
+    [
+        (None, "maximize", ("clip_t", True)),  # a single run: eval.objective
+        ("clip_score", "maximize", ("clip_t", True)),
+        ("clip_score_gain", "maximize", ("clip_t", True)),  # a gain ranks as its metric
+        ("val_loss", "minimize", ("val_loss", False)),
+        ("lora_file_mb", "minimize", ("clip_t", True)),  # not measured by evaluations: eval.objective
+        ("train/final_loss", "minimize", ("clip_t", True)),
+    ],
+)
+def test_checkpoints_are_selected_by_the_sweeps_objective_when_evaluations_measure_it(
+    make_cfg, objective, direction, expected
+):
+    from sweeper.task import _selection_objective
+
+    cfg = make_cfg(*([f"sweep.objective={objective}", f"sweep.direction={direction}"] if objective else []))
+    assert _selection_objective(cfg) == expected

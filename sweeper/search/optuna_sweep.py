@@ -22,7 +22,7 @@ from omegaconf import DictConfig, OmegaConf
 from optuna.storages._heartbeat import get_heartbeat_thread
 from optuna.trial import TrialState
 
-from evaluation.metric_names import metric_name
+from evaluation.metric_names import evaluated_metric
 from sweeper.search.report import SweepSummary, log_parent_results, print_summary
 from sweeper.search.settings import OptunaSweeperConf
 from sweeper.search.space import SearchSpace, SearchSpaceError, format_value, parse_search_space
@@ -195,9 +195,10 @@ class OptunaSweep:
         """Periodic evaluations measure every metric, so a single objective can be pruned on.
 
         Optuna's ``Trial.report`` does not support multi-objective studies (it raises), so a
-        multi-objective sweep runs without pruning.
+        multi-objective sweep runs without pruning, and so does one whose objective no evaluation
+        measures (``lora_file_mb``, ``train/final_loss``).
         """
-        return self.options.pruner != "none" and len(objectives) == 1
+        return self.options.pruner != "none" and len(objectives) == 1 and evaluated_metric(objectives[0]) is not None
 
     def _check_failure_rate(self, progress: SweepProgress) -> None:
         if progress.finished >= 2 and progress.failed / progress.finished > self.options.max_failure_rate:
@@ -229,7 +230,8 @@ def _classify(job: JobReturn, objectives: list[str]) -> TrialOutcome:
     if not all(math.isfinite(v) for v in values):
         return TrialOutcome(TrialState.FAIL, run_id=run_id, error=f"objective value is not finite: {values}")
     per_image = result.get("per_image") or {}
-    paired = {name: per_image[metric_name(name)] for name in objectives if metric_name(name) in per_image}
+    measured = {name: evaluated_metric(name) for name in objectives}
+    paired = {name: per_image[metric] for name, metric in measured.items() if metric in per_image}
     return TrialOutcome(TrialState.COMPLETE, values=values, run_id=run_id, per_image=paired)
 
 
