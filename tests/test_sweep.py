@@ -206,8 +206,11 @@ def test_two_objectives_give_a_pareto_front(tmp_path):
     sizes = {t.params["network.dim"]: t.values[1] for t in study.get_trials()}
     assert sizes[2] < sizes[16]  # the file-size objective really is the LoRA file's size
     assert "Pareto front: trial" in done.stdout
-    _, parents, _ = runs_of(tmp_path)
-    assert parents[0].data.tags["pareto.trial_numbers"]
+    client, parents, _ = runs_of(tmp_path)
+    front = parents[0].data.tags["pareto.trial_numbers"].split(",")
+    assert front
+    grids = {a.path for a in client.list_artifacts(parents[0].info.run_id, "sweep/pareto")}
+    assert grids == {f"sweep/pareto/trial_{n}.png" for n in front}  # each front member's sample grid
 
 
 @pytest.mark.slow
@@ -216,3 +219,11 @@ def test_a_search_preset_defines_the_space(tmp_path):
     assert done.returncode == 0, done.stderr[-3000:]
     lrs = sorted(t.params["optimizer.lr"] for t in only_study(tmp_path).get_trials())
     assert lrs == [1e-4, 3e-4, 1e-3, 3e-3]
+
+
+def test_the_fidelity_vs_alignment_preset_is_a_two_objective_study(tmp_path):
+    """The preset composes (without training): objectives clip_i and clip_t, both maximised."""
+    done = run_cli("+search=fidelity_vs_alignment", "--cfg", "hydra", "--package", "hydra.sweeper", cwd=tmp_path)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert re.search(r"objective:\s*\n\s*- clip_i\s*\n\s*- clip_t", done.stdout), done.stdout
+    assert "network.dim: 4,8,16" in done.stdout
