@@ -8,6 +8,7 @@ per image/caption pair, with no rescaling weight, averaged by the caller.
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -81,14 +82,20 @@ class ClipScorer:
 
     @torch.no_grad()
     def embed_images(self, images: list[Image.Image]) -> torch.Tensor:
-        """Projected (not normalised) image embeddings, one row per image."""
-        pixels = self.processor.image_processor(images=images, return_tensors="pt")["pixel_values"]
-        pixels = pixels.to(self.device, dtype=self.model.dtype)
-        return _embeddings(self.model.get_image_features(pixel_values=pixels))
+        """Projected (not normalised) image embeddings, one row per image, ``batch_size`` at a time."""
+        return self._batched(images, self._embed_images)
 
     @torch.no_grad()
     def embed_texts(self, prompts: list[str]) -> torch.Tensor:
         """Projected (not normalised) text embeddings, one row per prompt, truncated to max_length."""
+        return self._batched(prompts, self._embed_texts)
+
+    def _embed_images(self, images: list[Image.Image]) -> torch.Tensor:
+        pixels = self.processor.image_processor(images=images, return_tensors="pt")["pixel_values"]
+        pixels = pixels.to(self.device, dtype=self.model.dtype)
+        return _embeddings(self.model.get_image_features(pixel_values=pixels))
+
+    def _embed_texts(self, prompts: list[str]) -> torch.Tensor:
         tokens = self.processor.tokenizer(
             prompts, padding=True, truncation=True, max_length=self.max_length, return_tensors="pt"
         ).to(self.device)
@@ -96,19 +103,18 @@ class ClipScorer:
             self.model.get_text_features(input_ids=tokens["input_ids"], attention_mask=tokens["attention_mask"])
         )
 
+    def _batched(self, items: list, embed: Any) -> torch.Tensor:
+        """``embed`` over ``items`` in chunks of ``batch_size`` (a dataset's images need not fit at once)."""
+        self.model.eval()
+        chunks = [embed(items[i : i + self.batch_size]) for i in range(0, len(items), self.batch_size)]
+        return torch.cat(chunks) if chunks else torch.empty(0)
+
     @torch.no_grad()
     def score(self, images: list[Image.Image], prompts: list[str]) -> torch.Tensor:
         """CLIP score of ``images[i]`` against ``prompts[i]``, as a float tensor on the CPU."""
         if len(images) != len(prompts):
             raise ValueError(f"{len(images)} images but {len(prompts)} prompts: they are scored in pairs")
-        self.model.eval()
-        scores = []
-        for start in range(0, len(images), self.batch_size):
-            stop = start + self.batch_size
-            image_embeds = self.embed_images(images[start:stop])
-            text_embeds = self.embed_texts(prompts[start:stop])
-            scores.append(clip_score_from_embeddings(image_embeds, text_embeds).cpu())
-        return torch.cat(scores) if scores else torch.empty(0)
+        return clip_score_from_embeddings(self.embed_images(images), self.embed_texts(prompts)).cpu()
 
 
 def clip_location(model: str, cache_root: Path | None = None) -> str | Path:

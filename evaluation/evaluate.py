@@ -158,19 +158,8 @@ def evaluate(
 
 def score_images(scorers: Scorers, images: list[Image.Image], prompts: list[str]) -> dict[str, list[float]]:
     """Every metric the scorers make possible, one value per image (NaN where a value is undefined)."""
-    clip = scorers.clip
-    image_embeds = torch.cat(
-        [
-            clip.embed_images(images[i : i + clip.batch_size]).float().cpu()
-            for i in range(0, len(images), clip.batch_size)
-        ]
-    )
-    text_embeds = torch.cat(
-        [
-            clip.embed_texts(prompts[i : i + clip.batch_size]).float().cpu()
-            for i in range(0, len(prompts), clip.batch_size)
-        ]
-    )
+    image_embeds = scorers.clip.embed_images(images).float().cpu()
+    text_embeds = scorers.clip.embed_texts(prompts).float().cpu()
     values = {
         "clip_t": clip_score_from_embeddings(image_embeds, text_embeds),
         "diversity": diversity(image_embeds, prompts),

@@ -27,11 +27,11 @@ from evaluation.metric_names import DIRECTIONS, evaluated_metric, metric_name
 from evaluation.sampling import sampling_scheduler
 from sweeper.fingerprint import code_version, dataset_fingerprint, file_sha256, fingerprint_digest, training_config
 from sweeper.tracking import flatten, start_run, ui_command
-from sweeper.validate import ConfigError, validate
+from sweeper.validate import validate
 from training.atomic_file import write_atomically, write_text_atomically
 from training.buckets import bucket_table
 from training.checkpoint import save_training_state
-from training.data import load_rgb, oriented_size, scan_dataset
+from training.data import load_rgb, oriented_size
 from training.loop import Trainer
 from training.lora_file import bundle_embeddings, lora_identity, read_metadata, save_lora
 from training.lora_metadata import DatasetSummary, kohya_metadata, summarize_dataset, training_metadata
@@ -352,11 +352,8 @@ def _per_image_table(final: EvalResult, baseline: EvalResult) -> str:
 def _held_out(cfg: Any, validated: Any) -> HeldOut:
     """The images val_loss is measured on: a seeded split of the training set, or data.val_dir."""
     records = list(validated.dataset.records)
-    if cfg.data.val_dir:
-        scan = scan_dataset(cfg.data.val_dir, cfg.data.caption_extension, cfg.data.on_bad_image, key="data.val_dir")
-        if scan.problems:
-            raise ConfigError(scan.problems)
-        return HeldOut(records, scan.records)
+    if validated.held_out is not None:  # data.val_dir, scanned (and checked) by validation
+        return HeldOut(records, validated.held_out.records)
     return split_held_out(records, cfg.data.val_split, VAL_SEED)
 
 

@@ -42,6 +42,7 @@ class Validated:
 
     dataset: DatasetScan
     regularisation: DatasetScan | None = None
+    held_out: DatasetScan | None = None  # data.val_dir's images (val_loss)
 
 
 def validate(cfg: Any) -> Validated:
@@ -74,9 +75,13 @@ def validate(cfg: Any) -> Validated:
             cfg.data.reg_dir, cfg.data.caption_extension, cfg.data.on_bad_image, key="data.reg_dir"
         )
         problems += regularisation.problems
+    held_out = None
+    if cfg.data.val_dir:
+        held_out = scan_dataset(cfg.data.val_dir, cfg.data.caption_extension, cfg.data.on_bad_image, key="data.val_dir")
+        problems += held_out.problems
     if problems:
         raise ConfigError(problems)
-    return Validated(dataset=scan, regularisation=regularisation)
+    return Validated(dataset=scan, regularisation=regularisation, held_out=held_out)
 
 
 def _network_problems(network: Any) -> list[str]:

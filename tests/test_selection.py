@@ -194,3 +194,10 @@ def test_checkpoints_are_selected_by_the_sweeps_objective_when_evaluations_measu
 
     cfg = make_cfg(*([f"sweep.objective={objective}", f"sweep.direction={direction}"] if objective else []))
     assert _selection_objective(cfg) == expected
+
+
+def test_a_missing_val_dir_is_a_config_error_before_training(make_cfg, tmp_path):
+    from sweeper.validate import ConfigError, validate
+
+    with pytest.raises(ConfigError, match=r"data\.val_dir"):
+        validate(make_cfg(f"data.val_dir={tmp_path / 'nope'}"))
