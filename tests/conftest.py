@@ -15,6 +15,14 @@ from omegaconf import DictConfig
 os.environ["HF_HUB_OFFLINE"] = "1"
 
 from sweeper.config import register_configs, register_resolvers
+from tests.servers import (  # noqa: F401  (fixtures: a fresh database per test, a real mlflow server)
+    mariadb_db,
+    mariadb_url,
+    mlflow_server,
+    postgres_db,
+    postgres_password_url,
+    postgres_url,
+)
 
 REPO = Path(__file__).resolve().parents[1]
 CONF_DIR = REPO / "conf"
