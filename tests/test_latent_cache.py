@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 from types import SimpleNamespace
+from typing import Any
 
 import pytest
 import torch
@@ -195,3 +196,49 @@ def test_incompatibility_messages_name_both_keys():
 def test_flip_and_no_cache_are_compatible():
     assert incompatible_with_cache(data_cfg(flip_aug=True)) == []
     assert incompatible_with_cache(data_cfg(cache_latents="none", color_aug=True, random_crop=True)) == []
+
+
+def _write_many(folder: str, value: float, rounds: int) -> None:
+    """A worker process writing the same entries over and over (as workers sharing a cache do)."""
+    store = LatentStore("disk", folder)
+    big = torch.full((8, 128, 128), value)  # 512 KiB
+    for _ in range(rounds):
+        for key in ("shared-a", "shared-b"):
+            store.put(key, big)
+
+
+def _read_until(folder: str, stop: Any, seen: Any) -> None:
+    """Reads straight through safetensors until told to stop: a half-written entry would raise or
+    hold values of both writers. Sends back what each whole read held."""
+    from safetensors.torch import load_file
+
+    found: list = []
+    while not stop.is_set():
+        for key in ("shared-a", "shared-b"):
+            path = Path(folder) / f"{key}.safetensors"
+            if path.exists():
+                values = torch.unique(next(iter(load_file(path).values()))).tolist()
+                found.append(values[0] if len(values) == 1 else f"mixed {values[:4]}")
+    seen.put(found)
+
+
+def test_workers_writing_one_disk_cache_at_once_never_leave_a_partial_entry(tmp_path):
+    """Two writer processes and a reader on the same entries: every read is one writer's whole tensor."""
+    import multiprocessing
+
+    context = multiprocessing.get_context("spawn")
+    seen, stop = context.Queue(), context.Event()
+    folder = str(tmp_path / "cache")
+    writers = [context.Process(target=_write_many, args=(folder, float(v), 600)) for v in (1, 2)]
+    reader = context.Process(target=_read_until, args=(folder, stop, seen))
+    for process in [reader, *writers]:
+        process.start()
+    for process in writers:
+        process.join(120)
+        assert process.exitcode == 0
+    stop.set()
+    values = seen.get(timeout=60)
+    reader.join(60)
+    assert reader.exitcode == 0  # a partial file would have made the reader raise
+    assert len(values) > 10 and set(values) <= {1.0, 2.0}, set(values)
+    assert not list(Path(folder).glob(".*.tmp"))  # no temporary file left behind

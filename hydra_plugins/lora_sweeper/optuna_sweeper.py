@@ -28,4 +28,6 @@ class LoraOptunaSweeper(Sweeper):
         self._sweep.setup(hydra_context=hydra_context, task_function=task_function, config=config)
 
     def sweep(self, arguments: list[str]) -> Any:
-        return self._sweep.sweep(arguments)
+        from sweeper.search.optuna_sweep import run_reporting_errors
+
+        return run_reporting_errors(self._sweep, arguments)

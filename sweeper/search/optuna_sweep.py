@@ -3,13 +3,21 @@
 Every trial is the normal task (``sweeper.task.run``) plus bookkeeping: its overrides carry the
 sampled values and ``sweep.*`` (study, storage, trial number, parent run) so the task can report to
 its pruner and nest its MLflow run under the sweep's parent run.
+
+Any number of workers (processes, machines) may run the same sweep against one storage. Each takes
+the study lock (``sweeper.search.lock``) to decide what runs next (``sweeper.search.planner``), so no
+point runs twice; a worker that dies leaves a trial that is failed (at once on the same host, after
+the heartbeat grace elsewhere) and queued again with the same params.
 """
 
 from __future__ import annotations
 
 import gc
 import math
+import sys
+import time
 import warnings
+from contextlib import ExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -18,14 +26,32 @@ import optuna
 from hydra.core.plugins import Plugins
 from hydra.core.utils import JobReturn, JobStatus
 from hydra.types import HydraContext, TaskFunction
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, OmegaConf, open_dict
+from optuna.storages import RetryHeartbeatStaleTrialCallback
 from optuna.storages._heartbeat import get_heartbeat_thread
-from optuna.trial import TrialState
+from optuna.trial import FrozenTrial, TrialState
 
 from evaluation.metric_names import evaluated_metric
+from sweeper.process_identity import is_gone, this_process
+from sweeper.search.lock import JournalBusyError, JournalWorkerLock, study_lock
+from sweeper.search.planner import (
+    RETRYABLE_FAILURES,
+    attempts,
+    finished_twin,
+    plan_grid,
+    trials_to_sample,
+)
+from sweeper.search.reconcile import close_trial_runs
 from sweeper.search.report import SweepSummary, log_parent_results, print_summary
 from sweeper.search.settings import OptunaSweeperConf
-from sweeper.search.space import SearchSpace, SearchSpaceError, format_value, parse_search_space
+from sweeper.search.space import (
+    SearchSpace,
+    SearchSpaceError,
+    format_value,
+    parse_search_space,
+    points_to_check,
+)
+from sweeper.search.storage_url import is_journal, missing_driver
 from sweeper.search.study import (
     SweepConfigError,
     build_pruner,
@@ -35,12 +61,19 @@ from sweeper.search.study import (
     objectives_and_directions,
     open_storage,
     resolve_sampler_name,
+    worker_seed,
 )
+from sweeper.search.workers import resolve_n_workers, run_workers
+from sweeper.signals import interruption_reason
 from sweeper.tracking import redact_password, start_run, ui_command
 
 
 class SweepFailedError(RuntimeError):
     """Too many trials failed; the message carries the first error."""
+
+
+class SweepIncompleteError(RuntimeError):
+    """Grid points that failed for good (deterministic failures, or out of retries)."""
 
 
 @dataclass
@@ -49,6 +82,7 @@ class TrialOutcome:
     values: list[float] | None = None
     run_id: str | None = None
     error: str | None = None
+    failure: str | None = None  # why it failed: "error" (deterministic), or one of RETRYABLE_FAILURES
     per_image: dict[str, list[float]] = field(default_factory=dict)  # objective -> per-image values
 
 
@@ -60,6 +94,18 @@ class SweepProgress:
     failed: int = 0
     first_error: str | None = None
     outcomes: dict[int, TrialOutcome] = field(default_factory=dict)
+
+
+class Wait:
+    """Nothing to start now, but trials run in other workers: one may die and need a re-run."""
+
+
+class Finished:
+    """Nothing runs and nothing is left to run."""
+
+
+MAX_DUPLICATE_DRAWS = 10  # a sampler proposing only finished parameter sets has exhausted the space
+WORKERS_JOINED = "lora_sweeper.workers_joined"  # study system attr: how many workers have joined
 
 
 class OptunaSweep:
@@ -85,102 +131,262 @@ class OptunaSweep:
                 "nothing to sweep: give a swept key (network.dim=8,16,32, optimizer.lr='interval(1e-5,1e-3)') "
                 "or a preset (+search=lora_basic)"
             )
-        objectives, directions = objectives_and_directions(options)
-        sampler_name = resolve_sampler_name(options, space)
-        outputs = Path.cwd() / "outputs"
-        storage_url = options.storage or default_storage_url(outputs)
-        study_name = options.study_name or derive_study_name(cfg.tracking.experiment, space, objectives, directions)
-        study = optuna.create_study(
-            study_name=study_name,
-            storage=open_storage(storage_url),
-            sampler=build_sampler(sampler_name, options.seed, space),
-            pruner=build_pruner(options),
-            directions=directions,
-            load_if_exists=True,
+        self.objectives, directions = objectives_and_directions(options)
+        self.space, self.sampler_name = space, resolve_sampler_name(options, space)
+        self.outputs = Path.cwd() / "outputs"
+        self.storage_url = options.storage or default_storage_url(self.outputs)
+        problem = missing_driver(self.storage_url)
+        if problem:
+            raise SweepConfigError(f"hydra.sweeper.storage: {problem}")
+        study_name = options.study_name or derive_study_name(
+            cfg.tracking.experiment, space, self.objectives, directions
         )
-        optuna.storages.fail_stale_trials(study)  # trials of dead workers (no heartbeat) become FAIL
+        workers = resolve_n_workers(options.n_workers)
+        self._check_every_point(space)  # before any worker trains anything
+        if workers > 1:
+            status = run_workers(workers, Path(cfg.hydra.sweep.dir))
+            if status != 0:
+                sys.exit(status)
+            return []
+        journal = JournalWorkerLock(self.storage_url) if is_journal(self.storage_url) else None
+        if journal is not None:
+            journal.acquire()  # journal storage: one worker at a time, so its RUNNING trials are dead ones
+        self.sole_worker = journal is not None
+        try:
+            return self._work(study_name, directions)
+        finally:
+            if journal is not None:
+                journal.release()
+
+    def _work(self, study_name: str, directions: list[str]) -> list[JobReturn]:
+        options, cfg, space = self.options, self.config, self.space
+        storage = open_storage(
+            self.storage_url, options.heartbeat_seconds, options.grace_seconds, on_stale=self._retry_dead_trial
+        )
+        with self._lock(study_name):  # the first worker creates the schema and the study; the others load it
+            study = optuna.create_study(
+                study_name=study_name,
+                storage=storage,
+                pruner=build_pruner(options),
+                directions=directions,
+                load_if_exists=True,
+            )
+            worker_index = int(study._storage.get_study_system_attrs(study._study_id).get(WORKERS_JOINED, 0))
+            study._storage.set_study_system_attr(study._study_id, WORKERS_JOINED, worker_index + 1)
+            to_run = self._to_run(study)
+        seed = worker_seed(options.seed, worker_index)
+        study.sampler = build_sampler(self.sampler_name, seed, space)
         Path(cfg.hydra.sweep.dir).mkdir(parents=True, exist_ok=True)
         OmegaConf.save(cfg, Path(cfg.hydra.sweep.dir) / "multirun.yaml")
 
-        summary = SweepSummary(study, space, objectives, directions, sampler_name, storage_url)
+        summary = SweepSummary(study, space, self.objectives, directions, self.sampler_name, self.storage_url)
         print(
-            f"Sweep '{study_name}': {sampler_name} sampler, pruner {options.pruner}, "
-            f"storage {redact_password(storage_url)}, {self._remaining(study, space, sampler_name)} trial(s) to run"
+            f"Sweep '{study_name}': {self.sampler_name} sampler (worker {worker_index}, seed {seed}), pruner "
+            f"{options.pruner}, storage {redact_password(self.storage_url)}, {to_run} trial(s) to run"
         )
         returns: list[JobReturn] = []
-        with start_run(
-            cfg.tracking,
-            outputs,
-            run_name=f"sweep {study_name}",
-            resume_tags={"sweep.study_name": study_name, "sweep.role": "parent"},
-        ) as parent:
+        with ExitStack() as stack:
+            with self._lock(study_name):  # one parent run however many workers start at once
+                parent = stack.enter_context(
+                    start_run(
+                        cfg.tracking,
+                        self.outputs,
+                        run_name=f"sweep {study_name}",
+                        resume_tags={"sweep.study_name": study_name, "sweep.role": "parent"},
+                    )
+                )
             parent.log_params(summary.parent_params())
             parent.set_tags(summary.parent_tags(options))
             progress = SweepProgress()
             try:
-                while self._remaining(study, space, sampler_name) > 0:
-                    returns.append(self._run_trial(study, space, objectives, storage_url, parent.run_id, progress))
-                    self._check_failure_rate(progress)
+                self._loop(study, parent.run_id, progress, returns)
             finally:
+                with self._lock(study_name):
+                    final = self._finished(study)
                 log_parent_results(parent, summary)
                 print_summary(summary)
+                if not final:  # the last worker out finishes the parent run
+                    parent.leave_running = True
+                    print("Other workers are still on this study; the last one to finish completes the parent run.")
                 if parent.run_id:
                     print(f"MLflow parent run: {parent.run_id}\nMLflow UI: {ui_command(parent.tracking_uri)}")
+            self._raise_if_incomplete(study)
         return returns
 
-    def _remaining(self, study: optuna.Study, space: SearchSpace, sampler_name: str) -> int:
-        """Trials still to run: unvisited grid points, or n_trials minus the finished ones."""
+    def _lock(self, study_name: str) -> Any:
+        return study_lock(self.storage_url, study_name)
+
+    def _loop(self, study: optuna.Study, parent_run_id: str | None, progress: SweepProgress, returns: list) -> None:
+        told_waiting = False
+        while True:
+            with self._lock(study.study_name):
+                step = self._next_trial(study)
+            if step is Finished:
+                return
+            if step is Wait:
+                if not told_waiting:
+                    running = sum(t.state == TrialState.RUNNING for t in study.get_trials(deepcopy=False))
+                    print(
+                        f"Waiting for {running} trial(s) running in other workers; a dead worker's trial is re-run "
+                        f"once its heartbeat is {self.options.grace_seconds} s old (hydra.sweeper.grace_seconds)"
+                    )
+                    told_waiting = True
+                time.sleep(max(1, min(self.options.heartbeat_seconds, 10)))
+                continue
+            told_waiting = False
+            returns.append(self._run_trial(study, step, parent_run_id, progress))
+            self._check_failure_rate(progress)
+
+    # --- what runs next (always under the study lock)
+    def _next_trial(self, study: optuna.Study) -> optuna.Trial | type[Wait] | type[Finished]:
+        with warnings.catch_warnings():  # "experimental" since Optuna 2.9, and the documented way
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+            optuna.storages.fail_stale_trials(study)  # no heartbeat for grace_seconds: FAIL, _retry_dead_trial
+        self._fail_dead_local_trials(study)
         trials = study.get_trials(deepcopy=False)
-        if sampler_name == "grid":
-            taken = [t for t in trials if t.state.is_finished() or t.state == TrialState.RUNNING]
-            seen = {_grid_point(t.params, space) for t in taken}
-            return space.grid_size - len(seen & _all_grid_points(space))
-        return max(0, self.options.n_trials - sum(t.state.is_finished() for t in trials))
+        waiting = any(t.state == TrialState.WAITING for t in trials)
+        running = any(t.state == TrialState.RUNNING for t in trials)
+        if self.sampler_name == "grid":
+            plan = plan_grid(trials, self.space, self.options.max_retries)
+            if not waiting:
+                if not plan.to_enqueue:
+                    return Wait if plan.pending else Finished
+                point = plan.to_enqueue[0]
+                if point in plan.retry_of:
+                    self._retry(study, plan.retry_of[point])
+                else:
+                    study.enqueue_trial(dict(zip(self.space.grid_values, point, strict=True)))
+            return self._ask(study)
+        for _ in range(MAX_DUPLICATE_DRAWS):
+            if not waiting and trials_to_sample(trials, self.options.n_trials) == 0:
+                return Wait if running else Finished
+            trial = self._ask(study)
+            twin = finished_twin(study._storage.get_trial(trial._trial_id), trials)
+            if twin is None:
+                return trial
+            self._reuse(study, trial, twin)
+            trials = study.get_trials(deepcopy=False)
+            waiting = any(t.state == TrialState.WAITING for t in trials)
+        return self._ask(study)
+
+    def _to_run(self, study: optuna.Study) -> int:
+        """Trials this sweep still has to start (for the opening line)."""
+        trials = study.get_trials(deepcopy=False)
+        waiting = sum(t.state == TrialState.WAITING for t in trials)
+        if self.sampler_name == "grid":
+            plan = plan_grid(trials, self.space, self.options.max_retries)
+            return len(plan.to_enqueue) + waiting
+        return trials_to_sample(trials, self.options.n_trials) + waiting
+
+    def _finished(self, study: optuna.Study) -> bool:
+        trials = study.get_trials(deepcopy=False)
+        if any(t.state in (TrialState.RUNNING, TrialState.WAITING) for t in trials):
+            return False
+        if self.sampler_name == "grid":
+            return plan_grid(trials, self.space, self.options.max_retries).finished
+        return trials_to_sample(trials, self.options.n_trials) == 0
+
+    def _ask(self, study: optuna.Study) -> optuna.Trial:
+        with warnings.catch_warnings():  # ask/tell with heartbeats is what we want; Optuna assumes optimize()
+            warnings.filterwarnings("ignore", message="Heartbeat of storage")
+            trial = study.ask(self.space.distributions)
+        for key, value in this_process().items():  # who runs it: a dead local worker is seen at once
+            study._storage.set_trial_user_attr(trial._trial_id, key, value)
+        return trial
+
+    def _reuse(self, study: optuna.Study, trial: optuna.Trial, twin: FrozenTrial) -> None:
+        """A proposal equal to a finished trial is not trained again: it takes that trial's result."""
+        study._storage.set_trial_user_attr(trial._trial_id, "duplicate_of", twin.number)
+        if twin.user_attrs.get("mlflow_run_id"):
+            study._storage.set_trial_user_attr(trial._trial_id, "mlflow_run_id", twin.user_attrs["mlflow_run_id"])
+        print(f"[trial {trial.number}] same params as trial {twin.number}: its result is reused, nothing trained")
+        if twin.state == TrialState.COMPLETE:
+            study.tell(trial, twin.values)
+        else:
+            study.tell(trial, state=twin.state)
+
+    def _fail_dead_local_trials(self, study: optuna.Study) -> None:
+        """RUNNING trials whose worker process on this host is gone (kill -9, OOM killer) fail now, not
+        after the heartbeat grace; with journal storage (one worker at a time) every RUNNING trial is dead."""
+        for trial in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+            gone = is_gone(trial.user_attrs)
+            if gone or (self.sole_worker and gone is None):
+                pid = trial.user_attrs.get("worker.pid", "?")
+                reason = f"killed: its worker (pid {pid}) ended without finishing it"
+                self._fail(study, trial._trial_id, reason, "killed")
+                self._retry_dead_trial(study, study._storage.get_trial(trial._trial_id), reason)
+
+    def _retry_dead_trial(self, study: optuna.Study, trial: FrozenTrial, reason: str | None = None) -> None:
+        """A trial whose worker died: its MLflow run is closed as KILLED, and it is queued to run again."""
+        reason = reason or (
+            f"killed: its worker stopped its heartbeat for {self.options.grace_seconds} s "
+            "(killed, out of host memory, or the machine went away)"
+        )
+        close_trial_runs(self.config.tracking, self.outputs, study.study_name, trial.number, reason)
+        print(f"[trial {trial.number}] {reason}")
+        self._retry(study, trial)
+
+    def _retry(self, study: optuna.Study, trial: FrozenTrial) -> None:
+        """Queue the same params again (Optuna's retry callback keeps the chain in ``retry_history``)."""
+        if attempts(trial) > self.options.max_retries:
+            print(f"[trial {trial.number}] not re-run: hydra.sweeper.max_retries={self.options.max_retries} reached")
+            return
+        RetryHeartbeatStaleTrialCallback(max_retry=self.options.max_retries)(study, trial)
+
+    def _fail(self, study: optuna.Study, trial_id: int, reason: str, failure: str) -> None:
+        """FAIL with the reason recorded first: a finished trial's attributes can no longer be set."""
+        study._storage.set_trial_user_attr(trial_id, "error", reason[:2000])
+        study._storage.set_trial_user_attr(trial_id, "failure", failure)
+        study._storage.set_trial_state_values(trial_id, TrialState.FAIL)
 
     # --- one trial
     def _run_trial(
-        self,
-        study: optuna.Study,
-        space: SearchSpace,
-        objectives: list[str],
-        storage_url: str,
-        parent_run_id: str | None,
-        progress: SweepProgress,
+        self, study: optuna.Study, trial: optuna.Trial, parent_run_id: str | None, progress: SweepProgress
     ) -> JobReturn:
-        with warnings.catch_warnings():  # ask/tell with heartbeats is what we want; Optuna assumes optimize()
-            warnings.filterwarnings("ignore", message="Heartbeat of storage")
-            trial = study.ask(space.distributions)
+        options, objectives = self.options, self.objectives
         overrides = [
-            *space.trial_overrides(trial.params),
+            *self.space.trial_overrides(trial.params),
             f"sweep.study_name={study.study_name}",
-            f"sweep.storage={format_value(storage_url)}",
+            f"sweep.storage={format_value(self.storage_url)}",
             f"sweep.trial_number={trial.number}",
             f"sweep.report_objective={format_value(self.reports_to_pruner(objectives))}",
             f"sweep.objective={objectives[0]}",
             f"sweep.direction={study.directions[0].name.lower()}",
-            f"sweep.pruner={self.options.pruner}",
-            f"sweep.pruner_startup_trials={self.options.pruner_startup_trials}",
-            f"sweep.pruner_warmup_steps={self.options.pruner_warmup_steps}",
+            f"sweep.pruner={options.pruner}",
+            f"sweep.pruner_startup_trials={options.pruner_startup_trials}",
+            f"sweep.pruner_warmup_steps={options.pruner_warmup_steps}",
         ]
         if parent_run_id:
             overrides.append(f"sweep.parent_run_id={parent_run_id}")
-        print(f"[trial {trial.number}] {' '.join(f'{k}={format_value(v)}' for k, v in trial.params.items())}")
+        retried = study._storage.get_trial(trial._trial_id).system_attrs.get("failed_trial")
+        again = f" (re-run of trial {retried})" if retried is not None else ""
+        print(f"[trial {trial.number}] {' '.join(f'{k}={format_value(v)}' for k, v in trial.params.items())}{again}")
         try:
             with get_heartbeat_thread(trial._trial_id, study._storage):  # lets other workers see we live
                 job = self.launcher.launch([overrides], initial_job_idx=trial.number)[0]
-        except BaseException as error:  # interrupted or broken launcher: never leave the trial RUNNING
-            study.tell(trial, state=TrialState.FAIL)
-            trial_error = f"{type(error).__name__}: {error}"
-            study._storage.set_trial_user_attr(trial._trial_id, "error", trial_error[:2000])
+        except KeyboardInterrupt as interrupted:  # Ctrl-C or SIGTERM: FAIL with the reason, queued to re-run
+            reason = interruption_reason(interrupted)
+            with self._lock(study.study_name):
+                self._fail(study, trial._trial_id, reason, "interrupted")
+                self._retry(study, study._storage.get_trial(trial._trial_id))
+            print(f"[trial {trial.number}] FAIL {reason}; it runs again when the sweep is resumed")
+            raise
+        except BaseException as error:  # a broken launcher: never leave the trial RUNNING
+            with self._lock(study.study_name):
+                self._fail(study, trial._trial_id, f"{type(error).__name__}: {error}", "error")
             raise
         outcome = _classify(job, objectives)
         if outcome.run_id:
             trial.set_user_attr("mlflow_run_id", outcome.run_id)
         if outcome.per_image:
             trial.set_user_attr("per_image", outcome.per_image)  # what the summary's significance tests pair
-        if outcome.error:
-            trial.set_user_attr("error", outcome.error[:2000])
-        study.tell(trial, outcome.values if outcome.state == TrialState.COMPLETE else None, state=outcome.state)
+        with self._lock(study.study_name):
+            if outcome.state == TrialState.FAIL:
+                self._fail(study, trial._trial_id, outcome.error or "failed", outcome.failure or "error")
+                if outcome.failure in RETRYABLE_FAILURES:
+                    self._retry(study, study._storage.get_trial(trial._trial_id))
+            else:
+                study.tell(trial, outcome.values if outcome.state == TrialState.COMPLETE else None, state=outcome.state)
         progress.outcomes[trial.number] = outcome
         progress.finished += 1
         if outcome.state == TrialState.FAIL:
@@ -190,6 +396,48 @@ class OptunaSweep:
         shown = outcome.error if outcome.error else (outcome.values if outcome.values else "")
         print(f"[trial {trial.number}] {outcome.state.name} {shown}")
         return job
+
+    def _raise_if_incomplete(self, study: optuna.Study) -> None:
+        """A grid sweep succeeds only when every point has a finished trial."""
+        if self.sampler_name != "grid":
+            return
+        plan = plan_grid(study.get_trials(deepcopy=False), self.space, self.options.max_retries)
+        if plan.given_up and not plan.pending and not plan.to_enqueue:
+            lines = [
+                f"  {' '.join(f'{k}={format_value(v)}' for k, v in zip(self.space.grid_values, point, strict=True))}: "
+                f"trial {trial.number} {trial.user_attrs.get('error', 'failed')}"
+                for point, trial in plan.given_up.items()
+            ]
+            raise SweepIncompleteError(
+                f"{len(plan.given_up)} of {self.space.grid_size} grid point(s) have no finished trial and are not "
+                "retried (a deterministic failure, or hydra.sweeper.max_retries reached):\n" + "\n".join(lines)
+            )
+
+    def _check_every_point(self, space: SearchSpace) -> None:
+        """Every grid point (or every value and interval bound) passes the startup checks before any trial."""
+        from sweeper.validate import ConfigError, validate
+
+        points = points_to_check(space)
+        found_at: dict[str, list[str]] = {}  # problem -> the points that have it
+        for params in points:
+            label = " ".join(f"{k}={format_value(v)}" for k, v in params.items())
+            trial_cfg = self.hydra_context.config_loader.load_sweep_config(self.config, space.trial_overrides(params))
+            with open_dict(trial_cfg):
+                if "hydra:" in str(OmegaConf.to_container(trial_cfg.output)["dir"]):  # the job's own folder,
+                    trial_cfg.output.dir = str(Path(self.config.hydra.sweep.dir))  # which lies in the sweep's
+                del trial_cfg["hydra"]
+            try:
+                validate(trial_cfg)
+            except ConfigError as error:
+                for problem in error.problems:
+                    found_at.setdefault(problem, []).append(label)
+        if found_at:
+            raise ConfigError(
+                [
+                    problem if len(labels) == len(points) else f"[{' | '.join(labels)}] {problem}"
+                    for problem, labels in found_at.items()
+                ]
+            )
 
     def reports_to_pruner(self, objectives: list[str]) -> bool:
         """Periodic evaluations measure every metric, so a single objective can be pruned on.
@@ -208,14 +456,28 @@ class OptunaSweep:
             )
 
 
+def run_reporting_errors(sweep: OptunaSweep, arguments: list[str]) -> list[JobReturn]:
+    """The sweep, with its expected failures printed as their message alone (no traceback) and an
+    exit status: 2 for bad settings found before anything ran, 1 for a sweep that ran and failed."""
+    from sweeper.validate import ConfigError
+
+    try:
+        return sweep.sweep(arguments)
+    except (ConfigError, SweepConfigError, JournalBusyError) as error:
+        print(redact_password(str(error)), file=sys.stderr)
+        sys.exit(2)
+    except (SweepFailedError, SweepIncompleteError) as error:
+        print(redact_password(str(error)), file=sys.stderr)
+        sys.exit(1)
+
+
 def _classify(job: JobReturn, objectives: list[str]) -> TrialOutcome:
     """The trial's Optuna state from the job: COMPLETE with values, PRUNED, or FAIL with a reason."""
     if job.status != JobStatus.COMPLETED:
         error = job._return_value
-        reason = f"{type(error).__name__}: {error}"
         if _is_out_of_memory(error):
-            reason = f"out of memory: {error}"
-        return TrialOutcome(TrialState.FAIL, error=reason)
+            return TrialOutcome(TrialState.FAIL, error=f"out of memory: {error}", failure="out_of_memory")
+        return TrialOutcome(TrialState.FAIL, error=f"{type(error).__name__}: {error}", failure="error")
     result: dict[str, Any] = job.return_value
     metrics, run_id = result["metrics"], result.get("run_id")
     if result.get("pruned"):
@@ -224,11 +486,16 @@ def _classify(job: JobReturn, objectives: list[str]) -> TrialOutcome:
     if missing:
         known = ", ".join(sorted(k for k in metrics if "/" not in k))
         return TrialOutcome(
-            TrialState.FAIL, run_id=run_id, error=f"objective {missing} is not a metric of the task; known: {known}"
+            TrialState.FAIL,
+            run_id=run_id,
+            error=f"objective {missing} is not a metric of the task; known: {known}",
+            failure="error",
         )
     values = [float(metrics[name]) for name in objectives]
     if not all(math.isfinite(v) for v in values):
-        return TrialOutcome(TrialState.FAIL, run_id=run_id, error=f"objective value is not finite: {values}")
+        return TrialOutcome(
+            TrialState.FAIL, run_id=run_id, error=f"objective value is not finite: {values}", failure="error"
+        )
     per_image = result.get("per_image") or {}
     measured = {name: evaluated_metric(name) for name in objectives}
     paired = {name: per_image[metric] for name, metric in measured.items() if metric in per_image}
@@ -248,13 +515,3 @@ def _free_accelerator_memory() -> None:
     gc.collect()
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
-
-
-def _grid_point(params: dict[str, Any], space: SearchSpace) -> tuple:
-    return tuple(params.get(key) for key in space.grid_values)
-
-
-def _all_grid_points(space: SearchSpace) -> set[tuple]:
-    import itertools
-
-    return set(itertools.product(*space.grid_values.values()))

@@ -26,4 +26,8 @@ class OptunaSweeperConf:
     pruner_startup_trials: int = 1  # trials that finish before the pruner may prune (median)
     pruner_warmup_steps: int = 0  # steps of each trial before it may be pruned
     max_failure_rate: float = 0.5  # stop when more than this share of finished trials failed (>= 2 finished)
+    max_retries: int = 2  # re-runs of a trial that was killed, interrupted or ran out of memory (same params)
+    heartbeat_seconds: int = 60  # each running trial's worker writes a heartbeat this often ...
+    grace_seconds: int = 300  # ... and a trial whose heartbeat is older is taken as dead, failed and re-run
+    n_workers: Any = 1  # worker processes on this machine (one per GPU), or "auto": one per visible GPU
     params: dict[str, str] = field(default_factory=dict)  # search space entries, e.g. from +search=...

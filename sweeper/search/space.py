@@ -48,6 +48,36 @@ class SearchSpace:
         return [*self.fixed, *(f"{key}={format_value(value)}" for key, value in params.items())]
 
 
+CHECK_ALL_POINTS_UP_TO = 64  # grids this small are validated point by point before the first trial
+
+
+def points_to_check(space: SearchSpace) -> list[dict[str, Any]]:
+    """Parameter sets that together show every value a trial can get, for validation before any trial.
+
+    A small grid: every point. Otherwise one set per value (a list's every choice, an interval's two
+    bounds), the other keys at their first value; a bad value is found whatever it is combined with,
+    and problems that only a combination of values causes are left to that trial.
+    """
+    candidates = {key: space.grid_values.get(key) or _edge_values(dist) for key, dist in space.distributions.items()}
+    if space.is_finite and space.grid_size <= CHECK_ALL_POINTS_UP_TO:
+        import itertools
+
+        return [
+            dict(zip(space.grid_values, point, strict=True)) for point in itertools.product(*space.grid_values.values())
+        ]
+    first = {key: values[0] for key, values in candidates.items()}
+    points = [first]
+    for key, values in candidates.items():
+        points += [{**first, key: value} for value in values[1:]]
+    return points
+
+
+def _edge_values(distribution: BaseDistribution) -> list[Any]:
+    if isinstance(distribution, CategoricalDistribution):
+        return list(distribution.choices)
+    return [distribution.low, distribution.high]  # type: ignore[attr-defined]
+
+
 def parse_search_space(arguments: list[str]) -> SearchSpace:
     """Split command-line overrides into search dimensions and shared overrides."""
     space = SearchSpace()

@@ -5,40 +5,61 @@ from __future__ import annotations
 import hashlib
 import json
 import warnings
-from pathlib import Path
+from collections.abc import Callable
 from typing import Any
 
 import optuna
 from optuna.storages import BaseStorage, JournalStorage, RDBStorage
 from optuna.storages.journal import JournalFileBackend
+from optuna.trial import FrozenTrial
 
+from sweeper.credentials import with_credentials
 from sweeper.search.settings import DIRECTIONS, PRUNERS, SAMPLERS
 from sweeper.search.space import SearchSpace
+from sweeper.search.storage_url import is_journal, journal_path, missing_driver, sqlite_path
 
 HEARTBEAT_SECONDS = 60  # a worker that stops beating for GRACE is taken as dead; its trial becomes FAIL
 GRACE_SECONDS = 300
+StaleTrialCallback = Callable[[optuna.Study, FrozenTrial], None]
 
 
 class SweepConfigError(ValueError):
     """An impossible sweeper setting; the message names the ``hydra.sweeper`` key."""
 
 
-def default_storage_url(outputs: Path) -> str:
+def default_storage_url(outputs: Any) -> str:
     return f"sqlite:///{(outputs / 'optuna.db').resolve()}"
 
 
-def open_storage(url: str) -> BaseStorage:
-    """An RDB URL (sqlite, postgresql, mysql) with heartbeats, or an Optuna journal file (``*.log``)."""
-    if url.startswith("journal:") or url.endswith((".log", ".journal")):
-        path = url.removeprefix("journal:")
-        Path(path).parent.mkdir(parents=True, exist_ok=True)
-        return JournalStorage(JournalFileBackend(path))
-    if url.startswith("sqlite:///"):
-        Path(url.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
+def open_storage(
+    url: str,
+    heartbeat_seconds: int = HEARTBEAT_SECONDS,
+    grace_seconds: int = GRACE_SECONDS,
+    on_stale: StaleTrialCallback | None = None,
+) -> BaseStorage:
+    """An RDB URL (sqlite, postgresql, mysql) with heartbeats, or an Optuna journal file (``*.log``).
+
+    ``on_stale`` is called for each trial Optuna fails because its worker stopped beating.
+    """
+    problem = missing_driver(url)
+    if problem:
+        raise SweepConfigError(f"hydra.sweeper.storage: {problem}")
+    if is_journal(url):
+        path = journal_path(url)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        return JournalStorage(JournalFileBackend(str(path)))
+    if sqlite_path(url) is not None:
+        sqlite_path(url).parent.mkdir(parents=True, exist_ok=True)
     engine = {"connect_args": {"timeout": 60}} if url.startswith("sqlite") else {"pool_pre_ping": True}
     with warnings.catch_warnings():  # heartbeats are "experimental" in Optuna, and exactly what we need
         warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-        return RDBStorage(url, engine_kwargs=engine, heartbeat_interval=HEARTBEAT_SECONDS, grace_period=GRACE_SECONDS)
+        return RDBStorage(
+            with_credentials(url),
+            engine_kwargs=engine,
+            heartbeat_interval=heartbeat_seconds,
+            grace_period=grace_seconds,
+            heartbeat_stale_trial_callback=on_stale,
+        )
 
 
 def as_list(value: Any) -> list[str]:
@@ -100,13 +121,23 @@ class AskTellGridSampler(optuna.samplers.GridSampler):
 def build_sampler(name: str, seed: int, space: SearchSpace) -> optuna.samplers.BaseSampler:
     if name == "grid":
         return AskTellGridSampler(space.grid_values, seed=seed)
-    if name == "tpe":
-        return optuna.samplers.TPESampler(seed=seed)
+    if name == "tpe":  # the constant liar keeps parallel workers from sampling next to each other's running trials
+        return optuna.samplers.TPESampler(seed=seed, constant_liar=True)
     if name == "random":
         return optuna.samplers.RandomSampler(seed=seed)
     if name == "cmaes":
         return optuna.samplers.CmaEsSampler(seed=seed)
     return optuna.samplers.NSGAIISampler(seed=seed)
+
+
+def worker_seed(study_seed: int, worker_index: int) -> int:
+    """The sampler seed of a study's Nth worker: the study seed itself for the first (a one-worker sweep
+    is reproducible as before), a distinct seed derived from both for the others, so parallel workers
+    never propose the same trials."""
+    if worker_index == 0:
+        return study_seed
+    digest = hashlib.sha256(f"{study_seed}:{worker_index}".encode()).digest()
+    return int.from_bytes(digest[:4], "big")
 
 
 WILCOXON_STARTUP_IMAGES = 6  # paired images needed before the test may prune
