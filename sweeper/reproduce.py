@@ -165,6 +165,14 @@ def build_config(source: Source, overrides: list[str], output_dir: Path) -> Dict
     return cfg
 
 
+def has_final_result(source: Source) -> bool:
+    """Whether the run recorded what a reproduction is compared with: a final metric or its LoRA's hashes.
+
+    A run that crashed or was killed has its config logged (it is logged first) but none of these.
+    """
+    return bool(source.lora_identity or source.lora_sha256 or any(name in source.metrics for name in COMPARED))
+
+
 def environment_warnings(source: Source, cfg: DictConfig) -> list[str]:
     """What differs from the original run besides the config: data files, code, packages."""
     from training.data import scan_dataset
@@ -234,12 +242,20 @@ def main(argv: list[str] | None = None) -> int:
     except ReproduceError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
+    variation = bool(args.overrides)
+    if not variation and not has_final_result(source):
+        print(
+            f"error: {source.label} has no final result (no final metrics or LoRA hashes were recorded: the run "
+            "never finished), so a reproduction would have nothing to match; reproduce a finished run, or give "
+            "key=value overrides to run its config as a variation",
+            file=sys.stderr,
+        )
+        return 2
     label = Path(args.source).name if Path(args.source).exists() else args.source
     output_dir = Path(args.output_dir or Path("outputs") / "reproduce" / label / time.strftime("%Y-%m-%d_%H-%M-%S"))
     cfg = build_config(source, args.overrides, output_dir.resolve())
     if args.tracking_uri:
         cfg.tracking.uri = args.tracking_uri
-    variation = bool(args.overrides)
     for warning in environment_warnings(source, cfg):
         print(f"warning: {warning}")
     print(
@@ -273,6 +289,9 @@ def main(argv: list[str] | None = None) -> int:
     if variation:
         print("This was a variation (overrides given), not a reproduction: differences are expected.")
         return 0
+    if not rows:
+        print(f"NOT reproduced: nothing of {source.label} could be compared (no shared metric or LoRA hash)")
+        return 1
     if exceeded:
         print(f"NOT reproduced: {', '.join(exceeded)} differ by more than --tolerance={args.tolerance}")
         return 1

@@ -31,9 +31,9 @@ from sweeper.validate import validate
 from training.atomic_file import write_atomically, write_text_atomically
 from training.buckets import bucket_table
 from training.checkpoint import save_training_state
-from training.data import load_rgb, oriented_size
+from training.data import load_rgb, oriented_size, small_images
 from training.loop import Trainer
-from training.lora_file import bundle_embeddings, lora_identity, read_metadata, save_lora
+from training.lora_file import LoraNotSavedError, bundle_embeddings, lora_identity, read_metadata, save_lora
 from training.lora_metadata import DatasetSummary, kohya_metadata, summarize_dataset, training_metadata
 from training.models import RUNTIME_MODEL_KEYS, BaseModel, load_base_model
 from training.network import remove_leftover_adapters, remove_lora
@@ -119,6 +119,11 @@ def run(
             tracker.set_tags({"val_loss": held_out.note})
         trainer = Trainer(cfg, base, held_out.train, tracker, reg_records=regularisation)
         _log_data_tables(tracker, cfg, trainer)
+        small = small_images(trainer.dataset.records, trainer.resolution)
+        for path, (width, height) in small:
+            print(f"warning: image {path} is {width}x{height}, under 1/4 of resolution {trainer.resolution}: upscaled")
+        if small:
+            tracker.log_text("".join(f"{p}\t{w}x{h}\n" for p, (w, h) in small), "data/small_images.tsv")
         try:
             scorers = _worker.scorers(cfg, trainer.device, [r for r in held_out.train if not r.is_reg])
             pipeline = trainer.sampling_pipeline(sampling_scheduler(base.noise_scheduler.config, cfg.eval.sampler))
@@ -164,7 +169,11 @@ def run(
             def save(step: int, epoch: int, final: bool = False) -> Path:
                 """The LoRA file (and, with train.save_state, the resumable training state) at this point."""
                 stem = None if final else f"{cfg.output.name}-step{step:06d}"
-                path = _save_lora(cfg, trainer, base, resolved, step, stem, provenance(epoch))
+                try:
+                    path = _save_lora(cfg, trainer, base, resolved, step, stem, provenance(epoch))
+                except LoraNotSavedError as error:  # output.dir failed after startup; the file may be kept
+                    tracker.set_tags({"lora.rescued_to": str(error.rescued)})
+                    raise
                 if cfg.train.save_state:
                     save_training_state(output_dir / f"state-step{step:06d}", trainer.training_state())
                 if not final:

@@ -13,6 +13,7 @@ import torch
 
 from evaluation.metric_names import DIRECTIONS, SELECTIONS, metric_name
 from evaluation.sampling import SAMPLERS
+from sweeper.schema_check import schema_problems
 from training.buckets import bucket_problems, resolve_bucket_settings
 from training.checkpoint import resume_problem
 from training.compile import compile_problems
@@ -22,6 +23,7 @@ from training.latent_cache import incompatible_with_cache
 from training.lora_file import init_weights_problems, output_problems
 from training.models import model_problems
 from training.optim import optimizer_problems, scheduler_problems
+from training.output_dir import estimated_lora_bytes, output_dir_problems
 from training.text_encoding import max_token_length_problem
 
 PRECISIONS = ("fp32", "fp16", "bf16", "auto")
@@ -47,7 +49,7 @@ class Validated:
 
 def validate(cfg: Any) -> Validated:
     """Raise ``ConfigError`` naming every problem; return the dataset scan when all is well."""
-    problems: list[str] = []
+    problems: list[str] = schema_problems(cfg)  # unknown keys (``+network.dimm=8``), nan / inf
     problems += _network_problems(cfg.network)
     problems += _optimizer_problems(cfg)
     problems += _train_problems(cfg)
@@ -58,6 +60,8 @@ def validate(cfg: Any) -> Validated:
     problems += optimizer_problems(cfg.optimizer, torch.cuda.is_available())
     problems += scheduler_problems(cfg.scheduler, cfg.train.max_steps, cfg.eval.every_n_steps)
     problems += output_problems(cfg.output)
+    expected = estimated_lora_bytes(cfg.network.dim, cfg.model.source, cfg.output.precision)
+    problems += output_dir_problems(cfg.output, expected)
     problems += init_weights_problems(cfg.network, allow_pickle=cfg.output.allow_pickle)
     problems += incompatible_with_cache(cfg.data)
     problems += compile_problems(cfg.train.compile, cfg.train.compile_mode)

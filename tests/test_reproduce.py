@@ -102,3 +102,40 @@ def test_a_run_folder_and_a_sweep_trial_reproduce_from_the_command_line(tmp_path
     assert trial.returncode == 0, trial.stdout[-2000:] + trial.stderr[-2000:]
     reproduced = Path(trial.stdout.split("LoRA file:")[1].split()[0])
     assert tensors_sha256(reproduced) == record["lora_tensors_sha256"]
+
+
+def test_a_run_that_never_finished_is_refused(make_cfg, tmp_path, capsys, monkeypatch):
+    """A run that failed mid-way logged its config but no result: nothing to reproduce against."""
+    from mlflow.tracking import MlflowClient
+
+    monkeypatch.chdir(tmp_path)
+    cfg = make_cfg("train.max_steps=4", "eval.every_n_steps=2", "eval.prompts=[a red circle]")
+
+    def interrupt(step, value, values):
+        raise RuntimeError("the machine went away")
+
+    with pytest.raises(RuntimeError, match="went away"):
+        run(cfg, show_progress=False, report=interrupt)
+    client = MlflowClient(cfg.tracking.uri)
+    experiment = client.get_experiment_by_name(cfg.tracking.experiment).experiment_id
+    (failed,) = client.search_runs([experiment])
+    assert failed.info.status == "FAILED"
+
+    code = reproduce.main([failed.info.run_id, "--tracking-uri", cfg.tracking.uri, "--output-dir", str(tmp_path / "r")])
+    captured = capsys.readouterr()
+    assert code == 2 and "has no final result" in captured.err and failed.info.run_id in captured.err
+    assert "Reproduced" not in captured.out
+    assert len(client.search_runs([experiment])) == 1 and not (tmp_path / "r").exists()  # nothing was run
+
+
+def test_a_run_folder_without_its_record_is_refused(make_cfg, tmp_path, capsys):
+    """Hydra writes .hydra/config.yaml when a run starts, the task run.json when it ends."""
+    from omegaconf import OmegaConf
+
+    folder = tmp_path / "outputs" / "runs" / "2024-01-01" / "00-00-00"
+    (folder / ".hydra").mkdir(parents=True)
+    OmegaConf.save(make_cfg("train.max_steps=4"), folder / ".hydra" / "config.yaml")
+    code = reproduce.main([str(folder), "--output-dir", str(tmp_path / "r")])
+    captured = capsys.readouterr()
+    assert code == 2 and f"{folder} has no final result" in captured.err
+    assert not (tmp_path / "r").exists()

@@ -16,7 +16,9 @@ from __future__ import annotations
 
 import bisect
 import dataclasses
+import errno
 import itertools
+import os
 import re
 from collections import OrderedDict
 from collections.abc import Sequence
@@ -115,7 +117,8 @@ def scan_dataset(
         return scan
 
     entries = sorted(p for p in root.iterdir() if not p.name.startswith("."))
-    groups: list[tuple[list[Path], int]] = [([p for p in entries if p.is_file() and is_image_file(p)], 1)]
+    scan.problems += _broken_link_problems(entries, key)
+    groups: list[tuple[list[Path], int]] = [([p for p in entries if _is_image_entry(p)], 1)]
     for folder in (p for p in entries if p.is_dir()):
         match = _REPEATS_FOLDER.match(folder.name)
         if match is None:
@@ -131,8 +134,9 @@ def scan_dataset(
                 f"rename it e.g. to 1_{match.group(2)}, or move it out of {key}"
             )
             continue
-        images = sorted(p for p in folder.iterdir() if p.is_file() and not p.name.startswith("."))
-        groups.append(([p for p in images if is_image_file(p)], repeats))
+        images = sorted(p for p in folder.iterdir() if not p.name.startswith("."))
+        scan.problems += _broken_link_problems(images, key)
+        groups.append(([p for p in images if _is_image_entry(p)], repeats))
 
     num_found = 0
     for images, repeats in groups:
@@ -166,12 +170,41 @@ def scan_dataset(
     return scan
 
 
+def _is_image_entry(path: Path) -> bool:
+    """An image file, or a link named like one that does not resolve (a loop): it is then reported
+    as an unreadable image rather than silently left out."""
+    return is_image_file(path) and (path.is_file() or (path.is_symlink() and not path.exists()))
+
+
+def _broken_link_problems(entries: list[Path], key: str) -> list[str]:
+    """Links that resolve to nothing and are not named like images (those are unreadable images):
+    a looping or dangling link where a folder or caption was meant would otherwise vanish silently."""
+    problems = []
+    for path in entries:
+        if path.is_symlink() and not path.exists() and not is_image_file(path):
+            what = "loops back on itself" if _link_loops(path) else f"points to '{os.readlink(path)}', which is missing"
+            problems.append(f"{key}: symlink '{path}' {what}; remove it or point it at a real file or folder")
+    return problems
+
+
+def _link_loops(path: Path) -> bool:
+    try:
+        path.stat()
+    except OSError as error:
+        return error.errno == errno.ELOOP
+    return False
+
+
 def _unreadable_image_reason(path: Path) -> str | None:
-    """``None`` when PIL fully decodes ``path``; else why not. Opening alone only reads the header,
-    so a truncated file would pass and then crash training hours later; ``load()`` decodes it all."""
+    """``None`` when PIL fully decodes ``path`` and ``load_rgb`` can convert its mode; else why not.
+    Opening alone only reads the header, so a truncated file would pass and then crash training
+    hours later; ``load()`` decodes it all."""
+    if path.is_symlink() and _link_loops(path):
+        return "a symlink that loops back on itself"
     try:
         with Image.open(path) as image:
             image.load()
+            eight_bit(image)
     except Exception as error:  # PIL raises OSError, SyntaxError, ValueError, DecompressionBombError...
         return f"{type(error).__name__}: {error}"
     return None
@@ -226,16 +259,62 @@ def match_reg_records(reg_records: Sequence[ImageRecord], n_train_samples: int) 
 def load_rgb(path: Path) -> Image.Image:
     """Decode ``path`` as upright RGB.
 
-    EXIF orientation is applied (phone photos are stored sideways), and transparent pixels are
-    composited onto white rather than whatever colour happens to sit under the alpha channel.
+    EXIF orientation is applied (phone photos are stored sideways), transparent pixels are
+    composited onto white rather than whatever colour happens to sit under the alpha channel, and
+    16-bit / float grayscale is scaled to 8 bits (``eight_bit``) instead of clipped to white.
     """
     with Image.open(path) as opened:
-        image = ImageOps.exif_transpose(opened)
+        try:
+            image = eight_bit(ImageOps.exif_transpose(opened))
+        except ValueError as error:
+            raise ValueError(f"image '{path}': {error}") from error
         if image.mode in ("RGBA", "LA", "PA") or (image.mode == "P" and "transparency" in image.info):
             rgba = image.convert("RGBA")
             background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
             return Image.alpha_composite(background, rgba).convert("RGB")
         return image.convert("RGB")
+
+
+SIXTEEN_BIT_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I")  # "I": 32-bit ints, what 16-bit PNGs were in old Pillow
+
+
+def eight_bit(image: Image.Image) -> Image.Image:
+    """A grayscale image of more than 8 bits as 8-bit ``L``; any other mode unchanged.
+
+    PIL's own conversion clips such pixels to 0..255, so a 16-bit PNG trained as almost all white.
+    16-bit and ``I`` pixels are read as 0..65535 (a 16-bit PNG's range) and divided by 257; float
+    (``F``) pixels as 0..1 and multiplied by 255. Values outside those ranges have no known scale:
+    ``ValueError`` says so, rather than guessing a brightness.
+    """
+    if image.mode not in (*SIXTEEN_BIT_MODES, "F"):
+        return image
+    values = np.asarray(image, dtype=np.float64)
+    top = 65535.0 if image.mode in SIXTEEN_BIT_MODES else 1.0
+    if values.size and not (np.isfinite(values).all() and values.min() >= 0 and values.max() <= top):
+        low, high = np.nanmin(values), np.nanmax(values)
+        raise ValueError(
+            f"mode {image.mode} pixels run from {low:g} to {high:g}, outside 0..{top:g}, so their brightness "
+            "scale is unknown; save the image as 8-bit (or 16-bit) RGB or grayscale PNG"
+        )
+    return Image.fromarray(np.rint(values * (255.0 / top)).astype(np.uint8))  # uint8 2-D: mode L
+
+
+SMALL_IMAGE_FRACTION = 4  # warn when the shorter side is below resolution / 4 (>4x upscaling)
+
+
+def small_images(records: Sequence[ImageRecord], resolution: int) -> list[tuple[Path, tuple[int, int]]]:
+    """``(path, (width, height))`` of the images whose shorter side is under a quarter of ``resolution``.
+
+    Training upscales them to the resolution, so a 1x1 or thumbnail-sized file becomes a flat or
+    blurred sample; beyond 4x (under 128 px at 512) that clearly loses detail, while a
+    256 px image at 512 is still a usual dataset. Sizes come from the file headers.
+    """
+    found = []
+    for path in dict.fromkeys(r.path for r in records):  # a regularisation image may also be a training image
+        size = oriented_size(path)
+        if min(size) * SMALL_IMAGE_FRACTION < resolution:
+            found.append((path, size))
+    return found
 
 
 def resize_short_side(image: Image.Image, size: int) -> Image.Image:

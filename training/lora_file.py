@@ -30,6 +30,7 @@ from safetensors.torch import save
 from training.atomic_file import write_atomically
 from training.lora_metadata import metadata_sha256, minimal_metadata
 from training.network import ADAPTER, TEXT_ENCODER_PREFIX, TEXT_MODEL_LEVEL, UNET_PREFIX, LoraNetwork
+from training.output_dir import rescue_folders, unique_rescue_path
 
 logger = logging.getLogger(__name__)
 
@@ -69,8 +70,11 @@ def output_problems(output_cfg: Any) -> list[str]:
             "e.g. output.precision=fp16 halves the file size"
         )
     name = str(output_cfg.name)
-    if not name.strip() or "/" in name or "\\" in name:
-        problems.append(f"output.name: {name!r} must be a plain file name (no folders); put the folder in output.dir")
+    if not name.strip() or name.startswith(".") or any(c in name for c in ("/", "\\", "\0")):
+        problems.append(
+            f"output.name: {name!r} must be a plain file name, without folders and not starting with a dot "
+            "('.', '..' and '.name' give hidden or misplaced files); e.g. output.name=lora, folders go in output.dir"
+        )
     return problems
 
 
@@ -186,19 +190,52 @@ def canonical_safetensors(blob: bytes) -> bytes:
     return len(text).to_bytes(8, "little") + text + blob[8 + length :]
 
 
+class LoraNotSavedError(OSError):
+    """The LoRA could not be written to ``output.dir``; ``rescued`` is where it was kept instead (or None)."""
+
+    def __init__(self, message: str, intended: Path, rescued: Path | None) -> None:
+        super().__init__(message)
+        self.intended = intended
+        self.rescued = rescued
+
+
 def save_lora(
     output_cfg: Any, tensors: dict[str, torch.Tensor], metadata: dict[str, Any], *, stem: str | None = None
 ) -> Path:
-    """``save_lora_file`` as the ``output`` section says (dir, name, format, pickle opt-in, precision, metadata)."""
-    return save_lora_file(
-        lora_file_path(output_cfg, stem),
-        tensors,
-        metadata,
-        file_format=output_cfg.format,
-        allow_pickle=output_cfg.allow_pickle,
-        precision=output_cfg.precision,
-        full_metadata=output_cfg.metadata,
-    )
+    """``save_lora_file`` as the ``output`` section says (dir, name, format, pickle opt-in, precision, metadata).
+
+    A write that fails with ``OSError`` (folder gone read-only or full since startup) does not lose the
+    trained weights: the same file is written to a rescue folder and ``LoraNotSavedError`` says where.
+    """
+    options = {
+        "file_format": output_cfg.format,
+        "allow_pickle": output_cfg.allow_pickle,
+        "precision": output_cfg.precision,
+        "full_metadata": output_cfg.metadata,
+    }
+    intended = lora_file_path(output_cfg, stem)
+    try:
+        return save_lora_file(intended, tensors, metadata, **options)
+    except OSError as error:
+        failures = [f"{intended}: {error}"]
+        for folder in rescue_folders():
+            try:
+                rescued = save_lora_file(unique_rescue_path(folder, intended.name), tensors, metadata, **options)
+            except OSError as rescue_error:
+                failures.append(f"{folder}: {rescue_error}")
+                continue
+            logger.error("could not write %s (%s); the LoRA was kept at %s", intended, error, rescued)
+            raise LoraNotSavedError(
+                f"could not write the LoRA to {intended} ({error}); the trained file was kept at {rescued}: "
+                "copy it where you want it, and check output.dir (free space, permissions)",
+                intended,
+                rescued,
+            ) from error
+        raise LoraNotSavedError(
+            f"could not write the LoRA to {intended}, nor to a rescue folder; it is lost:\n  " + "\n  ".join(failures),
+            intended,
+            None,
+        ) from error
 
 
 def bundle_embeddings(tensors: dict[str, torch.Tensor], embeddings: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -525,8 +562,11 @@ def init_weights_problems(network_cfg: Any, *, allow_pickle: bool = False) -> li
             return [] if allow_pickle else [_pickle_refusal("network.init_weights", file_format, reading=True)]
         with safe_open(str(path), framework="pt") as lora:
             ranks = {lora.get_slice(k).get_shape()[0] for k in lora.keys() if k.endswith(_DOWN)}  # noqa: SIM118
-    except (OSError, ValueError, RuntimeError) as error:
-        return [f"network.init_weights: '{path}' cannot be read as a LoRA file ({error})"]
+    except Exception as error:  # safetensors raises its own SafetensorError for a file that is not one
+        return [
+            f"network.init_weights: '{path}' cannot be read as a LoRA file ({type(error).__name__}: {error}); "
+            "give a .safetensors LoRA file (or fix the path)"
+        ]
     if not ranks:
         return [f"network.init_weights: '{path}' holds no kohya LoRA weights (*.lora_down.weight)"]
     if network_cfg.dim not in ranks:

@@ -8,6 +8,7 @@ whether the schedule moves per optimizer step (diffusers' schedules) or per eval
 from __future__ import annotations
 
 import importlib.util
+import math
 from collections.abc import Callable
 from typing import Any
 
@@ -99,7 +100,9 @@ def scheduler_problems(
         return [f"scheduler.name: unknown schedule '{name}'; use one of {', '.join(SCHEDULERS)}"]
     problems = []
     warmup = scheduler_cfg.warmup_steps
-    if warmup < 0:
+    if not math.isfinite(warmup):
+        pass  # nan / inf are reported for every key at once (sweeper.schema_check); int() of them would raise
+    elif warmup < 0:
         problems.append(f"scheduler.warmup_steps must be >= 0 (got {warmup})")
     elif warmup >= 1 and warmup != int(warmup):
         problems.append(
