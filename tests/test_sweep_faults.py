@@ -19,6 +19,7 @@ import pytest
 from mlflow.tracking import MlflowClient
 from optuna.trial import TrialState
 
+from sweeper.search.study import open_storage
 from tests.conftest import REPO
 
 # a tiny model, trials of a few seconds: long enough to be killed in the middle of one
@@ -85,8 +86,8 @@ class Sweep:
         return code
 
 
-def study_of(cwd: Path, storage: str | None = None) -> optuna.Study:
-    storage = storage or f"sqlite:///{cwd / 'outputs' / 'optuna.db'}"
+def study_of(cwd: Path, url: str | None = None) -> optuna.Study:
+    storage = open_storage(url or f"sqlite:///{cwd / 'outputs' / 'optuna.db'}")
     (summary,) = optuna.get_all_study_summaries(storage)
     return optuna.load_study(study_name=summary.study_name, storage=storage)
 

@@ -116,3 +116,14 @@ def test_n_workers_starts_that_many_processes_on_one_study(tmp_path):
     assert_every_point_complete_once(study, "network.dim", [2, 4, 8, 16])
     assert len(study.get_trials()) == 4 and len(workers_of(study)) == 2
     assert len(list(Path(tmp_path / "outputs" / "multirun").glob("*/*/multirun.yaml"))) == 1  # one sweep folder
+
+
+@pytest.mark.slow
+def test_the_submitit_launcher_runs_each_trial_as_its_own_job(tmp_path):
+    """Hydra's submitit launcher (submitit_local here; submitit_slurm on a cluster) with our sweeper."""
+    done = Sweep(tmp_path, *QUICK, "train.max_steps=4", "network.dim=4,8", "hydra/launcher=submitit_local")
+    assert done.finish() == 0, done.output[-3000:]
+    study = study_of(tmp_path)
+    assert_every_point_complete_once(study, "network.dim", [4, 8])
+    job_logs = list(Path(tmp_path / "outputs" / "multirun").glob("*/*/.submitit/*/*_result.pkl"))
+    assert len(job_logs) == 2  # each trial ran as a submitit job, in its own process
