@@ -95,11 +95,11 @@ def test_a_frozen_workers_trial_is_rerun_by_the_survivor_after_the_heartbeat_gra
     finally:
         frozen.process.kill()
         frozen.finish()
-    assert "Waiting for 1 trial(s) running in other workers" in survivor.output
+    assert "stopped its heartbeat for 5 s" in survivor.output
     study = study_of(tmp_path)
     assert_every_point_complete_once(study, "network.dim", [4, 8])
     stale = study.get_trials()[0]
-    assert stale.state == TrialState.FAIL and "stopped its heartbeat" in stale.user_attrs.get("error", "heartbeat")
+    assert stale.state == TrialState.FAIL and "stopped its heartbeat" in stale.user_attrs["error"]
     client = MlflowClient(f"sqlite:///{tmp_path / 'outputs' / 'mlflow.db'}")
     runs = client.search_runs([client.get_experiment_by_name("lora-sweeper").experiment_id])
     stale_run = next(r for r in runs if r.data.tags.get("sweep.trial_number") == "0")

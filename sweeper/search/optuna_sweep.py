@@ -28,7 +28,7 @@ from hydra.core.utils import JobReturn, JobStatus
 from hydra.types import HydraContext, TaskFunction
 from omegaconf import DictConfig, OmegaConf, open_dict
 from optuna.storages import RetryHeartbeatStaleTrialCallback
-from optuna.storages._heartbeat import get_heartbeat_thread
+from optuna.storages._heartbeat import get_heartbeat_thread, is_heartbeat_enabled
 from optuna.trial import FrozenTrial, TrialState
 
 from evaluation.metric_names import evaluated_metric
@@ -160,10 +160,8 @@ class OptunaSweep:
 
     def _work(self, study_name: str, directions: list[str]) -> list[JobReturn]:
         options, cfg, space = self.options, self.config, self.space
-        storage = open_storage(
-            self.storage_url, options.heartbeat_seconds, options.grace_seconds, on_stale=self._retry_dead_trial
-        )
         with self._lock(study_name):  # the first worker creates the schema and the study; the others load it
+            storage = open_storage(self.storage_url, options.heartbeat_seconds, options.grace_seconds)
             study = optuna.create_study(
                 study_name=study_name,
                 storage=storage,
@@ -239,10 +237,7 @@ class OptunaSweep:
 
     # --- what runs next (always under the study lock)
     def _next_trial(self, study: optuna.Study) -> optuna.Trial | type[Wait] | type[Finished]:
-        with warnings.catch_warnings():  # "experimental" since Optuna 2.9, and the documented way
-            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-            optuna.storages.fail_stale_trials(study)  # no heartbeat for grace_seconds: FAIL, _retry_dead_trial
-        self._fail_dead_local_trials(study)
+        self._fail_dead_trials(study)
         trials = study.get_trials(deepcopy=False)
         waiting = any(t.state == TrialState.WAITING for t in trials)
         running = any(t.state == TrialState.RUNNING for t in trials)
@@ -305,26 +300,33 @@ class OptunaSweep:
         else:
             study.tell(trial, state=twin.state)
 
-    def _fail_dead_local_trials(self, study: optuna.Study) -> None:
-        """RUNNING trials whose worker process on this host is gone (kill -9, OOM killer) fail now, not
-        after the heartbeat grace; with journal storage (one worker at a time) every RUNNING trial is dead."""
+    def _fail_dead_trials(self, study: optuna.Study) -> None:
+        """RUNNING trials whose worker is dead become FAIL with the reason, their MLflow runs KILLED, and
+        are queued again: at once when the worker process on this host is gone (kill -9, OOM killer;
+        with journal storage, one worker at a time, every RUNNING trial), else once the heartbeat is
+        older than grace_seconds (the test Optuna's ``fail_stale_trials`` makes, here with the reason
+        recorded before the trial is finished, after which Optuna refuses new attributes)."""
+        storage = study._storage
+        stale = set(storage._get_stale_trial_ids(study._study_id)) if is_heartbeat_enabled(storage) else set()
         for trial in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
             gone = is_gone(trial.user_attrs)
             if gone or (self.sole_worker and gone is None):
                 pid = trial.user_attrs.get("worker.pid", "?")
                 reason = f"killed: its worker (pid {pid}) ended without finishing it"
+            elif trial._trial_id in stale:
+                reason = (
+                    f"killed: its worker stopped its heartbeat for {self.options.grace_seconds} s "
+                    "(killed, frozen, out of host memory, or the machine went away)"
+                )
+            else:
+                continue
+            try:
                 self._fail(study, trial._trial_id, reason, "killed")
-                self._retry_dead_trial(study, study._storage.get_trial(trial._trial_id), reason)
-
-    def _retry_dead_trial(self, study: optuna.Study, trial: FrozenTrial, reason: str | None = None) -> None:
-        """A trial whose worker died: its MLflow run is closed as KILLED, and it is queued to run again."""
-        reason = reason or (
-            f"killed: its worker stopped its heartbeat for {self.options.grace_seconds} s "
-            "(killed, out of host memory, or the machine went away)"
-        )
-        close_trial_runs(self.config.tracking, self.outputs, study.study_name, trial.number, reason)
-        print(f"[trial {trial.number}] {reason}")
-        self._retry(study, trial)
+            except optuna.exceptions.UpdateFinishedTrialError:
+                continue  # its worker finished it after all
+            close_trial_runs(self.config.tracking, self.outputs, study.study_name, trial.number, reason)
+            print(f"[trial {trial.number}] {reason}")
+            self._retry(study, storage.get_trial(trial._trial_id))
 
     def _retry(self, study: optuna.Study, trial: FrozenTrial) -> None:
         """Queue the same params again (Optuna's retry callback keeps the chain in ``retry_history``)."""

@@ -5,13 +5,11 @@ from __future__ import annotations
 import hashlib
 import json
 import warnings
-from collections.abc import Callable
 from typing import Any
 
 import optuna
 from optuna.storages import BaseStorage, JournalStorage, RDBStorage
 from optuna.storages.journal import JournalFileBackend
-from optuna.trial import FrozenTrial
 
 from sweeper.credentials import with_credentials
 from sweeper.search.settings import DIRECTIONS, PRUNERS, SAMPLERS
@@ -20,7 +18,6 @@ from sweeper.search.storage_url import is_journal, journal_path, missing_driver,
 
 HEARTBEAT_SECONDS = 60  # a worker that stops beating for GRACE is taken as dead; its trial becomes FAIL
 GRACE_SECONDS = 300
-StaleTrialCallback = Callable[[optuna.Study, FrozenTrial], None]
 
 
 class SweepConfigError(ValueError):
@@ -35,12 +32,8 @@ def open_storage(
     url: str,
     heartbeat_seconds: int = HEARTBEAT_SECONDS,
     grace_seconds: int = GRACE_SECONDS,
-    on_stale: StaleTrialCallback | None = None,
 ) -> BaseStorage:
-    """An RDB URL (sqlite, postgresql, mysql) with heartbeats, or an Optuna journal file (``*.log``).
-
-    ``on_stale`` is called for each trial Optuna fails because its worker stopped beating.
-    """
+    """An RDB URL (sqlite, postgresql, mysql) with heartbeats, or an Optuna journal file (``*.log``)."""
     problem = missing_driver(url)
     if problem:
         raise SweepConfigError(f"hydra.sweeper.storage: {problem}")
@@ -58,7 +51,6 @@ def open_storage(
             engine_kwargs=engine,
             heartbeat_interval=heartbeat_seconds,
             grace_period=grace_seconds,
-            heartbeat_stale_trial_callback=on_stale,
         )
 
 
