@@ -229,6 +229,7 @@ class SweepConfig:
     pruner: str = "none"  # the sweep's pruner settings: Optuna keeps no pruner in its storage
     pruner_startup_trials: int = 1
     pruner_warmup_steps: int = 0
+    run_name: str | None = None  # the trial's MLflow run name: its swept values (``dim=16 lr=0.0003``)
 
 
 @dataclass

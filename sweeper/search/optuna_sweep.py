@@ -13,6 +13,7 @@ the heartbeat grace elsewhere) and queued again with the same params.
 from __future__ import annotations
 
 import gc
+import logging
 import math
 import sys
 import time
@@ -47,9 +48,11 @@ from sweeper.search.settings import OptunaSweeperConf
 from sweeper.search.space import (
     SearchSpace,
     SearchSpaceError,
+    describe_params,
     format_value,
     parse_search_space,
     points_to_check,
+    short_key,
 )
 from sweeper.search.storage_url import is_journal, missing_driver
 from sweeper.search.study import (
@@ -83,6 +86,7 @@ class TrialOutcome:
     run_id: str | None = None
     error: str | None = None
     failure: str | None = None  # why it failed: "error" (deterministic), or one of RETRYABLE_FAILURES
+    pruned_at: int | None = None  # the step a pruned trial stopped at
     per_image: dict[str, list[float]] = field(default_factory=dict)  # objective -> per-image values
 
 
@@ -114,6 +118,9 @@ class OptunaSweep:
 
     def setup(self, *, hydra_context: HydraContext, task_function: TaskFunction, config: DictConfig) -> None:
         self.hydra_context, self.config = hydra_context, config
+        # the terminal shows one line per trial and the final table, not each job's internal overrides
+        logging.getLogger("hydra._internal.core_plugins.basic_launcher").setLevel(logging.WARNING)
+        optuna.logging.set_verbosity(optuna.logging.WARNING)
         self.launcher = Plugins.instance().instantiate_launcher(
             hydra_context=hydra_context, task_function=task_function, config=config
         )
@@ -189,7 +196,8 @@ class OptunaSweep:
                     start_run(
                         cfg.tracking,
                         self.outputs,
-                        run_name=f"sweep {study_name}",
+                        run_name=f"{cfg.tracking.experiment} sweep {', '.join(map(short_key, space.distributions))} "
+                        f"{time.strftime('%m-%d %H:%M')}",
                         resume_tags={"sweep.study_name": study_name, "sweep.role": "parent"},
                     )
                 )
@@ -333,7 +341,9 @@ class OptunaSweep:
         if attempts(trial) > self.options.max_retries:
             print(f"[trial {trial.number}] not re-run: hydra.sweeper.max_retries={self.options.max_retries} reached")
             return
-        RetryHeartbeatStaleTrialCallback(max_retry=self.options.max_retries)(study, trial)
+        with warnings.catch_warnings():  # "experimental" in Optuna, and the documented way to retry
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+            RetryHeartbeatStaleTrialCallback(max_retry=self.options.max_retries)(study, trial)
 
     def _fail(self, study: optuna.Study, trial_id: int, reason: str, failure: str) -> None:
         """FAIL with the reason recorded first: a finished trial's attributes can no longer be set."""
@@ -357,12 +367,13 @@ class OptunaSweep:
             f"sweep.pruner={options.pruner}",
             f"sweep.pruner_startup_trials={options.pruner_startup_trials}",
             f"sweep.pruner_warmup_steps={options.pruner_warmup_steps}",
+            f"sweep.run_name='{describe_params(trial.params, short=True)}'",
         ]
         if parent_run_id:
             overrides.append(f"sweep.parent_run_id={parent_run_id}")
         retried = study._storage.get_trial(trial._trial_id).system_attrs.get("failed_trial")
         again = f" (re-run of trial {retried})" if retried is not None else ""
-        print(f"[trial {trial.number}] {' '.join(f'{k}={format_value(v)}' for k, v in trial.params.items())}{again}")
+        print(f"[trial {trial.number}] {describe_params(trial.params)}{again}")
         try:
             with get_heartbeat_thread(trial._trial_id, study._storage):  # lets other workers see we live
                 job = self.launcher.launch([overrides], initial_job_idx=trial.number)[0]
@@ -395,8 +406,7 @@ class OptunaSweep:
             progress.failed += 1
             progress.first_error = progress.first_error or f"trial {trial.number}: {outcome.error}"
             _free_accelerator_memory()
-        shown = outcome.error if outcome.error else (outcome.values if outcome.values else "")
-        print(f"[trial {trial.number}] {outcome.state.name} {shown}")
+        print(f"[trial {trial.number}] {_outcome_line(outcome, objectives)}")
         return job
 
     def _raise_if_incomplete(self, study: optuna.Study) -> None:
@@ -406,7 +416,7 @@ class OptunaSweep:
         plan = plan_grid(study.get_trials(deepcopy=False), self.space, self.options.max_retries)
         if plan.given_up and not plan.pending and not plan.to_enqueue:
             lines = [
-                f"  {' '.join(f'{k}={format_value(v)}' for k, v in zip(self.space.grid_values, point, strict=True))}: "
+                f"  {describe_params(dict(zip(self.space.grid_values, point, strict=True)))}: "
                 f"trial {trial.number} {trial.user_attrs.get('error', 'failed')}"
                 for point, trial in plan.given_up.items()
             ]
@@ -422,7 +432,7 @@ class OptunaSweep:
         points = points_to_check(space)
         found_at: dict[str, list[str]] = {}  # problem -> the points that have it
         for params in points:
-            label = " ".join(f"{k}={format_value(v)}" for k, v in params.items())
+            label = describe_params(params)
             trial_cfg = self.hydra_context.config_loader.load_sweep_config(self.config, space.trial_overrides(params))
             with open_dict(trial_cfg):
                 if "hydra:" in str(OmegaConf.to_container(trial_cfg.output)["dir"]):  # the job's own folder,
@@ -473,6 +483,15 @@ def run_reporting_errors(sweep: OptunaSweep, arguments: list[str]) -> list[JobRe
         sys.exit(1)
 
 
+def _outcome_line(outcome: TrialOutcome, objectives: list[str]) -> str:
+    """``COMPLETE clip_score=31.2345``, ``PRUNED at step 200 (clip_score=30.1 then)`` or ``FAIL <reason>``."""
+    if outcome.state == TrialState.FAIL:
+        return f"FAIL {outcome.error}"
+    if outcome.state == TrialState.PRUNED:
+        return f"PRUNED at step {outcome.pruned_at}" if outcome.pruned_at is not None else "PRUNED"
+    return "COMPLETE " + " ".join(f"{n}={v:.4f}" for n, v in zip(objectives, outcome.values or [], strict=False))
+
+
 def _classify(job: JobReturn, objectives: list[str]) -> TrialOutcome:
     """The trial's Optuna state from the job: COMPLETE with values, PRUNED, or FAIL with a reason."""
     if job.status != JobStatus.COMPLETED:
@@ -483,7 +502,8 @@ def _classify(job: JobReturn, objectives: list[str]) -> TrialOutcome:
     result: dict[str, Any] = job.return_value
     metrics, run_id = result["metrics"], result.get("run_id")
     if result.get("pruned"):
-        return TrialOutcome(TrialState.PRUNED, run_id=run_id)
+        steps = metrics.get("train/steps_done")
+        return TrialOutcome(TrialState.PRUNED, run_id=run_id, pruned_at=int(steps) if steps is not None else None)
     missing = [name for name in objectives if name not in metrics]
     if missing:
         known = ", ".join(sorted(k for k in metrics if "/" not in k))

@@ -14,7 +14,7 @@ import optuna
 from optuna.trial import FrozenTrial, TrialState
 
 from evaluation.stats import ALPHA, paired_p_value
-from sweeper.search.space import SearchSpace, format_value
+from sweeper.search.space import SearchSpace, describe_params, display_value, format_value
 from sweeper.tracking import redact_password
 
 
@@ -101,18 +101,26 @@ class SweepSummary:
             f"Trials {listed} are not significantly different from trial {best[0].number} ({test}); the rest are worse."
         ]
 
-    def rows(self) -> list[dict[str, Any]]:
+    def rows(self, states: tuple[TrialState, ...] | None = None) -> list[dict[str, Any]]:
+        """One row per trial (of ``states``): params to 4 significant digits; a pruned trial's value is
+        its last intermediate one, marked with the step it was pruned at."""
         p_values = self.comparisons()
         best_numbers = {t.number for t in self.best_trials()}
         rows = []
         for trial in self.trials():
+            if states is not None and trial.state not in states:
+                continue
             values = trial.values or ([trial.value] if trial.value is not None else [])
+            state, mark = trial.state.name, ""
             if trial.state == TrialState.PRUNED and trial.intermediate_values:
-                values = [trial.intermediate_values[trial.last_step]]
-            row = {"number": trial.number, "state": trial.state.name}
-            row.update({key: format_value(value) for key, value in trial.params.items()})
+                values, mark = [trial.intermediate_values[trial.last_step]], f" (pruned at step {trial.last_step})"
+                state = f"PRUNED@{trial.last_step}"
+            if "duplicate_of" in trial.user_attrs:
+                state += f" (=trial {trial.user_attrs['duplicate_of']})"
+            row = {"number": trial.number, "state": state}
+            row.update({key: display_value(value) for key, value in trial.params.items()})
             for name, value in zip(self.objectives, values, strict=False):
-                row[name] = f"{value:.4f}"
+                row[name] = f"{value:.4f}{mark}"
             if trial.number in p_values:
                 p = p_values[trial.number]
                 row["p_vs_best"] = f"{p:.3g}" if trial.number not in best_numbers else "-"
@@ -134,20 +142,30 @@ class SweepSummary:
 
 
 def print_summary(summary: SweepSummary) -> None:
-    """A table of every trial of the study and the best one(s)."""
-    rows = summary.rows()
+    """A table of the study's trials and the best one(s); failed trials listed apart, with their reasons
+    and whether they were re-run (a killed trial's re-run is another trial with the same params)."""
+    shown = (TrialState.COMPLETE, TrialState.PRUNED, TrialState.RUNNING, TrialState.WAITING)
+    rows = summary.rows(shown)
     columns = ["number", "state", *summary.space.distributions, *summary.objectives, "vs_best", "p_vs_best"]
     columns.append("mlflow_run_id")
     widths = {c: max([len(c)] + [len(str(r.get(c, ""))) for r in rows]) for c in columns}
-    print(f"\nStudy '{summary.study.study_name}': {len(rows)} trial(s)")
+    failed = [t for t in summary.trials() if t.state == TrialState.FAIL]
+    print(f"\nStudy '{summary.study.study_name}': {len(rows)} trial(s)" + (f", {len(failed)} failed" if failed else ""))
     print("  ".join(c.ljust(widths[c]) for c in columns))
     for row in rows:
         print("  ".join(str(row.get(c, "")).ljust(widths[c]) for c in columns))
+    if failed:
+        reruns = {t.system_attrs.get("retry_history", [None])[-1]: t.number for t in summary.trials()}
+        print("Failed:")
+        for trial in failed:
+            again = f"; re-run as trial {reruns[trial.number]}" if trial.number in reruns else ""
+            reason = trial.user_attrs.get("error", "no reason recorded")
+            print(f"  trial {trial.number} {describe_params(trial.params)}: {reason}{again}")
     best = summary.best_trials()
     label = "Pareto front" if summary.multi_objective else "Best"
     for trial in best:
         values = ", ".join(f"{n}={v:.4f}" for n, v in zip(summary.objectives, trial.values, strict=True))
-        params = " ".join(f"{k}={format_value(v)}" for k, v in trial.params.items())
+        params = describe_params(trial.params)
         print(f"{label}: trial {trial.number} ({values}) {params} run {trial.user_attrs.get('mlflow_run_id', '-')}")
     for line in summary.verdict():
         print(line)
@@ -215,7 +233,7 @@ def _log_plots(parent: Any, summary: SweepSummary) -> None:
                 print(f"(plot {plot_name} skipped: {error})")
                 continue
             path = Path(tmp) / f"{plot_name}.html"
-            figure.write_html(str(path), include_plotlyjs="cdn")
+            figure.write_html(str(path), include_plotlyjs=True)  # self-contained: offline and in MLflow's preview
             parent.log_artifact(path, "sweep/plots")
 
 

@@ -139,6 +139,24 @@ def _choices(override: Override) -> list[Any]:
     return list(override.sweep_string_iterator())
 
 
+def display_value(value: Any) -> str:
+    """A value as people read it: floats to 4 significant digits (``0.000123``, ``3e-05``); the
+    params keep full precision (``format_value``)."""
+    if isinstance(value, float) and not isinstance(value, bool):
+        return f"{value:.4g}"
+    return format_value(value)
+
+
+def short_key(key: str) -> str:
+    """``optimizer.lr`` -> ``lr``: the last part, enough to tell swept keys apart in a name."""
+    return key.rsplit(".", 1)[-1]
+
+
+def describe_params(params: dict[str, Any], short: bool = False) -> str:
+    """``network.dim=16 optimizer.lr=0.0003`` (or ``dim=16 lr=0.0003``) for lines and run names."""
+    return " ".join(f"{short_key(k) if short else k}={display_value(v)}" for k, v in params.items())
+
+
 def format_value(value: Any) -> str:
     """A sampled value written back as an override value Hydra parses to the same thing."""
     if value is None:
