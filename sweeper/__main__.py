@@ -10,7 +10,12 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig
 
+from sweeper.credentials import move_passwords_to_env
 from sweeper.versions import check_versions_or_exit
+
+# Before Hydra sees the command line: a URL's password moves into the environment, so that no
+# .hydra file, multirun.yaml, MLflow param or artifact, log or terminal line can show it.
+sys.argv[:] = move_passwords_to_env(sys.argv)
 
 
 def quiet_libraries() -> None:
@@ -31,6 +36,7 @@ check_versions_or_exit()  # before the libraries it checks are imported
 quiet_libraries()
 
 from sweeper.config import register_configs, register_resolvers  # noqa: E402
+from sweeper.tracking_store import TrackingUnavailableError  # noqa: E402
 from sweeper.validate import ConfigError  # noqa: E402
 
 register_resolvers()
@@ -45,7 +51,7 @@ def main(cfg: DictConfig) -> dict[str, Any]:
     hydra_cfg = HydraConfig.get()
     try:
         result = run(cfg, overrides=list(hydra_cfg.overrides.task))
-    except ConfigError as error:
+    except (ConfigError, TrackingUnavailableError) as error:
         if hydra_cfg.mode == RunMode.MULTIRUN:
             raise
         print(error, file=sys.stderr)

@@ -25,6 +25,7 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf
 
 from sweeper.config import Config, SweepConfig, TrackingConfig, register_resolvers
+from sweeper.credentials import move_passwords_to_env, with_credentials
 from sweeper.fingerprint import PACKAGES, changed_files, code_version, dataset_fingerprint
 from sweeper.validate import ConfigError
 from sweeper.versions import check_versions_or_exit
@@ -123,7 +124,7 @@ def _from_mlflow(run_id: str, tracking_uri: str) -> Source:
     from mlflow.exceptions import MlflowException
     from mlflow.tracking import MlflowClient
 
-    client = MlflowClient(tracking_uri)
+    client = MlflowClient(with_credentials(tracking_uri))
     try:
         run = client.get_run(run_id)
     except MlflowException as error:
@@ -233,7 +234,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--tracking-uri", help="MLflow store of the run (default: sqlite under ./outputs)")
     parser.add_argument("--tolerance", type=float, default=0.0, help="largest accepted metric difference (default 0)")
     parser.add_argument("--output-dir", help="where the reproduction writes (default outputs/reproduce/<id>/<time>)")
-    args = parser.parse_intermixed_args(argv)
+    # a URL's password (--tracking-uri, overrides) moves into the environment before anything can print or log it
+    args = parser.parse_intermixed_args(move_passwords_to_env(sys.argv[1:] if argv is None else argv))
 
     check_versions_or_exit()
     register_resolvers()

@@ -92,6 +92,7 @@ def run(
         description=cfg.output.comment,
         parent_run_id=cfg.sweep.parent_run_id,
         tags=None if trial is None else {"sweep.trial_number": str(trial), "sweep.study_name": cfg.sweep.study_name},
+        local_dir=output_dir,  # what does not reach the tracking store is listed and kept here
     ) as tracker:
         tracker.log_params(flatten(resolved))
         tracker.set_tags({**_run_tags(cfg), **(extra_tags or {})})

@@ -8,14 +8,36 @@ from __future__ import annotations
 
 import json
 import re
+import shutil
+import sys
 import tempfile
+import time
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from sweeper.credentials import with_credentials
+from sweeper.process_identity import this_process
+from sweeper.tracking_store import (
+    TrackingUnavailableError,
+    artifact_location,
+    check_reachable,
+    close_dead_runs,
+    experiment_id,
+    is_http,
+    is_unreachable,
+    short_reason,
+    store_lock,
+    use_short_http_retries,
+)
+from training.atomic_file import write_text_atomically
+
 METRIC_FLUSH_EVERY = 50  # buffered metric points per MLflow write (each write is a DB transaction)
 PARAM_VALUE_LIMIT = 6000  # MLflow's maximum param value length
+OFFLINE_RETRY_SECONDS = 60  # an unreachable store is tried again at most this often (and at the run's end)
+NOT_UPLOADED = "tracking-not-uploaded"  # <local_dir>/tracking-not-uploaded.txt lists it, the folder keeps it
 
 
 def flatten(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
@@ -37,8 +59,8 @@ def default_tracking_uri(outputs: Path) -> str:
 def ui_command(tracking_uri: str) -> str:
     """The command that opens the MLflow UI on this store."""
     if tracking_uri.startswith(("http://", "https://")):
-        return f"open {tracking_uri}"
-    return f"mlflow ui --backend-store-uri {tracking_uri}"
+        return f"open {redact_password(tracking_uri)}"
+    return f"mlflow ui --backend-store-uri {redact_password(tracking_uri)}"
 
 
 class NullTracker:
@@ -46,6 +68,7 @@ class NullTracker:
 
     run_id: str | None = None
     tracking_uri: str | None = None
+    leave_running = False
 
     def log_params(self, params: Mapping[str, Any]) -> None: ...
     def log_metrics(self, metrics: Mapping[str, float], step: int | None = None) -> None: ...
@@ -57,22 +80,42 @@ class NullTracker:
 
 
 class MlflowTracker:
-    """One MLflow run, written through ``MlflowClient`` with metrics buffered into batches."""
+    """One MLflow run, written through ``MlflowClient`` with metrics buffered into batches.
 
-    def __init__(self, client: Any, run_id: str, tracking_uri: str) -> None:
+    Tracking never stops training: when the store stops answering, the tracker goes offline. It
+    keeps what it could not send (metrics, params, tags, artifacts by their local file), tries again
+    at most every ``retry_every_s`` seconds and once more when the run ends, and then lists what never
+    arrived (printed, and written to ``<local_dir>/tracking-not-uploaded.txt`` with the data beside it).
+    """
+
+    def __init__(
+        self,
+        client: Any,
+        run_id: str,
+        tracking_uri: str,
+        *,
+        local_dir: Path | None = None,
+        retry_every_s: float = OFFLINE_RETRY_SECONDS,
+    ) -> None:
         self.client, self.run_id, self.tracking_uri = client, run_id, tracking_uri
+        self.local_dir, self.retry_every_s = local_dir, retry_every_s
+        self.leave_running = False
+        self.offline_reason: str | None = None  # why the store was last unreachable; None = online
+        self.not_uploaded: list[str] = []  # the final report's lines, once the run has ended
         self._pending: list[Any] = []
+        self._kept: list[_Item] = []  # not sent yet, in order
+        self._refused: list[tuple[_Item, str]] = []  # refused by the store when re-sent
+        self._next_retry = 0.0
+        self._spool: Path | None = None  # texts and images written for upload
 
     def log_params(self, params: Mapping[str, Any]) -> None:
         from mlflow.entities import Param
 
         items = [Param(k, _param_value(v)) for k, v in params.items()]
         for start in range(0, len(items), 100):  # MLflow accepts 100 params per batch
-            self.client.log_batch(self.run_id, params=items[start : start + 100], synchronous=True)
+            self._send(_Item("params", items[start : start + 100]))
 
     def log_metrics(self, metrics: Mapping[str, float], step: int | None = None) -> None:
-        import time
-
         from mlflow.entities import Metric
 
         now = int(time.time() * 1000)
@@ -83,23 +126,201 @@ class MlflowTracker:
     def flush(self) -> None:
         while self._pending:
             chunk, self._pending = self._pending[:1000], self._pending[1000:]
-            self.client.log_batch(self.run_id, metrics=chunk, synchronous=True)
+            self._send(_Item("metrics", chunk))
 
     def log_artifact(self, path: str | Path, artifact_path: str | None = None) -> None:
-        self.client.log_artifact(self.run_id, str(path), artifact_path)
+        self._send(_Item("artifact", Path(path), artifact_path))
 
     def log_text(self, text: str, artifact_file: str) -> None:
-        self.client.log_text(self.run_id, text, artifact_file)
+        self._send(_Item("text", redact_password(text), artifact_file))  # a config may still hold a URL's password
 
     def log_image(self, image: Any, artifact_file: str) -> None:
-        with tempfile.TemporaryDirectory() as tmp:
-            path = Path(tmp) / Path(artifact_file).name
-            image.save(path)
-            self.client.log_artifact(self.run_id, str(path), str(Path(artifact_file).parent) or None)
+        path = self._spool_path(artifact_file)
+        image.save(path)
+        self._send(_Item("artifact", path, _folder(artifact_file), spooled=True))
 
     def set_tags(self, tags: Mapping[str, Any]) -> None:
-        for key, value in tags.items():
-            self.client.set_tag(self.run_id, key, redact_password(str(value)))
+        self._send(_Item("tags", {key: redact_password(str(value)) for key, value in tags.items()}))
+
+    def close(self, status: str) -> None:
+        """Flush, set the run's final status (unless ``leave_running``), retry what was kept, report the rest."""
+        self.flush()
+        if not self.leave_running:
+            self._send(_Item("status", status))
+        if self.offline_reason is not None:
+            self._reconnect(force=True)
+        if self._kept or self._refused:
+            self._report()
+        if self._spool is not None:
+            shutil.rmtree(self._spool, ignore_errors=True)
+
+    # --- sending, keeping, re-sending
+    def _send(self, item: _Item) -> None:
+        if self.offline_reason is not None and not self._reconnect():
+            self._keep(item)
+            return
+        try:
+            item.send(self.client, self.run_id)
+        except Exception as error:
+            if not is_unreachable(error):
+                raise
+            self._go_offline(error)
+            self._keep(item)
+            return
+        item.sent()
+
+    def _go_offline(self, error: BaseException) -> None:
+        self.offline_reason = short_reason(error)
+        self._next_retry = time.monotonic() + self.retry_every_s
+        print(
+            f"\nMLflow: {redact_password(self.tracking_uri)} (tracking.uri) stopped answering ({self.offline_reason}); "
+            f"training goes on, what is not sent is kept and retried every {self.retry_every_s:.0f} s "
+            "(the end of the run lists what never arrived)",
+            file=sys.stderr,
+        )
+
+    def _keep(self, item: _Item) -> None:
+        if item.kind == "text":  # kept as a file: on disk, not in memory, and listed by its path
+            path = self._spool_path(item.target)
+            path.write_text(item.payload)
+            item = _Item("artifact", path, _folder(item.target), spooled=True)
+        last = self._kept[-1] if self._kept else None
+        if item.kind == "metrics" and last is not None and last.kind == "metrics" and len(last.payload) < 1000:
+            last.payload.extend(item.payload)
+            return
+        self._kept.append(item)
+
+    def _reconnect(self, force: bool = False) -> bool:
+        """Back online when the store answers and everything kept has gone through (at most every retry_every_s)."""
+        if not force and time.monotonic() < self._next_retry:
+            return False
+        self._next_retry = time.monotonic() + self.retry_every_s
+        reason = check_reachable(self.tracking_uri)
+        if reason is not None:
+            self.offline_reason = reason
+            return False
+        sent = 0
+        while self._kept:
+            item = self._kept[0]
+            try:
+                item.send(self.client, self.run_id)
+            except Exception as error:
+                if is_unreachable(error):
+                    self.offline_reason = short_reason(error)
+                    return False
+                self._refused.append((item, f"{type(error).__name__}: {str(error)[:300]}"))
+            else:
+                item.sent()
+                sent += 1
+            self._kept.pop(0)
+        self.offline_reason = None
+        print(f"MLflow: {redact_password(self.tracking_uri)} answers again; {sent} kept item(s) sent", file=sys.stderr)
+        return True
+
+    def _spool_path(self, artifact_file: str) -> Path:
+        if self._spool is None:
+            self._spool = Path(tempfile.mkdtemp(prefix="lora-sweeper-tracking-"))
+        path = self._spool / artifact_file
+        path.parent.mkdir(parents=True, exist_ok=True)
+        return path
+
+    def _report(self) -> None:
+        """Print, and write beside the run's output, what did not reach the store; keep its data there."""
+        folder = (self.local_dir or Path(tempfile.mkdtemp(prefix="lora-sweeper-"))) / NOT_UPLOADED
+        folder.mkdir(parents=True, exist_ok=True)
+        lines = _not_uploaded_lines(self._kept, folder) + [
+            f"  refused by the store: {item.describe()}: {error}" for item, error in self._refused
+        ]
+        reason = f": {self.offline_reason}" if self.offline_reason else ""
+        head = (
+            f"WARNING: not everything reached the MLflow tracking store {redact_password(self.tracking_uri)} "
+            f"(tracking.uri) for run {self.run_id}{reason}. Training was not affected; missing there:"
+        )
+        report = folder.with_name(NOT_UPLOADED + ".txt")
+        self.not_uploaded = lines
+        write_text_atomically(report, "\n".join([head, *lines]) + "\n")
+        print("\n".join(["", head, *lines, f"  (this list: {report}; the data: {folder}/)"]), file=sys.stderr)
+
+
+@dataclass
+class _Item:
+    """One write to the run: sent now, or kept to be sent when the store answers again."""
+
+    kind: str  # params | metrics | tags | artifact | text | status
+    payload: Any
+    target: str | None = None  # the artifact folder (artifact) or file (text)
+    spooled: bool = False  # a file written for the upload (image, kept text): removed once sent
+
+    def send(self, client: Any, run_id: str) -> None:
+        from mlflow.entities import RunTag
+
+        if self.kind == "params":
+            client.log_batch(run_id, params=self.payload, synchronous=True)
+        elif self.kind == "metrics":
+            client.log_batch(run_id, metrics=self.payload, synchronous=True)
+        elif self.kind == "tags":
+            client.log_batch(run_id, tags=[RunTag(k, v) for k, v in self.payload.items()], synchronous=True)
+        elif self.kind == "artifact":
+            client.log_artifact(run_id, str(self.payload), self.target)
+        elif self.kind == "text":
+            client.log_text(run_id, self.payload, self.target)
+        else:
+            client.set_terminated(run_id, status=self.payload)
+
+    def sent(self) -> None:
+        if self.spooled:
+            self.payload.unlink(missing_ok=True)
+
+    def describe(self) -> str:
+        if self.kind == "artifact":
+            return f"artifact {_artifact_name(self)}"
+        return f"{self.kind} ({len(self.payload)})" if self.kind != "status" else f"run status {self.payload}"
+
+
+def _folder(artifact_file: str) -> str | None:
+    parent = str(Path(artifact_file).parent)
+    return None if parent == "." else parent
+
+
+def _artifact_name(item: _Item) -> str:
+    return f"{item.target}/{item.payload.name}" if item.target else item.payload.name
+
+
+def _not_uploaded_lines(kept: list[_Item], folder: Path) -> list[str]:
+    """One line per kind of what was kept; metrics, params and tags are written into ``folder``."""
+    lines = []
+    metrics = [m for item in kept if item.kind == "metrics" for m in item.payload]
+    if metrics:
+        rows = ["key\tvalue\tstep\ttimestamp"] + [f"{m.key}\t{m.value!r}\t{m.step}\t{m.timestamp}" for m in metrics]
+        (folder / "metrics.tsv").write_text("\n".join(rows) + "\n")
+        names = sorted({m.key for m in metrics})
+        steps = [m.step for m in metrics]
+        shown = ", ".join(names[:6]) + (f" and {len(names) - 6} more" if len(names) > 6 else "")
+        lines.append(
+            f"  metrics: {len(metrics)} value(s) of {len(names)} metric(s) ({shown}), steps {min(steps)}-{max(steps)}"
+            f" -> {folder / 'metrics.tsv'}"
+        )
+    params = {p.key: p.value for item in kept if item.kind == "params" for p in item.payload}
+    if params:
+        (folder / "params.json").write_text(json.dumps(params, indent=1, sort_keys=True) + "\n")
+        lines.append(f"  params: {len(params)} -> {folder / 'params.json'}")
+    tags = {k: v for item in kept if item.kind == "tags" for k, v in item.payload.items()}
+    if tags:
+        (folder / "tags.json").write_text(json.dumps(tags, indent=1, sort_keys=True) + "\n")
+        lines.append(f"  tags: {', '.join(sorted(tags))} -> {folder / 'tags.json'}")
+    for item in kept:
+        if item.kind != "artifact":
+            continue
+        path = item.payload
+        if item.spooled:  # out of the temporary spool, into the run's folder
+            path = folder / "artifacts" / _artifact_name(item)
+            path.parent.mkdir(parents=True, exist_ok=True)
+            shutil.move(item.payload, path)
+        lines.append(f"  artifact {_artifact_name(item)} -> {path}")
+    for item in kept:
+        if item.kind == "status":
+            lines.append(f"  the run's end (status {item.payload}): the store still shows it RUNNING")
+    return lines
 
 
 _URL_PASSWORD = re.compile(r"(?P<head>[a-zA-Z][\w+.-]*://[^:/@\s]+:)[^@\s]+@")
@@ -122,16 +343,6 @@ def _param_value(value: Any) -> str:
     return text if len(text) <= PARAM_VALUE_LIMIT else text[: PARAM_VALUE_LIMIT - 3] + "..."
 
 
-def _experiment_id(client: Any, tracking_cfg: Any, outputs: Path) -> str:
-    experiment = client.get_experiment_by_name(tracking_cfg.experiment)
-    if experiment is not None:
-        return experiment.experiment_id
-    artifact_root = Path(tracking_cfg.artifact_root or outputs / "mlartifacts").resolve()
-    return client.create_experiment(
-        tracking_cfg.experiment, artifact_location=artifact_root.joinpath(tracking_cfg.experiment).as_uri()
-    )
-
-
 @contextmanager
 def start_run(
     tracking_cfg: Any,
@@ -141,44 +352,80 @@ def start_run(
     parent_run_id: str | None = None,
     tags: Mapping[str, str] | None = None,
     resume_tags: Mapping[str, str] | None = None,
+    local_dir: Path | None = None,
 ) -> Iterator[MlflowTracker | NullTracker]:
     """Open a run (nested under ``parent_run_id`` if given) and always close it with a status.
 
     With ``resume_tags``, an existing top-level run carrying exactly those tags is reopened instead
-    of starting a new one (a resumed sweep keeps its one parent run).
+    of starting a new one (a resumed sweep keeps its one parent run); an ``error`` tag left by an
+    earlier failure is dropped. A store that cannot be reached here raises
+    ``TrackingUnavailableError`` within seconds; later, the tracker goes offline instead (see
+    ``MlflowTracker``) and writes what did not arrive to ``local_dir/tracking-not-uploaded.txt``.
     """
     if not tracking_cfg.enabled:
         yield NullTracker()
         return
-    from mlflow.tracking import MlflowClient
-
     uri = tracking_cfg.uri or default_tracking_uri(outputs)
-    client = MlflowClient(tracking_uri=uri)
-    experiment_id = _experiment_id(client, tracking_cfg, outputs)
-    run_tags = dict(tags or {})
-    if description:
-        run_tags["mlflow.note.content"] = description
-    if parent_run_id:
-        run_tags["mlflow.parentRunId"] = parent_run_id
-    existing = _find_run(client, experiment_id, resume_tags) if resume_tags else None
-    if existing is not None:
-        client.update_run(existing.info.run_id, status="RUNNING")
-        run = existing
-    else:
-        run = client.create_run(experiment_id, run_name=run_name, tags={**run_tags, **(resume_tags or {})})
-    tracker = MlflowTracker(client, run.info.run_id, uri)
+    client, run = _open_run(tracking_cfg, uri, outputs, run_name, description, parent_run_id, tags, resume_tags)
+    tracker = MlflowTracker(client, run.info.run_id, uri, local_dir=local_dir)
     status = "FAILED"
     try:
         yield tracker
         status = "FINISHED"
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as interrupted:  # Ctrl-C, or SIGTERM (sweeper.signals)
+        from sweeper.signals import interruption_reason
+
         status = "KILLED"
+        tracker.set_tags({"error": interruption_reason(interrupted)})
         raise
     except BaseException as error:
         tracker.set_tags({"error": f"{type(error).__name__}: {error}"[:5000]})
         raise
     finally:
-        try:
-            tracker.flush()
-        finally:
-            client.set_terminated(run.info.run_id, status=status)
+        tracker.close(status)  # a sweep's parent that other workers still use stays RUNNING (leave_running)
+
+
+def _open_run(
+    tracking_cfg: Any,
+    uri: str,
+    outputs: Path,
+    run_name: str | None,
+    description: str,
+    parent_run_id: str | None,
+    tags: Mapping[str, str] | None,
+    resume_tags: Mapping[str, str] | None,
+) -> tuple[Any, Any]:
+    """The client and the new (or reopened) run; ``TrackingUnavailableError`` when the store does not answer."""
+    from mlflow.tracking import MlflowClient
+
+    if is_http(uri):
+        use_short_http_retries()
+        problem = check_reachable(uri)
+        if problem is not None:
+            raise TrackingUnavailableError(uri, problem)
+    run_tags = {**(tags or {}), **this_process()}  # who runs it: a run its process left RUNNING is found later
+    if description:
+        run_tags["mlflow.note.content"] = description
+    if parent_run_id:
+        run_tags["mlflow.parentRunId"] = parent_run_id
+    try:
+        with store_lock(uri):  # the first open of a SQLite store migrates it: one worker at a time
+            client = MlflowClient(tracking_uri=with_credentials(uri))
+            location = artifact_location(uri, tracking_cfg.artifact_root, outputs, tracking_cfg.experiment)
+            experiment = experiment_id(client, tracking_cfg.experiment, location)
+        close_dead_runs(client, experiment)
+        existing = _find_run(client, experiment, resume_tags) if resume_tags else None
+        if existing is not None:
+            client.update_run(existing.info.run_id, status="RUNNING")
+            if "error" in existing.data.tags:  # from an earlier failure; this resume starts clean
+                client.delete_tag(existing.info.run_id, "error")
+            return client, existing
+        return client, client.create_run(experiment, run_name=run_name, tags={**run_tags, **(resume_tags or {})})
+    except Exception as error:
+        from mlflow.exceptions import MlflowException
+
+        if is_unreachable(error):
+            raise TrackingUnavailableError(uri, short_reason(error)) from error
+        if isinstance(error, MlflowException):  # it answered, but not as an MLflow store would (a wrong URL)
+            raise TrackingUnavailableError(uri, f"{type(error).__name__}: {error}", answered=True) from error
+        raise
