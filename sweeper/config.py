@@ -110,7 +110,7 @@ class BucketConfig:
     resolution: int | None = None  # None = the model's native resolution (64 tiny, 512 SD1.5); area cap
     min_side: int | None = None  # None = resolution / 2
     max_side: int | None = None  # None = resolution * 2
-    step: int = 64  # bucket sides are multiples of this
+    step: int | None = None  # bucket sides are multiples of this; None = 64 from 512 px, resolution / 8 below
     no_upscale: bool = False  # small images keep their size (rounded down to step); min/max ignored
 
 
@@ -127,6 +127,7 @@ class DataConfig:
     reg_dir: str | None = None  # regularisation (class) images, matched to the training-image count
     prior_loss_weight: float = 1.0  # loss multiplier of regularisation samples
     caption_extension: str = ".txt"
+    missing_captions: str = "error"  # error | warn (train uncaptioned) | class_tokens (the folder's <name>, kohya)
     on_bad_image: str = "error"  # error | skip
     trigger_word: str | None = None  # prepended to every caption, kept in place
     shuffle_tags: bool = False
@@ -154,7 +155,7 @@ class ConceptConfig:
 
 @dataclass
 class EvalConfig:
-    prompts: list[str] = field(default_factory=list)
+    prompts: list[str] | None = None  # None = the bundled sample's prompts, or up to 6 of your own captions
     test_seed: int = 1234
     images_per_prompt: int = 2
     num_inference_steps: int = 20

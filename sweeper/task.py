@@ -26,6 +26,7 @@ from evaluation.evaluate import EvalResult, References, Scorers, evaluate, summa
 from evaluation.metric_names import DIRECTIONS, evaluated_metric, metric_name
 from evaluation.sampling import sampling_scheduler
 from sweeper.fingerprint import code_version, dataset_fingerprint, file_sha256, fingerprint_digest, training_config
+from sweeper.startup_report import report_data, report_sizes
 from sweeper.tracking import flatten, start_run, ui_command
 from sweeper.validate import validate
 from training.atomic_file import write_atomically, write_text_atomically
@@ -78,6 +79,8 @@ def run(
     """
     started, started_at = time.perf_counter(), time.time()
     validated = validate(cfg)  # every problem at once, before any model is loaded
+    # eval.prompts=null made concrete, so params, the baseline cache and a reproduction all see the same prompts
+    cfg.eval.prompts = validated.eval_prompts.prompts
     resolved = OmegaConf.to_container(cfg, resolve=True)
     output_dir = Path(cfg.output.dir)
     trial = cfg.sweep.trial_number
@@ -105,6 +108,7 @@ def run(
             print(f"skipped unreadable image {skipped}: {reason}")
         if validated.dataset.skipped:
             tracker.log_text("\n".join(f"{p}\t{r}" for p, r in validated.dataset.skipped) + "\n", "data/skipped.tsv")
+        report_data(tracker, cfg, validated)  # images without captions, eval prompts taken from captions
 
         # --- setup (the base model and the CLIP scorer are reused by later runs in this process)
         phases = {"start_s": time.perf_counter() - started}  # validation + run start; where a trial's time went
@@ -120,6 +124,7 @@ def run(
             tracker.set_tags({"val_loss": held_out.note})
         trainer = Trainer(cfg, base, held_out.train, tracker, reg_records=regularisation)
         _log_data_tables(tracker, cfg, trainer)
+        report_sizes(tracker, cfg, trainer, base.native_resolution)  # buckets in use, resolution far too large
         small = small_images(trainer.dataset.records, trainer.resolution)
         for path, (width, height) in small:
             print(f"warning: image {path} is {width}x{height}, under 1/4 of resolution {trainer.resolution}: upscaled")

@@ -13,6 +13,7 @@ import torch
 
 from evaluation.metric_names import DIRECTIONS, SELECTIONS, metric_name
 from evaluation.sampling import SAMPLERS
+from sweeper.eval_prompts import EvalPrompts, resolve_eval_prompts
 from sweeper.schema_check import schema_problems
 from training.buckets import bucket_problems, resolve_bucket_settings
 from training.checkpoint import resume_problem
@@ -21,6 +22,7 @@ from training.cuda_graph import cuda_graph_problems
 from training.data import DatasetScan, scan_dataset
 from training.latent_cache import incompatible_with_cache
 from training.lora_file import init_weights_problems, output_problems
+from training.missing_captions import MISSING_CAPTION_CHOICES, apply_missing_captions
 from training.models import model_problems
 from training.optim import optimizer_problems, scheduler_problems
 from training.output_dir import estimated_lora_bytes, output_dir_problems
@@ -45,6 +47,7 @@ class Validated:
     dataset: DatasetScan
     regularisation: DatasetScan | None = None
     held_out: DatasetScan | None = None  # data.val_dir's images (val_loss)
+    eval_prompts: EvalPrompts | None = None  # eval.prompts, or what null means for this data
 
 
 def validate(cfg: Any) -> Validated:
@@ -71,21 +74,31 @@ def validate(cfg: Any) -> Validated:
         compile_mode=cfg.train.compile_mode,
         checkpointing=cfg.model.gradient_checkpointing,
     )
-    scan = scan_dataset(cfg.data.train_dir, cfg.data.caption_extension, cfg.data.on_bad_image)
+    scan = _scan(cfg, cfg.data.train_dir, "data.train_dir")
     problems += scan.problems
     regularisation = None
     if cfg.data.reg_dir is not None:
-        regularisation = scan_dataset(
-            cfg.data.reg_dir, cfg.data.caption_extension, cfg.data.on_bad_image, key="data.reg_dir"
-        )
+        regularisation = _scan(cfg, cfg.data.reg_dir, "data.reg_dir")
         problems += regularisation.problems
     held_out = None
     if cfg.data.val_dir:
-        held_out = scan_dataset(cfg.data.val_dir, cfg.data.caption_extension, cfg.data.on_bad_image, key="data.val_dir")
+        held_out = _scan(cfg, cfg.data.val_dir, "data.val_dir")
         problems += held_out.problems
+    eval_prompts = None
+    if not scan.problems:  # prompts derived from captions need the captions
+        eval_prompts, prompt_problems = resolve_eval_prompts(cfg, scan.records)
+        problems += prompt_problems
     if problems:
         raise ConfigError(problems)
-    return Validated(dataset=scan, regularisation=regularisation, held_out=held_out)
+    return Validated(dataset=scan, regularisation=regularisation, held_out=held_out, eval_prompts=eval_prompts)
+
+
+def _scan(cfg: Any, folder: str | None, key: str) -> DatasetScan:
+    """One image folder, with ``data.missing_captions`` applied (when it names a policy)."""
+    scan = scan_dataset(folder, cfg.data.caption_extension, cfg.data.on_bad_image, key=key)
+    if cfg.data.missing_captions not in MISSING_CAPTION_CHOICES:
+        return scan  # reported once by _data_problems
+    return apply_missing_captions(scan, cfg.data.missing_captions, cfg.data.caption_extension, key)
 
 
 def _network_problems(network: Any) -> list[str]:
@@ -195,8 +208,12 @@ def _data_problems(cfg: Any) -> list[str]:
         problems.append("data.val_split and data.val_dir both set: hold out a fraction or give a folder, not both")
     if data.cache_latents not in ("none", "memory", "disk"):
         problems.append(f"data.cache_latents must be none, memory or disk (got {data.cache_latents})")
-    if bucket.step < 8 or bucket.step % 8:
-        problems.append(f"bucket.step must be a positive multiple of 8 (got {bucket.step})")
+    if data.missing_captions not in MISSING_CAPTION_CHOICES:
+        problems.append(
+            f"data.missing_captions: {data.missing_captions!r} is not one of {', '.join(MISSING_CAPTION_CHOICES)}"
+        )
+    if bucket.step is not None and (bucket.step < 8 or bucket.step % 8):
+        problems.append(f"bucket.step must be a positive multiple of 8, or null for auto (got {bucket.step})")
     if bucket.min_side is not None and bucket.max_side is not None and bucket.min_side > bucket.max_side:
         problems.append(f"bucket.min_side ({bucket.min_side}) is larger than bucket.max_side ({bucket.max_side})")
     elif bucket.enabled and bucket.resolution and not problems:
@@ -222,8 +239,11 @@ def _embedding_problems(cfg: Any) -> list[str]:
 
 def _eval_problems(eval_cfg: Any) -> list[str]:
     problems = []
-    if not eval_cfg.prompts:
-        problems.append("eval.prompts is empty; give at least one prompt, e.g. eval.prompts='[a photo of sks]'")
+    if eval_cfg.prompts is not None and not eval_cfg.prompts:
+        problems.append(
+            "eval.prompts is empty; give at least one prompt, e.g. eval.prompts='[a photo of sks]', "
+            "or null to take them from your captions"
+        )
     for key in ("images_per_prompt", "num_inference_steps", "batch_size"):
         if getattr(eval_cfg, key) < 1:
             problems.append(f"eval.{key} must be >= 1 (got {getattr(eval_cfg, key)})")

@@ -331,6 +331,7 @@ def test_a_run_warns_about_tiny_images_and_logs_them(make_cfg, tmp_path, monkeyp
     monkeypatch.setattr(sweeper.task, "load_base_model", load_base_model)  # this test does train
     root = image_folder(tmp_path / "data")
     dot = plant(root / "5_things" / "dot.png", Image.new("RGB", (1, 1), (255, 0, 0)))
+    dot.with_suffix(".txt").write_text("a red dot", encoding="utf-8")  # uncaptioned images stop a run (issue 15)
     cfg = make_cfg(f"data.train_dir={root}", "train.max_steps=1", "eval.prompts=[a red square]")
     result = run(cfg, show_progress=False)
     assert f"warning: image {dot} is 1x1, under 1/4 of resolution 64: upscaled" in capsys.readouterr().out

@@ -11,7 +11,9 @@ import torch
 from training.buckets import (
     BucketBatchSampler,
     assign_bucket,
+    auto_step,
     bucket_problems,
+    bucket_summary,
     bucket_table,
     fit_scale,
     generate_buckets,
@@ -73,6 +75,40 @@ def test_config_defaults_are_half_and_twice_the_resolution():
     assert resolve_bucket_settings(cfg, 512) == (512, 256, 1024, 64)
     cfg = SimpleNamespace(resolution=768, min_side=320, max_side=None, step=32)
     assert resolve_bucket_settings(cfg, 512) == (768, 320, 1536, 32)
+
+
+@pytest.mark.parametrize(
+    ("resolution", "step"),
+    [(64, 8), (96, 8), (128, 16), (200, 24), (256, 32), (384, 48), (512, 64), (768, 64), (1024, 64), (2048, 64)],
+)
+def test_a_null_step_follows_the_resolution_up_to_kohyas_64(resolution, step):
+    assert auto_step(resolution) == step
+    cfg = SimpleNamespace(resolution=resolution, min_side=None, max_side=None, step=None)
+    assert resolve_bucket_settings(cfg, 512)[3] == step
+    assert resolve_bucket_settings(SimpleNamespace(**{**vars(cfg), "step": 16}), 512)[3] == 16  # given: kept
+
+
+# 11 mixed-aspect images at the 64 px toy/tiny resolution (issue 15: all landed in one 64x64 bucket).
+MIXED = [(48, 24), (24, 48), (60, 30), (30, 60), (40, 30), (30, 40), (64, 64), (50, 50), (80, 40), (36, 64), (64, 36)]
+
+
+def test_mixed_aspect_images_at_64_px_get_several_buckets_with_the_default_step():
+    def used(step):
+        cfg = SimpleNamespace(resolution=None, min_side=None, max_side=None, step=step)
+        resolution, low, high, step = resolve_bucket_settings(cfg, 64)
+        buckets = generate_buckets(resolution, low, high, step)
+        return {assign_bucket(w, h, buckets, resolution=resolution, step=step) for w, h in MIXED}
+
+    assert used(64) == {(64, 64)}  # the old default: every aspect ratio squeezed into one square
+    default = used(None)
+    assert len(default) >= 5 and {(88, 40), (40, 88), (64, 64)} <= default
+    assert all(w * h <= 64 * 64 and w % 8 == 0 and h % 8 == 0 for w, h in default)
+
+
+def test_the_summary_counts_buckets_in_use_most_used_first():
+    summary = bucket_summary([(64, 48), (64, 64), (64, 48), (48, 64), (64, 48)], available=13)
+    assert summary == "3 buckets in use (of 13): 64x48 (3 images), 48x64 (1 image), 64x64 (1 image)"
+    assert bucket_summary([(64, 64)] * 11) == "1 bucket in use: 64x64 (11 images)"
 
 
 # --- assign_bucket

@@ -21,6 +21,7 @@ from training.data import (
     match_reg_records,
     scan_dataset,
 )
+from training.missing_captions import apply_missing_captions, missing_captions_table, missing_captions_warning
 from training.toy.world import HELD_OUT_SHAPE, render, scenes, sentence_caption
 
 REPO = Path(__file__).resolve().parents[1]
@@ -245,6 +246,118 @@ def test_all_problems_are_reported_together(tmp_path):
     assert str(bad) in text
     assert "latin.txt" in text
     assert "misc" in text
+
+
+# --- images without caption files (data.missing_captions) and images too deep to be read (issue 15)
+
+
+def captioned(path: Path, caption: str | None, extension: str = ".txt") -> Path:
+    write_image(path)
+    if caption is not None:
+        path.with_suffix(extension).write_text(caption, encoding="utf-8")
+    return path
+
+
+def test_captions_under_another_extension_are_an_error_that_names_it(tmp_path):
+    for i in range(3):
+        captioned(tmp_path / "10_thing" / f"{i}.png", f"a red thing {i}", extension=".caption")
+
+    scan = scan_dataset(tmp_path)  # data.caption_extension=.txt, the default
+    assert scan.problems == [] and [r.caption for r in scan.records] == ["", "", ""]
+    checked = apply_missing_captions(scan, "error", ".txt", "data.train_dir")
+
+    assert len(checked.problems) == 1
+    problem = checked.problems[0]
+    assert "data.train_dir: 3 of 3 images have no .txt caption file" in problem
+    assert ".caption (3)" in problem and "set data.caption_extension=.caption" in problem
+    assert str(tmp_path / "10_thing" / "0.png") in problem
+    assert "data.missing_captions=class_tokens" in problem and "data.missing_captions=warn" in problem
+
+
+def test_a_few_missing_captions_stop_the_run_by_default_naming_count_and_files(make_cfg, tmp_path):
+    from sweeper.validate import ConfigError, validate
+
+    for i in range(8):
+        captioned(tmp_path / "data" / "5_dots" / f"{i}.png", None if i in (2, 3, 4, 5, 6, 7) else "a dot")
+    with pytest.raises(ConfigError) as caught:
+        validate(make_cfg(f"data.train_dir={tmp_path / 'data'}"))
+
+    message = str(caught.value)
+    assert "6 of 8 images have no .txt caption file" in message
+    assert "'" + str(tmp_path / "data" / "5_dots" / "6.png") + "' and 1 more" in message  # the first five, then a count
+    assert "another extension" not in message  # none beside them
+    validated = validate(make_cfg(f"data.train_dir={tmp_path / 'data'}", "data.missing_captions=warn"))
+    assert len(validated.dataset.uncaptioned) == 6
+
+
+def test_class_tokens_caption_uncaptioned_images_with_their_folder_name(tmp_path):
+    captioned(tmp_path / "10_sks dog" / "a.png", None)
+    captioned(tmp_path / "10_sks dog" / "b.png", "sks dog on the beach")
+    captioned(tmp_path / "2_cat" / "c.png", None)
+    scan = scan_dataset(tmp_path)
+
+    fixed = apply_missing_captions(scan, "class_tokens", ".txt", "data.train_dir")
+    assert fixed.problems == []
+    assert {r.path.name: r.caption for r in fixed.records} == {
+        "a.png": "sks dog",
+        "b.png": "sks dog on the beach",
+        "c.png": "cat",
+    }
+    assert (
+        missing_captions_table([fixed])
+        == f"image\tcaption\n{tmp_path / '10_sks dog' / 'a.png'}\tsks dog\n{tmp_path / '2_cat' / 'c.png'}\tcat\n"
+    )
+    warning = missing_captions_warning(fixed, "class_tokens", ".txt", "data.train_dir")
+    assert warning.startswith("warning: data.train_dir: 2 of 3 images have no .txt caption file")
+    assert "class tokens" in warning and "data.missing_captions=class_tokens" in warning
+
+
+def test_class_tokens_cannot_caption_an_image_outside_a_repeats_folder(tmp_path):
+    captioned(tmp_path / "loose.png", None)
+    captioned(tmp_path / "3_ok" / "a.png", "a caption")
+    fixed = apply_missing_captions(scan_dataset(tmp_path), "class_tokens", ".txt", "data.reg_dir")
+    assert len(fixed.problems) == 1
+    assert "data.reg_dir" in fixed.problems[0] and str(tmp_path / "loose.png") in fixed.problems[0]
+
+
+def test_warn_trains_uncaptioned_images_on_an_empty_caption_and_says_so(tmp_path):
+    captioned(tmp_path / "1_x" / "a.png", None)
+    captioned(tmp_path / "1_x" / "b.png", "a b")
+    (tmp_path / "1_x" / "a.tags").write_text("a, tags", encoding="utf-8")
+    scan = scan_dataset(tmp_path)
+
+    kept = apply_missing_captions(scan, "warn", ".txt", "data.train_dir")
+    assert kept.problems == [] and {r.path.name: r.caption for r in kept.records} == {"a.png": "", "b.png": "a b"}
+    warning = missing_captions_warning(kept, "warn", ".txt", "data.train_dir")
+    assert "1 of 2 images" in warning and "train on an empty caption" in warning
+    assert "data.caption_extension=.tags" in warning
+    assert missing_captions_warning(kept, "error", ".txt", "data.train_dir") is None
+
+
+def test_images_in_sub_subfolders_are_named_when_no_image_is_found(tmp_path):
+    for name in ("a.png", "b.png"):
+        write_image(tmp_path / "10_thing" / "batch1" / name)
+    write_image(tmp_path / "10_thing" / "batch2" / "c.jpg")
+
+    scan = scan_dataset(tmp_path)
+
+    assert len(scan.problems) == 1
+    problem = scan.problems[0]
+    assert "no images found" in problem and "sub-subfolders are not read" in problem
+    assert "'10_thing/batch1' (2 images), '10_thing/batch2' (1 image)" in problem
+    assert "put images in" not in problem  # the old advice, which the user had followed
+
+
+def test_a_repeats_folder_with_only_deeper_images_is_a_problem_beside_good_folders(tmp_path):
+    captioned(tmp_path / "5_good" / "a.png", "a")
+    write_image(tmp_path / "10_thing" / "batch1" / "b.png")
+
+    scan = scan_dataset(tmp_path)
+
+    assert [r.path.name for r in scan.records] == ["a.png"]
+    assert len(scan.problems) == 1
+    assert str(tmp_path / "10_thing") in scan.problems[0] and "'batch1' (1 image)" in scan.problems[0]
+    assert "not read" in scan.problems[0]
 
 
 # --- CaptionedImageDataset

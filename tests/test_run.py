@@ -158,3 +158,106 @@ def test_saved_lora_loads_into_a_fresh_pipeline_with_matching_images(finished_ru
         guidance_scale=cfg.eval.guidance_scale,
     )
     assert scores.per_prompt == pytest.approx(result.per_prompt, abs=1e-4)
+
+
+# --- a run on a user's own images (issue 15): captions, eval prompts, buckets, resolution
+
+
+def test_eval_prompts_from_captions_are_distinct_seeded_and_in_dataset_order():
+    from sweeper.eval_prompts import prompts_from_captions
+
+    captions = [f"a photo of sks dog {i}" for i in range(10)] + ["", "  ", "a photo of sks dog 3"]
+    chosen = prompts_from_captions(captions, seed=1234)
+    assert chosen == prompts_from_captions(captions, seed=1234)  # the same every time
+    assert len(chosen) == 6 and len(set(chosen)) == 6 and set(chosen) <= set(captions)
+    assert chosen == sorted(chosen, key=captions.index)
+    assert any(prompts_from_captions(captions, seed=s) != chosen for s in range(5))  # the seed does choose
+    assert prompts_from_captions(["sks, a dog", "sks, a dog", ""], seed=0) == ["sks, a dog"]  # trigger kept
+
+
+def test_null_eval_prompts_mean_the_samples_prompts_or_your_captions_or_a_problem(tmp_path):
+    from types import SimpleNamespace
+
+    from sweeper.eval_prompts import SAMPLE_DIR, SAMPLE_PROMPTS, resolve_eval_prompts
+    from training.data import ImageRecord
+
+    def cfg(train_dir, prompts=None):
+        return SimpleNamespace(
+            eval=SimpleNamespace(prompts=prompts, test_seed=1), data=SimpleNamespace(train_dir=train_dir)
+        )
+
+    records = [
+        ImageRecord(tmp_path / "a.png", "a red cube", 1),
+        ImageRecord(tmp_path / "r.png", "a cube", 1, is_reg=True),
+    ]
+    sample_written_oddly = str(SAMPLE_DIR / "10_star" / "..")
+    assert resolve_eval_prompts(cfg(sample_written_oddly), records)[0].prompts == list(SAMPLE_PROMPTS)
+    mine = resolve_eval_prompts(cfg(str(tmp_path)), records)[0]
+    assert (mine.prompts, mine.source) == (["a red cube"], "your captions")  # not the regularisation caption
+    given = resolve_eval_prompts(cfg(str(tmp_path), ["x"]), records)[0]
+    assert (given.prompts, given.source) == (["x"], "eval.prompts")
+    none, problems = resolve_eval_prompts(cfg(str(tmp_path)), [ImageRecord(tmp_path / "a.png", "", 1)])
+    assert none is None and "eval.prompts" in problems[0] and "empty" in problems[0]
+
+
+def test_a_resolution_far_above_the_model_or_the_images_is_warned_with_numbers():
+    from training.resolution import resolution_warnings
+
+    native, images = resolution_warnings(512, 64, [(64, 64), (80, 48)])
+    assert "training resolution 512 px (bucket.resolution) is 8x the base model's native 64 px" in native
+    assert "64x the pixels" in native and "bucket.resolution=null (= 64)" in native
+    assert "8.0x the largest training image's shorter side (64 px; the 2 images' shorter sides run 48-64 px)" in images
+    assert resolution_warnings(768, 512, [(1024, 768)]) == []  # a usual SD1.5 fine-tune size
+    assert resolution_warnings(64, 64, []) == []
+
+
+def test_a_run_on_own_images_says_what_it_captioned_evaluated_and_bucketed(make_cfg, tmp_path, capsys):
+    from PIL import Image
+
+    from sweeper.task import _baseline_key
+
+    folder = tmp_path / "my_images" / "3_sks bar"
+    folder.mkdir(parents=True)
+    captions = ["a red bar, sks", "a blue bar", "a green bar", "a red bar, sks", None, None]
+    sizes = [(48, 24), (24, 48), (60, 30), (30, 60), (40, 30), (30, 40)]
+    for i, (caption, size) in enumerate(zip(captions, sizes, strict=True)):
+        Image.new("RGB", size, (40 * i, 120, 200)).save(folder / f"{i}.png")
+        if caption is not None:
+            (folder / f"{i}.txt").write_text(caption, encoding="utf-8")
+    cfg = make_cfg(
+        f"data.train_dir={tmp_path / 'my_images'}",
+        "data.missing_captions=class_tokens",
+        "eval.prompts=null",
+        "bucket.enabled=true",
+        "train.max_steps=2",
+    )
+
+    result = run(cfg, show_progress=False)
+    out = capsys.readouterr().out
+
+    # 1: the images without captions are counted, named and trained on their folder's class tokens
+    missing = "warning: data.train_dir: 2 of 6 images have no .txt caption file (data.caption_extension)"
+    assert f"{missing}: '{folder / '4.png'}', '{folder / '5.png'}'; they are captioned with their folder's" in out
+    # 3: the eval prompts are the distinct captions (4 of them: fewer than 6), said and logged as the run's prompts
+    prompts = ["a red bar, sks", "a blue bar", "a green bar", "sks bar"]
+    assert f"Eval prompts (from your captions, picked with eval.test_seed=1234): {'; '.join(prompts)}" in out
+    assert list(cfg.eval.prompts) == prompts and set(result.per_prompt) == set(prompts)
+    assert json.loads(_baseline_key(cfg, 64))["eval"]["prompts"] == prompts  # what the baseline cache is keyed by
+    # 4: the default step at 64 px is 8, and the startup output shows the buckets in use
+    used = "4 buckets in use (of 17): 40x88 (2 images), 88x40 (2 images), 56x72 (1 image), 72x56 (1 image)"
+    assert f"Buckets (resolution 64, step 8): {used}" in out
+    # 5: 64 px is over twice the largest image's shorter side (30 px)
+    assert "warning: training resolution 64 px is 2.1x the largest training image's shorter side (30 px" in out
+
+    client = MlflowClient(result.tracking_uri)
+    logged = client.get_run(result.run_id).data
+    assert json.loads(logged.params["eval.prompts"]) == prompts
+    assert logged.tags["eval.prompts_source"] == "your captions" and logged.tags["data.uncaptioned_images"] == "2"
+    assert "2.1x the largest" in logged.tags["warning.resolution"]
+    table = Path(client.download_artifacts(result.run_id, "data/missing_captions.tsv", str(tmp_path)))
+    assert (
+        table.read_text(encoding="utf-8")
+        == f"image\tcaption\n{folder / '4.png'}\tsks bar\n{folder / '5.png'}\tsks bar\n"
+    )
+    resolved = Path(client.download_artifacts(result.run_id, "config/resolved.yaml", str(tmp_path)))
+    assert "- sks bar" in resolved.read_text(encoding="utf-8")  # what a reproduction runs with

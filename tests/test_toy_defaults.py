@@ -14,6 +14,7 @@ from safetensors.torch import load_file
 from transformers import CLIPModel, CLIPProcessor
 
 from sweeper.task import run
+from sweeper.validate import validate
 from tests.conftest import run_cli
 from training.toy.pretrain_clip import zero_shot_accuracy
 from training.toy.shipped import BASE_DIR, CLIP_DIR, MANIFEST, SIZE_LIMIT_MB, manifest_problems
@@ -67,7 +68,8 @@ def test_the_base_models_text_encoder_is_the_clip_text_tower():
 def test_toy_is_the_default_model_and_clip(make_cfg):
     cfg = make_cfg(fast=False)
     assert cfg.model.source == "toy" and cfg.eval.clip_model == "toy"
-    assert all("star" in p for p in cfg.eval.prompts)  # the held-out concept
+    prompts = validate(cfg).eval_prompts.prompts  # eval.prompts=null: the bundled sample's own prompts
+    assert len(prompts) == 6 and all("star" in p for p in prompts)  # the held-out concept
 
 
 def concept_run(make_cfg, *overrides: str):

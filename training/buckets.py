@@ -28,6 +28,7 @@ from typing import Any
 import torch
 
 Bucket = tuple[int, int]  # (width, height) in pixels
+MAX_AUTO_STEP = 64  # kohya's bucket_reso_steps, used at 512-1024 px
 
 
 def _floor_to(value: float, step: int) -> int:
@@ -36,16 +37,28 @@ def _floor_to(value: float, step: int) -> int:
     return whole - whole % step
 
 
+def auto_step(resolution: int) -> int:
+    """``bucket.step=null``: kohya's 64 from 512 px up, an eighth of the resolution below it.
+
+    A fixed 64 leaves a 64 px model a single bucket (every side between 32 and 128 that is a
+    multiple of 64 is 64 itself), so mixed aspect ratios all land in 64x64. An eighth of the
+    resolution, rounded down to a multiple of 8 (at least 8), keeps kohya's ratio: 512 / 64 = 8.
+    """
+    return min(MAX_AUTO_STEP, max(8, resolution // 8 // 8 * 8))
+
+
 def resolve_bucket_settings(bucket_cfg: Any, native_resolution: int) -> tuple[int, int, int, int]:
     """``(resolution, min_side, max_side, step)`` with the config's ``None`` defaults filled in.
 
     ``bucket.resolution=None`` means the model's native resolution; ``min_side``/``max_side``
-    default to half and twice the resolution (kohya's 256/1024 for SD1.5's 512).
+    default to half and twice the resolution (kohya's 256/1024 for SD1.5's 512); ``step`` to
+    ``auto_step(resolution)``.
     """
     resolution = bucket_cfg.resolution or native_resolution
     min_side = bucket_cfg.min_side if bucket_cfg.min_side is not None else resolution // 2
     max_side = bucket_cfg.max_side if bucket_cfg.max_side is not None else resolution * 2
-    return resolution, min_side, max_side, bucket_cfg.step
+    step = bucket_cfg.step if bucket_cfg.step is not None else auto_step(resolution)
+    return resolution, min_side, max_side, step
 
 
 def generate_buckets(resolution: int, min_side: int, max_side: int, step: int) -> list[Bucket]:
@@ -168,6 +181,20 @@ def bucket_table(image_buckets: Sequence[Bucket], repeats: Sequence[int] | None 
         bucket = (width, height)
         lines.append(f"{width}\t{height}\t{width / height:.3f}\t{images[bucket]}\t{samples[bucket]}")
     return "\n".join(lines) + "\n"
+
+
+def bucket_summary(image_buckets: Sequence[Bucket], available: int | None = None) -> str:
+    """One line for the startup output: ``3 buckets in use (of 13): 64x48 (3 images), ...``.
+
+    Most-used buckets first, so a run whose images all fell into one bucket shows it at a glance.
+    """
+    images = Counter(image_buckets)
+    of = f" (of {available})" if available is not None else ""
+    listed = ", ".join(
+        f"{w}x{h} ({n} image{'s' if n != 1 else ''})"
+        for (w, h), n in sorted(images.items(), key=lambda item: (-item[1], item[0]))
+    )
+    return f"{len(images)} bucket{'s' if len(images) != 1 else ''} in use{of}: {listed}"
 
 
 class BucketBatchSampler(torch.utils.data.Sampler[list[int]]):

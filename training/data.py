@@ -35,6 +35,10 @@ from training.buckets import Bucket, assign_bucket, fit_scale
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 ON_BAD_IMAGE_CHOICES = ("error", "skip")
+# Files beside an image that are not captions under another extension: latent caches, other pictures.
+NOT_CAPTION_EXTENSIONS = (".npz", ".npy", ".safetensors", ".pt", ".gif", ".tif", ".tiff", ".psd", ".avif", ".heic")
+SHOWN_FOLDERS = 5  # folders named in a message before "and N more"
+WALK_LIMIT = 1000  # folders looked into when searching for images a scan does not read
 
 # kohya's layout: a subfolder "10_shapes" repeats its images 10 times per epoch.
 _REPEATS_FOLDER = re.compile(r"^(\d+)_(.+)$")
@@ -54,6 +58,21 @@ class ImageRecord:
     is_reg: bool = False
 
 
+@dataclass(frozen=True)
+class Uncaptioned:
+    """An image without a caption file, for ``data.missing_captions`` to decide about.
+
+    ``class_tokens`` is the ``<name>`` of its ``<repeats>_<name>`` folder (kohya's class tokens,
+    ``sks dog`` for ``10_sks dog/``), ``None`` for an image directly in the scanned folder.
+    ``other_files`` are same-stem files with another extension: captions saved as ``.caption``
+    while ``data.caption_extension`` says ``.txt`` are the usual cause.
+    """
+
+    path: Path
+    class_tokens: str | None
+    other_files: tuple[Path, ...] = ()
+
+
 @dataclass
 class DatasetScan:
     """What ``scan_dataset`` found: usable records, deliberately skipped files, and problems.
@@ -65,6 +84,7 @@ class DatasetScan:
     records: list[ImageRecord] = field(default_factory=list)
     skipped: list[tuple[Path, str]] = field(default_factory=list)  # (file, reason)
     problems: list[str] = field(default_factory=list)
+    uncaptioned: list[Uncaptioned] = field(default_factory=list)  # records whose caption file is missing
 
     @property
     def num_samples(self) -> int:
@@ -86,10 +106,12 @@ def scan_dataset(
     """Find the images and captions of a kohya-layout folder; never raises for user-data problems.
 
     Images directly in ``train_dir`` are used once per epoch; images in a subfolder named
-    ``<repeats>_<name>`` are used ``repeats`` times. Subfolders are not searched further, and hidden
-    entries (``.ipynb_checkpoints``, ``.DS_Store``) are ignored. Order is sorted by name, so two scans
-    of the same folder give the same records. ``key`` is the config key named in messages (e.g.
-    ``data.reg_dir`` when scanning regularisation images).
+    ``<repeats>_<name>`` are used ``repeats`` times. Subfolders are not searched further (kohya's
+    layout; a problem names deeper folders that hold images), and hidden entries
+    (``.ipynb_checkpoints``, ``.DS_Store``) are ignored. Order is sorted by name, so two scans of the
+    same folder give the same records. ``key`` is the config key named in messages (e.g.
+    ``data.reg_dir`` when scanning regularisation images). Images without a caption file get ``""``
+    and are listed in ``uncaptioned``; ``training.missing_captions`` applies ``data.missing_captions``.
     """
     scan = DatasetScan()
     if on_bad_image not in ON_BAD_IMAGE_CHOICES:
@@ -118,7 +140,9 @@ def scan_dataset(
 
     entries = sorted(p for p in root.iterdir() if not p.name.startswith("."))
     scan.problems += _broken_link_problems(entries, key)
-    groups: list[tuple[list[Path], int]] = [([p for p in entries if _is_image_entry(p)], 1)]
+    # (the folder's entries, its repeats, its class tokens): the root itself, then each <repeats>_<name>
+    groups: list[tuple[list[Path], int, str | None]] = [(entries, 1, None)]
+    hollow: list[tuple[Path, list[tuple[Path, int]]]] = []  # repeats folders whose images sit deeper
     for folder in (p for p in entries if p.is_dir()):
         match = _REPEATS_FOLDER.match(folder.name)
         if match is None:
@@ -134,13 +158,16 @@ def scan_dataset(
                 f"rename it e.g. to 1_{match.group(2)}, or move it out of {key}"
             )
             continue
-        images = sorted(p for p in folder.iterdir() if not p.name.startswith("."))
-        scan.problems += _broken_link_problems(images, key)
-        groups.append(([p for p in images if _is_image_entry(p)], repeats))
+        contents = sorted(p for p in folder.iterdir() if not p.name.startswith("."))
+        scan.problems += _broken_link_problems(contents, key)
+        groups.append((contents, repeats, match.group(2)))
+        if not any(_is_image_entry(p) for p in contents) and (deeper := image_folders_below(folder)):
+            hollow.append((folder, deeper))
 
     num_found = 0
-    for images, repeats in groups:
-        for image in images:
+    for contents, repeats, class_tokens in groups:
+        others = _non_image_files_by_stem(contents)
+        for image in (p for p in contents if _is_image_entry(p)):
             num_found += 1
             reason = _unreadable_image_reason(image)
             if reason is not None:
@@ -152,22 +179,85 @@ def scan_dataset(
                         "or set data.on_bad_image=skip to leave unreadable images out"
                     )
                 continue
-            caption = _read_caption(image.with_name(image.stem + caption_extension), scan.problems)
-            if caption is not None:
-                scan.records.append(ImageRecord(path=image, caption=caption, repeats=repeats))
+            caption_file = image.with_name(image.stem + caption_extension)
+            caption = _read_caption(caption_file, scan.problems)
+            if caption is None:
+                continue
+            scan.records.append(ImageRecord(path=image, caption=caption, repeats=repeats))
+            if not caption_file.exists():
+                scan.uncaptioned.append(Uncaptioned(image, class_tokens, tuple(others.get(image.stem, ()))))
 
     if num_found == 0:
-        scan.problems.append(
-            f"{key}: no images found in '{root}' (accepted extensions: {', '.join(IMAGE_EXTENSIONS)}); "
-            "put images directly in it or in kohya-style subfolders named <repeats>_<name>, "
-            "e.g. 10_mychar/"
-        )
+        scan.problems.append(_no_images_problem(root, key))
     elif not scan.records and scan.skipped:
         scan.problems.append(
             f"{key}: all {len(scan.skipped)} images in '{root}' were skipped as unreadable; "
             "replace them with valid images"
         )
+    else:
+        for folder, deeper in hollow:  # with no images at all, the message above names these folders
+            scan.problems.append(
+                f"{key}: folder '{folder}' holds no images itself, only in its subfolders "
+                f"{_folder_listing(deeper, folder)}, which are not read (a scan reads {key} and its "
+                "`<repeats>_<name>` folders, one level deep); move the images up into it, or make each "
+                f"subfolder a `<repeats>_<name>` folder directly in {key}"
+            )
     return scan
+
+
+def _no_images_problem(root: Path, key: str) -> str:
+    """Why a folder gave no images; when deeper folders hold some, name them (they are not read)."""
+    deeper = image_folders_below(root)
+    if not deeper:
+        return (
+            f"{key}: no images found in '{root}' (accepted extensions: {', '.join(IMAGE_EXTENSIONS)}); "
+            "put images directly in it or in kohya-style subfolders named <repeats>_<name>, "
+            "e.g. 10_mychar/"
+        )
+    return (
+        f"{key}: no images found in '{root}' or in its `<repeats>_<name>` subfolders; sub-subfolders are "
+        f"not read, and the images are in {_folder_listing(deeper, root)}. Move them up into a "
+        f"`<repeats>_<name>` folder directly in {key} (e.g. 10_mychar/, not 10_mychar/batch1/), "
+        "or make each of those folders one"
+    )
+
+
+def image_folders_below(folder: Path, limit: int = WALK_LIMIT) -> list[tuple[Path, int]]:
+    """``(folder, image count)`` of every folder strictly below ``folder`` that holds images, sorted.
+
+    What a scan does not read. Hidden folders are skipped and links not followed; the walk stops
+    after ``limit`` folders, so a ``data.train_dir`` pointed at a home folder still answers quickly.
+    """
+    found = []
+    for visited, (current, dirs, files) in enumerate(os.walk(folder)):
+        dirs[:] = sorted(d for d in dirs if not d.startswith("."))
+        count = sum(1 for name in files if is_image_file(Path(name)))
+        if count and Path(current) != folder:
+            found.append((Path(current), count))
+        if visited >= limit:
+            break
+    return sorted(found)
+
+
+def _folder_listing(folders: list[tuple[Path, int]], relative_to: Path) -> str:
+    """``'10_x/batch1' (5 images), ...``: the first ``SHOWN_FOLDERS``, then how many more."""
+    shown = ", ".join(
+        f"'{path.relative_to(relative_to)}' ({count} image{'s' if count != 1 else ''})"
+        for path, count in folders[:SHOWN_FOLDERS]
+    )
+    more = len(folders) - SHOWN_FOLDERS
+    return shown + (f" and {more} more folder(s)" if more > 0 else "")
+
+
+def _non_image_files_by_stem(entries: list[Path]) -> dict[str, list[Path]]:
+    """Files that could be captions, by stem: a wrong ``data.caption_extension`` shows up here."""
+    others: dict[str, list[Path]] = {}
+    for path in entries:
+        if path.suffix.lower() in IMAGE_EXTENSIONS or path.suffix.lower() in NOT_CAPTION_EXTENSIONS:
+            continue
+        if path.suffix and path.is_file():
+            others.setdefault(path.stem, []).append(path)
+    return others
 
 
 def _is_image_entry(path: Path) -> bool:

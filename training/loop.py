@@ -222,10 +222,8 @@ class Trainer:
         self.resolution = cfg.bucket.resolution or native
         if reg_records:
             records = list(records) + match_reg_records(reg_records, sum(r.repeats for r in records))
-        buckets = None
-        if cfg.bucket.enabled:
-            resolution, min_side, max_side, step = resolve_bucket_settings(cfg.bucket, native)
-            buckets = generate_buckets(resolution, min_side, max_side, step)
+        resolution, min_side, max_side, step = resolve_bucket_settings(cfg.bucket, native)  # step: null = auto
+        buckets = generate_buckets(resolution, min_side, max_side, step) if cfg.bucket.enabled else None
         self.dataset = CaptionedImageDataset(
             records,
             self.resolution,
@@ -234,7 +232,7 @@ class Trainer:
             color_aug=cfg.data.color_aug,
             buckets=buckets,
             no_upscale=cfg.bucket.no_upscale,
-            step=cfg.bucket.step,
+            step=step,
         )
         self.latent_store: LatentStore | None = None
         self._latent_keys: dict[tuple[int, bool], str] | None = None

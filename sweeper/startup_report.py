@@ -1,0 +1,55 @@
+"""What a run prints and logs about its data and sizes at startup, once the config has passed.
+
+Warnings, not errors: images trained without a caption file (``data.missing_captions`` warn or
+class_tokens), the eval prompts when they were taken from the captions, the aspect-ratio buckets
+in use, and a resolution far above the model's or the images'. Each is printed and kept in the run.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from training.buckets import bucket_summary, generate_buckets, resolve_bucket_settings
+from training.data import oriented_size
+from training.missing_captions import missing_captions_table, missing_captions_warning
+from training.resolution import resolution_warnings
+
+
+def report_data(tracker: Any, cfg: Any, validated: Any) -> None:
+    """Images without captions (``data/missing_captions.tsv``) and the eval prompts (``eval/prompts.txt``)."""
+    scans = [
+        (key, scan)
+        for key, scan in (
+            ("data.train_dir", validated.dataset),
+            ("data.reg_dir", validated.regularisation),
+            ("data.val_dir", validated.held_out),
+        )
+        if scan is not None and scan.uncaptioned
+    ]
+    for key, scan in scans:
+        if warning := missing_captions_warning(scan, cfg.data.missing_captions, cfg.data.caption_extension, key):
+            print(warning)
+    if scans:
+        tracker.log_text(missing_captions_table([scan for _, scan in scans]), "data/missing_captions.tsv")
+        tracker.set_tags({"data.uncaptioned_images": str(sum(len(scan.uncaptioned) for _, scan in scans))})
+    chosen = validated.eval_prompts
+    if chosen.source == "your captions":
+        listed = "; ".join(chosen.prompts)
+        print(f"Eval prompts (from your captions, picked with eval.test_seed={cfg.eval.test_seed}): {listed}")
+    tracker.set_tags({"eval.prompts_source": chosen.source})
+    tracker.log_text("\n".join(chosen.prompts) + "\n", "eval/prompts.txt")
+
+
+def report_sizes(tracker: Any, cfg: Any, trainer: Any, native: int) -> None:
+    """The buckets in use (with ``bucket.enabled``) and warnings about the training resolution."""
+    if cfg.bucket.enabled:
+        resolution, min_side, max_side, step = resolve_bucket_settings(cfg.bucket, trainer.resolution)
+        available = None if cfg.bucket.no_upscale else len(generate_buckets(resolution, min_side, max_side, step))
+        summary = bucket_summary(trainer.dataset.record_buckets, available)
+        print(f"Buckets (resolution {resolution}, step {step}): {summary}")
+    training = dict.fromkeys(r.path for r in trainer.dataset.records if not r.is_reg)
+    warnings = resolution_warnings(trainer.resolution, native, [oriented_size(path) for path in training])
+    for warning in warnings:
+        print(warning)
+    if warnings:
+        tracker.set_tags({"warning.resolution": "\n".join(warnings)})
