@@ -57,6 +57,14 @@ def main(cfg: DictConfig) -> dict[str, Any]:
         print(error, file=sys.stderr)
         sys.exit(2)
     metrics = result.metrics
+    returned = {
+        "metrics": metrics,
+        "pruned": result.stopped_early,
+        "run_id": result.run_id,
+        "per_image": result.per_image,
+    }
+    if hydra_cfg.mode == RunMode.MULTIRUN:  # a sweep prints one line per trial and the final table
+        return returned
     print(f"\nScores at step {result.selected_step} (95% intervals; gain = paired difference to the base model):")
     for line in result.summary:
         print(f"  {line}")
@@ -64,8 +72,20 @@ def main(cfg: DictConfig) -> dict[str, Any]:
     if result.run_id:
         print(f"MLflow run: {result.run_id}")
         print(f"MLflow UI:  {result.ui_command}")
-    return {"metrics": metrics, "pruned": result.stopped_early, "run_id": result.run_id, "per_image": result.per_image}
+    return returned
+
+
+def entry() -> None:
+    """``main`` with SIGTERM handled like Ctrl-C, and the shell's exit status for each (130, 143)."""
+    from sweeper.signals import exit_status, handle_sigterm, interruption_reason
+
+    handle_sigterm()
+    try:
+        main()
+    except KeyboardInterrupt as interrupted:
+        print(f"\nStopped: {interruption_reason(interrupted)}", file=sys.stderr)
+        sys.exit(exit_status(interrupted))
 
 
 if __name__ == "__main__":
-    main()
+    entry()

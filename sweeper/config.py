@@ -275,10 +275,26 @@ def register_configs() -> None:
         store.store(group=group, name=f"base_{group}", node=schema)
 
 
+def option_groups() -> str:
+    """``--help``'s list of option groups and their options: the YAML files under conf/, without the
+    typed schemas (``base_<group>``) Hydra would list beside them, which are not options."""
+    conf = PROJECT_ROOT / "conf"
+    lines = []
+    for group in sorted(p for p in conf.iterdir() if p.is_dir()):
+        options = sorted(f.stem for f in group.glob("*.yaml"))
+        if options:  # presets outside the defaults list are added with a +
+            name = f"+{group.name}" if group.name in ("experiment", "search") else group.name
+            lines.append(f"  {name}: {', '.join(options)}")
+    return "\n".join(lines)
+
+
 def register_resolvers() -> None:
-    """``${project_path:data/sample}``: a path inside this checkout, whatever the working directory."""
+    """``${project_path:data/sample}``: a path inside this checkout, whatever the working directory;
+    ``${option_groups:}``: the option groups for ``--help``."""
     if not OmegaConf.has_resolver("project_path"):
         OmegaConf.register_new_resolver("project_path", lambda relative: str(PROJECT_ROOT / relative))
+    if not OmegaConf.has_resolver("option_groups"):
+        OmegaConf.register_new_resolver("option_groups", option_groups)
 
 
 register_resolvers()

@@ -23,6 +23,7 @@ from omegaconf import DictConfig, OmegaConf
 from evaluation.clip_score import ClipScorer
 from evaluation.dino import DinoEmbedder
 from evaluation.evaluate import EvalResult, References, Scorers, evaluate, summary_lines
+from evaluation.grid import image_grid
 from evaluation.metric_names import DIRECTIONS, evaluated_metric, metric_name
 from evaluation.sampling import sampling_scheduler
 from sweeper.fingerprint import code_version, dataset_fingerprint, file_sha256, fingerprint_digest, training_config
@@ -59,9 +60,11 @@ class RunResult:
     summary: list[str] = field(default_factory=list)  # one line per metric: value (interval), base, gain
     selected_step: int = 0
 
+    experiment_id: str | None = None
+
     @property
     def ui_command(self) -> str | None:
-        return ui_command(self.tracking_uri) if self.tracking_uri else None
+        return ui_command(self.tracking_uri, self.experiment_id) if self.tracking_uri else None
 
 
 def run(
@@ -91,13 +94,17 @@ def run(
     with start_run(
         cfg.tracking,
         Path.cwd() / "outputs",
-        run_name=cfg.output.name if trial is None else f"trial-{trial}",
+        run_name=_run_name(cfg, overrides),
         description=cfg.output.comment,
         parent_run_id=cfg.sweep.parent_run_id,
         tags=None if trial is None else {"sweep.trial_number": str(trial), "sweep.study_name": cfg.sweep.study_name},
         local_dir=output_dir,  # what does not reach the tracking store is listed and kept here
     ) as tracker:
-        tracker.log_params(flatten(resolved))
+        params = flatten(resolved)
+        # what differs between trials only as bookkeeping is a tag, so the compare view's params are the options
+        bookkeeping = {k: v for k, v in params.items() if k == "output.dir" or k.startswith("sweep.")}
+        tracker.log_params({k: v for k, v in params.items() if k not in bookkeeping})
+        tracker.set_tags({k: v for k, v in bookkeeping.items() if v is not None})
         tracker.set_tags({**_run_tags(cfg), **(extra_tags or {})})
         fingerprint = dataset_fingerprint(validated.dataset.records, cfg.data.caption_extension)
         tracker.set_tags({"data.fingerprint": fingerprint_digest(fingerprint)})
@@ -249,9 +256,13 @@ def run(
         tracker.log_artifact(lora_path, "lora")
         if last_path is not None:
             tracker.log_artifact(last_path, "lora")
-        tracker.log_image(checkpoints[-1].result.grid, f"samples/final_step_{checkpoints[-1].step:06d}.png")
+        # fixed names, so MLflow's compare view can set any runs' grids side by side
+        tracker.log_image(checkpoints[-1].result.grid, "samples/final.png")  # the last step's
         tracker.log_image(final.grid, "samples/selected.png")  # the run's result (eval.select)
         tracker.log_image(baseline.grid, "samples/baseline.png")
+        label = f"left: this LoRA (step {selected.step}), right: the base model"
+        side_by_side = image_grid([[final.grid, baseline.grid]], [label])
+        tracker.log_image(side_by_side, "samples/lora_vs_base.png")
         tracker.log_text(_score_table(final, baseline), "eval/clip_scores.tsv")
         tracker.log_text(_per_image_table(final, baseline), "eval/per_image.tsv")
         lines = summary_lines(final, baseline)
@@ -273,6 +284,7 @@ def run(
             per_image=final.values,
             summary=lines,
             selected_step=selected.step,
+            experiment_id=tracker.experiment_id,
         )
 
 
@@ -525,6 +537,20 @@ def _write_run_record(
         **{f"lora_{k}": v for k, v in identity.items()},
     }
     write_text_atomically(output_dir / RUN_RECORD, json.dumps(record, indent=2, sort_keys=True))
+
+
+def _run_name(cfg: Any, overrides: list[str] | None) -> str:
+    """What a runs table should read: a trial by its swept values (``trial 3: dim=16 lr=0.0003``), a
+    single run by its output name, start time and the options the user gave (``lora 12-02 14:05 dim=16``)."""
+    if cfg.sweep.trial_number is not None:
+        return f"trial {cfg.sweep.trial_number}: {cfg.sweep.run_name or ''}".rstrip(": ")
+    given = []
+    for override in overrides or []:
+        key, equals, value = override.lstrip("+~").partition("=")
+        if equals and not key.startswith(("hydra.", "tracking.", "output.")):
+            given.append(f"{key.rsplit('.', 1)[-1]}={Path(value).name if '/' in value else value}")
+    shown = " ".join(given[:4])
+    return f"{cfg.output.name} {time.strftime('%m-%d %H:%M')} {shown}".strip()
 
 
 def _run_tags(cfg: Any) -> dict[str, str]:

@@ -56,11 +56,24 @@ def default_tracking_uri(outputs: Path) -> str:
     return f"sqlite:///{(outputs / 'mlflow.db').resolve()}"
 
 
-def ui_command(tracking_uri: str) -> str:
-    """The command that opens the MLflow UI on this store."""
+LOCAL_UI = "http://127.0.0.1:5000"
+# MLflow 3.17's UI opens every experiment on its GenAI pages unless the page's workflowType says
+# "machine learning" (a browser-wide toggle; the experiment's mlflow.experimentKind tag is not read)
+RUNS_PAGE = "#/experiments/{experiment_id}/runs?workflowType=machine_learning"
+
+
+def ui_command(tracking_uri: str, experiment_id: str | None = None) -> str:
+    """The command that opens the MLflow UI on this store, and the page with the experiment's runs."""
+    page = RUNS_PAGE.format(experiment_id=experiment_id) if experiment_id else ""
     if tracking_uri.startswith(("http://", "https://")):
-        return f"open {redact_password(tracking_uri)}"
-    return f"mlflow ui --backend-store-uri {redact_password(tracking_uri)}"
+        return f"open {redact_password(tracking_uri).rstrip('/')}/{page}"
+    # this interpreter's own mlflow (works without activating the venv); one web worker and no job
+    # runner: 2 processes and ~0.55 GB instead of 10 and ~2.5 GB (measured, MLflow 3.17)
+    mlflow = Path(sys.executable).with_name("mlflow")
+    return (
+        f"MLFLOW_SERVER_ENABLE_JOB_EXECUTION=false {mlflow} ui --workers 1 "
+        f"--backend-store-uri {redact_password(tracking_uri)}, then open {LOCAL_UI}/{page}"
+    )
 
 
 class NullTracker:
@@ -68,6 +81,7 @@ class NullTracker:
 
     run_id: str | None = None
     tracking_uri: str | None = None
+    experiment_id: str | None = None
     leave_running = False
 
     def log_params(self, params: Mapping[str, Any]) -> None: ...
@@ -368,6 +382,7 @@ def start_run(
     uri = tracking_cfg.uri or default_tracking_uri(outputs)
     client, run = _open_run(tracking_cfg, uri, outputs, run_name, description, parent_run_id, tags, resume_tags)
     tracker = MlflowTracker(client, run.info.run_id, uri, local_dir=local_dir)
+    tracker.experiment_id = run.info.experiment_id
     status = "FAILED"
     try:
         yield tracker

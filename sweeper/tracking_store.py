@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from sweeper.process_identity import HOST, PID, is_gone
+from sweeper.search.storage_url import sqlite_path
 
 STARTUP_CHECK_TIMEOUT_S = 5  # the one request that says whether an http(s) server is there
 STORE_LOCK_TIMEOUT_S = 300  # waiting for another worker's SQLite migration (~2 s) and experiment
@@ -56,12 +57,6 @@ class TrackingUnavailableError(RuntimeError):
 
 def is_http(uri: str) -> bool:
     return uri.startswith(("http://", "https://"))
-
-
-def sqlite_file(uri: str) -> Path | None:
-    if not uri.startswith("sqlite:///") or uri.endswith(":memory:"):
-        return None
-    return Path(uri.removeprefix("sqlite:///"))
 
 
 def use_short_http_retries() -> None:
@@ -112,7 +107,7 @@ def is_unreachable(error: BaseException) -> bool:
 def store_lock(uri: str) -> Iterator[None]:
     """Held while a SQLite store is first opened (MLflow migrates its schema then) and its experiment
     created: workers started together would otherwise migrate at once (``duplicate column name: step``)."""
-    path = sqlite_file(uri)
+    path = sqlite_path(uri)
     if path is None:
         yield
         return
@@ -123,6 +118,10 @@ def store_lock(uri: str) -> Iterator[None]:
         yield
 
 
+# MLflow 3 opens an experiment on its GenAI traces page unless it is tagged as model training
+EXPERIMENT_KIND, TRAINING_KIND = "mlflow.experimentKind", "custom_model_development"
+
+
 def experiment_id(client: Any, name: str, artifact_location: str | None, attempts: int = 5) -> str:
     """Get or create: another worker creating it at the same moment is fine (``RESOURCE_ALREADY_EXISTS``)."""
     from mlflow.exceptions import MlflowException
@@ -130,9 +129,13 @@ def experiment_id(client: Any, name: str, artifact_location: str | None, attempt
     for attempt in range(attempts):
         experiment = client.get_experiment_by_name(name)
         if experiment is not None:
+            if experiment.tags.get(EXPERIMENT_KIND) != TRAINING_KIND:  # made before, or by hand
+                client.set_experiment_tag(experiment.experiment_id, EXPERIMENT_KIND, TRAINING_KIND)
             return experiment.experiment_id
         try:
-            return client.create_experiment(name, artifact_location=artifact_location)
+            return client.create_experiment(
+                name, artifact_location=artifact_location, tags={EXPERIMENT_KIND: TRAINING_KIND}
+            )
         except MlflowException as error:
             if error.error_code != "RESOURCE_ALREADY_EXISTS":
                 raise

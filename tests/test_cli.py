@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+import sys
 from pathlib import Path
 
 import pytest
@@ -37,9 +38,13 @@ def test_a_run_on_a_users_folder_prints_the_summary(tmp_path):
     lora = Path(re.search(r"LoRA file:\s+(\S+)", out).group(1))
     assert lora.is_file() and str(lora).startswith(str(tmp_path / "outputs" / "runs"))
     run_id = re.search(r"MLflow run: (\w+)", out).group(1)
-    ui = re.search(r"MLflow UI:\s+(mlflow ui --backend-store-uri (\S+))", out)
+    lightweight = r"MLFLOW_SERVER_ENABLE_JOB_EXECUTION=false (\S+) ui --workers 1 --backend-store-uri (\S+),"
+    ui = re.search(rf"MLflow UI:\s+{lightweight}", out)
     assert ui and ui.group(2) == f"sqlite:///{tmp_path / 'outputs' / 'mlflow.db'}"
+    assert Path(ui.group(1)) == Path(sys.executable).with_name("mlflow")  # works without activating the venv
+    assert re.search(r"then open http://127.0.0.1:5000/#/experiments/\d+/runs\?workflowType=machine_learning", out)
     assert "train" in done.stderr  # the progress bar
+    assert not list((tmp_path / "outputs" / "runs").rglob("*.log"))  # no empty Hydra job log
 
     params = MlflowClient(ui.group(2)).get_run(run_id).data.params
     assert params["network.dim"] == "16"
@@ -52,3 +57,11 @@ def test_a_missing_folder_stops_before_training(tmp_path):
     assert done.returncode == 2
     assert "data.train_dir" in done.stderr and "absent" in done.stderr
     assert "train:" not in done.stderr
+
+
+def test_help_lists_the_option_groups_without_the_internal_schemas(tmp_path):
+    done = run_cli("--help", cwd=tmp_path)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "  model: diffusers, tiny, toy" in done.stdout
+    assert "  +search: fidelity_vs_alignment, lora_basic, lr_grid" in done.stdout
+    assert "base_model" not in done.stdout and "base_optimizer" not in done.stdout

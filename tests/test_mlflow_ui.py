@@ -25,6 +25,7 @@ from pathlib import Path
 import pytest
 from mlflow.tracking import MlflowClient
 
+from sweeper.tracking import RUNS_PAGE
 from tests.conftest import REPO, run_cli
 
 CHROMIUM = Path("/usr/bin/chromium")
@@ -46,7 +47,7 @@ CHROMIUM_ARGS = [
     "--no-first-run",
 ]
 FAST_TRIAL = ["train.max_steps=4", "train.batch_size=2", "eval.num_inference_steps=2", "eval.images_per_prompt=1"]
-SAMPLE_GRID = "samples/final_step_000004.png"
+SAMPLE_GRID = "samples/final.png"
 SERVER_START_S = 60  # mlflow server + uvicorn import and migrate in ~10 s; generous for a loaded CI box
 UI_WAIT_MS = 20_000  # every Playwright wait is bounded by this
 KEPT_SHOTS = REPO / "outputs" / "test-artifacts" / "mlflow-ui"
@@ -206,8 +207,9 @@ def test_the_mlflow_ui_shows_the_sweep_its_trials_their_samples_and_the_swept_pa
     expect = sync_api.expect
     exp = sweep.experiment_id
     try:
-        # (1) experiment page: the parent run, and both trials once its row is expanded
-        page.goto(f"{mlflow_server}/#/experiments/{exp}/runs", wait_until="load")
+        # (1) the page the run prints: the experiment's runs table (not MLflow 3's GenAI overview); the
+        # parent run, and both trials once its row is expanded
+        page.goto(f"{mlflow_server}/{RUNS_PAGE.format(experiment_id=exp)}", wait_until="load")
         parent_link = run_link(page, sweep.parent_id).first
         expect(parent_link).to_be_visible()
         expect(parent_link).to_have_text(sweep.parent_name)

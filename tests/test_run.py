@@ -47,7 +47,8 @@ def test_run_returns_scores_and_paths(finished_run):
     assert 0 <= result.metrics["clip_score"] <= 100
     assert 0 <= result.metrics["clip_score_baseline"] <= 100
     assert set(result.per_prompt) == set(cfg.eval.prompts)
-    assert result.ui_command.startswith("mlflow ui --backend-store-uri sqlite:///")
+    assert " ui --workers 1 --backend-store-uri sqlite:///" in result.ui_command
+    assert result.run_id and MlflowClient(cfg.tracking.uri).get_run(result.run_id).info.run_name.startswith("shapes ")
 
 
 def test_mlflow_holds_params_metrics_artifacts_and_tags(finished_run):
@@ -90,7 +91,8 @@ def test_mlflow_holds_params_metrics_artifacts_and_tags(finished_run):
 
     artifacts = set(listing())
     assert {"config/resolved.yaml", "config/overrides.txt", "lora/shapes.safetensors"} <= artifacts
-    assert {"samples/step_000010.png", "samples/final_step_000020.png", "samples/baseline.png"} <= artifacts
+    grids = {"samples/step_000010.png", "samples/final.png", "samples/lora_vs_base.png", "samples/baseline.png"}
+    assert grids <= artifacts
     assert "eval/clip_scores.tsv" in artifacts
     overrides = client.download_artifacts(result.run_id, "config/overrides.txt")
     assert Path(overrides).read_text().strip() == "network.dim=4"

@@ -75,6 +75,16 @@ def test_a_grid_over_dim_runs_exactly_those_trials_under_one_parent(tmp_path):
     assert [row["state"] for row in table] == ["COMPLETE"] * 3
     plots = {a.path for a in client.list_artifacts(parent.info.run_id, "sweep/plots")}
     assert "sweep/plots/optimization_history.html" in plots
+    history = Path(client.download_artifacts(parent.info.run_id, "sweep/plots/optimization_history.html")).read_text()
+    assert "<script src=" not in history and "Plotly" in history  # plotly.js inside: works offline
+
+    # what a runs table reads: trials by their swept values, the parent by experiment, keys and time
+    assert sorted(c.info.run_name for c in children) == ["trial 0: dim=4", "trial 1: dim=8", "trial 2: dim=16"]
+    assert re.fullmatch(r"lora-sweeper sweep dim \d\d-\d\d \d\d:\d\d", parent.info.run_name)
+    # the terminal: one line per trial start and end, then the table; no job internals
+    assert "sweep.study_name=" not in done.stdout and "Launching 1 jobs" not in done.stdout + done.stderr
+    assert done.stdout.count("MLflow UI:") == 1 and "ExperimentalWarning" not in done.stderr
+    assert re.search(r"\[trial 1\] COMPLETE clip_score=[\d.]+\n", done.stdout)
 
     # the same command again: every grid point is done, nothing re-runs
     again = sweep(tmp_path, "network.dim=4,8,16")
@@ -101,6 +111,8 @@ def test_tpe_over_an_interval_is_bounded_and_reproducible(tmp_path):
         trials = only_study(cwd).get_trials()
         assert len(trials) == 4
         lrs = [t.params["optimizer.lr"] for t in sorted(trials, key=lambda t: t.number)]
+        printed = re.findall(r"\[trial \d\] optimizer.lr=(\S+)", done.stdout)
+        assert printed == [f"{lr:.4g}" for lr in lrs]  # 4 significant digits on the terminal
         assert all(1e-4 <= lr <= 1e-2 for lr in lrs)
         assert len(set(lrs)) == 4
         params.append(lrs)
@@ -163,6 +175,8 @@ def test_the_pruner_stops_a_bad_trial_early(tmp_path):
     assert run.data.tags["pruned"] == "true"
     assert run.data.metrics["train/steps_done"] == 2  # of 10 configured
     assert run.data.metrics["clip_score"] == pytest.approx(trial.intermediate_values[2])
+    assert "[trial 1] PRUNED at step 2" in done.stdout
+    assert re.search(r"\n1\s+PRUNED@2\s+\S+\s+[\d.]+ \(pruned at step 2\)", done.stdout)
 
 
 @pytest.mark.slow

@@ -16,9 +16,7 @@ when two workers run it at once (``UniqueViolation ... studydirection``).
 
 from __future__ import annotations
 
-import fcntl
 import hashlib
-import os
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -51,13 +49,11 @@ def study_lock(storage_url: str, study_name: str) -> Iterator[None]:
 
 @contextmanager
 def _file_lock(path: Path) -> Iterator[None]:
+    from filelock import FileLock
+
     path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "a") as handle:
-        fcntl.flock(handle, fcntl.LOCK_EX)  # released by the kernel when the process dies
-        try:
-            yield
-        finally:
-            fcntl.flock(handle, fcntl.LOCK_UN)
+    with FileLock(path, timeout=LOCK_WAIT_SECONDS):  # released by the kernel if the process dies
+        yield
 
 
 @contextmanager
@@ -103,34 +99,29 @@ class JournalBusyError(RuntimeError):
 class JournalWorkerLock:
     """Journal storage has no heartbeat: one worker at a time, and then every RUNNING trial is stale.
 
-    The lock is an ``flock`` on a file beside the journal, held for the worker's life and released
-    by the kernel however the worker ends (kill -9 included).
+    The lock is a file lock beside the journal, held for the worker's life and released by the
+    kernel however the worker ends (kill -9 included).
     """
 
     def __init__(self, storage_url: str) -> None:
-        self.path = journal_path(storage_url).with_suffix(".worker.lock")
-        self._handle = None
+        from filelock import FileLock
+
+        self.journal = journal_path(storage_url)
+        self.path = self.journal.with_name(self.journal.name + ".worker.lock")
+        self._lock = FileLock(self.path, timeout=0)
 
     def acquire(self) -> None:
+        from filelock import Timeout
+
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        handle = open(self.path, "a")  # noqa: SIM115 - kept open while the worker lives
         try:
-            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            handle.close()
+            self._lock.acquire()
+        except Timeout:
             raise JournalBusyError(
-                f"another worker (pid in {self.path}) uses the journal {self.path.with_suffix('')}: journal "
-                "storage has no heartbeat, so it serves one worker at a time. For several workers use an RDB "
-                "storage: hydra.sweeper.storage=sqlite:///PATH (one machine) or postgresql://HOST/DB "
-                "(README: Many workers)."
+                f"another worker uses the journal {self.journal}: journal storage has no heartbeat, so it serves "
+                "one worker at a time. For several workers use an RDB storage: hydra.sweeper.storage="
+                "sqlite:///PATH (one machine) or postgresql://HOST/DB (README: Many workers)."
             ) from None
-        handle.truncate(0)
-        handle.write(f"{os.getpid()}\n")
-        handle.flush()
-        self._handle = handle
 
     def release(self) -> None:
-        if self._handle is not None:
-            fcntl.flock(self._handle, fcntl.LOCK_UN)
-            self._handle.close()
-            self._handle = None
+        self._lock.release()

@@ -215,7 +215,8 @@ class OptunaSweep:
                     parent.leave_running = True
                     print("Other workers are still on this study; the last one to finish completes the parent run.")
                 if parent.run_id:
-                    print(f"MLflow parent run: {parent.run_id}\nMLflow UI: {ui_command(parent.tracking_uri)}")
+                    print(f"MLflow parent run: {parent.run_id}")
+                    print(f"MLflow UI: {ui_command(parent.tracking_uri, parent.experiment_id)}")
             self._raise_if_incomplete(study)
         return returns
 
@@ -471,11 +472,12 @@ class OptunaSweep:
 def run_reporting_errors(sweep: OptunaSweep, arguments: list[str]) -> list[JobReturn]:
     """The sweep, with its expected failures printed as their message alone (no traceback) and an
     exit status: 2 for bad settings found before anything ran, 1 for a sweep that ran and failed."""
+    from sweeper.tracking_store import TrackingUnavailableError
     from sweeper.validate import ConfigError
 
     try:
         return sweep.sweep(arguments)
-    except (ConfigError, SweepConfigError, JournalBusyError) as error:
+    except (ConfigError, SweepConfigError, JournalBusyError, TrackingUnavailableError) as error:
         print(redact_password(str(error)), file=sys.stderr)
         sys.exit(2)
     except (SweepFailedError, SweepIncompleteError) as error:
