@@ -78,6 +78,8 @@ def test_a_grid_over_dim_runs_exactly_those_trials_under_one_parent(tmp_path):
     history = Path(client.download_artifacts(parent.info.run_id, "sweep/plots/optimization_history.html")).read_text()
     assert "<script src=" not in history and "Plotly" in history  # plotly.js inside: works offline
 
+    experiment = client.get_experiment_by_name("lora-sweeper")
+    assert experiment.tags["mlflow.experimentKind"] == "custom_model_development"  # a training experiment
     # what a runs table reads: trials by their swept values, the parent by experiment, keys and time
     assert sorted(c.info.run_name for c in children) == ["trial 0: dim=4", "trial 1: dim=8", "trial 2: dim=16"]
     assert re.fullmatch(r"lora-sweeper sweep dim \d\d-\d\d \d\d:\d\d", parent.info.run_name)
