@@ -192,6 +192,9 @@ def test_a_failing_trial_is_fail_and_the_sweep_goes_on(tmp_path):
     failed, ok = trials[1e30], trials[1e-3]
     assert failed.state == optuna.trial.TrialState.FAIL and "loss became" in failed.user_attrs["error"]
     assert ok.state == optuna.trial.TrialState.COMPLETE
+    # the table holds the finished trials; failures are listed apart with their reasons
+    listed = rf"Failed:\n  trial {failed.number} optimizer.lr=1e\+30: NonFiniteLossError: loss became"
+    assert re.search(listed, done.stdout)
 
     client, parents, children = runs_of(tmp_path)
     statuses = sorted(c.info.status for c in children)
