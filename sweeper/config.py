@@ -122,8 +122,25 @@ class DropoutConfig:
 
 
 @dataclass
+class SubsetConfig:
+    """One more image folder with its own settings (kohya's dataset-config ``[[subsets]]``).
+
+    It is scanned like ``data.train_dir`` (images, caption files, ``<repeats>_<name>/`` subfolders)
+    and trained beside it; ``is_reg`` makes it regularisation images like ``data.reg_dir``.
+    """
+
+    dir: str | None = None
+    repeats: int = 1  # uses of each image per epoch (times a <repeats>_<name>/ subfolder's own)
+    caption_extension: str | None = None  # None = data.caption_extension
+    keep_tokens: int | None = None  # None = data.keep_tokens
+    class_tokens: str | None = None  # the caption of an image without a caption file
+    is_reg: bool = False
+
+
+@dataclass
 class DataConfig:
     train_dir: str | None = None
+    subsets: list[SubsetConfig] = field(default_factory=list)  # more folders, each with its own settings
     reg_dir: str | None = None  # regularisation (class) images, matched to the training-image count
     prior_loss_weight: float = 1.0  # loss multiplier of regularisation samples
     caption_extension: str = ".txt"

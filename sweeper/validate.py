@@ -19,7 +19,7 @@ from training.buckets import bucket_problems, resolve_bucket_settings
 from training.checkpoint import resume_problem
 from training.compile import compile_problems
 from training.cuda_graph import cuda_graph_problems
-from training.data import DatasetScan, scan_dataset
+from training.data import DatasetScan, scan_dataset, scan_folders
 from training.latent_cache import incompatible_with_cache
 from training.lora_file import init_weights_problems, output_problems
 from training.missing_captions import MISSING_CAPTION_CHOICES, apply_missing_captions
@@ -77,7 +77,7 @@ def validate(cfg: Any) -> Validated:
     scan = _scan(cfg, cfg.data.train_dir, "data.train_dir")
     problems += scan.problems
     regularisation = None
-    if cfg.data.reg_dir is not None:
+    if cfg.data.reg_dir is not None or any(subset.is_reg for subset in cfg.data.subsets):
         regularisation = _scan(cfg, cfg.data.reg_dir, "data.reg_dir")
         problems += regularisation.problems
     held_out = None
@@ -94,8 +94,12 @@ def validate(cfg: Any) -> Validated:
 
 
 def _scan(cfg: Any, folder: str | None, key: str) -> DatasetScan:
-    """One image folder, with ``data.missing_captions`` applied (when it names a policy)."""
-    scan = scan_dataset(folder, cfg.data.caption_extension, cfg.data.on_bad_image, key=key)
+    """One image folder, with ``data.missing_captions`` applied (when it names a policy); the training and
+    regularisation folders come with their ``data.subsets`` entries."""
+    if key in ("data.train_dir", "data.reg_dir"):
+        scan = scan_folders(cfg.data, reg=key == "data.reg_dir")
+    else:
+        scan = scan_dataset(folder, cfg.data.caption_extension, cfg.data.on_bad_image, key=key)
     if cfg.data.missing_captions not in MISSING_CAPTION_CHOICES:
         return scan  # reported once by _data_problems
     return apply_missing_captions(scan, cfg.data.missing_captions, cfg.data.caption_extension, key)

@@ -56,6 +56,7 @@ class ImageRecord:
     caption: str
     repeats: int
     is_reg: bool = False
+    keep_tokens: int | None = None  # its folder's own keep_tokens (a data.subsets entry); None = data.keep_tokens
 
 
 @dataclass(frozen=True)
@@ -258,6 +259,54 @@ def _non_image_files_by_stem(entries: list[Path]) -> dict[str, list[Path]]:
         if path.suffix and path.is_file():
             others.setdefault(path.stem, []).append(path)
     return others
+
+
+def scan_folders(data: Any, *, reg: bool = False) -> DatasetScan | None:
+    """``data.train_dir`` and the training entries of ``data.subsets`` as one scan (``reg``: ``data.reg_dir``
+    and the ``is_reg`` entries; ``None`` when there are none).
+
+    A subset folder is scanned like ``train_dir``, with its own caption extension; each image is used
+    ``repeats`` times (times a ``<repeats>_<name>/`` subfolder's own) and keeps its folder's
+    ``keep_tokens``; an image without a caption file is captioned with the entry's ``class_tokens``
+    when it has them (kohya's DreamBooth subsets), else left to ``data.missing_captions``.
+    """
+    folder = data.reg_dir if reg else data.train_dir
+    subsets = [(i, s) for i, s in enumerate(data.subsets) if bool(s.is_reg) == reg]
+    if reg and folder is None and not subsets:
+        return None
+    scans = []
+    if folder is not None or not subsets:  # neither given: scan_dataset names the missing key
+        key = "data.reg_dir" if reg else "data.train_dir"
+        scans.append(scan_dataset(folder, data.caption_extension, data.on_bad_image, key=key))
+    scans += [_scan_subset(subset, data, f"data.subsets[{index}]") for index, subset in subsets]
+    merged = DatasetScan()
+    for scan in scans:
+        for name in (f.name for f in dataclasses.fields(DatasetScan)):
+            getattr(merged, name).extend(getattr(scan, name))
+    return merged
+
+
+def _scan_subset(subset: Any, data: Any, key: str) -> DatasetScan:
+    """One ``data.subsets`` entry: its folder scanned, then its repeats, keep_tokens and class tokens applied."""
+    extension = subset.caption_extension or data.caption_extension
+    scan = scan_dataset(subset.dir, extension, data.on_bad_image, key=f"{key}.dir")
+    if subset.repeats < 1:
+        scan.problems.insert(0, f"{key}.repeats must be >= 1 (got {subset.repeats}); remove the entry to leave it out")
+    if subset.keep_tokens is not None and subset.keep_tokens < 0:
+        scan.problems.insert(0, f"{key}.keep_tokens must be >= 0 (got {subset.keep_tokens}); null = data.keep_tokens")
+    class_tokens = (subset.class_tokens or "").strip()
+    captioned = {u.path for u in scan.uncaptioned} if class_tokens else set()
+    scan.uncaptioned = [u for u in scan.uncaptioned if u.path not in captioned]
+    scan.records = [
+        dataclasses.replace(
+            record,
+            repeats=record.repeats * subset.repeats,
+            keep_tokens=subset.keep_tokens,
+            caption=class_tokens if record.path in captioned else record.caption,
+        )
+        for record in scan.records
+    ]
+    return scan
 
 
 def _is_image_entry(path: Path) -> bool:

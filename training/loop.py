@@ -439,7 +439,10 @@ class Trainer:
         """Denoising loss of one micro-batch: noise, timesteps and target follow the scheduler config."""
         base, cfg, rng = self.base, self.cfg, self.noise_rng
         scheduler_config = base.noise_scheduler.config
-        captions = [self._caption(c) for c in batch["caption"]]
+        records = self.dataset.records  # a data.subsets folder may keep its own number of tags in place
+        captions = [
+            self._caption(c, records[i].keep_tokens) for c, i in zip(batch["caption"], batch["index"], strict=True)
+        ]
         with torch.no_grad(), stage("vae"):
             if self.latent_store is None:
                 pixels = batch["pixel_values"].to(self.device, dtype=self.weight_dtype, non_blocking=True)
@@ -538,7 +541,8 @@ class Trainer:
 
         return encode(captions) if self.text_cache is None else self.text_cache.encode(captions, encode)
 
-    def _caption(self, caption: str) -> str:
+    def _caption(self, caption: str, keep_tokens: int | None = None) -> str:
+        """The caption to train on this time; ``keep_tokens`` is its folder's own (None: data.keep_tokens)."""
         data, dropout = self.cfg.data, self.cfg.dropout
         text = transform_caption(
             caption,
@@ -547,7 +551,7 @@ class Trainer:
             caption_rate=dropout.caption_rate,
             caption_every_n_epochs=dropout.caption_every_n_epochs,
             tag_rate=dropout.tag_rate,
-            keep_tokens=data.keep_tokens,
+            keep_tokens=data.keep_tokens if keep_tokens is None else keep_tokens,
             shuffle_tags=data.shuffle_tags,
             trigger_word=data.trigger_word,
         )
