@@ -1,9 +1,10 @@
-"""``python -m sweeper.import_kohya``: kohya TOML / LoRA_Easy JSON -> an experiment file that composes."""
+"""``python -m sweeper.import_kohya``: kohya TOML / LoRA_Easy TOML or JSON -> an experiment file that composes."""
 
 from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 import tomllib
@@ -13,11 +14,16 @@ import pytest
 from omegaconf import OmegaConf
 
 from sweeper.import_kohya import ImportResult, import_config, main, write_experiment, yaml_value
-from tests.conftest import CONF_DIR, REPO, compose_config
+from sweeper.kohya_import.machine import check_here
+from sweeper.validate import validate
+from tests.conftest import CONF_DIR, FAST, REPO, compose_config, run_cli
 
 DATA = Path(__file__).parent / "data"
 KOHYA_TOML = DATA / "kohya_lora.toml"
 LORA_EASY_JSON = DATA / "lora_easy.json"
+LORA_EASY_TOML = DATA / "lora_easy.toml"  # LoRA_Easy's current format: [network_args.args], [[subsets]], ...
+SUBSETS_TOML = DATA / "kohya_subsets.toml"  # its dataset_config: two training subsets and a reg subset
+SAMPLE = REPO / "data" / "sample"
 
 
 def write_and_compose(result: ImportResult, tmp_path: Path, name: str = "imported", *overrides: str):
@@ -32,11 +38,23 @@ def sources(entries) -> set[str]:
 
 
 def leaf_labels(table: dict, path: str = "") -> set[str]:
+    """``section.key`` of every value in a parsed file; ``subsets[0].key`` inside arrays of tables."""
     labels = set()
     for key, value in table.items():
         label = f"{path}.{key}" if path else key
-        labels |= leaf_labels(value, label) if isinstance(value, dict) and key != "optimizer_args" else {label}
+        if isinstance(value, list) and value and all(isinstance(v, dict) for v in value):
+            for index, item in enumerate(value):
+                labels |= leaf_labels(item, f"{label}[{index}]")
+        elif isinstance(value, dict):
+            labels |= leaf_labels(value, label)
+        else:
+            labels.add(label)
     return labels
+
+
+def reported(result: ImportResult) -> set[str]:
+    """Every source label the report names: mapped, not mapped, empty, or on this machine."""
+    return sources(result.mapped) | sources(result.unmapped) | sources(result.empty) | sources(result.here)
 
 
 # --- kohya sd-scripts TOML
@@ -62,18 +80,30 @@ def test_kohya_toml_maps_onto_a_config_that_composes(tmp_path):
     assert (cfg.data.train_dir, cfg.data.reg_dir) == ("/data/chara/img", "/data/chara/reg")
     assert (cfg.data.caption_extension, cfg.data.shuffle_tags, cfg.data.keep_tokens) == (".txt", True, 1)
     assert (cfg.data.max_token_length, cfg.data.cache_latents, cfg.data.flip_aug) == (225, "disk", True)
+    # 512 px and kohya's 256 / 1024 / 64 are SD1.5's native size and our defaults relative to it: left to
+    # follow the model (null), so the experiment also trains model=tiny at its own 64 px
     assert (cfg.bucket.enabled, cfg.bucket.resolution, cfg.bucket.min_side, cfg.bucket.max_side) == (
         True,
-        512,
-        256,
-        1024,
+        None,
+        None,
+        None,
     )
+    assert cfg.bucket.step is None
     assert (cfg.train.epochs, cfg.train.max_steps, cfg.train.batch_size) == (10, None, 2)
     assert (cfg.train.grad_accum_steps, cfg.train.seed, cfg.train.noise_offset) == (2, 1337, 0.05)
     assert cfg.train.min_snr_gamma == 5.0 and cfg.train.save_every_n_epochs == 2
     assert cfg.dropout.tag_rate == 0.05 and cfg.eval.every_n_steps == 500
-    assert (cfg.output.dir, cfg.output.name, cfg.output.comment) == ("/out/chara", "chara_v1", "trigger: chara_xyz")
-    assert cfg.output.format == "safetensors"
+    assert (cfg.output.name, cfg.output.comment, cfg.output.format) == ("chara_v1", "trigger: chara_xyz", "safetensors")
+    mapped = {m.source: (m.target, m.value, m.note) for m in result.mapped}
+    assert mapped["dataset_arguments.resolution"] == ("", "512,512", mapped["dataset_arguments.resolution"][2])
+    assert "native resolution" in mapped["dataset_arguments.resolution"][2]
+    assert {
+        mapped[f"dataset_arguments.{k}"][:2] for k in ("min_bucket_reso", "max_bucket_reso", "bucket_reso_steps")
+    } == {
+        ("", 256),
+        ("", 1024),
+        ("", 64),
+    }
 
 
 def test_kohya_report_lists_every_unmapped_option_with_a_reason():
@@ -106,10 +136,11 @@ def test_kohya_report_lists_every_unmapped_option_with_a_reason():
 
 def test_every_option_in_the_file_is_reported():
     data = tomllib.loads(KOHYA_TOML.read_text())
-    reported = sources(import_config(KOHYA_TOML).mapped) | sources(import_config(KOHYA_TOML).unmapped)
     network_args = {"additional_network_arguments.network_args"}
     expected = leaf_labels(data) - network_args - {"optimizer_arguments.optimizer_args"}
-    assert expected - reported == set()
+    assert expected - reported(import_config(KOHYA_TOML)) == set()
+    for fixture in (LORA_EASY_TOML, SUBSETS_TOML, DATA / "kohya_dataset.toml"):
+        assert leaf_labels(tomllib.loads(fixture.read_text())) - reported(import_config(fixture)) == set(), fixture
 
 
 def test_kohya_defaults_are_written_when_the_file_leaves_them_out(tmp_path):
@@ -134,13 +165,17 @@ def test_the_dataset_config_is_read_inline_and_by_reference(tmp_path):
     config.write_text("network_dim = 4\ndataset_config = 'dataset.toml'\n")
     result = import_config(config)
     _, cfg = write_and_compose(result, tmp_path)
-    assert cfg.data.train_dir == "/d/chara" and cfg.data.reg_dir == "/d/reg"
-    assert cfg.data.shuffle_tags is True and cfg.data.keep_tokens == 2
+    # /d/chara is not named 10_<name>: its 10 repeats need a data.subsets entry (the reg folder goes with it)
+    assert cfg.data.train_dir is None and cfg.data.reg_dir is None
+    assert [dict(s) for s in cfg.data.subsets] == [
+        _entry("/d/chara", repeats=10, keep_tokens=2),
+        _entry("/d/reg", repeats=1, is_reg=True),
+    ]
+    assert cfg.data.shuffle_tags is True and cfg.data.keep_tokens == 0
     assert cfg.data.caption_extension == ".txt", "the leading dot is added"
     assert cfg.bucket.resolution == 768 and cfg.train.batch_size == 3
     unmapped = {u.source: u.reason for u in result.unmapped}
-    assert "10_<name>" in unmapped["dataset.toml:.datasets[0].subsets[0].num_repeats"]
-    assert "one dataset per run" in unmapped["dataset.toml:.datasets[1]"]
+    assert "one dataset (one resolution and batch size) per run" in unmapped["dataset.toml:.datasets[1]"]
 
     config.write_text("dataset_config = 'missing.toml'\n")
     assert "not found" in {u.source: u.reason for u in import_config(config).unmapped}["dataset_config"]
@@ -188,16 +223,18 @@ def test_values_that_do_not_fit_are_reported_not_written(tmp_path, line, source,
 def test_special_values_survive_the_yaml(tmp_path):
     config = tmp_path / "odd.toml"
     config.write_text(
-        'output_dir = "C:\\\\loras\\\\${HOME}"\ntraining_comment = "日本語: \\"quoted\\" # not a comment"\n'
+        'vae = "C:\\\\loras\\\\${HOME}"\ntraining_comment = "日本語: \\"quoted\\" # not a comment"\n'
         "learning_rate = 1e-5\nnoise_offset = 0\n"
     )
     _, cfg = write_and_compose(import_config(config), tmp_path)
-    assert cfg.output.dir == "C:\\loras\\${HOME}"
+    assert cfg.model.vae == "C:\\loras\\${HOME}"
     assert cfg.output.comment == '日本語: "quoted" # not a comment'
     assert cfg.optimizer.lr == 1e-5 and cfg.train.noise_offset == 0.0
 
 
-@pytest.mark.parametrize("value", [1e-5, 0.5, 3, True, None, [0.9, 0.99], "a: b", "${x}", "C:\\p", 1e16])
+@pytest.mark.parametrize(
+    "value", [1e-5, 0.5, 3, True, None, [0.9, 0.99], "a: b", "${x}", "C:\\p", 1e16, {"dir": "/a: b", "repeats": 2}]
+)
 def test_yaml_value_reads_back_as_the_same_value(value):
     read = OmegaConf.create(f"key: {yaml_value(value)}")
     assert OmegaConf.to_container(read, resolve=True)["key"] == value
@@ -221,13 +258,13 @@ def test_lora_easy_json_maps_onto_a_config_that_composes(tmp_path):
     assert (cfg.train.epochs, cfg.train.max_steps, cfg.train.batch_size) == (8, None, 2)
     assert (cfg.bucket.enabled, cfg.bucket.resolution, cfg.bucket.min_side, cfg.bucket.max_side) == (
         True,
-        512,
+        None,
         320,
         960,
     )
     assert cfg.data.max_token_length == 150 and cfg.data.tag_stats == "count" and cfg.data.cache_latents == "memory"
     assert (cfg.dropout.caption_rate, cfg.dropout.tag_rate) == (0.05, 0.1)
-    assert (cfg.output.dir, cfg.output.name, cfg.output.metadata) == ("/out/chara", "chara_easy", True)
+    assert (cfg.output.name, cfg.output.metadata) == ("chara_easy", True)
 
 
 def test_lora_easy_report_lists_unmapped_and_empty_options():
@@ -288,3 +325,261 @@ def test_every_shipped_experiment_composes():
     for name in shipped:
         cfg = compose_config([f"+experiment={name}"])
         assert cfg.network.dim >= 1
+
+
+# --- LoRA_Easy_Training_Scripts' current TOML ([general_args.args], [network_args.args], [[subsets]], ...)
+
+
+def test_lora_easy_toml_round_trip_keeps_every_value(tmp_path):
+    result = import_config(LORA_EASY_TOML)
+    assert result.kind == "LoRA_Easy_Training_Scripts TOML"
+    path, cfg = write_and_compose(result, tmp_path, "easy_toml")
+
+    assert cfg.model.source == "diffusers"
+    assert cfg.model.path == "F:/Desktop/stable diffusion/LoRA/nai-fp16.safetensors"
+    assert (cfg.model.clip_skip, cfg.model.attention, cfg.model.gradient_checkpointing) == (2, "xformers", True)
+    assert (cfg.network.dim, cfg.network.alpha, cfg.network.dropout) == (32, 16.0, 0.1)
+    assert (cfg.network.unet_lr, cfg.network.text_encoder_lr, cfg.network.train_text_encoder) == (1e-4, 5e-5, True)
+    assert (cfg.optimizer.name, cfg.optimizer.lr, cfg.optimizer.weight_decay) == ("adamw8bit", 1e-4, 0.1)
+    assert list(cfg.optimizer.betas) == [0.9, 0.99]
+    assert (cfg.scheduler.name, cfg.scheduler.num_cycles, cfg.scheduler.warmup_steps) == ("cosine", 2, 0.05)
+    assert cfg.precision.mixed == "fp16"
+    assert (cfg.train.epochs, cfg.train.max_steps, cfg.train.batch_size, cfg.train.grad_accum_steps) == (2, None, 2, 2)
+    assert (cfg.train.seed, cfg.train.max_grad_norm, cfg.train.min_snr_gamma) == (23, 1.0, 5.0)
+    assert (cfg.train.noise_offset, cfg.train.save_every_n_epochs, cfg.train.timestep_range) == (0.05, 1, None)
+    assert cfg.data.train_dir == "F:/Desktop/stable diffusion/LoRA/lora_datasets/atla_data", "10_atla's parent"
+    assert list(cfg.data.subsets) == []
+    assert (cfg.data.caption_extension, cfg.data.keep_tokens, cfg.data.shuffle_tags) == (".txt", 1, True)
+    assert (cfg.data.flip_aug, cfg.data.color_aug, cfg.data.random_crop) == (False, False, True)
+    assert (cfg.data.num_workers, cfg.data.persistent_workers, cfg.data.max_token_length) == (1, True, 225)
+    assert (cfg.data.prior_loss_weight, cfg.data.tag_stats) == (1.0, "count")
+    assert (cfg.bucket.enabled, cfg.bucket.resolution, cfg.bucket.min_side, cfg.bucket.max_side) == (
+        True,
+        None,
+        None,
+        None,
+    )
+    assert (cfg.eval.sampler, cfg.eval.every_n_steps) == ("ddim", 100)
+    assert (cfg.output.name, cfg.output.precision, cfg.output.format) == ("test", "fp16", "safetensors")
+    assert cfg.output.comment == "atla, trigger: atla_style"
+    assert OmegaConf.to_container(cfg.output)["dir"] == "${hydra:runtime.output_dir}", "F:/Desktop is not here"
+    assert "override /optimizer: adamw8bit" in path.read_text()
+
+    unmapped = {u.source: u.reason for u in result.unmapped}
+    assert set(unmapped) == {
+        "general_args.args.no_half_vae",
+        "network_args.args.network_args.conv_dim",
+        "network_args.args.network_args.conv_alpha",
+        "saving_args.args.save_last_n_epochs",
+        "saving_args.args.save_toml",
+        "sample_args.args.sample_prompts",
+        "logging_args.args.log_with",
+        "logging_args.args.logging_dir",
+    }
+    assert "LoCon" in unmapped["network_args.args.network_args.conv_dim"]
+    report = result.report()
+    assert "network_alpha absent" not in report and "network_args.args.network_alpha -> network.alpha = 16.0" in report
+    assert "subsets[0].num_repeats = 10 -> nothing to set" in report and "10_atla/" in report
+    nothing = {m.source for m in result.mapped if not m.target}
+    assert {"train_mode.train_mode", "subsets[0].name", "general_args.args.lowram"} <= nothing
+    assert {"network_args.args.min_timestep", "network_args.args.max_timestep"} <= nothing, "the full range"
+
+
+def _entry(folder: str, **fields) -> dict:
+    """A data.subsets entry as composed: the schema's defaults plus ``fields``."""
+    entry = {"dir": folder, "repeats": 1, "caption_extension": None, "keep_tokens": None, "class_tokens": None}
+    return {**entry, "is_reg": False, **fields}
+
+
+def _lora_easy_subset(tmp_path: Path, image_dir: str, num_repeats: int = 10) -> ImportResult:
+    config = tmp_path / "easy.toml"
+    config.write_text(
+        f"[[subsets]]\nnum_repeats = {num_repeats}\nimage_dir = '{image_dir}'\ncaption_extension = '.txt'\n"
+        "[general_args.args]\nmax_train_epochs = 1\n"
+    )
+    return import_config(config)
+
+
+def test_num_repeats_is_recognised_from_the_folder_name(tmp_path):
+    """LoRA_Easy names a subset's folder <num_repeats>_<name>: its parent is data.train_dir in kohya's layout."""
+    result = _lora_easy_subset(tmp_path, "F:/datasets/atla_data/10_atla")
+    assert result.values["data.train_dir"] == "F:/datasets/atla_data" and "data.subsets" not in result.values
+    repeats = next(m for m in result.mapped if m.source == "subsets[0].num_repeats")
+    assert (repeats.target, repeats.value) == ("", 10) and "10_atla/" in repeats.note
+    assert "subsets[0].num_repeats" not in sources(result.unmapped)
+
+    # here, the parent holding only that folder is checked, and trains it 10 times per epoch
+    parent = tmp_path / "atla_data"
+    shutil.copytree(SAMPLE / "10_star", parent / "10_atla")
+    result = _lora_easy_subset(tmp_path, str(parent / "10_atla"))
+    assert result.values["data.train_dir"] == str(parent)
+    _, cfg = write_and_compose(result, tmp_path, "easy", f"output.dir={tmp_path / 'out'}")
+    assert {r.repeats for r in validate(cfg).dataset.records} == {10}
+
+
+@pytest.mark.parametrize(
+    ("image_dir", "num_repeats", "why"),
+    [
+        ("F:/datasets/atla", 10, "the folder name says no repeats"),
+        ("F:/datasets/5_atla", 10, "the folder name says other repeats"),
+        ("LOCAL/10_atla", 10, "its parent holds another folder, which would be trained too"),
+    ],
+)
+def test_repeats_the_folder_name_does_not_give_are_a_subset_entry(tmp_path, image_dir, num_repeats, why):
+    if image_dir.startswith("LOCAL"):
+        (tmp_path / "data" / "10_atla").mkdir(parents=True)
+        (tmp_path / "data" / "1_other").mkdir()
+        image_dir = image_dir.replace("LOCAL", str(tmp_path / "data"))
+    result = _lora_easy_subset(tmp_path, image_dir, num_repeats)
+    assert result.values["data.train_dir"] is None, why
+    assert result.values["data.subsets"] == [{"dir": image_dir, "repeats": num_repeats, "caption_extension": ".txt"}]
+
+
+def test_one_repeat_is_the_folder_itself(tmp_path):
+    result = _lora_easy_subset(tmp_path, "F:/datasets/atla", num_repeats=1)
+    assert result.values["data.train_dir"] == "F:/datasets/atla" and "data.subsets" not in result.values
+
+
+# --- several subsets (sd-scripts' dataset config)
+
+
+def test_a_dataset_config_with_several_subsets_imports_every_folder(tmp_path):
+    result = import_config(SUBSETS_TOML)
+    _, cfg = write_and_compose(result, tmp_path, "subsets")
+
+    where = "kohya_dataset.toml:.datasets[0].subsets"
+    assert [dict(s) for s in cfg.data.subsets] == [
+        _entry("/data/chara/portraits", repeats=10, keep_tokens=2, class_tokens="chara girl"),
+        _entry("/data/chara/outfits", repeats=3, caption_extension=".caption", class_tokens="chara girl, outfit"),
+        _entry("/data/reg/girl", repeats=1, keep_tokens=0, class_tokens="girl", is_reg=True),
+    ]
+    assert cfg.data.train_dir is None, "not the bundled sample: the subsets are the images"
+    assert cfg.data.reg_dir is None
+    # [general]: the defaults of every folder; shared settings are one key for all folders
+    assert (cfg.data.caption_extension, cfg.data.keep_tokens, cfg.data.shuffle_tags) == (".txt", 1, True)
+    assert (cfg.data.flip_aug, cfg.data.color_aug, cfg.data.prior_loss_weight) == (True, False, 0.5)
+    assert (cfg.bucket.resolution, cfg.train.batch_size, cfg.train.max_steps) == (None, 2, 1200)
+    assert (cfg.model.path, cfg.network.dim, cfg.network.alpha, cfg.optimizer.lr) == ("/models/sd15", 16, 8.0, 1e-4)
+    assert result.unmapped == []
+
+    mapped = {(m.source, m.target) for m in result.mapped}
+    assert (f"{where}[1].caption_extension", "data.subsets[1].caption_extension") in mapped
+    assert (f"{where}[2].is_reg", "data.subsets[2].is_reg") in mapped
+    assert (f"{where}[0].class_tokens", "data.subsets[0].class_tokens") in mapped
+    text = (tmp_path / "experiment" / "subsets.yaml").read_text()
+    assert (
+        f'- {{dir: "/data/chara/portraits", repeats: 10, keep_tokens: 2, class_tokens: "chara girl"}}  # {where}[0]'
+        in text
+    )
+
+    # on other images: the subsets give way to one folder
+    here = {o.source: o.reason for o in result.here}
+    assert "data.subsets=[] data.train_dir=" in here["the dataset's subsets"]
+    _, cfg = write_and_compose(
+        result,
+        tmp_path,
+        "subsets",
+        "model=tiny",
+        "data.subsets=[]",
+        f"data.train_dir={SAMPLE}",
+        f"output.dir={tmp_path}",
+    )
+    assert len(validate(cfg).dataset.records) == 16
+
+
+def test_settings_the_subsets_disagree_on_are_reported(tmp_path):
+    config = tmp_path / "dataset.toml"
+    config.write_text(
+        "[[datasets]]\nresolution = 512\n"
+        "  [[datasets.subsets]]\n  image_dir = '/a'\n  shuffle_caption = true\n  face_crop_aug_range = [2.0, 4.0]\n"
+        "  [[datasets.subsets]]\n  image_dir = '/b'\n  flip_aug = true\n"
+        "  [[datasets.subsets]]\n  image_dir = '/c'\n  flip_aug = true\n  shuffle_caption = false\n"
+    )
+    result = import_config(config)
+    unmapped = {u.source: u.reason for u in result.unmapped}
+    assert "differs between subsets" in unmapped["datasets[0].subsets[0].shuffle_caption"]
+    assert "data.shuffle_tags is one value for all folders" in unmapped["datasets[0].subsets[2].shuffle_caption"]
+    assert "datasets[0].subsets[0]: false" in unmapped["datasets[0].subsets[1].flip_aug"], "the default counts"
+    assert unmapped["datasets[0].subsets[0].face_crop_aug_range"] == "no face-crop augmentation"
+    assert "data.shuffle_tags" not in result.values and "data.flip_aug" not in result.values
+    assert [e["dir"] for e in result.values["data.subsets"]] == ["/a", "/b", "/c"]
+    assert result.values["data.caption_extension"] == ".caption", "sd-scripts' default for the subsets"
+
+
+# --- what cannot apply on this machine (point 9)
+
+
+def test_what_cannot_run_without_cuda_is_reported_with_the_override(tmp_path):
+    result = import_config(LORA_EASY_TOML, check=False)
+    check_here(result, cuda=False)
+    here = {o.source: (o.reason, o.override) for o in result.here}
+    assert "needs a CUDA GPU" in here["optimizer_args.args.optimizer_type"][0]
+    assert here["optimizer_args.args.optimizer_type"][1] == "optimizer=adamw"
+    assert here["general_args.args.mixed_precision"] == (
+        "precision=fp16 needs a CUDA GPU (loss scaling); none is here, and fp32 or bf16 run on the CPU",
+        "precision=fp32",
+    )
+    assert here["general_args.args.xformers"][1] == "model.attention=sdpa"
+    assert "not on this machine" in here["general_args.args.pretrained_model_name_or_path"][0]
+    assert "data.train_dir=<your images>" in here["subsets[0].image_dir"][0]
+    assert result.overrides_here == ["optimizer=adamw", "precision=fp32", "model.attention=sdpa"]
+    report = result.report(name="easy")
+    assert "On this machine (6):" in report
+    assert (
+        "Run it here: python -m sweeper +experiment=easy optimizer=adamw precision=fp32 model.attention=sdpa" in report
+    )
+
+    plain = tmp_path / "plain.toml"  # nothing CUDA-only: nothing to report about it
+    plain.write_text("optimizer_type = 'AdamW'\nmixed_precision = 'bf16'\nsdpa = true\n")
+    result = import_config(plain, check=False)
+    check_here(result, cuda=False)
+    assert result.here == []
+
+
+def test_an_output_folder_is_written_only_where_runs_can_write(tmp_path):
+    config = tmp_path / "out.toml"
+    config.write_text(f"output_dir = '{tmp_path / 'loras'}'\n")
+    assert import_config(config).values["output.dir"] == str(tmp_path / "loras")
+    config.write_text("output_dir = 'F:/Desktop'\n")
+    result = import_config(config)
+    assert "output.dir" not in result.values
+    assert "left out" in {o.source: o.reason for o in result.here}["output_dir"]
+
+
+@pytest.mark.parametrize(
+    ("lines", "expected"),
+    [
+        ("", True),  # kohya trains the text-encoder LoRA unless told otherwise
+        ("network_train_unet_only = true", False),
+        ("text_encoder_lr = 0", False),  # a learning rate of 0 would train nothing
+        ("network_train_text_encoder_only = true", True),
+    ],
+)
+def test_the_text_encoder_trains_as_kohya_would(tmp_path, lines, expected):
+    config = tmp_path / "te.toml"
+    config.write_text(f"[network_args.args]\nnetwork_dim = 4\n{lines}\n")
+    result = import_config(config)
+    assert result.values["network.train_text_encoder"] is expected
+
+
+@pytest.mark.slow
+def test_an_imported_experiment_runs_on_the_bundled_data(tmp_path):
+    """The experiment of a LoRA_Easy TOML trains on the bundled data with only the model and the images given,
+    plus what the import reported as impossible on this CPU machine (and settings that keep the test short)."""
+    result = import_config(LORA_EASY_TOML)
+    write_experiment(result, "easy", tmp_path / "conf" / "experiment")
+    given = ["+experiment=easy", f"hydra.searchpath=[file://{tmp_path / 'conf'}]", "model=tiny", "eval.clip_model=tiny"]
+    given.append(f"data.train_dir={SAMPLE}")
+    short = [
+        o for o in FAST if o.split("=")[0] in ("train.max_steps", "eval.num_inference_steps", "eval.images_per_prompt")
+    ]
+
+    if result.overrides_here:  # without them, startup stops with the reasons the import gave
+        refused = run_cli(*given, *short, cwd=tmp_path, timeout=300)
+        assert refused.returncode != 0
+        assert all(o.reason.split(";")[0] in refused.stderr for o in result.here if o.override)
+
+    done = run_cli(*given, *result.overrides_here, *short, cwd=tmp_path, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "Buckets (resolution 64" in done.stdout + done.stderr, "the tiny model's own size, not 512"
+    assert list((tmp_path / "outputs" / "runs").glob("*/*/test.safetensors")), "output.name from the file"
