@@ -151,6 +151,7 @@ def test_kohya_defaults_are_written_when_the_file_leaves_them_out(tmp_path):
     assert cfg.network.train_text_encoder is True
     assert cfg.train.max_steps == 1600
     assert cfg.data.caption_extension == ".caption"
+    assert cfg.data.missing_captions == "class_tokens", "kohya captions them with their folder's name"
 
 
 def test_the_dataset_config_is_read_inline_and_by_reference(tmp_path):
@@ -352,7 +353,7 @@ def test_lora_easy_toml_round_trip_keeps_every_value(tmp_path):
     assert (cfg.data.caption_extension, cfg.data.keep_tokens, cfg.data.shuffle_tags) == (".txt", 1, True)
     assert (cfg.data.flip_aug, cfg.data.color_aug, cfg.data.random_crop) == (False, False, True)
     assert (cfg.data.num_workers, cfg.data.persistent_workers, cfg.data.max_token_length) == (1, True, 225)
-    assert (cfg.data.prior_loss_weight, cfg.data.tag_stats) == (1.0, "count")
+    assert (cfg.data.prior_loss_weight, cfg.data.tag_stats, cfg.data.missing_captions) == (1.0, "count", "warn")
     assert (cfg.bucket.enabled, cfg.bucket.resolution, cfg.bucket.min_side, cfg.bucket.max_side) == (
         True,
         None,
@@ -454,7 +455,7 @@ def test_a_dataset_config_with_several_subsets_imports_every_folder(tmp_path):
         _entry("/data/reg/girl", repeats=1, keep_tokens=0, class_tokens="girl", is_reg=True),
     ]
     assert cfg.data.train_dir is None, "not the bundled sample: the subsets are the images"
-    assert cfg.data.reg_dir is None
+    assert cfg.data.reg_dir is None and cfg.data.missing_captions == "warn"
     # [general]: the defaults of every folder; shared settings are one key for all folders
     assert (cfg.data.caption_extension, cfg.data.keep_tokens, cfg.data.shuffle_tags) == (".txt", 1, True)
     assert (cfg.data.flip_aug, cfg.data.color_aug, cfg.data.prior_loss_weight) == (True, False, 0.5)

@@ -458,6 +458,13 @@ def _data_dir(m: Mapper, taken: dict[str, Option]) -> None:
             "(caption_extension absent)",
             "sd-scripts' default caption extension is .caption",
         )
+    folder = taken.get("train_data_dir")
+    if folder is not None and "subsets[" not in folder.label:  # sd-scripts' DreamBooth layout
+        note = "sd-scripts captions them with the <name> of their <repeats>_<name> folder"
+        m.set("data.missing_captions", "class_tokens", "(images without a caption file)", note)
+    elif folder is not None or m.plan.entries:  # a dataset config's subsets
+        note = "sd-scripts gives them their subset's class_tokens, or trains them uncaptioned with a warning"
+        m.set("data.missing_captions", "warn", "(images without a caption file)", note)
 
 
 @rule("resume", "load_previous_save_state")
