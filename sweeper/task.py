@@ -61,10 +61,14 @@ class RunResult:
     selected_step: int = 0
 
     experiment_id: str | None = None
+    objective: str = "clip_score"  # what the printed runs page sorts by, best first
+    higher_is_better: bool = True
 
     @property
     def ui_command(self) -> str | None:
-        return ui_command(self.tracking_uri, self.experiment_id) if self.tracking_uri else None
+        if not self.tracking_uri:
+            return None
+        return ui_command(self.tracking_uri, self.experiment_id, self.objective, self.higher_is_better)
 
 
 def run(
@@ -285,6 +289,8 @@ def run(
             summary=lines,
             selected_step=selected.step,
             experiment_id=tracker.experiment_id,
+            objective=objective,
+            higher_is_better=maximize,
         )
 
 

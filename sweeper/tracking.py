@@ -62,9 +62,20 @@ LOCAL_UI = "http://127.0.0.1:5000"
 RUNS_PAGE = "#/experiments/{experiment_id}/runs?workflowType=machine_learning"
 
 
-def ui_command(tracking_uri: str, experiment_id: str | None = None) -> str:
+def runs_page(experiment_id: str, sort_by: str | None = None, higher_is_better: bool = True) -> str:
+    """The experiment's runs table, sorted by ``sort_by`` (best first): MLflow shows no metric column
+    by default and takes none from the URL, but it does take the sort order."""
+    page = RUNS_PAGE.format(experiment_id=experiment_id)
+    if sort_by:
+        page += f"&orderByKey=metrics.%60{sort_by}%60&orderByAsc={'false' if higher_is_better else 'true'}"
+    return page
+
+
+def ui_command(
+    tracking_uri: str, experiment_id: str | None = None, sort_by: str | None = None, higher_is_better: bool = True
+) -> str:
     """The command that opens the MLflow UI on this store, and the page with the experiment's runs."""
-    page = RUNS_PAGE.format(experiment_id=experiment_id) if experiment_id else ""
+    page = runs_page(experiment_id, sort_by, higher_is_better) if experiment_id else ""
     if tracking_uri.startswith(("http://", "https://")):
         return f"open {redact_password(tracking_uri).rstrip('/')}/{page}"
     # this interpreter's own mlflow (works without activating the venv); one web worker and no job

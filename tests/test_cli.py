@@ -42,7 +42,8 @@ def test_a_run_on_a_users_folder_prints_the_summary(tmp_path):
     ui = re.search(rf"MLflow UI:\s+{lightweight}", out)
     assert ui and ui.group(2) == f"sqlite:///{tmp_path / 'outputs' / 'mlflow.db'}"
     assert Path(ui.group(1)) == Path(sys.executable).with_name("mlflow")  # works without activating the venv
-    assert re.search(r"then open http://127.0.0.1:5000/#/experiments/\d+/runs\?workflowType=machine_learning", out)
+    page = r"then open http://127.0.0.1:5000/#/experiments/\d+/runs\?workflowType=machine_learning"
+    assert re.search(page + r"&orderByKey=metrics.%60clip_t%60&orderByAsc=false", out)  # best first
     assert "train" in done.stderr  # the progress bar
     assert not list((tmp_path / "outputs" / "runs").rglob("*.log"))  # no empty Hydra job log
 

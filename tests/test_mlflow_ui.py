@@ -25,7 +25,7 @@ from pathlib import Path
 import pytest
 from mlflow.tracking import MlflowClient
 
-from sweeper.tracking import RUNS_PAGE
+from sweeper.tracking import runs_page
 from tests.conftest import REPO, run_cli
 
 CHROMIUM = Path("/usr/bin/chromium")
@@ -207,13 +207,23 @@ def test_the_mlflow_ui_shows_the_sweep_its_trials_their_samples_and_the_swept_pa
     expect = sync_api.expect
     exp = sweep.experiment_id
     try:
-        # (1) the page the run prints: the experiment's runs table (not MLflow 3's GenAI overview); the
-        # parent run, and both trials once its row is expanded
-        page.goto(f"{mlflow_server}/{RUNS_PAGE.format(experiment_id=exp)}", wait_until="load")
+        # (1) the page the run prints: the experiment's runs table (not MLflow 3's GenAI overview),
+        # sorted by the objective: the trials listed flat, named by their swept values, best first
+        page.goto(f"{mlflow_server}/{runs_page(exp, 'clip_score')}", wait_until="load")
+        expect(page.get_by_text("Sort: clip_score")).to_be_visible()
+        for name, run_id in sweep.children.items():
+            expect(run_link(page, run_id).first).to_have_text(name)
+        names = page.locator('[col-id="attributes.`Run Name`"] a').all_inner_texts()
+        assert names[0] == max(sweep.clip_scores, key=sweep.clip_scores.get), names
+        close_assistant_panel(page)
+        shots.take(page, "01-printed-page-best-first")
+
+        # the same table sorted by start time (MLflow's default) nests the trials under the sweep's parent
+        by_start = "&orderByKey=attributes.start_time&orderByAsc=false"
+        page.goto(f"{mlflow_server}/{runs_page(exp)}{by_start}", wait_until="load")
         parent_link = run_link(page, sweep.parent_id).first
         expect(parent_link).to_be_visible()
         expect(parent_link).to_have_text(sweep.parent_name)
-        close_assistant_panel(page)
         shots.take(page, "01-experiment-collapsed")
 
         parent_row = page.locator('[role="row"]', has=run_link(page, sweep.parent_id)).first

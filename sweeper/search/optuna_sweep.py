@@ -216,7 +216,8 @@ class OptunaSweep:
                     print("Other workers are still on this study; the last one to finish completes the parent run.")
                 if parent.run_id:
                     print(f"MLflow parent run: {parent.run_id}")
-                    print(f"MLflow UI: {ui_command(parent.tracking_uri, parent.experiment_id)}")
+                    best_first = (self.objectives[0], directions[0] == "maximize")
+                    print(f"MLflow UI: {ui_command(parent.tracking_uri, parent.experiment_id, *best_first)}")
             self._raise_if_incomplete(study)
         return returns
 
