@@ -150,5 +150,7 @@ def build_pruner(options: Any) -> optuna.pruners.BasePruner:
     if name == "wilcoxon":
         # Paired signed-rank test of this trial's per-image values against the best trial's on the
         # same images (sweeper.search.trial numbers them); it stops a trial once it is worse at p < 0.1.
-        return optuna.pruners.WilcoxonPruner(p_threshold=0.1, n_startup_steps=WILCOXON_STARTUP_IMAGES)
+        with warnings.catch_warnings():  # "experimental" in Optuna, and exactly the test we want
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+            return optuna.pruners.WilcoxonPruner(p_threshold=0.1, n_startup_steps=WILCOXON_STARTUP_IMAGES)
     return optuna.pruners.NopPruner()
