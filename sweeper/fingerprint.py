@@ -21,10 +21,11 @@ WHERE_KEYS = ("output.dir", "tracking", "sweep")
 
 
 def dataset_fingerprint(records: Iterable[ImageRecord], caption_extension: str) -> dict[str, dict[str, Any]]:
-    """``{file: {size, sha256}}`` for every image and caption the run trained on."""
+    """``{file: {size, sha256}}`` for every image and caption the run trained on (a record's own caption
+    file when the scan found one, so a data.subsets folder's own caption extension counts)."""
     files: dict[str, dict[str, Any]] = {}
     for record in records:
-        caption = record.path.with_suffix(caption_extension)
+        caption = record.caption_file or record.path.with_suffix(caption_extension)
         for path in (record.path, caption):
             if path.is_file() and str(path) not in files:
                 files[str(path)] = {"size": path.stat().st_size, "sha256": file_sha256(path)}

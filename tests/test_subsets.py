@@ -9,6 +9,7 @@ import pytest
 from PIL import Image
 
 from sweeper.config import DataConfig, SubsetConfig
+from sweeper.fingerprint import dataset_fingerprint
 from sweeper.tracking import NullTracker
 from sweeper.validate import ConfigError, validate
 from training.data import scan_folders
@@ -70,6 +71,15 @@ def test_each_folder_keeps_its_repeats_captions_and_class_tokens(make_cfg, folde
     assert validated.dataset.uncaptioned == [], "captioned by class tokens, not a missing caption"
     regularisation = {r.path.name: (r.caption, r.repeats) for r in validated.regularisation.records}
     assert regularisation == {"r1.png": ("girl", 1), "r2.png": ("girl", 1)}
+
+
+def test_the_data_fingerprint_holds_each_folders_own_caption_files(make_cfg, folders):
+    """What reproduce compares: a subset's .caption files are fingerprinted, the stray .txt is not."""
+    cfg = make_cfg(*make_subsets(folders))
+    fingerprint = dataset_fingerprint(validate(cfg).dataset.records, cfg.data.caption_extension)
+    names = {Path(name).name for name in fingerprint}
+    assert {"o1.caption", "o2.caption", "p1.txt", "p2.txt"} <= names
+    assert "o1.txt" not in names
 
 
 def test_train_dir_and_subsets_are_trained_together(make_cfg, folders):

@@ -57,6 +57,7 @@ class ImageRecord:
     repeats: int
     is_reg: bool = False
     keep_tokens: int | None = None  # its folder's own keep_tokens (a data.subsets entry); None = data.keep_tokens
+    caption_file: Path | None = None  # the caption file read, under its folder's own extension (None: none)
 
 
 @dataclass(frozen=True)
@@ -184,7 +185,8 @@ def scan_dataset(
             caption = _read_caption(caption_file, scan.problems)
             if caption is None:
                 continue
-            scan.records.append(ImageRecord(path=image, caption=caption, repeats=repeats))
+            found = caption_file if caption_file.exists() else None
+            scan.records.append(ImageRecord(path=image, caption=caption, repeats=repeats, caption_file=found))
             if not caption_file.exists():
                 scan.uncaptioned.append(Uncaptioned(image, class_tokens, tuple(others.get(image.stem, ()))))
 
