@@ -152,6 +152,12 @@ def artifact_location(uri: str, artifact_root: str | None, outputs: Path, experi
     return Path(artifact_root or outputs / "mlartifacts").resolve().joinpath(experiment).as_uri()
 
 
+def mark_killed(client: Any, run_id: str, reason: str) -> None:
+    """A run whose process died: KILLED, with the reason as its ``error`` tag."""
+    client.set_tag(run_id, "error", reason)
+    client.set_terminated(run_id, status="KILLED")
+
+
 def close_dead_runs(client: Any, experiment_id: str) -> list[str]:
     """Runs of this experiment still RUNNING whose process on this host has ended -> KILLED with the reason."""
     host = socket.gethostname()
@@ -170,8 +176,7 @@ def close_dead_runs(client: Any, experiment_id: str) -> list[str]:
             f"the process that ran this run (host {host}, pid {run.data.tags.get(PID)}) ended without closing it "
             f"(killed: kill -9, out of memory, power loss); marked KILLED at {when} when the next run started"
         )
-        client.set_tag(run.info.run_id, "error", reason)
-        client.set_terminated(run.info.run_id, status="KILLED")
+        mark_killed(client, run.info.run_id, reason)
         closed.append(run.info.run_id)
     if closed:
         print(f"MLflow: {len(closed)} run(s) left RUNNING by ended processes marked KILLED: {', '.join(closed)}")

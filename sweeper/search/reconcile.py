@@ -19,6 +19,7 @@ def close_trial_runs(tracking_cfg: Any, outputs: Path, study_name: str, trial_nu
         from mlflow.tracking import MlflowClient
 
         from sweeper.credentials import with_credentials
+        from sweeper.tracking_store import mark_killed
 
         client = MlflowClient(tracking_uri=with_credentials(tracking_cfg.uri or default_tracking_uri(outputs)))
         experiment = client.get_experiment_by_name(tracking_cfg.experiment)
@@ -30,8 +31,7 @@ def close_trial_runs(tracking_cfg: Any, outputs: Path, study_name: str, trial_nu
         )
         runs = client.search_runs([experiment.experiment_id], filter_string=query, max_results=100)
         for run in runs:
-            client.set_tag(run.info.run_id, "error", reason)
-            client.set_terminated(run.info.run_id, status="KILLED")
+            mark_killed(client, run.info.run_id, reason)
         return len(runs)
     except Exception as error:  # the tracking server is down, or the store unreadable
         print(f"warning: could not close the MLflow run of trial {trial_number}: {redact_password(str(error))}")
