@@ -3,7 +3,10 @@
 The inverse of the key mapping diffusers' single-file loader applies (``convert_ldm_unet_checkpoint``,
 ``convert_ldm_vae_checkpoint``, ``convert_ldm_clip_checkpoint``), written independently so that the
 round trip diffusers folder -> .safetensors -> ``from_single_file`` tests the loader, not itself.
-Covers the SD1 layout: UNet with conv proj_in/proj_out, CLIP ViT text encoder, KL VAE.
+Covers the SD1 layout (UNet with conv proj_in/proj_out, CLIP ViT text encoder, KL VAE) and the SDXL
+base layout (the same UNet naming plus label_emb, CLIP ViT-L and OpenCLIP ViT-bigG text encoders under
+``conditioner.embedders``). The UNet names come from the product module ``training.families.ldm_names``,
+which the single-file converter round trip in tests/test_ldm_names.py checks on its own.
 """
 
 from __future__ import annotations
@@ -15,76 +18,29 @@ from typing import Any
 import torch
 from safetensors.torch import save_file
 
+from training.families.ldm_names import ldm_module_name, unet_module_map
+
 UNET_PREFIX = "model.diffusion_model."
 VAE_PREFIX = "first_stage_model."
 CLIP_PREFIX = "cond_stage_model.transformer.text_model."
+SDXL_CLIP_PREFIX = "conditioner.embedders.0.transformer.text_model."
+SDXL_OPEN_CLIP_PREFIX = "conditioner.embedders.1.model."
+# transformers CLIPEncoderLayer -> OpenCLIP ResidualAttentionBlock (q, k, v become one in_proj)
+OPEN_CLIP_LAYER_NAMES = {
+    "self_attn.out_proj": "attn.out_proj",
+    "layer_norm1": "ln_1",
+    "layer_norm2": "ln_2",
+    "mlp.fc1": "mlp.c_fc",
+    "mlp.fc2": "mlp.c_proj",
+}
 
-# diffusers ResnetBlock2D -> LDM ResBlock
-UNET_RESNET_NAMES = {
-    "norm1": "in_layers.0",
-    "conv1": "in_layers.2",
-    "norm2": "out_layers.0",
-    "conv2": "out_layers.3",
-    "time_emb_proj": "emb_layers.1",
-    "conv_shortcut": "skip_connection",
-}
-UNET_TOP_LEVEL = {
-    "time_embedding.linear_1": "time_embed.0",
-    "time_embedding.linear_2": "time_embed.2",
-    "conv_in": "input_blocks.0.0",
-    "conv_norm_out": "out.0",
-    "conv_out": "out.2",
-}
 # diffusers Attention (VAE mid block, linear) -> LDM AttnBlock (1x1 convs)
 VAE_ATTENTION_NAMES = {"group_norm": "norm", "to_q": "q", "to_k": "k", "to_v": "v", "to_out.0": "proj_out"}
 
 
-def unet_module_map(config: Any) -> dict[str, tuple[str, bool]]:
-    """diffusers module prefix -> (LDM module prefix, is a resnet) for an SD-style UNet config."""
-    blocks, per_block = len(config["block_out_channels"]), config["layers_per_block"]
-    down_attn = ["CrossAttn" in t for t in config["down_block_types"]]
-    up_attn = ["CrossAttn" in t for t in config["up_block_types"]]
-    mapping = {d: (ldm, False) for d, ldm in UNET_TOP_LEVEL.items()}
-    index = 1
-    for b in range(blocks):
-        for layer in range(per_block):
-            mapping[f"down_blocks.{b}.resnets.{layer}"] = (f"input_blocks.{index}.0", True)
-            if down_attn[b]:
-                mapping[f"down_blocks.{b}.attentions.{layer}"] = (f"input_blocks.{index}.1", False)
-            index += 1
-        if b < blocks - 1:
-            mapping[f"down_blocks.{b}.downsamplers.0.conv"] = (f"input_blocks.{index}.0.op", False)
-            index += 1
-    mapping["mid_block.resnets.0"] = ("middle_block.0", True)
-    mapping["mid_block.attentions.0"] = ("middle_block.1", False)
-    mapping["mid_block.resnets.1"] = ("middle_block.2", True)
-    index = 0
-    for b in range(blocks):
-        for layer in range(per_block + 1):
-            mapping[f"up_blocks.{b}.resnets.{layer}"] = (f"output_blocks.{index}.0", True)
-            if up_attn[b]:
-                mapping[f"up_blocks.{b}.attentions.{layer}"] = (f"output_blocks.{index}.1", False)
-            index += 1
-        if b < blocks - 1:
-            slot = 2 if up_attn[b] else 1
-            mapping[f"up_blocks.{b}.upsamplers.0.conv"] = (f"output_blocks.{index - 1}.{slot}.conv", False)
-    return mapping
-
-
 def unet_to_ldm(state: dict[str, torch.Tensor], config: Any) -> dict[str, torch.Tensor]:
     mapping = unet_module_map(config)
-    converted = {}
-    for key, value in state.items():
-        prefix = max((p for p in mapping if key.startswith(p + ".")), key=len, default=None)
-        if prefix is None:
-            raise KeyError(f"no LDM name for UNet key {key}")
-        ldm_prefix, is_resnet = mapping[prefix]
-        rest = key[len(prefix) + 1 :]
-        if is_resnet:
-            head, _, tail = rest.partition(".")
-            rest = f"{UNET_RESNET_NAMES.get(head, head)}.{tail}"
-        converted[f"{UNET_PREFIX}{ldm_prefix}.{rest}"] = value
-    return converted
+    return {UNET_PREFIX + ldm_module_name(key, mapping): value for key, value in state.items()}
 
 
 def vae_to_ldm(state: dict[str, torch.Tensor], prefix: str = VAE_PREFIX) -> dict[str, torch.Tensor]:
@@ -111,11 +67,39 @@ def vae_to_ldm(state: dict[str, torch.Tensor], prefix: str = VAE_PREFIX) -> dict
     return converted
 
 
-def text_encoder_to_ldm(state: dict[str, torch.Tensor], context: int = 77) -> dict[str, torch.Tensor]:
+def text_encoder_to_ldm(
+    state: dict[str, torch.Tensor], context: int = 77, prefix: str = CLIP_PREFIX
+) -> dict[str, torch.Tensor]:
     """SD1's CLIP text encoder as A1111 checkpoints store it (position_ids included, as real files do)."""
-    converted = {CLIP_PREFIX + key.removeprefix("text_model."): value for key, value in state.items()}
-    converted[CLIP_PREFIX + "embeddings.position_ids"] = torch.arange(context)[None]
+    converted = {prefix + key.removeprefix("text_model."): value for key, value in state.items()}
+    converted[prefix + "embeddings.position_ids"] = torch.arange(context)[None]
     return converted
+
+
+def open_clip_to_ldm(state: dict[str, torch.Tensor], prefix: str = SDXL_OPEN_CLIP_PREFIX) -> dict[str, torch.Tensor]:
+    """A CLIPTextModelWithProjection in the OpenCLIP layout SDXL's second text encoder is stored in."""
+    state = {key.removeprefix("text_model."): value for key, value in state.items()}
+    converted = {
+        "token_embedding.weight": state.pop("embeddings.token_embedding.weight"),
+        "positional_embedding": state.pop("embeddings.position_embedding.weight"),
+        "ln_final.weight": state.pop("final_layer_norm.weight"),
+        "ln_final.bias": state.pop("final_layer_norm.bias"),
+        # OpenCLIP multiplies x @ text_projection, so it stores the transpose of the Linear weight
+        "text_projection": state.pop("text_projection.weight").T,
+    }
+    state.pop("embeddings.position_ids", None)
+    layers = sorted({int(m.group(1)) for key in state if (m := re.match(r"encoder\.layers\.(\d+)\.", key))})
+    for i in layers:
+        source, target = f"encoder.layers.{i}.", f"transformer.resblocks.{i}."
+        for param in ("weight", "bias"):
+            converted[f"{target}attn.in_proj_{param}"] = torch.cat(
+                [state.pop(f"{source}self_attn.{qkv}_proj.{param}") for qkv in "qkv"]
+            )
+            for name, ldm in OPEN_CLIP_LAYER_NAMES.items():
+                converted[f"{target}{ldm}.{param}"] = state.pop(f"{source}{name}.{param}")
+    if state:
+        raise KeyError(f"no OpenCLIP name for text encoder keys {sorted(state)}")
+    return {prefix + key: value for key, value in converted.items()}
 
 
 def write_ldm_checkpoint(pipeline: Any, file: Path) -> Path:
@@ -124,6 +108,18 @@ def write_ldm_checkpoint(pipeline: Any, file: Path) -> Path:
         **unet_to_ldm(pipeline.unet.state_dict(), pipeline.unet.config),
         **vae_to_ldm(pipeline.vae.state_dict()),
         **text_encoder_to_ldm(pipeline.text_encoder.state_dict()),
+    }
+    save_file({k: v.contiguous() for k, v in tensors.items()}, str(file))
+    return file
+
+
+def write_sdxl_checkpoint(pipeline: Any, file: Path) -> Path:
+    """An SDXL pipeline's UNet, VAE and both text encoders as one original-layout (SGM) .safetensors file."""
+    tensors = {
+        **unet_to_ldm(pipeline.unet.state_dict(), pipeline.unet.config),
+        **vae_to_ldm(pipeline.vae.state_dict()),
+        **text_encoder_to_ldm(pipeline.text_encoder.state_dict(), prefix=SDXL_CLIP_PREFIX),
+        **open_clip_to_ldm(pipeline.text_encoder_2.state_dict()),
     }
     save_file({k: v.contiguous() for k, v in tensors.items()}, str(file))
     return file
