@@ -68,7 +68,9 @@ def test_kohya_toml_maps_onto_a_config_that_composes(tmp_path):
     assert cfg.model.source == "diffusers"
     assert cfg.model.path == "/models/sd15/v1-5-pruned-emaonly.safetensors"
     assert cfg.model.vae.endswith("vae-ft-mse-840000-ema-pruned.safetensors")
-    assert (cfg.model.kind, cfg.model.prediction_type, cfg.model.clip_skip) == ("sd1", "epsilon", 2)
+    # v2 = false says "not SD2": SD1, or SDXL with sdxl_train_network.py, so the family is detected from the model
+    assert (cfg.model.kind, cfg.model.prediction_type, cfg.model.clip_skip) == (None, "epsilon", 2)
+    assert cfg.model.vae_precision == "auto"
     assert cfg.model.attention == "xformers" and cfg.model.gradient_checkpointing is True
     assert (cfg.network.dim, cfg.network.alpha, cfg.network.dropout) == (32, 16.0, 0.1)
     assert (cfg.network.unet_lr, cfg.network.text_encoder_lr) == (1e-4, 5e-5)
@@ -95,6 +97,7 @@ def test_kohya_toml_maps_onto_a_config_that_composes(tmp_path):
     assert cfg.dropout.tag_rate == 0.05 and cfg.eval.every_n_steps == 500
     assert (cfg.output.name, cfg.output.comment, cfg.output.format) == ("chara_v1", "trigger: chara_xyz", "safetensors")
     mapped = {m.source: (m.target, m.value, m.note) for m in result.mapped}
+    assert mapped["model_arguments.v2"][:2] == ("", False) and "detects" in mapped["model_arguments.v2"][2]
     assert mapped["dataset_arguments.resolution"] == ("", "512,512", mapped["dataset_arguments.resolution"][2])
     assert "native resolution" in mapped["dataset_arguments.resolution"][2]
     assert {
@@ -339,6 +342,7 @@ def test_lora_easy_toml_round_trip_keeps_every_value(tmp_path):
     assert cfg.model.source == "diffusers"
     assert cfg.model.path == "F:/Desktop/stable diffusion/LoRA/nai-fp16.safetensors"
     assert (cfg.model.clip_skip, cfg.model.attention, cfg.model.gradient_checkpointing) == (2, "xformers", True)
+    assert cfg.model.vae_precision == "fp32", "no_half_vae"
     assert (cfg.network.dim, cfg.network.alpha, cfg.network.dropout) == (32, 16.0, 0.1)
     assert (cfg.network.unet_lr, cfg.network.text_encoder_lr, cfg.network.train_text_encoder) == (1e-4, 5e-5, True)
     assert (cfg.optimizer.name, cfg.optimizer.lr, cfg.optimizer.weight_decay) == ("adamw8bit", 1e-4, 0.1)
@@ -368,7 +372,6 @@ def test_lora_easy_toml_round_trip_keeps_every_value(tmp_path):
 
     unmapped = {u.source: u.reason for u in result.unmapped}
     assert set(unmapped) == {
-        "general_args.args.no_half_vae",
         "network_args.args.network_args.conv_dim",
         "network_args.args.network_args.conv_alpha",
         "saving_args.args.save_last_n_epochs",
@@ -584,3 +587,241 @@ def test_an_imported_experiment_runs_on_the_bundled_data(tmp_path):
     assert done.returncode == 0, done.stderr[-3000:]
     assert "Buckets (resolution 64" in done.stdout + done.stderr, "the tiny model's own size, not 512"
     assert list((tmp_path / "outputs" / "runs").glob("*/*/test.safetensors")), "output.name from the file"
+
+
+# --- SDXL (sd-scripts' sdxl_train_network.py; LoRA_Easy's sdxl switch)
+
+# As kohya_ss writes it for `sdxl_train_network.py --config_file`: nothing in it says SDXL (the script does), so
+# it is imported with --sdxl, or carries the kohya_ss GUI's `sdxl = true`.
+KOHYA_SDXL = """
+[model_arguments]
+pretrained_model_name_or_path = "/models/sdxl/sd_xl_base_1.0.safetensors"
+v2 = false
+no_half_vae = true
+
+[additional_network_arguments]
+network_module = "networks.lora"
+network_dim = 32
+network_alpha = 16
+unet_lr = 1e-4
+text_encoder_lr = [1e-5, 2e-5]
+network_train_unet_only = true
+
+[dataset_arguments]
+train_data_dir = "/data/xl/img"
+caption_extension = ".txt"
+resolution = 1024
+enable_bucket = true
+min_bucket_reso = 512
+max_bucket_reso = 2048
+bucket_reso_steps = 32
+cache_latents = true
+
+[training_arguments]
+mixed_precision = "bf16"
+max_train_steps = 2000
+clip_skip = 2
+gradient_checkpointing = true
+cache_text_encoder_outputs = true
+cache_text_encoder_outputs_to_disk = true
+disable_mmap_load_safetensors = true
+train_text_encoder = true
+min_timestep = 100
+max_timestep = 1000
+"""
+
+LORA_EASY_SDXL = """
+[[subsets]]
+num_repeats = 2
+caption_extension = ".txt"
+name = "style"
+image_dir = "/data/xl/2_style"
+
+[train_mode]
+train_mode = "lora"
+
+[general_args.args]
+pretrained_model_name_or_path = "/models/sdxl/sd_xl_base_1.0.safetensors"
+sdxl = true
+mixed_precision = "fp16"
+seed = 23
+clip_skip = 2
+max_train_epochs = 10
+no_half_vae = true
+cache_text_encoder_outputs = true
+gradient_checkpointing = true
+
+[general_args.dataset_args]
+resolution = 1024
+batch_size = 4
+
+[network_args.args]
+network_dim = 16
+network_alpha = 8.0
+network_train_unet_only = true
+
+[optimizer_args.args]
+optimizer_type = "AdamW"
+lr_scheduler = "cosine"
+learning_rate = 1e-4
+unet_lr = 1e-4
+text_encoder_lr = [5e-6, 1e-5]
+
+[bucket_args.dataset_args]
+enable_bucket = true
+max_bucket_reso = 2048
+bucket_reso_steps = 32
+"""
+
+
+def _write(tmp_path: Path, text: str, name: str = "xl.toml") -> Path:
+    path = tmp_path / name
+    path.write_text(text)
+    return path
+
+
+@pytest.mark.parametrize("said", ["--sdxl", "sdxl = true"])
+def test_kohya_sdxl_toml_maps_onto_a_config_that_composes(tmp_path, said):
+    text = KOHYA_SDXL if said == "--sdxl" else KOHYA_SDXL.replace("v2 = false\n", "v2 = false\nsdxl = true\n")
+    config = _write(tmp_path, text)
+    result = import_config(config, sdxl=said == "--sdxl")
+    _, cfg = write_and_compose(result, tmp_path, "xl")
+
+    assert (cfg.model.kind, cfg.model.vae_precision, cfg.model.prediction_type) == ("sdxl", "fp32", None)
+    assert result.origins["model.kind"] == ("--sdxl" if said == "--sdxl" else "model_arguments.sdxl")
+    assert cfg.model.clip_skip == 1, "sd-scripts ignores clip_skip with SDXL"
+    assert (cfg.network.text_encoder_lr, cfg.network.text_encoder_2_lr) == (1e-5, 2e-5)
+    assert (cfg.network.unet_lr, cfg.network.train_text_encoder, cfg.network.train_unet) == (1e-4, False, True)
+    assert (cfg.data.cache_text_embeddings, cfg.data.cache_latents) == (True, "memory")
+    # 1024 px is SDXL's native size and 512 / 2048 our bounds relative to it: left to follow the model
+    assert (cfg.bucket.enabled, cfg.bucket.resolution, cfg.bucket.min_side, cfg.bucket.max_side) == (
+        True,
+        None,
+        None,
+        None,
+    )
+    assert cfg.bucket.step == 32, "SDXL's buckets may step by 32"
+    assert list(cfg.train.timestep_range) == [100, 1000] and cfg.train.max_steps == 2000
+    assert cfg.precision.mixed == "bf16"
+
+    unmapped = {u.source: u.reason for u in result.unmapped}
+    assert set(unmapped) == {
+        "training_arguments.clip_skip",
+        "training_arguments.disable_mmap_load_safetensors",
+        "training_arguments.train_text_encoder",
+    }
+    assert "ignores clip_skip when training SDXL" in unmapped["training_arguments.clip_skip"]
+    assert "network_train_unet_only" in unmapped["training_arguments.train_text_encoder"]
+    mapped = {(m.source, m.target): m.note for m in result.mapped}
+    assert "SDXL" in mapped[("model_arguments.v2", "")]
+    assert (
+        "both text encoders" in mapped[("training_arguments.cache_text_encoder_outputs", "data.cache_text_embeddings")]
+    )
+    assert (
+        "no on-disk" in mapped[("training_arguments.cache_text_encoder_outputs_to_disk", "data.cache_text_embeddings")]
+    )
+    assert "import with --sdxl" not in " ".join(mapped.values()), "no hint when the import knows it is SDXL"
+    assert leaf_labels(tomllib.loads(text)) - reported(result) == set()
+
+
+def test_the_sdxl_switch_of_the_command_is_written_into_the_experiment(tmp_path, capsys):
+    config = _write(tmp_path, KOHYA_SDXL)
+    assert main([str(config), "--sdxl", "--out", str(tmp_path / "experiment")]) == 0
+    assert '--sdxl -> model.kind = "sdxl"' in capsys.readouterr().out
+    assert 'kind: "sdxl"  # --sdxl' in (tmp_path / "experiment" / "xl.yaml").read_text()
+
+
+def test_without_a_word_of_sdxl_the_family_is_detected_and_the_sdxl_options_hint_at_it(tmp_path):
+    result = import_config(_write(tmp_path, KOHYA_SDXL))
+    assert "model.kind" not in result.values, "model.kind=null: detected from the model files"
+    assert result.values["model.clip_skip"] == 2 and result.values["bucket.resolution"] == 1024
+    assert (result.values["network.text_encoder_lr"], result.values["network.text_encoder_2_lr"]) == (1e-5, 2e-5)
+    notes = {(m.source, m.target): m.note for m in result.mapped}
+    hint = "import with --sdxl"
+    assert hint in notes[("additional_network_arguments.text_encoder_lr", "network.text_encoder_lr")]
+    assert hint in notes[("training_arguments.cache_text_encoder_outputs", "data.cache_text_embeddings")]
+
+
+def test_lora_easy_sdxl_toml_maps_onto_a_config_that_composes(tmp_path):
+    config = _write(tmp_path, LORA_EASY_SDXL, "easy_xl.toml")
+    result = import_config(config)
+    assert result.kind == "LoRA_Easy_Training_Scripts TOML"
+    _, cfg = write_and_compose(result, tmp_path, "easy_xl")
+
+    assert (cfg.model.kind, cfg.model.vae_precision, cfg.model.clip_skip) == ("sdxl", "fp32", 1)
+    assert result.origins["model.kind"] == "general_args.args.sdxl"
+    assert (cfg.network.dim, cfg.network.alpha, cfg.network.train_text_encoder) == (16, 8.0, False)
+    assert (cfg.network.text_encoder_lr, cfg.network.text_encoder_2_lr) == (5e-6, 1e-5)
+    assert cfg.data.cache_text_embeddings is True and cfg.data.train_dir == "/data/xl"
+    # kohya's min_bucket_reso stays 256 at 1024 px (ours would be 512): written; 2048 is ours, 32 SDXL's step
+    assert (cfg.bucket.resolution, cfg.bucket.min_side, cfg.bucket.max_side, cfg.bucket.step) == (None, 256, None, 32)
+    assert (cfg.precision.mixed, cfg.train.epochs, cfg.train.batch_size) == ("fp16", 10, 4)
+
+    assert {u.source for u in result.unmapped} == {"general_args.args.clip_skip"}
+    assert "(min_bucket_reso absent)" in result.origins.values()
+    assert leaf_labels(tomllib.loads(LORA_EASY_SDXL)) - reported(result) == set()
+
+
+@pytest.mark.parametrize("value", ["[1e-5]", "1e-5"])
+def test_a_single_text_encoder_rate_serves_both_sdxl_encoders(tmp_path, value):
+    result = import_config(_write(tmp_path, f"sdxl = true\ntext_encoder_lr = {value}\n"))
+    assert result.values["network.text_encoder_lr"] == 1e-5
+    assert "network.text_encoder_2_lr" not in result.values
+    _, cfg = write_and_compose(result, tmp_path)
+    assert (cfg.network.text_encoder_lr, cfg.network.text_encoder_2_lr) == (1e-5, None)
+    assert "both SDXL text encoders" in next(m.note for m in result.mapped if m.target == "network.text_encoder_lr")
+
+
+@pytest.mark.parametrize(
+    ("lines", "rates", "trains"),
+    [
+        ("sdxl = true\ntext_encoder_lr = [0, 0]", (0.0, 0.0), False),  # both frozen: nothing to train
+        ("sdxl = true\ntext_encoder_lr = [1e-5, 0]", (1e-5, 0.0), True),  # the second frozen only
+        ("sdxl = true\ntext_encoder_lr = '1e-5 2e-5'", (1e-5, 2e-5), True),  # sd-scripts' command-line form
+        ("v2 = true\ntext_encoder_lr = [1e-5, 2e-5]", (1e-5, None), True),  # SD2 has one text encoder
+    ],
+)
+def test_text_encoder_rates_follow_sd_scripts(tmp_path, lines, rates, trains):
+    result = import_config(_write(tmp_path, lines + "\n"))
+    values = result.values
+    assert (values["network.text_encoder_lr"], values.get("network.text_encoder_2_lr")) == rates
+    assert values["network.train_text_encoder"] is trains
+
+
+def test_what_sdxl_cannot_take_is_reported(tmp_path):
+    result = import_config(_write(tmp_path, "sdxl = true\nv2 = true\ntext_encoder_lr = [1e-5, 2e-5, 3e-5]\n"))
+    unmapped = {u.source: u.reason for u in result.unmapped}
+    assert "refuses v2 with SDXL" in unmapped["v2"] and result.values["model.kind"] == "sdxl"
+    assert "at most two" in unmapped["text_encoder_lr"] and "network.text_encoder_lr" not in result.values
+    assert result.values["network.train_text_encoder"] is True, "kohya's default: it trains at optimizer.lr"
+
+
+@pytest.mark.parametrize("sdxl", [True, False])
+def test_the_kohya_ss_gui_sdxl_switches_count_only_for_sdxl(tmp_path, sdxl):
+    config = tmp_path / "gui.json"
+    flags = {"sdxl": sdxl, "sdxl_no_half_vae": True, "sdxl_cache_text_encoder_outputs": False}
+    config.write_text(json.dumps(flags))
+    result = import_config(config)
+    assert result.values.get("model.vae_precision") == ("fp32" if sdxl else None)
+    assert result.values.get("data.cache_text_embeddings") == (False if sdxl else None)
+    assert result.unmapped == []
+
+
+@pytest.mark.parametrize(("value", "expected"), [(True, "fp32"), (False, None)])
+def test_no_half_vae_keeps_the_vae_in_fp32(tmp_path, value, expected):
+    result = import_config(_write(tmp_path, f"no_half_vae = {str(value).lower()}\n"))
+    assert result.values.get("model.vae_precision") == expected
+    assert "no_half_vae" not in {u.source for u in result.unmapped}
+    if not value:  # auto: SDXL's VAE stays in fp32 under fp16, where sd-scripts would overflow it in half
+        assert "vae_precision=auto" in next(m.note for m in result.mapped if m.source == "no_half_vae")
+
+
+def test_kohya_bucket_bounds_are_written_where_ours_differ(tmp_path):
+    """sd-scripts' 256 / 1024 hold at every resolution; ours follow it (512 / 2048 at SDXL's 1024 px)."""
+    result = import_config(_write(tmp_path, "sdxl = true\nresolution = 1024\nenable_bucket = true\n"))
+    assert (result.values["bucket.min_side"], result.values["bucket.max_side"]) == (256, 1024)
+    assert "bucket.step" not in result.values, "kohya's 64 is ours from 512 px up"
+    result = import_config(_write(tmp_path, "sdxl = true\nresolution = 1024\n"))  # no buckets: no bounds
+    assert "bucket.min_side" not in result.values and "bucket.max_side" not in result.values
+    result = import_config(_write(tmp_path, "resolution = 512\nenable_bucket = true\n"))  # kohya's = ours
+    assert "bucket.min_side" not in result.values and "bucket.max_side" not in result.values

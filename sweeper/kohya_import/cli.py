@@ -9,10 +9,11 @@ from pathlib import Path
 
 import sweeper.kohya_import.rules  # noqa: F401  (registers the mapping rules)
 from sweeper.config import PROJECT_ROOT
+from sweeper.kohya_import.convert import Unfit, as_bool
 from sweeper.kohya_import.machine import check_here
 from sweeper.kohya_import.mapper import Mapper
 from sweeper.kohya_import.reading import Collector, UnreadableConfig, read_source
-from sweeper.kohya_import.result import ImportResult
+from sweeper.kohya_import.result import ImportResult, Option
 from sweeper.kohya_import.subsets import plan_subsets
 from sweeper.kohya_import.tables import LORA_EASY_MARKERS
 from training.atomic_file import write_text_atomically
@@ -21,10 +22,13 @@ CONF_DIR = PROJECT_ROOT / "conf"
 DEFAULT_OUT = CONF_DIR / "experiment"
 
 
-def import_config(path: str | Path, conf_dir: str | Path = CONF_DIR, *, check: bool = True) -> ImportResult:
+def import_config(
+    path: str | Path, conf_dir: str | Path = CONF_DIR, *, check: bool = True, sdxl: bool = False
+) -> ImportResult:
     """Read and map one config file (``UnreadableConfig`` if it cannot be read); writes nothing.
 
-    ``check`` also lists what cannot apply on this machine (``result.here``).
+    ``check`` also lists what cannot apply on this machine (``result.here``). ``sdxl``: the file is for sd-scripts'
+    ``sdxl_train_network.py``, which a kohya TOML does not say (as ``sdxl = true`` in the file would).
     """
     path = Path(path)
     kind, data = read_source(path)
@@ -40,11 +44,21 @@ def import_config(path: str | Path, conf_dir: str | Path = CONF_DIR, *, check: b
     result = ImportResult(source=path, kind=label)
     collector = Collector(result, path.parent)
     collector.walk(data)
+    if sdxl and not _switched_on(collector.options.get("sdxl")):
+        result.order["--sdxl"] = -1  # reported first
+        collector.add("sdxl", "--sdxl", True, "given to the import", wins="the import's --sdxl wins")
     plan = plan_subsets(collector)
     Mapper(result, collector.options, Path(conf_dir), plan).run()
     if check:
         check_here(result)
     return result
+
+
+def _switched_on(option: Option | None) -> bool:
+    try:
+        return option is not None and as_bool(option.value)
+    except Unfit:
+        return False
 
 
 def write_experiment(result: ImportResult, name: str, out_dir: str | Path = DEFAULT_OUT) -> Path:
@@ -69,10 +83,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("config", help="the kohya .toml, or LoRA_Easy .toml / .json file")
     parser.add_argument("--name", help="experiment name (default: the file name)")
     parser.add_argument("--out", default=str(DEFAULT_OUT), help="folder to write <name>.yaml in (conf/experiment)")
+    parser.add_argument(
+        "--sdxl", action="store_true", help="the config is for sd-scripts' sdxl_train_network.py (model.kind=sdxl)"
+    )
     parser.add_argument("--conf-dir", default=str(CONF_DIR), help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     try:
-        result = import_config(args.config, args.conf_dir)
+        result = import_config(args.config, args.conf_dir, sdxl=args.sdxl)
     except UnreadableConfig as error:
         print(f"cannot import: {error}", file=sys.stderr)
         return 2

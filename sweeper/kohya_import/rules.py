@@ -23,7 +23,17 @@ from sweeper.kohya_import.convert import (
 from sweeper.kohya_import.machine import writable_folder_problem
 from sweeper.kohya_import.mapper import Mapper, rule, simple
 from sweeper.kohya_import.result import NotMapped, OnThisMachine, Option
-from sweeper.kohya_import.tables import CUSTOM_SCHEDULERS, NETWORK_ARGS, NO_EQUIVALENT, OPTIMIZERS, SCHEDULERS
+from sweeper.kohya_import.tables import (
+    CUSTOM_SCHEDULERS,
+    NETWORK_ARGS,
+    NO_EQUIVALENT,
+    OPTIMIZERS,
+    SCHEDULERS,
+    SDXL_ONLY_ALIASES,
+)
+
+# sd-scripts' bucket defaults, whatever the resolution (train_util's arguments and config_util's dataset params)
+KOHYA_BUCKETS = {"min_bucket_reso": 256, "max_bucket_reso": 1024, "bucket_reso_steps": 64}
 
 for _key, _target, _convert in (
     ("vae", "model.vae", as_path),
@@ -77,10 +87,32 @@ def _base_model(m: Mapper, taken: dict[str, Option]) -> None:
     m.set("model.path", path, option, note)
 
 
-@rule("v2")
-def _v2(m: Mapper, taken: dict[str, Option]) -> None:
-    option = taken["v2"]
-    m.set("model.kind", "sd2" if as_bool(option.value) else "sd1", option)
+@rule("sdxl", "v2")
+def _model_kind(m: Mapper, taken: dict[str, Option]) -> None:
+    """The model family. sd-scripts trains SDXL with its own script (sdxl_train_network.py), which a kohya TOML does
+    not name, and SD1 by leaving v2 off: neither is written then, and model.kind=null detects the family from the
+    model files. ``sdxl = true`` (LoRA_Easy, the kohya_ss GUI) or the import's ``--sdxl`` says SDXL."""
+    sdxl, v2 = taken.get("sdxl"), taken.get("v2")
+    xl = False
+    if sdxl is not None:
+        try:
+            xl = as_bool(sdxl.value)
+        except Unfit as unfit:
+            m.unmapped(sdxl, str(unfit))
+        else:
+            if xl:
+                m.set("model.kind", "sdxl", sdxl, "sd-scripts' sdxl_train_network.py")
+            else:
+                m.nothing(sdxl, "off: nothing to set")
+    if v2 is None:
+        return
+    if not as_bool(v2.value):
+        detected = "not SD2: model.kind=null detects SD1 or SDXL from the model files"
+        m.nothing(v2, f"SDXL: model.kind from {sdxl.label}" if xl else detected)
+    elif xl:
+        m.unmapped(v2, f"sd-scripts refuses v2 with SDXL (an SD2 switch); model.kind=sdxl from {sdxl.label}")
+    else:
+        m.set("model.kind", "sd2", v2)
 
 
 @rule("v_parameterization")
@@ -89,7 +121,8 @@ def _v_parameterization(m: Mapper, taken: dict[str, Option]) -> None:
     if isinstance(option.value, str) and option.value.lower() not in ("true", "false"):
         raise Unfit("v_parameterization is a switch (velocity loss target), not a normalisation choice")
     v = as_bool(option.value)
-    m.set("model.prediction_type", "v_prediction" if v else "epsilon", option, "" if v else "kohya's loss target")
+    note = "kohya's loss target" if not v else "v-prediction SDXL models only (sd-scripts warns)" if _is_sdxl(m) else ""
+    m.set("model.prediction_type", "v_prediction" if v else "epsilon", option, note)
 
 
 @rule("clip_skip")
@@ -97,7 +130,13 @@ def _clip_skip(m: Mapper, taken: dict[str, Option]) -> None:
     option = taken["clip_skip"]
     if isinstance(option.value, bool):
         raise Unfit("clip_skip is a number of layers (1 = last, 2 = penultimate), not true/false")
-    m.set("model.clip_skip", as_int(option.value), option)
+    layers = as_int(option.value)
+    if _is_sdxl(m) and layers != 1:
+        raise Unfit(
+            "sd-scripts ignores clip_skip when training SDXL (it only warns): those runs used SDXL's own "
+            "penultimate text-encoder layers, which our default model.clip_skip=1 gives"
+        )
+    m.set("model.clip_skip", layers, option)
 
 
 @rule("max_token_length")
@@ -215,16 +254,12 @@ def _parts(m: Mapper, taken: dict[str, Option]) -> None:
     learning rate is 0 (then it would train nothing, and a frozen text encoder's outputs can be cached)."""
     unet_only, te_only = taken.get("network_train_unet_only"), taken.get("network_train_text_encoder_only")
     te_lr = taken.get("text_encoder_lr")
+    rates: list[float] = []  # the text encoders' learning rates as applied
     if te_lr is not None:
-        if isinstance(te_lr.value, list) and len(te_lr.value) > 1:
-            m.unmapped(te_lr, "one learning rate per text encoder (SDXL); SD1/SD2 have one text encoder")
-            te_lr = None
-        else:
-            try:
-                m.set("network.text_encoder_lr", as_float(te_lr.value), te_lr)
-            except Unfit as unfit:
-                m.unmapped(te_lr, str(unfit))
-                te_lr = None
+        try:
+            rates = _text_encoder_rates(m, te_lr)
+        except Unfit as unfit:
+            m.unmapped(te_lr, str(unfit))
     if te_only is not None and not as_bool(te_only.value):
         m.nothing(te_only, "off: nothing to set")
     if unet_only is not None and as_bool(unet_only.value):
@@ -232,7 +267,7 @@ def _parts(m: Mapper, taken: dict[str, Option]) -> None:
     elif te_only is not None and as_bool(te_only.value):
         m.set("network.train_unet", False, te_only)
         m.set("network.train_text_encoder", True, te_only)
-    elif te_lr is not None and m.result.values.get("network.text_encoder_lr") == 0:
+    elif te_lr is not None and rates and not any(rates):
         m.set("network.train_text_encoder", False, te_lr, "a learning rate of 0 trains nothing: kept frozen")
     else:
         m.set(
@@ -247,6 +282,29 @@ def _parts(m: Mapper, taken: dict[str, Option]) -> None:
         and m.result.origins.get("network.train_text_encoder") != unet_only.label
     ):
         m.nothing(unet_only, "off: nothing to set")
+
+
+def _text_encoder_rates(m: Mapper, option: Option) -> list[float]:
+    """sd-scripts' text_encoder_lr: one rate, or a list of one per text encoder (SDXL has two; a single rate, or a
+    list of one, serves both). Records the mapping and returns the rates that apply."""
+    value = option.value
+    if isinstance(value, str) and len(parts := re.split(r"[,\s]+", value.strip())) > 1:
+        value = parts  # "1e-5 2e-5", as on sd-scripts' command line
+    rates = [as_float(v) for v in (value if isinstance(value, list) else [value])]
+    if len(rates) > 2:
+        raise Unfit(f"at most two learning rates, one per text encoder (SDXL has two); got {len(rates)}")
+    if not rates:
+        m.nothing(option, "an empty list: the text encoders train at optimizer.lr, as in sd-scripts")
+    elif len(rates) == 1:
+        both = "both SDXL text encoders (network.text_encoder_2_lr=null follows it)" if _is_sdxl(m) else ""
+        m.set("network.text_encoder_lr", rates[0], option, both)
+    elif _is_on(m, "v2") and not _is_sdxl(m):
+        m.set("network.text_encoder_lr", rates[0], option, "SD2 has one text encoder: sd-scripts uses the first rate")
+        rates = rates[:1]
+    else:
+        m.set("network.text_encoder_lr", rates[0], option, "SDXL's first text encoder (CLIP ViT-L)" + _sdxl_hint(m))
+        m.set("network.text_encoder_2_lr", rates[1], option, "SDXL's second text encoder (OpenCLIP ViT-bigG)")
+    return rates
 
 
 @rule("optimizer_type", "use_8bit_adam", "use_lion_optimizer")
@@ -372,7 +430,7 @@ def _resolution(m: Mapper, taken: dict[str, Option]) -> None:
             f"non-square {sides[0]}x{sides[1]}: bucket.resolution is one side (area cap side²); "
             f"e.g. bucket.resolution={side} bucket.enabled=true"
         )
-    native = 768 if _is_on(m, "v2") and _is_on(m, "v_parameterization") else 512
+    native = 1024 if _is_sdxl(m) else 768 if _is_on(m, "v2") and _is_on(m, "v_parameterization") else 512
     m.resolution = sides[0]
     if sides[0] == native:  # left to follow the model, so model=tiny trains at the tiny model's own 64 px
         m.nothing(option, f"the model's native resolution: bucket.resolution=null follows the model ({native} here)")
@@ -380,10 +438,11 @@ def _resolution(m: Mapper, taken: dict[str, Option]) -> None:
         m.set("bucket.resolution", sides[0], option)
 
 
-@rule("min_bucket_reso", "max_bucket_reso", "bucket_reso_steps")
+@rule("min_bucket_reso", "max_bucket_reso", "bucket_reso_steps", always=True)
 def _bucket_sides(m: Mapper, taken: dict[str, Option]) -> None:
     """kohya's defaults (256 and 1024 at 512 px, step 64) are ours relative to the resolution: left out, so
-    they follow it (and the model) as ours do; other values are written."""
+    they follow it (and the model) as ours do; other values are written. kohya's defaults stay 256 / 1024 at any
+    resolution, so where the file leaves them out at another one (1024 px for SDXL) they are written too."""
     side = m.resolution
     for key, target, default, meaning in (
         ("min_bucket_reso", "bucket.min_side", side // 2 if side else None, "half the resolution"),
@@ -391,12 +450,16 @@ def _bucket_sides(m: Mapper, taken: dict[str, Option]) -> None:
         ("bucket_reso_steps", "bucket.step", 64 if side and side >= 512 else None, "64 from 512 px up"),
     ):
         if key not in taken:
+            kohya = KOHYA_BUCKETS[key]
+            if side and kohya != default and _is_on(m, "enable_bucket"):
+                m.set(target, kohya, f"({key} absent)", f"sd-scripts' default at any resolution (ours: {meaning})")
             continue
         value = as_int(taken[key].value)
         if value == default:
             m.nothing(taken[key], f"our default follows the resolution: {meaning}")
         else:
-            m.set(target, value, taken[key])
+            note = "SDXL allows multiples of 32 (SD1/SD2 of 64)" if key == "bucket_reso_steps" and _is_sdxl(m) else ""
+            m.set(target, value, taken[key], note)
 
 
 def _is_on(m: Mapper, name: str) -> bool:
@@ -406,6 +469,24 @@ def _is_on(m: Mapper, name: str) -> bool:
         return option is not None and as_bool(option.value)
     except Unfit:
         return False
+
+
+def _is_sdxl(m: Mapper) -> bool:
+    """Whether the file trains SDXL: ``sdxl = true`` (LoRA_Easy, the kohya_ss GUI) or the import's ``--sdxl``."""
+    return _is_on(m, "sdxl")
+
+
+def _sdxl_hint(m: Mapper) -> str:
+    """A note's ending for an option of sd-scripts' SDXL scripts in a file that does not say SDXL."""
+    return "" if _is_sdxl(m) else "; an SDXL option: import with --sdxl if the file is for sdxl_train_network.py"
+
+
+def _gui_sdxl_only(m: Mapper, option: Option) -> bool:
+    """The kohya_ss GUI's ``sdxl_*`` switches reach sd-scripts only when it trains SDXL: otherwise nothing to set."""
+    if option.label.rpartition(".")[2] in SDXL_ONLY_ALIASES and not _is_sdxl(m):
+        m.nothing(option, "the kohya_ss GUI passes it on only when it trains SDXL")
+        return True
+    return False
 
 
 @rule("max_train_steps", "max_train_epochs", always=True)
@@ -509,15 +590,41 @@ def _train_mode(m: Mapper, taken: dict[str, Option]) -> None:
     m.nothing(option, "LoRA training")
 
 
-@rule("cache_text_encoder_outputs")
+@rule("cache_text_encoder_outputs", "cache_text_encoder_outputs_to_disk")
 def _cache_text(m: Mapper, taken: dict[str, Option]) -> None:
-    option = taken["cache_text_encoder_outputs"]
-    m.set(
-        "data.cache_text_embeddings",
-        as_bool(option.value),
-        option,
-        "used while the text encoder is frozen (network.train_text_encoder=false)",
-    )
+    """sd-scripts caches the text encoders' outputs (both of SDXL's) only while they are frozen, and turns the cache
+    on with ``_to_disk`` too; here the cache is kept in memory and is skipped while a text encoder trains."""
+    used = "both text encoders' outputs, used while they are" if _is_sdxl(m) else "used while the text encoder is"
+    used += " frozen (network.train_text_encoder=false)"
+    if m.result.values.get("network.train_text_encoder"):  # kohya trains it unless network_train_unet_only
+        used += "; the text-encoder LoRA trains here (sd-scripts refuses that with this cache), so it is skipped"
+    for name, option in taken.items():
+        if _gui_sdxl_only(m, option):
+            continue
+        try:
+            on = as_bool(option.value)
+        except Unfit as unfit:
+            m.unmapped(option, str(unfit))
+            continue
+        if name == "cache_text_encoder_outputs":
+            m.set("data.cache_text_embeddings", on, option, used + (_sdxl_hint(m) if on else ""))
+        elif on:
+            note = "kept in memory: no on-disk text cache (sd-scripts turns cache_text_encoder_outputs on with it)"
+            m.set("data.cache_text_embeddings", True, option, note)
+        else:
+            m.nothing(option, "off: nothing to set")
+
+
+@rule("no_half_vae")
+def _no_half_vae(m: Mapper, taken: dict[str, Option]) -> None:
+    option = taken["no_half_vae"]
+    if _gui_sdxl_only(m, option):
+        return
+    if as_bool(option.value):
+        m.set("model.vae_precision", "fp32", option, "the VAE encodes and decodes in fp32 under fp16 / bf16")
+    else:
+        note = "off: model.vae_precision=auto, the training precision except fp32 for SDXL's VAE under fp16"
+        m.nothing(option, f"{note} (it overflows in half; sd-scripts would run it in fp16)")
 
 
 @rule("output_dir")

@@ -41,7 +41,11 @@ ALIASES = {
     "max_resolution": "resolution",
     "optimizer": "optimizer_type",
     "tag_occurrence": "tag_occurrence_txt_file",  # LoRA_Easy's TOML (saving_args): a tag table by count
+    "sdxl_no_half_vae": "no_half_vae",  # the kohya_ss GUI's; it passes them on for SDXL only
+    "sdxl_cache_text_encoder_outputs": "cache_text_encoder_outputs",
 }
+# The kohya_ss GUI's names above that it passes on to sd-scripts only when training SDXL
+SDXL_ONLY_ALIASES = {"sdxl_no_half_vae", "sdxl_cache_text_encoder_outputs"}
 LORA_EASY_MARKERS = {"base_model", "img_folder", "net_dim", "output_folder", "train_resolution", "general_args"}
 VALUE_TABLES = {"optimizer_args", "network_args", "lr_scheduler_args"}  # tables that are one option's value
 # LoRA_Easy's TOML: one table per UI section, holding `args` (sd-scripts' config file) and/or
@@ -127,15 +131,23 @@ NO_EQUIVALENT = {
     "console_log_simple": "runs are tracked in MLflow",
     "debug_dataset": "check the dataset with a run of train.max_steps=1",
     "tokenizer_cache_dir": "tokenizers load from the base model folder",
-    "no_half_vae": "the VAE runs in the training precision",
     "in_json": "fine-tuning metadata JSON datasets are not read; use caption files",
     "persistent_workers_count": "data.persistent_workers is a switch",
     "stop_text_encoder_training": "no step to stop text-encoder training at",
     "training_comment_file": "put the comment in output.comment",
-    "cache_text_encoder_outputs_to_disk": "text embeddings are cached in memory (data.cache_text_embeddings)",
     "fa": "LoRA-FA (a frozen lora_down) is not offered; plain LoRA is trained",
-    "sdxl": "SDXL is not offered yet (model.kind=sd1|sd2)",
     "alpha_mask": "no alpha-channel loss masks; transparent pixels are composited onto white",
+    # sd-scripts' SDXL scripts (sdxl_train_network.py, and sdxl_train.py's full fine-tuning)
+    "disable_mmap_load_safetensors": "safetensors load memory-mapped as usual; the switch only speeds loading (WSL)",
+    "fused_backward_pass": "no fused backward pass: the optimizer steps once after the backward pass (more memory)",
+    "fused_optimizer_groups": "no fused optimizer groups: the optimizer steps after the backward pass (more memory)",
+    "train_text_encoder": (
+        "sdxl_train.py's full fine-tuning switch, which LoRA training ignores: the text-encoder LoRA trains "
+        "unless network_train_unet_only (network.train_text_encoder)"
+    ),
+    "learning_rate_te1": "sdxl_train.py's full fine-tuning rate, which LoRA training ignores: give text_encoder_lr",
+    "learning_rate_te2": "sdxl_train.py's full fine-tuning rate, which LoRA training ignores: give text_encoder_lr",
+    "block_lr": "no per-block learning rates (sdxl_train.py's full fine-tuning)",
 }
 
 # Optimizer names (sd-scripts' optimizer_type, lowercased) -> our optimizer option
