@@ -31,19 +31,10 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_training import sd15_base_model, synthetic_dataset
 
-from training.pipeline import sd_pipeline
-
 
 def write_model(folder: Path) -> Path:
     base = sd15_base_model()
-    pipeline = sd_pipeline(
-        vae=base.vae,
-        text_encoder=base.text_encoder,
-        tokenizer=base.tokenizer,
-        unet=base.unet,
-        scheduler=base.noise_scheduler,
-    )
-    pipeline.save_pretrained(folder, safe_serialization=True)
+    base.family.pipeline(base, base.noise_scheduler).save_pretrained(folder, safe_serialization=True)
     return folder
 
 

@@ -90,7 +90,7 @@ def sd15_base_model() -> BaseModel:
         part.requires_grad_(False).eval()
     unet, vae, text_encoder = parts
     identity = {"source": "benchmark-sd15-random", "location": "in-memory", "weights_sha256": "random-seed-0"}
-    return BaseModel(unet, vae, text_encoder, tokenizer, scheduler, "in-memory", identity)
+    return BaseModel(unet, vae, [text_encoder], [tokenizer], scheduler, "in-memory", identity)
 
 
 def tiny_base_model() -> BaseModel:
@@ -100,7 +100,7 @@ def tiny_base_model() -> BaseModel:
     for part in (pipe.unet, pipe.vae, pipe.text_encoder):
         part.requires_grad_(False).eval()
     identity = {"source": "tiny", "location": "in-memory", "weights_sha256": "tiny-seed-0"}
-    return BaseModel(pipe.unet, pipe.vae, pipe.text_encoder, pipe.tokenizer, pipe.scheduler, "in-memory", identity)
+    return BaseModel(pipe.unet, pipe.vae, [pipe.text_encoder], [pipe.tokenizer], pipe.scheduler, "in-memory", identity)
 
 
 def synthetic_dataset(root: Path, count: int, size: int = 512) -> Path:

@@ -12,7 +12,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import torch
-from diffusers import StableDiffusionPipeline
+from diffusers import DiffusionPipeline
 from PIL import Image
 
 from evaluation.clip_score import ClipScorer, clip_score_from_embeddings
@@ -97,7 +97,7 @@ class EvalResult:
 
 
 def evaluate(
-    pipeline: StableDiffusionPipeline,
+    pipeline: DiffusionPipeline,
     scorers: Scorers | ClipScorer,
     prompts: list[str],
     *,

@@ -14,16 +14,17 @@ import torch
 from diffusers import (
     DDIMScheduler,
     DDPMScheduler,
+    DiffusionPipeline,
     DPMSolverMultistepScheduler,
     EulerDiscreteScheduler,
-    StableDiffusionPipeline,
 )
 from diffusers.schedulers.scheduling_utils import SchedulerMixin
 from diffusers.utils.torch_utils import randn_tensor
 from PIL import Image
 
-# (prompt, negative prompt) -> (prompt embeddings, negative prompt embeddings)
-PromptEncoder = Callable[[str, str | None], tuple[torch.Tensor, torch.Tensor]]
+# (prompt, negative prompt) -> the pipeline's embedding arguments (prompt_embeds, negative_prompt_embeds,
+# and for SDXL the pooled ones), each with a batch of one
+PromptEncoder = Callable[[str, str | None], dict[str, torch.Tensor]]
 
 SAMPLERS: dict[str, type[SchedulerMixin]] = {
     "ddim": DDIMScheduler,
@@ -52,7 +53,7 @@ DETERMINISTIC_SAMPLERS = (DDIMScheduler, EulerDiscreteScheduler, DPMSolverMultis
 
 
 def generate_samples(
-    pipeline: StableDiffusionPipeline,
+    pipeline: DiffusionPipeline,
     prompts: list[str],
     *,
     test_seed: int,
@@ -76,9 +77,9 @@ def generate_samples(
     the sampling of a trial is bound by the host at small batches); DDPM draws noise at every
     step, so it keeps one call per prompt.
 
-    ``encode_prompt(prompt, negative_prompt) -> (embeds, negative_embeds)`` replaces the pipeline's
-    own text encoding, for what it cannot do itself (clip skip, 150/225-token prompts, the training
-    loop's exact conditioning).
+    ``encode_prompt(prompt, negative_prompt) -> {pipeline embedding argument: tensor}`` replaces the
+    pipeline's own text encoding, for what it cannot do itself (clip skip, 150/225-token prompts, the
+    training loop's exact conditioning); the model family decides which arguments its pipeline takes.
     """
     pipeline.set_progress_bar_config(disable=not show_progress)
     # The execution device differs from pipeline.device under CPU offload; the latents are drawn there.
@@ -127,11 +128,10 @@ def _prompt_inputs(prompt: str, negative_prompt: str | None, encode_prompt: Prom
     if encode_prompt is None:
         return {"prompt": prompt, "negative_prompt": negative_prompt or ""}
     with torch.no_grad():
-        embeds, negative_embeds = encode_prompt(prompt, negative_prompt)
-    return {"prompt_embeds": embeds, "negative_prompt_embeds": negative_embeds}
+        return dict(encode_prompt(prompt, negative_prompt))
 
 
-def _dtype(text: dict[str, Any], pipeline: StableDiffusionPipeline) -> torch.dtype:
+def _dtype(text: dict[str, Any], pipeline: DiffusionPipeline) -> torch.dtype:
     """The dtype the pipeline draws its latents in (that of the prompt embeddings)."""
     embeds = text.get("prompt_embeds")
     return embeds.dtype if embeds is not None else pipeline.text_encoder.dtype
@@ -164,5 +164,5 @@ def _batched(group: list[int], texts: list[dict[str, Any]], images_per_prompt: i
         }
     return {
         key: torch.cat([texts[i][key] for i in group]).repeat_interleave(images_per_prompt, dim=0)
-        for key in ("prompt_embeds", "negative_prompt_embeds")
+        for key in texts[group[0]]
     }

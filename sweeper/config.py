@@ -27,7 +27,8 @@ class ModelConfig:
     config_dir: str | None = None  # a local diffusers config folder for a single-file checkpoint (offline)
     revision: str | None = None  # hub revision (branch, tag or commit)
     cache_dir: str | None = None  # where the tiny model is built; default $LORA_SWEEPER_CACHE
-    kind: str = "sd1"  # sd1 | sd2: architecture family (SD2 = OpenCLIP text encoder); not v-prediction
+    kind: str | None = None  # sd1 | sd2 | sdxl: model family; None = detected from the model files
+    vae_precision: str = "auto"  # auto | fp32 | half; auto = fp32 where the family's VAE overflows in fp16 (SDXL)
     prediction_type: str | None = None  # epsilon | v_prediction; None = the model's scheduler config
     vae: str | None = None  # replacement VAE (diffusers folder or .safetensors); not saved in the LoRA
     clip_skip: int = 1  # use hidden_states[-n] + final layer norm; 1 = last layer (A1111 convention)
@@ -60,6 +61,7 @@ class NetworkConfig:
     train_text_encoder: bool = False
     unet_lr: float | None = None  # falls back to optimizer.lr; 0 freezes the UNet LoRA
     text_encoder_lr: float | None = None  # falls back to optimizer.lr; 0 freezes it
+    text_encoder_2_lr: float | None = None  # SDXL's second text encoder; None = text_encoder_lr
     max_norm: float | None = None  # rescale modules whose |up.down.scale| exceeds it, after each step
     init_weights: str | None = None  # start from an existing LoRA file (ours or kohya's); weights only
     # kohya's default LoRA: every linear (and 1x1 conv) of the transformer blocks: attention, proj_in/out, feed-forward

@@ -148,7 +148,7 @@ def run(
             objective, maximize = _selection_objective(cfg)
 
             def evaluate_now() -> EvalResult:
-                with trainer.accelerator.autocast(), trainer.lora_without_input_casts(base.unet, base.text_encoder):
+                with trainer.accelerator.autocast(), trainer.lora_without_input_casts(base.unet, *base.text_encoders):
                     result = evaluate(
                         pipeline,
                         scorers,
@@ -405,7 +405,7 @@ def _save_lora(
         seed=cfg.train.seed,
         steps=step,
         resolved_config=training_config(resolved),
-        v2=base.kind == "sd2",
+        v2=bool(base.family.file_metadata(base).get("ss_v2")),
         extra=extra,
     )
     return save_lora(cfg.output, tensors, metadata, stem=stem)
@@ -457,7 +457,7 @@ class _WorkerCache:
             self._models[key] = load_base_model(model_cfg)
             self.model_loads += 1
         base = self._models[key]
-        remove_leftover_adapters(base.unet, base.text_encoder)
+        remove_leftover_adapters(base.unet, *base.text_encoders)
         return base
 
     def discard(self, model_cfg: Any) -> None:

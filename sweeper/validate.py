@@ -59,7 +59,7 @@ def validate(cfg: Any) -> Validated:
     problems += _eval_problems(cfg.eval)
     problems += _data_problems(cfg)
     problems += _embedding_problems(cfg)
-    problems += model_problems(cfg.model)
+    problems += model_problems(cfg.model, cfg.network)
     problems += optimizer_problems(cfg.optimizer, torch.cuda.is_available())
     problems += scheduler_problems(cfg.scheduler, cfg.train.max_steps, cfg.eval.every_n_steps)
     problems += output_problems(cfg.output)

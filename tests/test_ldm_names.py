@@ -161,12 +161,10 @@ def test_diffusers_reads_kohya_lora_names_as_the_modules_we_adapted(tiny_sdxl):
 # --- a whole SDXL single file
 
 
-def test_sdxl_checkpoint_loads_back_through_from_single_file(monkeypatch, tmp_path):
-    # diffusers' single-file loader tells SDXL's two text encoders apart by width alone: it reads any CLIP
-    # whose width matches embedders.0 from there, so with the tiny model's equal widths text_encoder_2
-    # silently gets text_encoder's weights and keeps its text_projection on the meta device, no error.
-    # Real SDXL has 768 and 1280.
-    monkeypatch.setattr(training.tiny_sdxl, "TEXT_WIDTHS", (32, 48))
+def test_sdxl_checkpoint_loads_back_through_from_single_file(tmp_path):
+    # diffusers' single-file loader tells SDXL's two text encoders apart by width alone, which is why
+    # the tiny model's widths differ (as real SDXL's 768 and 1280 do)
+    assert training.tiny_sdxl.TEXT_WIDTHS[0] != training.tiny_sdxl.TEXT_WIDTHS[1]
     pipeline = randomised(build_tiny_sdxl_pipeline())
     pipeline.save_pretrained(tmp_path / "diffusers")
     config = copy_configs(tmp_path / "diffusers", tmp_path / "config")

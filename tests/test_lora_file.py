@@ -28,7 +28,7 @@ from training.lora_file import (
 )
 from training.lora_metadata import MINIMAL_METADATA_KEYS, kohya_metadata
 from training.models import load_base_model
-from training.network import add_lora, remove_leftover_adapters, remove_lora
+from training.network import LoraPart, add_lora, remove_leftover_adapters, remove_lora
 
 Q = "lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_q"
 TE_Q = "lora_te_text_model_encoder_layers_0_self_attn_q_proj"
@@ -258,7 +258,8 @@ def test_dotted_and_underscored_names_resolve_against_the_real_modules():
         "lora_unet_to_out_0.alpha": torch.tensor(1.0),
         "lora_te_text_model_other.lora_down.weight": torch.ones(2, 4),
     }
-    match = peft_state_from_kohya(tensors, model, "lora_unet_")
+    part = LoraPart("unet", model, "lora_unet_", True, "")
+    match = peft_state_from_kohya(tensors, part)
     assert set(match.state) == {"to_out.0.lora_A.default.weight", "to_out.0.lora_B.default.weight"}
     assert "ambiguous" in match.unmatched["lora_unet_a_b_c.lora_down.weight"]
     assert match.alphas == {"to_out.0": 1.0}
@@ -283,10 +284,10 @@ def make_network(base):
     def make(*overrides: str, seed: int = 0):
         cfg = compose_config(["network.dim=4", "network.alpha=2", "network.train_text_encoder=true", *overrides])
         torch.manual_seed(seed)
-        return add_lora(base.unet, base.text_encoder, cfg.network, 1e-3)
+        return add_lora(base, cfg.network, 1e-3)
 
     yield make
-    remove_leftover_adapters(base.unet, base.text_encoder)
+    remove_leftover_adapters(base.unet, *base.text_encoders)
 
 
 def randomise(network, seed: int) -> None:

@@ -258,7 +258,7 @@ def test_prediction_type_overrides_the_scheduler_config(make_cfg, diffusers_fold
 def test_a_kind_that_does_not_match_the_model_is_an_error(make_cfg, diffusers_folder):
     folder, _ = diffusers_folder
     cfg = make_cfg("model=diffusers", f"model.path={folder}", "model.kind=sd2")
-    with pytest.raises(ConfigError, match=r"model.kind=sd2 but .* hidden size 32 .* set model.kind=sd1"):
+    with pytest.raises(ConfigError, match=r"model.kind=sd2 but .* hidden size 32\b.*; set model.kind=sd1"):
         validate(cfg)
     with pytest.raises(ValueError, match=r"model.kind=sd2 but"):
         load_base_model(cfg.model)  # checked again against what was loaded
@@ -285,13 +285,14 @@ def _sd2_shaped_pipeline(seed: int = 3):
 def test_an_sd2_model_loads_as_kind_sd2(make_cfg, tmp_path, prediction, version):
     folder = tmp_path / "sd2"
     _sd2_shaped_pipeline().save_pretrained(folder, safe_serialization=True)
-    with pytest.raises(ConfigError, match=r"model.kind=sd1 but .* hidden size 1024 .* set model.kind=sd2"):
-        validate(make_cfg("model=diffusers", f"model.path={folder}"))
-    cfg = make_cfg("model=diffusers", f"model.path={folder}", "model.kind=sd2", f"model.prediction_type={prediction}")
-    validate(cfg)
-    base = load_base_model(cfg.model)
-    assert base.kind == "sd2"
-    assert base.base_model_version == version
+    with pytest.raises(ConfigError, match=r"model.kind=sd1 but .* hidden size 1024\b.*; set model.kind=sd2"):
+        validate(make_cfg("model=diffusers", f"model.path={folder}", "model.kind=sd1"))
+    for kind in ("model.kind=sd2", "model.kind=null"):  # given, or detected from the text encoder's width
+        cfg = make_cfg("model=diffusers", f"model.path={folder}", kind, f"model.prediction_type={prediction}")
+        validate(cfg)
+        base = load_base_model(cfg.model)
+        assert base.kind == "sd2"
+        assert base.base_model_version == version
 
 
 def test_bad_model_values_are_reported_together_naming_each_key(make_cfg):
@@ -341,13 +342,13 @@ def test_attention_problems(monkeypatch):
 def test_gradient_checkpointing_is_set_and_unset():
     pipeline = build_tiny_pipeline()
     unet, text_encoder = pipeline.unet, pipeline.text_encoder
-    configure_gradient_checkpointing(unet, text_encoder, enabled=True, train_text_encoder=False)
+    configure_gradient_checkpointing(unet, [text_encoder], enabled=True, train_text_encoder=False)
     assert unet.is_gradient_checkpointing
     assert not gradient_checkpointing_enabled(text_encoder)  # frozen: runs under no_grad, nothing to save
-    configure_gradient_checkpointing(unet, text_encoder, enabled=True, train_text_encoder=True)
+    configure_gradient_checkpointing(unet, [text_encoder], enabled=True, train_text_encoder=True)
     assert gradient_checkpointing_enabled(unet) and gradient_checkpointing_enabled(text_encoder)
     # the next trial on the same (reused) base model turns it off again
-    configure_gradient_checkpointing(unet, text_encoder, enabled=False, train_text_encoder=True)
+    configure_gradient_checkpointing(unet, [text_encoder], enabled=False, train_text_encoder=True)
     assert not unet.is_gradient_checkpointing
     assert not gradient_checkpointing_enabled(text_encoder)
 
@@ -361,7 +362,7 @@ def test_gradient_checkpointing_keeps_lora_gradients_flowing():
     attach_lora(
         text_encoder, LoraConfig(r=4, lora_alpha=4, target_modules=["q_proj", "v_proj"], init_lora_weights=False)
     )
-    configure_gradient_checkpointing(unet, text_encoder, enabled=True, train_text_encoder=True)
+    configure_gradient_checkpointing(unet, [text_encoder], enabled=True, train_text_encoder=True)
     unet.train()
     text_encoder.train()
     ids = pipeline.tokenizer(["a red circle"], padding="max_length", max_length=77, return_tensors="pt").input_ids

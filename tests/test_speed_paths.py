@@ -11,7 +11,7 @@ from training.attention import configure_memory_format
 from training.compile import configure_compile, repeated_blocks
 from training.data import scan_dataset
 from training.loop import Trainer
-from training.models import load_base_model
+from training.models import BaseModel, load_base_model
 from training.network import add_lora, remove_lora
 from training.text_cache import TextEmbeddingCache, clear_text_caches
 from training.tiny_model import build_tiny_pipeline
@@ -30,15 +30,17 @@ def losses_of(cfg) -> tuple[list[float], Trainer]:
 def test_cache_encodes_each_distinct_caption_once_and_keeps_order():
     calls: list[list[str]] = []
 
-    def encoder(texts: list[str]) -> torch.Tensor:
+    def encoder(texts: list[str]) -> dict[str, torch.Tensor]:
         calls.append(list(texts))
-        return torch.stack([torch.full((3, 2), float(len(t))) for t in texts])
+        hidden = torch.stack([torch.full((3, 2), float(len(t))) for t in texts])
+        return {"hidden": hidden, "text_embeds": -hidden[:, 0]}  # every named tensor is cached per caption
 
     cache = TextEmbeddingCache(max_entries=10)
     first = cache.encode(["aa", "b", "aa"], encoder)
     second = cache.encode(["b", "cccc"], encoder)
     assert calls == [["aa", "b"], ["cccc"]]
-    assert first[:, 0, 0].tolist() == [2.0, 1.0, 2.0] and second[:, 0, 0].tolist() == [1.0, 4.0]
+    assert first["hidden"][:, 0, 0].tolist() == [2.0, 1.0, 2.0] and second["hidden"][:, 0, 0].tolist() == [1.0, 4.0]
+    assert second["text_embeds"][:, 0].tolist() == [-1.0, -4.0]
     assert (cache.hits, cache.misses) == (2, 3)
 
 
@@ -46,7 +48,7 @@ def test_cache_evicts_least_recently_used_first():
     cache = TextEmbeddingCache(max_entries=2)
 
     def encoder(texts):
-        return torch.zeros(len(texts), 1, 1)
+        return {"hidden": torch.zeros(len(texts), 1, 1)}
 
     cache.encode(["a"], encoder)
     cache.encode(["b"], encoder)
@@ -87,7 +89,8 @@ def test_compiled_blocks_give_the_eager_gradients(make_cfg):
     """Compile time on 2 CPU cores is the slow part; the check itself is one forward + backward."""
     pipe = build_tiny_pipeline()
     unet = pipe.unet.requires_grad_(False)
-    add_lora(unet, pipe.text_encoder, make_cfg().network, 1e-3)
+    base = BaseModel(unet, pipe.vae, [pipe.text_encoder], [pipe.tokenizer], pipe.scheduler, "in-memory")
+    add_lora(base, make_cfg().network, 1e-3)
     with torch.no_grad():  # lora_B starts at zero: give every LoRA tensor a gradient to compare
         for name, param in unet.named_parameters():
             if "lora_B" in name:

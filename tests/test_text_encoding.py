@@ -6,8 +6,8 @@ import pytest
 import torch
 from transformers import CLIPTextConfig, CLIPTextModel
 
+from training.families.sd import SD1
 from training.text_encoding import (
-    encode_prompt_pair,
     encode_prompts,
     final_layer_norm,
     max_token_length_problem,
@@ -161,9 +161,9 @@ def test_max_token_length_must_be_whole_chunks(tiny):
 @torch.no_grad()
 def test_prompt_pair_for_the_pipeline(tiny):
     tokenizer, text_encoder = tiny
-    positive, negative = encode_prompt_pair(
-        tokenizer, text_encoder, words(100), None, "cpu", clip_skip=2, max_token_length=150
-    )
+    cond = SD1.encode_text([tokenizer], [text_encoder], [words(100), ""], "cpu", clip_skip=2, max_token_length=150)
+    inputs = SD1.pipeline_inputs(cond)
+    positive, negative = inputs["prompt_embeds"], inputs["negative_prompt_embeds"]
     assert positive.shape == negative.shape == (1, 154, text_encoder.config.hidden_size)
     empty = encode_prompts(tokenizer, text_encoder, [""], "cpu", clip_skip=2, max_token_length=150)
     assert torch.equal(negative, empty)

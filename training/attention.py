@@ -57,7 +57,9 @@ def configure_attention(unet: Any, kind: str, device: torch.device | str) -> Non
         unet.set_attn_processor(AttnProcessor2_0())
 
 
-def configure_gradient_checkpointing(unet: Any, text_encoder: Any, *, enabled: bool, train_text_encoder: bool) -> None:
+def configure_gradient_checkpointing(
+    unet: Any, text_encoders: list[Any], *, enabled: bool, train_text_encoder: bool
+) -> None:
     """Recompute activations in backward instead of storing them (Chen et al. 2016, arXiv:1604.06174).
 
     The UNet is checkpointed whenever ``enabled``: even when only the text encoder trains, gradients
@@ -69,10 +71,11 @@ def configure_gradient_checkpointing(unet: Any, text_encoder: Any, *, enabled: b
         unet.enable_gradient_checkpointing()
     else:
         unet.disable_gradient_checkpointing()
-    if enabled and train_text_encoder:
-        _text_encoder_checkpointing(text_encoder, True)
-    elif gradient_checkpointing_enabled(text_encoder):
-        _text_encoder_checkpointing(text_encoder, False)
+    for text_encoder in text_encoders:
+        if enabled and train_text_encoder:
+            _text_encoder_checkpointing(text_encoder, True)
+        elif gradient_checkpointing_enabled(text_encoder):
+            _text_encoder_checkpointing(text_encoder, False)
 
 
 def _text_encoder_checkpointing(text_encoder: Any, enabled: bool) -> None:

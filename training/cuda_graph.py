@@ -58,16 +58,16 @@ def cuda_graph_problems(
 
 
 class _Prediction(torch.nn.Module):
-    """The UNet as a function of positional tensors (what ``make_graphed_callables`` takes)."""
+    """The family's denoiser call as a function of positional tensors (what ``make_graphed_callables`` takes)."""
 
-    def __init__(self, unet: torch.nn.Module, mixed: bool) -> None:
+    def __init__(self, unet: torch.nn.Module, family: Any, mixed: bool) -> None:
         super().__init__()
-        self.unet, self.mixed = unet, mixed
+        self.unet, self.family, self.mixed = unet, family, mixed
 
-    def forward(self, noisy: torch.Tensor, timesteps: torch.Tensor, hidden: torch.Tensor) -> torch.Tensor:
+    def forward(self, noisy: torch.Tensor, timesteps: torch.Tensor, *cond: torch.Tensor) -> torch.Tensor:
         # as in the eager loop: under autocast, peft's cast of LoRA inputs to fp32 is wasted work
         with disable_input_dtype_casting(self.unet, active=self.mixed):
-            return self.unet(noisy, timesteps, hidden).sample
+            return self.family.predict(self.unet, noisy, timesteps, self.family.from_graph_inputs(cond))
 
 
 class GraphedUNet:
@@ -78,23 +78,25 @@ class GraphedUNet:
     LoRA weights (a new trial) need a new capture, which takes a few steps' time.
     """
 
-    def __init__(self, unet: Any, autocast_dtype: torch.dtype | None, warmup_steps: int = 3) -> None:
+    def __init__(self, unet: Any, family: Any, autocast_dtype: torch.dtype | None, warmup_steps: int = 3) -> None:
         if next(unet.parameters()).device.type != "cuda":
             raise RuntimeError("train.cuda_graphs=true needs the model on a CUDA GPU; set train.cuda_graphs=false")
-        self.prediction = _Prediction(unet, mixed=autocast_dtype is not None)
+        self.prediction = _Prediction(unet, family, mixed=autocast_dtype is not None)
+        self.family = family
         self.autocast_dtype = autocast_dtype
         self.warmup_steps = warmup_steps
         self.graphs: dict[tuple, Any] = {}
 
-    def __call__(self, noisy: torch.Tensor, timesteps: torch.Tensor, hidden: torch.Tensor) -> torch.Tensor:
-        key = (tuple(noisy.shape), tuple(hidden.shape), noisy.dtype, hidden.dtype, hidden.requires_grad)
+    def __call__(self, noisy: torch.Tensor, timesteps: torch.Tensor, cond: dict[str, torch.Tensor]) -> torch.Tensor:
+        inputs = (noisy, timesteps, *self.family.graph_inputs(cond))
+        key = tuple((tuple(t.shape), t.dtype, t.requires_grad) for t in inputs)
         graphed = self.graphs.get(key)
         if graphed is None:
-            graphed = self.graphs[key] = self._capture(noisy, timesteps, hidden)
-        return graphed(noisy, timesteps, hidden)
+            graphed = self.graphs[key] = self._capture(inputs)
+        return graphed(*inputs)
 
-    def _capture(self, noisy: torch.Tensor, timesteps: torch.Tensor, hidden: torch.Tensor) -> Any:
-        samples = tuple(t.detach().clone().requires_grad_(t.requires_grad) for t in (noisy, timesteps, hidden))
+    def _capture(self, inputs: tuple[torch.Tensor, ...]) -> Any:
+        samples = tuple(t.detach().clone().requires_grad_(t.requires_grad) for t in inputs)
         enabled = self.autocast_dtype is not None
         with torch.autocast("cuda", dtype=self.autocast_dtype, enabled=enabled, cache_enabled=False):
             return torch.cuda.make_graphed_callables(self.prediction, samples, num_warmup_iters=self.warmup_steps)

@@ -20,7 +20,7 @@ from typing import Any, Protocol
 import torch
 import torch.nn.functional as F
 from accelerate import Accelerator
-from diffusers import StableDiffusionPipeline
+from diffusers import DiffusionPipeline
 from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
 from peft.helpers import disable_input_dtype_casting
 from tqdm.auto import tqdm
@@ -34,6 +34,7 @@ from training.compile import configure_compile
 from training.cuda_graph import GraphedUNet, cuda_graph_problems
 from training.data import CaptionedImageDataset, ImageRecord, collate_captioned, match_reg_records
 from training.embedding import TrainedEmbedding, add_embedding
+from training.families import Conditioning, ImageGeometry, batch_geometry
 from training.latent_cache import (
     LatentStore,
     fill_latent_cache,
@@ -46,9 +47,8 @@ from training.models import BaseModel
 from training.network import LoraNetwork, add_lora
 from training.noise import min_snr_weights, offset_noise, sample_timesteps, timestep_bounds
 from training.optim import build_lr_scheduler, build_optimizer
-from training.pipeline import sd_pipeline
 from training.text_cache import TextEmbeddingCache, shared_text_cache, text_cache_key
-from training.text_encoding import encode_prompt_pair, encode_prompts
+from training.vae_precision import run_in_own_precision, vae_dtype
 from training.validation import ValidationLoss
 
 
@@ -178,10 +178,12 @@ class Trainer:
         self.device = self.accelerator.device
         half = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(self.accelerator.mixed_precision)
         self.weight_dtype = half or torch.float32  # frozen weights; LoRA stays fp32
-        for module in (base.unet, base.vae, base.text_encoder):
-            module.to(self.device)
-            if self.weight_dtype != torch.float32:
-                module.to(dtype=self.weight_dtype)
+        self.family = base.family
+        for module in (base.unet, *base.text_encoders):
+            module.to(self.device, dtype=self.weight_dtype)
+        self.vae_dtype = vae_dtype(cfg.model.vae_precision, self.family.vae_overflows_in_fp16, self.weight_dtype)
+        base.vae.to(self.device, dtype=self.vae_dtype)
+        run_in_own_precision(base.vae)
 
         configure_attention(base.unet, cfg.model.attention, self.device)
         if problems := cuda_graph_problems(  # before LoRA layers are added to the shared base model
@@ -195,10 +197,10 @@ class Trainer:
 
         # --- LoRA (seeded: the initial weights depend only on train.seed) and the optional embedding
         torch.manual_seed(train.seed)
-        self.network: LoraNetwork = add_lora(base.unet, base.text_encoder, cfg.network, cfg.optimizer.lr)
+        self.network: LoraNetwork = add_lora(base, cfg.network, cfg.optimizer.lr)
         configure_gradient_checkpointing(  # set every run: the base model is shared across trials
             base.unet,
-            base.text_encoder,
+            base.text_encoders,
             enabled=cfg.model.gradient_checkpointing,
             train_text_encoder=self.network.trains_text_encoder,
         )
@@ -206,7 +208,7 @@ class Trainer:
         configure_compile(base.unet, train.compile, train.compile_mode)
         configure_memory_format(base.unet, cfg.model.channels_last and self.device.type == "cuda")
         self.autocast_dtype = half  # the dtype autocast computes in; None without mixed precision
-        self.graphed_unet = GraphedUNet(base.unet, half) if train.cuda_graphs else None
+        self.graphed_unet = GraphedUNet(base.unet, self.family, half) if train.cuda_graphs else None
         if cfg.network.init_weights:
             self.init_report = apply_init_weights(
                 self.network, cfg.network.init_weights, allow_pickle=cfg.output.allow_pickle
@@ -239,13 +241,13 @@ class Trainer:
         if cfg.data.cache_latents != "none":
             # "memory" names an in-process store, so the trials of a sweep in one worker share it
             self.latent_store = LatentStore(cfg.data.cache_latents, default_cache_root() / "latents")
-            self.latent_fingerprint = model_fingerprint(base.identity, self.weight_dtype)
+            self.latent_fingerprint = model_fingerprint(base.identity, self.vae_dtype)
         self.text_cache: TextEmbeddingCache | None = None
         # exact only while the text encoder is the base model's own: no text-encoder LoRA, no new embedding
         if cfg.data.cache_text_embeddings and self.embedding is None and not self.network.trains_text_encoder:
             self.text_cache = shared_text_cache(
                 text_cache_key(
-                    base.identity,
+                    base.identity,  # holds the family (kind)
                     dtype=self.weight_dtype,
                     mixed=self.accelerator.mixed_precision,
                     device=self.device,
@@ -445,7 +447,7 @@ class Trainer:
         ]
         with torch.no_grad(), stage("vae"):
             if self.latent_store is None:
-                pixels = batch["pixel_values"].to(self.device, dtype=self.weight_dtype, non_blocking=True)
+                pixels = batch["pixel_values"].to(self.device, dtype=self.vae_dtype, non_blocking=True)
                 distribution = base.vae.encode(pixels).latent_dist
             else:  # encoded once per image (and flip) before training: the same distribution either way
                 key_of = self.latent_keys()
@@ -453,22 +455,20 @@ class Trainer:
                 distribution = DiagonalGaussianDistribution(stacked_latent_params(self.latent_store, keys, self.device))
             latents = distribution.sample(generator=rng) * base.vae.config.scaling_factor
         with torch.set_grad_enabled(self._text_encoder_trains()), self.accelerator.autocast(), stage("text_encoder"):
-            hidden = self._encode_captions(captions)
+            cond = self._encode_captions(captions)
+        # per-image conditioning beyond the text (SDXL's size/crop time ids)
+        cond.update(self.family.batch_extras(batch_geometry(batch), self.device))
         # offset noise (Guttenberg 2023, "Diffusion with Offset Noise")
         noise = offset_noise(latents.shape, cfg.train.noise_offset, rng, self.device, latents.dtype)
         timesteps = sample_timesteps(latents.shape[0], *self.timesteps, rng, self.device)
         noisy = base.noise_scheduler.add_noise(latents, noise, timesteps)
-        if scheduler_config.prediction_type == "v_prediction":
-            # v-prediction (Salimans & Ho 2022, "Progressive Distillation", arXiv:2202.00512)
-            target = base.noise_scheduler.get_velocity(latents, noise, timesteps)
-        else:
-            target = noise
+        target = self.family.training_target(base.noise_scheduler, latents, noise, timesteps)
         with self.accelerator.autocast(), stage("unet_forward"):
             if self.graphed_unet is not None:
-                prediction = self.graphed_unet(noisy, timesteps, hidden)
+                prediction = self.graphed_unet(noisy, timesteps, cond)
             else:
                 with self.lora_without_input_casts(base.unet):
-                    prediction = base.unet(noisy, timesteps, hidden).sample
+                    prediction = self.family.predict(base.unet, noisy, timesteps, cond)
         per_sample = F.mse_loss(prediction.float(), target.float(), reduction="none").mean(dim=(1, 2, 3))
         weights = torch.ones_like(per_sample)
         if cfg.train.min_snr_gamma is not None:
@@ -517,7 +517,7 @@ class Trainer:
 
         @torch.no_grad()
         def encode(pixels: torch.Tensor) -> torch.Tensor:
-            return vae.encode(pixels.to(self.device, dtype=self.weight_dtype)).latent_dist.parameters
+            return vae.encode(pixels.to(self.device, dtype=self.vae_dtype)).latent_dist.parameters
 
         # the VAE's activations at 512 px are large: encode at most 8 crops at a time
         fill_latent_cache(self.latent_store, crops, encode, min(self.cfg.train.batch_size, 8), show_progress)
@@ -525,14 +525,14 @@ class Trainer:
         self._latent_keys = keys
         return keys
 
-    def _encode_captions(self, captions: list[str]) -> torch.Tensor:
-        """The UNet's conditioning for ``captions``, from the text-embedding cache when it is on."""
-        cfg = self.cfg
+    def _encode_captions(self, captions: list[str]) -> Conditioning:
+        """The family's text conditioning for ``captions``, from the text-embedding cache when it is on."""
+        cfg, base = self.cfg, self.base
 
-        def encode(texts: list[str]) -> torch.Tensor:
-            return encode_prompts(
-                self.base.tokenizer,
-                self.base.text_encoder,
+        def encode(texts: list[str]) -> Conditioning:
+            return self.family.encode_text(
+                base.tokenizers,
+                base.text_encoders,
                 texts,
                 self.device,
                 clip_skip=cfg.model.clip_skip,
@@ -565,7 +565,7 @@ class Trainer:
             noise_scheduler=self.base.noise_scheduler,
             resolution=self.resolution,
             device=self.device,
-            dtype=self.weight_dtype,
+            dtype=self.vae_dtype,
             caption=self.prompt,
         )
 
@@ -573,24 +573,28 @@ class Trainer:
         """Per held-out image, the denoising loss of the model as it is now (LoRA on or off)."""
         base = self.base
 
-        def predict(noisy: torch.Tensor, timesteps: torch.Tensor, hidden: torch.Tensor) -> torch.Tensor:
-            return base.unet(noisy, timesteps, hidden).sample
+        def predict(noisy: torch.Tensor, timesteps: torch.Tensor, cond: Conditioning) -> torch.Tensor:
+            return self.family.predict(base.unet, noisy, timesteps, cond)
 
-        with self.accelerator.autocast(), self.lora_without_input_casts(base.unet, base.text_encoder):
-            return validation.per_image(self._encode_captions, predict)
+        def extras(geometry: list[ImageGeometry]) -> Conditioning:
+            return self.family.batch_extras(geometry, self.device)
 
-    def encode_prompt(self, prompt: str, negative_prompt: str | None) -> tuple[torch.Tensor, torch.Tensor]:
-        """Evaluation conditioning exactly as training encodes captions (clip skip, long prompts)."""
-        base, cfg = self.base, self.cfg
-        return encode_prompt_pair(
-            base.tokenizer,
-            base.text_encoder,
-            prompt,
-            negative_prompt,
+        with self.accelerator.autocast(), self.lora_without_input_casts(base.unet, *base.text_encoders):
+            return validation.per_image(self._encode_captions, predict, extras)
+
+    def encode_prompt(self, prompt: str, negative_prompt: str | None) -> dict[str, torch.Tensor]:
+        """The sampling pipeline's embedding arguments, encoded exactly as training encodes captions
+        (clip skip, long prompts); the negative prompt (``""`` when None) goes through the same path."""
+        cfg, base = self.cfg, self.base
+        cond = self.family.encode_text(
+            base.tokenizers,
+            base.text_encoders,
+            [prompt, negative_prompt or ""],
             self.device,
             clip_skip=cfg.model.clip_skip,
             max_token_length=cfg.data.max_token_length,
         )
+        return self.family.pipeline_inputs(cond)
 
     def prompt(self, text: str) -> str:
         """An evaluation prompt as the text encoder must see it: with the trigger word (as training
@@ -602,10 +606,9 @@ class Trainer:
         return self.network.trains_text_encoder or (self.embedding is not None and self.embedding.weight.requires_grad)
 
     def _trained_models(self) -> list[torch.nn.Module]:
-        base = self.base
-        models = [base.unet] if self.network.trains_unet else []
-        if self.network.trains_text_encoder or self.embedding is not None:
-            models.append(base.text_encoder)
+        models = [part.model for part in self.network.adapted()]
+        if self.embedding is not None and self.base.text_encoder not in models:
+            models.append(self.base.text_encoder)
         return models
 
     def _trainable(self) -> list[torch.nn.Parameter]:
@@ -618,10 +621,10 @@ class Trainer:
     def trainable_tensors(self) -> dict[str, torch.Tensor]:
         """Named LoRA weights (and embedding rows): what a training state stores."""
         tensors = {}
-        for prefix, model in (("unet.", self.base.unet), ("text_encoder.", self.base.text_encoder)):
-            for name, param in model.named_parameters():
+        for part in self.network.parts:
+            for name, param in part.model.named_parameters():
                 if "lora_" in name:
-                    tensors[prefix + name] = param.detach()
+                    tensors[f"{part.label}.{name}"] = param.detach()
         if self.embedding is not None:
             tensors["embedding.rows"] = self.embedding.vectors
         return tensors
@@ -650,10 +653,10 @@ class Trainer:
                 f"e.g. {missing[0]}); resume with the same network settings"
             )
         with torch.no_grad():
-            for prefix, model in (("unet.", self.base.unet), ("text_encoder.", self.base.text_encoder)):
-                for name, param in model.named_parameters():
-                    if prefix + name in state.trainable:
-                        param.copy_(state.trainable[prefix + name])
+            for part in self.network.parts:
+                for name, param in part.model.named_parameters():
+                    if f"{part.label}.{name}" in state.trainable:
+                        param.copy_(state.trainable[f"{part.label}.{name}"])
             if self.embedding is not None:
                 self.embedding.weight[self.embedding.token_ids] = state.trainable["embedding.rows"].to(
                     self.embedding.weight.dtype
@@ -672,10 +675,6 @@ class Trainer:
         )
 
     # --- hand-over
-    def sampling_pipeline(self, scheduler: Any) -> StableDiffusionPipeline:
-        """A pipeline over the live (LoRA-adapted) models, for evaluation."""
-        base = self.base
-        pipeline = sd_pipeline(
-            vae=base.vae, text_encoder=base.text_encoder, tokenizer=base.tokenizer, unet=base.unet, scheduler=scheduler
-        )
-        return pipeline.to(self.device)
+    def sampling_pipeline(self, scheduler: Any) -> DiffusionPipeline:
+        """The family's pipeline over the live (LoRA-adapted) models, for evaluation."""
+        return self.family.pipeline(self.base, scheduler).to(self.device)

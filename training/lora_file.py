@@ -29,7 +29,7 @@ from safetensors.torch import save
 
 from training.atomic_file import write_atomically
 from training.lora_metadata import metadata_sha256, minimal_metadata
-from training.network import ADAPTER, TEXT_ENCODER_PREFIX, TEXT_MODEL_LEVEL, UNET_PREFIX, LoraNetwork
+from training.network import ADAPTER, LoraNetwork, LoraPart
 from training.output_dir import rescue_folders, unique_rescue_path
 
 logger = logging.getLogger(__name__)
@@ -353,25 +353,21 @@ class KohyaMatch:
     missing: list[str] = field(default_factory=list)  # adapted modules the file has no weights for
 
 
-def peft_state_from_kohya(
-    tensors: dict[str, torch.Tensor], model: torch.nn.Module, prefix: str, adapter_name: str = ADAPTER
-) -> KohyaMatch:
-    """Map the ``prefix`` keys of a kohya state dict onto ``model``'s peft parameter names.
+def peft_state_from_kohya(tensors: dict[str, torch.Tensor], part: LoraPart, adapter_name: str = ADAPTER) -> KohyaMatch:
+    """Map the ``part.kohya_prefix`` keys of a kohya state dict onto the part's peft parameter names.
 
-    Each flattened kohya name is looked up among the model's real module names (dots replaced by
-    ``_``), so ``down_blocks_0`` resolves to ``down_blocks.0`` without guessing. Text-encoder files
-    name modules as transformers 4 did (``text_model.encoder...``); a model without that level
-    (transformers 5) is matched with it put back. Keys of other prefixes are ignored. Raises
-    ``LoraFileError`` when a tensor's rank (or shape) does not fit the adapter.
+    Each flattened kohya name is looked up among the names the family gives the model's real
+    modules (``part.kohya_names``: the module path with dots as ``_`` for SD1/SD2, the original
+    SDXL naming for an SDXL UNet, ``text_model.`` put back for transformers 5 text encoders), so
+    ``down_blocks_0`` resolves to ``down_blocks.0`` without guessing. Keys of other prefixes are
+    ignored. Raises ``LoraFileError`` when a tensor's rank (or shape) does not fit the adapter.
     """
-    levels = ("", TEXT_MODEL_LEVEL) if prefix == TEXT_ENCODER_PREFIX else ("",)
+    model, prefix = part.model, part.kohya_prefix
     adapted: dict[str, list[str]] = {}
     every: dict[str, list[str]] = {}
     for name, module in model.named_modules():
         is_adapted = adapter_name in getattr(module, "lora_A", {})
-        for level in levels:
-            dotted = name if name.startswith(level) else level + name
-            flat = dotted.replace(".", "_")
+        for flat in part.kohya_names.get(name, [name.replace(".", "_")]):
             every.setdefault(flat, []).append(name)
             if is_adapted and name not in adapted.get(flat, []):
                 adapted.setdefault(flat, []).append(name)
@@ -490,25 +486,16 @@ def apply_init_weights(network: LoraNetwork, path: str | Path, *, allow_pickle: 
     missing: list[str] = []
     loaded = 0
     file_alphas: dict[str, float] = {}
-    parts = (
-        ("unet", network.unet, UNET_PREFIX, network.trains_unet, "network.train_unet=false or network.unet_lr=0"),
-        (
-            "text_encoder",
-            network.text_encoder,
-            TEXT_ENCODER_PREFIX,
-            network.trains_text_encoder,
-            "network.train_text_encoder=false or network.text_encoder_lr=0",
-        ),
-    )
     claimed: set[str] = set()
-    for label, model, prefix, adapted, why_off in parts:
-        keys = [k for k in contents.tensors if k.startswith(prefix)]
+    for part in network.parts:
+        label = part.label
+        keys = [k for k in contents.tensors if k.startswith(part.kohya_prefix)]
         claimed.update(keys)
-        if not adapted:
-            unmatched.update({k: f"the {label} gets no LoRA in this run ({why_off})" for k in keys})
+        if not part.trains:
+            unmatched.update({k: f"the {label} gets no LoRA in this run ({part.why_off})" for k in keys})
             continue
-        match = peft_state_from_kohya(contents.tensors, model, prefix, ADAPTER)
-        parameters = dict(model.named_parameters())
+        match = peft_state_from_kohya(contents.tensors, part, ADAPTER)
+        parameters = dict(part.model.named_parameters())
         with torch.no_grad():
             for name, value in match.state.items():
                 parameters[name].copy_(value.to(parameters[name].device, parameters[name].dtype))
@@ -522,7 +509,8 @@ def apply_init_weights(network: LoraNetwork, path: str | Path, *, allow_pickle: 
         if key.startswith(EMBEDDING_PREFIX):
             unmatched[key] = "a bundled textual-inversion embedding, not a LoRA weight (read_bundled_embeddings)"
         else:
-            unmatched[key] = "not a kohya SD1/SD2 LoRA key (lora_unet_* / lora_te_*)"
+            prefixes = " / ".join(f"{part.kohya_prefix}*" for part in network.parts)
+            unmatched[key] = f"not a kohya LoRA key of this model family ({prefixes})"
     if loaded == 0:
         first = "\n  ".join(f"{k}: {r}" for k, r in list(unmatched.items())[:5])
         raise LoraFileError(

@@ -54,13 +54,6 @@ VOLATILE_METADATA_KEYS = (
     RUN_ID_KEY,
 )
 MODELSPEC_VERSION = "1.0.0"
-# modelspec.architecture per (kind, v-prediction); SD2 at 512 (epsilon) vs 768-v, as kohya names them.
-ARCHITECTURES = {
-    ("sd1", False): "stable-diffusion-v1",
-    ("sd1", True): "stable-diffusion-v1",
-    ("sd2", False): "stable-diffusion-v2-512",
-    ("sd2", True): "stable-diffusion-v2-768-v",
-}
 # The optimizer arguments shown in ss_optimizer, as kohya shows the ones it was given.
 OPTIMIZER_ARGS = ("betas", "weight_decay", "eps", "momentum", "nesterov", "d_coef")
 
@@ -129,17 +122,18 @@ def optimizer_name(optimizer: Any) -> str:
 
 def modelspec(
     *,
-    kind: str,
+    architecture: str,
     v_prediction: bool,
     title: str,
     resolution: int,
     clip_skip: int,
     timestep_range: tuple[int, int] | None,
 ) -> dict[str, str]:
-    """The SAI model spec keys kohya writes for an SD1/SD2 LoRA (``modelspec.date`` is local time)."""
+    """The SAI model spec keys kohya writes for a LoRA of an ``architecture`` base model (the family's
+    name, e.g. ``stable-diffusion-xl-v1-base``); ``modelspec.date`` is local time."""
     spec = {
         "modelspec.sai_model_spec": MODELSPEC_VERSION,
-        "modelspec.architecture": f"{ARCHITECTURES[(kind, v_prediction)]}/lora",
+        "modelspec.architecture": f"{architecture}/lora",
         "modelspec.implementation": "diffusers",
         "modelspec.title": title,
         "modelspec.resolution": f"{resolution}x{resolution}",
@@ -199,7 +193,6 @@ def training_metadata(
     step count) and ``base`` the loaded ``BaseModel``; the network keys come from ``kohya_metadata``.
     """
     train, data, network, optimizer = cfg.train, cfg.data, cfg.network, cfg.optimizer
-    kind = base.kind or "sd1"
     v_prediction = base.noise_scheduler.config.prediction_type == "v_prediction"
     batches = len(trainer.batches)
     timestep_range = None
@@ -211,7 +204,7 @@ def training_metadata(
         "ss_session_id": session_id(started_at, run_id),
         "ss_training_started_at": repr(started_at),
         "ss_training_finished_at": repr(time.time()),
-        "ss_v2": kind == "sd2",
+        **base.family.file_metadata(base),
         "ss_sd_model_name": Path(location).name if Path(location).exists() else location,
         "ss_vae_name": (Path(cfg.model.vae).name if Path(cfg.model.vae).exists() else cfg.model.vae)
         if cfg.model.vae
@@ -268,7 +261,7 @@ def training_metadata(
         metadata[RUN_ID_KEY] = run_id
     metadata.update(
         modelspec(
-            kind=kind,
+            architecture=base.family.architecture(v_prediction),
             v_prediction=v_prediction,
             title=cfg.output.name,
             resolution=trainer.resolution,

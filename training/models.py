@@ -9,29 +9,28 @@ Then the optional replacement VAE (``model.vae``) and prediction type (``model.p
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
-from diffusers import AutoencoderKL, DDPMScheduler, StableDiffusionPipeline, UNet2DConditionModel
-from transformers import CLIPTextModel, CLIPTokenizer
+from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
 
 from training.attention import attention_problem
 from training.checked_loading import load_checked
+from training.families import MODEL_KINDS, ModelFamily, family_of
+from training.families.detect import checkpoint_kind, folder_kind, kind_mismatch, loaded_kind
+from training.families.sd import SD1
 from training.text_encoding import clip_skip_problem
-from training.tiny_model import ensure_tiny_model
 from training.toy.shipped import shipped_folder
 
 MODEL_SOURCES = ("toy", "tiny", "diffusers")
-EMBEDDED_SOURCES = ("toy", "tiny")  # SD1-shaped models that ship with (or are built by) the project
-MODEL_KINDS = ("sd1", "sd2")
+EMBEDDED_SOURCES = ("toy", "tiny")  # models that ship with (or are built by) the project
+VAE_PRECISIONS = ("auto", "fp32", "half")
 PREDICTION_TYPES = ("epsilon", "v_prediction")
 CHECKPOINT_SUFFIXES = (".safetensors", ".ckpt")  # .ckpt is read with torch.load(weights_only=True)
 VAE_FILE_SUFFIXES = (".safetensors", ".ckpt", ".pt")
-SD2_TEXT_HIDDEN_SIZE = 1024  # OpenCLIP ViT-H/14; SD1's CLIP ViT-L/14 is 768
 # What a config folder for a single-file checkpoint must hold (configs only; weights are not read).
 CONFIG_DIR_FILES = (
     "model_index.json",
@@ -40,22 +39,36 @@ CONFIG_DIR_FILES = (
     "text_encoder/config.json",
     "scheduler/scheduler_config.json",
 )
+SDXL_CONFIG_DIR_FILES = ("text_encoder_2/config.json", "tokenizer_2")
 # Options applied to the loaded model at run time; they do not change what is loaded.
 RUNTIME_MODEL_KEYS = ("clip_skip", "attention", "gradient_checkpointing")
 
 
 @dataclass
 class BaseModel:
-    """The parts of an SD-family model that LoRA training needs."""
+    """The parts of a base model that LoRA training needs, and the family that knows how to use them."""
 
     unet: UNet2DConditionModel
     vae: AutoencoderKL
-    text_encoder: CLIPTextModel
-    tokenizer: CLIPTokenizer
+    text_encoders: list[torch.nn.Module]  # one per family text part (SDXL: CLIP ViT-L, OpenCLIP bigG)
+    tokenizers: list[Any]
     noise_scheduler: DDPMScheduler
     location: str  # the folder, checkpoint file or hub id it was loaded from
     identity: dict[str, str] = field(default_factory=dict)
-    kind: str | None = None  # sd1 | sd2 (model.kind, checked against the text encoder); None = inferred
+    family: ModelFamily = SD1
+
+    @property
+    def kind(self) -> str:
+        return self.family.kind
+
+    @property
+    def text_encoder(self) -> torch.nn.Module:
+        """The first text encoder (the only one of SD1/SD2)."""
+        return self.text_encoders[0]
+
+    @property
+    def tokenizer(self) -> Any:
+        return self.tokenizers[0]
 
     @property
     def vae_scale_factor(self) -> int:
@@ -63,29 +76,19 @@ class BaseModel:
 
     @property
     def native_resolution(self) -> int:
-        """The image side the UNet was built for (64 for tiny, 512 for SD1.5)."""
+        """The image side the UNet was built for (64 for tiny, 512 for SD1.5, 1024 for SDXL)."""
         sample_size = self.unet.config.sample_size
         side = sample_size if isinstance(sample_size, int) else sample_size[0]
         return side * self.vae_scale_factor
 
     @property
     def base_model_version(self) -> str:
-        """kohya's ``ss_base_model_version`` naming: sd_v1, sd_v2, sd_v2_v (v-prediction), tiny_sd_v1."""
-        if self.identity.get("source") in EMBEDDED_SOURCES:
-            return f"{self.identity['source']}_sd_v1"
-        if (self.kind or loaded_kind(self.text_encoder)) == "sd2":
-            v_prediction = self.noise_scheduler.config.prediction_type == "v_prediction"
-            return "sd_v2_v" if v_prediction else "sd_v2"
-        return "sd_v1"
+        """kohya's ``ss_base_model_version`` (sd_v1, sd_v2, sd_v2_v, sdxl_base_v1-0, tiny_sd_v1, ...)."""
+        return self.family.base_model_version(self)
 
 
 def hub_offline() -> bool:
     return os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false", "False")
-
-
-def loaded_kind(text_encoder: Any) -> str:
-    """sd2 when the text encoder is SD2's OpenCLIP width, otherwise sd1 (tiny models are SD1-shaped)."""
-    return "sd2" if text_encoder.config.hidden_size == SD2_TEXT_HIDDEN_SIZE else "sd1"
 
 
 def is_checkpoint_file(path: str | Path) -> bool:
@@ -94,28 +97,61 @@ def is_checkpoint_file(path: str | Path) -> bool:
 
 
 def resolve_model_location(model_cfg: Any) -> str:
-    """Where the weights come from: the toy world's shipped folder, the tiny model's cache folder, a
-    local folder or file, or a hub id."""
+    """Where the weights come from: the toy world's shipped folder, the tiny model's cache folder (of
+    its family), a local folder or file, or a hub id."""
     if model_cfg.source == "toy":
         return str(shipped_folder("base"))
     if model_cfg.source == "tiny":
-        return str(ensure_tiny_model(model_cfg.cache_dir))
+        return family_of(model_cfg.kind or "sd1").build_tiny(model_cfg.cache_dir)
     local = Path(model_cfg.path).expanduser()
     return str(local) if local.exists() else model_cfg.path
+
+
+def detected_kind(model_cfg: Any) -> tuple[str, str] | None:
+    """(kind, evidence) from the model's files without loading weights; None when they cannot say
+    (a hub id, a .ckpt pickle, a single file without config folder): checked again after loading."""
+    if model_cfg.source == "toy":
+        return "sd1", "the toy world's SD1-architecture model"
+    if model_cfg.source == "tiny":
+        return None  # built for whichever family model.kind names
+    if not model_cfg.path:
+        return None
+    local = Path(model_cfg.path).expanduser()
+    if local.is_dir():
+        return folder_kind(local)
+    if local.is_file():
+        found = checkpoint_kind(local)
+        if found is None and model_cfg.config_dir and Path(model_cfg.config_dir).expanduser().is_dir():
+            found = folder_kind(Path(model_cfg.config_dir).expanduser())
+        return found
+    return None
+
+
+def resolved_kind(model_cfg: Any) -> str | None:
+    """``model.kind`` when given, else what the files say; None until a hub model is loaded."""
+    if model_cfg.kind:
+        return model_cfg.kind
+    found = detected_kind(model_cfg)
+    return found[0] if found else ("sd1" if model_cfg.source in EMBEDDED_SOURCES else None)
 
 
 # --- startup validation
 
 
-def model_problems(model_cfg: Any) -> list[str]:
+def model_problems(model_cfg: Any, network_cfg: Any | None = None) -> list[str]:
     """Every reason ``model`` cannot be loaded or run, checked before anything heavy happens."""
     problems: list[str] = []
     if model_cfg.source not in MODEL_SOURCES:
         problems.append(f"model.source: unknown source '{model_cfg.source}'; use one of {', '.join(MODEL_SOURCES)}")
-    if model_cfg.kind not in MODEL_KINDS:
+    if model_cfg.kind is not None and model_cfg.kind not in MODEL_KINDS:
         problems.append(
-            f"model.kind: unknown kind '{model_cfg.kind}'; use sd1 or sd2 (SD2 = OpenCLIP text encoder; "
-            "v-prediction is model.prediction_type)"
+            f"model.kind: unknown kind '{model_cfg.kind}'; use one of {', '.join(MODEL_KINDS)}, or leave it unset "
+            "to detect it from the model files (v-prediction is model.prediction_type)"
+        )
+    if model_cfg.vae_precision not in VAE_PRECISIONS:
+        problems.append(
+            f"model.vae_precision: unknown '{model_cfg.vae_precision}'; use auto (fp32 where the family's VAE "
+            "overflows in fp16, i.e. SDXL), fp32 (kohya's --no_half_vae) or half"
         )
     if model_cfg.prediction_type is not None and model_cfg.prediction_type not in PREDICTION_TYPES:
         problems.append(
@@ -126,18 +162,32 @@ def model_problems(model_cfg: Any) -> list[str]:
         problems.append(problem)
     if problem := clip_skip_problem(model_cfg.clip_skip):
         problems.append(problem)
-    if model_cfg.source in EMBEDDED_SOURCES:
-        if model_cfg.kind == "sd2":
+    if model_cfg.source == "toy":
+        try:
+            shipped_folder("base")
+        except FileNotFoundError as error:
+            problems.append(f"model.source=toy: {error}")
+    if model_cfg.source in EMBEDDED_SOURCES and model_cfg.kind == "sd2":
+        problems.append(
+            f"model.kind=sd2 but model.source={model_cfg.source} has no SD2 form (toy: SD1 only; tiny: sd1 or sdxl); "
+            "use model.kind=sd1"
+        )
+    elif model_cfg.source == "toy" and model_cfg.kind not in (None, "sd1"):
+        problems.append(f"model.kind={model_cfg.kind} but model.source=toy is an SD1-architecture model; use sd1")
+    if model_cfg.source == "diffusers":
+        path_problems = _path_problems(model_cfg)
+        problems += path_problems
+        found = detected_kind(model_cfg) if not path_problems else None
+        if found and model_cfg.kind in MODEL_KINDS and found[0] != model_cfg.kind:
+            problems.append(kind_mismatch(model_cfg.kind, found[0], found[1], model_cfg.path))
+        if not path_problems and not found and not model_cfg.kind and Path(model_cfg.path).expanduser().exists():
             problems.append(
-                f"model.kind=sd2 but model.source={model_cfg.source} is an SD1-shaped model; use model.kind=sd1"
+                f"model.kind: cannot tell the family of '{model_cfg.path}' from its files (a .ckpt pickle, or a "
+                f"folder without text encoder config); set model.kind to one of {', '.join(MODEL_KINDS)}"
             )
-        if model_cfg.source == "toy":
-            try:
-                shipped_folder("base")
-            except FileNotFoundError as error:
-                problems.append(f"model.source=toy: {error}")
-    elif model_cfg.source == "diffusers":
-        problems += _path_problems(model_cfg)
+    kind = resolved_kind(model_cfg)
+    if kind in MODEL_KINDS and network_cfg is not None:
+        problems += family_of(kind).problems(model_cfg, network_cfg)
     if model_cfg.vae:
         problems += _vae_problems(model_cfg.vae)
     return problems
@@ -159,7 +209,7 @@ def _path_problems(model_cfg: Any) -> list[str]:
                 f"model.path: '{path}' is not a diffusers folder (no model_index.json or unet/); "
                 "point it at a folder saved with save_pretrained, or at a .safetensors checkpoint"
             ]
-        return _kind_problems(model_cfg.kind, local / "text_encoder" / "config.json")
+        return []
     if is_checkpoint_file(local):
         return [f"model.path: checkpoint file '{path}' does not exist; check the path"]
     if path.startswith((".", "/", "~")) or path.count("/") != 1:
@@ -181,8 +231,8 @@ def _checkpoint_problems(model_cfg: Any, file: Path) -> list[str]:
             return [
                 f"model.path: '{model_cfg.path}' is a single-file checkpoint and HF_HUB_OFFLINE is set, so its "
                 "configs cannot be fetched: set model.config_dir to a local diffusers config folder for this "
-                "model family (model_index.json, unet/, vae/, text_encoder/, tokenizer/, scheduler/; "
-                "e.g. a saved SD1.5 or SD2.1 diffusers folder)"
+                "model family (model_index.json, unet/, vae/, text_encoder/, tokenizer/, scheduler/, and for "
+                "SDXL text_encoder_2/ and tokenizer_2/; e.g. a saved SD1.5, SD2.1 or SDXL diffusers folder)"
             ]
         return []
     folder = Path(config_dir).expanduser()
@@ -190,30 +240,22 @@ def _checkpoint_problems(model_cfg: Any, file: Path) -> list[str]:
         if hub_offline() or config_dir.startswith((".", "/", "~")) or config_dir.count("/") != 1:
             return [f"model.config_dir: folder '{config_dir}' does not exist; give a local diffusers config folder"]
         return []  # a hub id, fetched online
-    missing = [name for name in (*CONFIG_DIR_FILES, "tokenizer") if not (folder / name).exists()]
+    wanted = [*CONFIG_DIR_FILES, "tokenizer"]
+    in_file, in_folder = checkpoint_kind(file), folder_kind(folder)
+    if (in_file or in_folder or ("", ""))[0] == "sdxl":
+        wanted += SDXL_CONFIG_DIR_FILES
+    missing = [name for name in wanted if not (folder / name).exists()]
     if missing:
         return [
             f"model.config_dir: '{config_dir}' is not a diffusers config folder (missing {', '.join(missing)}); "
             "save one with save_pretrained or copy a model's diffusers folder (weights are not needed)"
         ]
-    return _kind_problems(model_cfg.kind, folder / "text_encoder" / "config.json")
-
-
-def _kind_problems(kind: str, text_encoder_config: Path) -> list[str]:
-    """model.kind against the text encoder config, read cheaply before loading any weights."""
-    try:
-        hidden_size = json.loads(text_encoder_config.read_text())["hidden_size"]
-    except (OSError, ValueError, KeyError):
-        return []  # loading reports a broken folder; the kind is checked again after loading
-    found = "sd2" if hidden_size == SD2_TEXT_HIDDEN_SIZE else "sd1"
-    return [] if kind not in MODEL_KINDS or kind == found else [_kind_mismatch(kind, found, hidden_size)]
-
-
-def _kind_mismatch(kind: str, found: str, hidden_size: int) -> str:
-    what = "SD2's OpenCLIP ViT-H" if found == "sd2" else "not SD2's OpenCLIP (1024)"
-    return (
-        f"model.kind={kind} but the model's text encoder has hidden size {hidden_size} ({what}); set model.kind={found}"
-    )
+    if in_file and in_folder and in_file[0] != in_folder[0]:
+        return [
+            f"model.config_dir: '{config_dir}' is {in_folder[1]} but model.path '{model_cfg.path}' is {in_file[1]}; "
+            f"give a {family_of(in_file[0]).label} config folder"
+        ]
+    return []
 
 
 def _vae_problems(vae: str) -> list[str]:
@@ -240,26 +282,31 @@ def _vae_problems(vae: str) -> list[str]:
 
 
 def load_base_model(model_cfg: Any) -> BaseModel:
-    """Load every part in fp32 on the CPU; the loop moves and casts them for training."""
+    """Load every part in fp32 on the CPU, through its family's loaders; the loop moves and casts them."""
     location = resolve_model_location(model_cfg)
     single_file = Path(location).is_file()
     config_source = _config_source(model_cfg, location, single_file)
+    kind = resolved_kind(model_cfg) or _hub_kind(location, model_cfg.revision)
+    family = family_of(kind)
     vae = _load_vae(model_cfg.vae, config_source) if model_cfg.vae else None
     if single_file:
-        unet, base_vae, text_encoder, tokenizer, noise_scheduler = _load_single_file(location, config_source, vae)
+        local_configs = config_source is not None and Path(config_source).is_dir()
+        parts = family.load_single_file(location, config_source, vae, local_configs or hub_offline())
     else:
-        unet, base_vae, text_encoder, tokenizer, noise_scheduler = _load_diffusers_folder(
-            location, model_cfg.revision, vae
-        )
-    vae = vae or base_vae
+        parts = family.load_folder(location, model_cfg.revision, vae)
+    # Training draws noise with the DDPM forward process whatever sampler the model's config names.
+    noise_scheduler = DDPMScheduler.from_config(parts["scheduler"].config)
     if model_cfg.prediction_type:
         # v-prediction (Salimans & Ho 2022, arXiv:2202.00512) for SD2-768-v style models; the loop
         # and the samplers read prediction_type from this config.
         noise_scheduler = DDPMScheduler.from_config(noise_scheduler.config, prediction_type=model_cfg.prediction_type)
-    found = loaded_kind(text_encoder)
-    if model_cfg.kind != found:
-        raise ValueError(_kind_mismatch(model_cfg.kind, found, text_encoder.config.hidden_size) + f" ({location})")
-    for name, module in (("unet", unet), ("vae", vae), ("text_encoder", text_encoder)):
+    found, evidence = loaded_kind(parts["text_encoders"])
+    if found != kind:
+        raise ValueError(kind_mismatch(kind, found, evidence, location))
+    named = {"unet": parts["unet"], "vae": parts["vae"]}
+    encoders = zip(family.text_parts, parts["text_encoders"], strict=True)
+    named.update({part.encoder: encoder for part, encoder in encoders})
+    for name, module in named.items():
         _require_loaded(module, name, location)
         module.requires_grad_(False)
         module.eval()
@@ -268,7 +315,7 @@ def load_base_model(model_cfg: Any) -> BaseModel:
         "location": location,
         "revision": model_cfg.revision or "",
         "weights_sha256": weights_fingerprint(location),
-        "kind": model_cfg.kind,
+        "kind": kind,
         "prediction_type": noise_scheduler.config.prediction_type,
     }
     if single_file:
@@ -276,7 +323,27 @@ def load_base_model(model_cfg: Any) -> BaseModel:
     if model_cfg.vae:
         identity["vae"] = _local_or_id(model_cfg.vae)
         identity["vae_sha256"] = weights_fingerprint(identity["vae"])
-    return BaseModel(unet, vae, text_encoder, tokenizer, noise_scheduler, location, identity, kind=model_cfg.kind)
+    return BaseModel(
+        parts["unet"],
+        parts["vae"],
+        parts["text_encoders"],
+        parts["tokenizers"],
+        noise_scheduler,
+        location,
+        identity,
+        family=family,
+    )
+
+
+def _hub_kind(repo_id: str, revision: str | None) -> str:
+    """The family of a hub model, from its configs alone (json/txt; no weights are fetched)."""
+    from huggingface_hub import snapshot_download
+
+    folder = snapshot_download(repo_id, revision=revision, allow_patterns=["*.json", "*.txt"])
+    found = folder_kind(Path(folder))
+    if found is None:
+        raise ValueError(f"model.path: cannot tell the family of hub model '{repo_id}'; set model.kind")
+    return found[0]
 
 
 def _config_source(model_cfg: Any, location: str, single_file: bool) -> str | None:
@@ -289,37 +356,6 @@ def _config_source(model_cfg: Any, location: str, single_file: bool) -> str | No
 def _local_or_id(path: str) -> str:
     local = Path(path).expanduser()
     return str(local) if local.exists() else path
-
-
-def _load_diffusers_folder(location: str, revision: str | None, vae: AutoencoderKL | None) -> tuple:
-    kwargs = {"revision": revision} if revision else {}
-    unet = load_checked(UNet2DConditionModel, location, "unet", **kwargs)
-    base_vae = vae or load_checked(AutoencoderKL, location, "vae", **kwargs)
-    text_encoder = load_checked(CLIPTextModel, location, "text_encoder", **kwargs)
-    tokenizer = CLIPTokenizer.from_pretrained(location, subfolder="tokenizer", **kwargs)
-    noise_scheduler = DDPMScheduler.from_pretrained(location, subfolder="scheduler", **kwargs)
-    return unet, base_vae, text_encoder, tokenizer, noise_scheduler
-
-
-def _load_single_file(file: str, config_source: str | None, vae: AutoencoderKL | None) -> tuple:
-    """An original-layout checkpoint through diffusers' own converters (``from_single_file``).
-
-    With a local ``config_source`` nothing touches the network; the checkpoint's layout (SD1 CLIP or
-    SD2 OpenCLIP text encoder) is converted by diffusers. The safety checker is never loaded.
-    """
-    local_configs = config_source is not None and Path(config_source).is_dir()
-    pipeline = StableDiffusionPipeline.from_single_file(
-        file,
-        config=config_source,
-        local_files_only=local_configs or hub_offline(),
-        safety_checker=None,
-        feature_extractor=None,
-        requires_safety_checker=False,
-        **({"vae": vae} if vae is not None else {}),
-    )
-    # Training draws noise with the DDPM forward process whatever sampler the checkpoint's config names.
-    noise_scheduler = DDPMScheduler.from_config(pipeline.scheduler.config)
-    return pipeline.unet, pipeline.vae, pipeline.text_encoder, pipeline.tokenizer, noise_scheduler
 
 
 def _load_vae(vae: str, config_source: str | None) -> AutoencoderKL:

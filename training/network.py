@@ -1,4 +1,4 @@
-"""The LoRA network: peft adapters on the UNet (and optionally text encoder), and its kohya file.
+"""The LoRA network: peft adapters on the UNet (and optionally the text encoders), and its kohya file.
 
 Strength follows kohya: the low-rank update is scaled by alpha/dim (peft's ``lora_alpha / r``).
 The saved file uses kohya's key names so every SD tool (A1111, ComfyUI, diffusers'
@@ -7,7 +7,7 @@ The saved file uses kohya's key names so every SD tool (A1111, ComfyUI, diffuser
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -17,8 +17,6 @@ from peft.utils import get_peft_model_state_dict
 
 from training.adapters import ADAPTER, attach_lora, detach_adapters, set_adapters_enabled
 
-UNET_PREFIX = "lora_unet_"
-TEXT_ENCODER_PREFIX = "lora_te_"
 # kohya names text-encoder modules as in transformers 4's CLIPTextModel (``text_model.encoder...``);
 # transformers 5 dropped the ``text_model`` level, so it is put back for file compatibility.
 TEXT_MODEL_LEVEL = "text_model."
@@ -34,33 +32,62 @@ def effective_alpha(network_cfg: Any) -> float:
 
 
 @dataclass
+class LoraPart:
+    """One model that may carry a LoRA: its file prefix and kohya's name for each of its modules."""
+
+    label: str  # "unet", or the family's text-encoder component name ("text_encoder", "text_encoder_2")
+    model: torch.nn.Module
+    kohya_prefix: str  # lora_unet_, lora_te_, lora_te1_ / lora_te2_
+    trains: bool
+    why_off: str  # the options that switch it off, for messages
+    # module path -> accepted kohya flat names (first = the one written); the family decides them
+    kohya_names: dict[str, list[str]] = field(default_factory=dict)
+
+    def kohya_name(self, module: str) -> str:
+        return self.kohya_names.get(module, [module.replace(".", "_")])[0]
+
+
+@dataclass
 class LoraNetwork:
     """Handles to the adapted models and the optimizer's parameter groups."""
 
-    unet: torch.nn.Module
-    text_encoder: torch.nn.Module
+    parts: list[LoraPart]
     dim: int
     alpha: float
-    trains_unet: bool
-    trains_text_encoder: bool
     param_groups: list[dict[str, Any]]
+
+    @property
+    def unet(self) -> torch.nn.Module:
+        return self.parts[0].model
+
+    @property
+    def trains_unet(self) -> bool:
+        return self.parts[0].trains
+
+    @property
+    def text_parts(self) -> list[LoraPart]:
+        return self.parts[1:]
+
+    @property
+    def trains_text_encoder(self) -> bool:
+        return any(part.trains for part in self.text_parts)
+
+    def adapted(self) -> list[LoraPart]:
+        return [part for part in self.parts if part.trains]
 
     def parameters(self) -> list[torch.nn.Parameter]:
         return [p for group in self.param_groups for p in group["params"]]
 
     def set_enabled(self, enabled: bool) -> None:
         """Switch the LoRA on or off (off = the base model, for the baseline score)."""
-        for model, adapted in ((self.unet, self.trains_unet), (self.text_encoder, self.trains_text_encoder)):
-            if adapted:
-                set_adapters_enabled(model, enabled)
+        for part in self.adapted():
+            set_adapters_enabled(part.model, enabled)
 
     def lora_pairs(self) -> list[tuple[torch.nn.Parameter, torch.nn.Parameter]]:
         """(down, up) weights of every adapted linear layer."""
         pairs = []
-        for model, adapted in ((self.unet, self.trains_unet), (self.text_encoder, self.trains_text_encoder)):
-            if not adapted:
-                continue
-            for module in model.modules():
+        for part in self.adapted():
+            for module in part.model.modules():
                 lora_a, lora_b = getattr(module, "lora_A", None), getattr(module, "lora_B", None)
                 if isinstance(lora_a, torch.nn.ModuleDict) and ADAPTER in lora_a:
                     pairs.append((lora_a[ADAPTER].weight, lora_b[ADAPTER].weight))
@@ -87,63 +114,96 @@ class LoraNetwork:
         return {"max_norm/scaled_modules": float(scaled), "max_norm/max": max(norms, default=0.0)}
 
     def kohya_state_dict(self, dtype: torch.dtype = torch.float32) -> dict[str, torch.Tensor]:
-        """kohya names: ``lora_unet_<module path, dots as _>.lora_down.weight`` / ``.lora_up.weight`` / ``.alpha``."""
+        """kohya names: ``<prefix><module name>.lora_down.weight`` / ``.lora_up.weight`` / ``.alpha``."""
         tensors: dict[str, torch.Tensor] = {}
-        parts = (
-            (self.unet, UNET_PREFIX, "", self.trains_unet),
-            (self.text_encoder, TEXT_ENCODER_PREFIX, TEXT_MODEL_LEVEL, self.trains_text_encoder),
-        )
-        for model, prefix, level, adapted in parts:
-            if not adapted:
-                continue
+        for part in self.adapted():
             for key, value in get_peft_model_state_dict(
-                model, adapter_name=ADAPTER, save_embedding_layers=False
+                part.model, adapter_name=ADAPTER, save_embedding_layers=False
             ).items():
                 module, _, kind = key.rpartition(".lora_")
-                if level and not module.startswith(level):
-                    module = level + module
-                name = prefix + module.replace(".", "_")
+                name = part.kohya_prefix + part.kohya_name(module)
                 direction = "lora_down" if kind.startswith("A") else "lora_up"
                 tensors[f"{name}.{direction}.weight"] = value.detach().to("cpu", dtype).contiguous()
                 tensors[f"{name}.alpha"] = torch.tensor(self.alpha, dtype=dtype)
         return tensors
 
 
-def add_lora(unet: torch.nn.Module, text_encoder: torch.nn.Module, network_cfg: Any, base_lr: float) -> LoraNetwork:
-    """Attach fresh LoRA adapters; the caller seeds the RNG first so init is reproducible.
+def text_encoder_kohya_names(model: torch.nn.Module) -> dict[str, list[str]]:
+    """kohya names text-encoder modules as transformers 4 did (``text_model.encoder...``); a model
+    without that level (transformers 5) gets it put back, and files without it are still read."""
+    names = {}
+    for name, _ in model.named_modules():
+        if not name:
+            continue
+        flat = name.replace(".", "_")
+        leveled = (name if name.startswith(TEXT_MODEL_LEVEL) else TEXT_MODEL_LEVEL + name).replace(".", "_")
+        names[name] = [leveled] if leveled == flat else [leveled, flat]
+    return names
 
-    A part whose own learning rate (``network.unet_lr`` / ``text_encoder_lr``) is 0 gets no adapter:
-    "0 freezes that part" (PARAMETERS.md). ``optimizer.lr=0`` alone keeps the adapters and trains
-    them at rate 0 (they stay at their initial, no-op values): a learning-rate sweep may include 0.
+
+def lora_parts(base: Any, network_cfg: Any, base_lr: float) -> list[tuple[LoraPart, list[str], float]]:
+    """Each part of ``base`` that may carry a LoRA, with its targets and learning rate.
+
+    A part whose own learning rate (``network.unet_lr`` / ``text_encoder_lr`` / ``text_encoder_2_lr``) is 0
+    gets no adapter: "0 freezes that part" (PARAMETERS.md). ``optimizer.lr=0`` alone keeps the adapters
+    and trains them at rate 0 (they stay at their initial, no-op values): a learning-rate sweep may include 0.
     """
-    alpha = effective_alpha(network_cfg)
+    family = base.family
     unet_lr = base_lr if network_cfg.unet_lr is None else network_cfg.unet_lr
-    te_lr = base_lr if network_cfg.text_encoder_lr is None else network_cfg.text_encoder_lr
-    trains_unet = network_cfg.train_unet and (unet_lr > 0 or network_cfg.unet_lr is None)
-    trains_te = network_cfg.train_text_encoder and (te_lr > 0 or network_cfg.text_encoder_lr is None)
+    unet_names = {module: [flat] for module, flat in family.kohya_unet_names(base.unet).items()}
+    parts = [
+        (
+            LoraPart(
+                "unet",
+                base.unet,
+                family.unet_prefix,
+                network_cfg.train_unet and (unet_lr > 0 or network_cfg.unet_lr is None),
+                "network.train_unet=false or network.unet_lr=0",
+                unet_names,
+            ),
+            list(network_cfg.unet_targets),
+            unet_lr,
+        )
+    ]
+    te_lr = network_cfg.text_encoder_lr
+    for text_part, encoder in zip(family.text_parts, base.text_encoders, strict=True):
+        own = getattr(network_cfg, text_part.lr_key)
+        given = te_lr if own is None else own  # text_encoder_2_lr falls back to text_encoder_lr
+        lr = base_lr if given is None else given
+        trains = network_cfg.train_text_encoder and (lr > 0 or given is None)
+        why_off = f"network.train_text_encoder=false or network.{text_part.lr_key}=0"
+        part = LoraPart(
+            text_part.encoder, encoder, text_part.kohya_prefix, trains, why_off, text_encoder_kohya_names(encoder)
+        )
+        parts.append((part, list(network_cfg.text_encoder_targets), lr))
+    return parts
+
+
+def add_lora(base: Any, network_cfg: Any, base_lr: float) -> LoraNetwork:
+    """Attach fresh LoRA adapters to ``base``'s parts; the caller seeds the RNG first so init is reproducible."""
+    alpha = effective_alpha(network_cfg)
     groups: list[dict[str, Any]] = []
-    for model, adapted, targets, lr, label in (
-        (unet, trains_unet, network_cfg.unet_targets, unet_lr, "unet"),
-        (text_encoder, trains_te, network_cfg.text_encoder_targets, te_lr, "text_encoder"),
-    ):
-        if not adapted:
+    parts = []
+    for part, targets, lr in lora_parts(base, network_cfg, base_lr):
+        parts.append(part)
+        if not part.trains:
             continue
         attach_lora(
-            model, LoraConfig(r=network_cfg.dim, lora_alpha=alpha, target_modules=list(targets), lora_dropout=0.0)
+            part.model, LoraConfig(r=network_cfg.dim, lora_alpha=alpha, target_modules=targets, lora_dropout=0.0)
         )
         if network_cfg.dropout > 0:
-            _add_rank_dropout(model, network_cfg.dropout)
-        params = [p for name, p in model.named_parameters() if "lora_" in name]
+            _add_rank_dropout(part.model, network_cfg.dropout)
+        params = [p for name, p in part.model.named_parameters() if "lora_" in name]
         for p in params:
             p.data = p.data.float()  # fp32 master weights even when the base runs in half precision
             p.requires_grad_(True)
-        groups.append({"params": params, "lr": lr, "name": label})
-    return LoraNetwork(unet, text_encoder, network_cfg.dim, alpha, trains_unet, trains_te, groups)
+        groups.append({"params": params, "lr": lr, "name": part.label})
+    return LoraNetwork(parts, network_cfg.dim, alpha, groups)
 
 
 def remove_lora(network: LoraNetwork) -> None:
     """Take the adapters out again so the base model can serve another trial untouched."""
-    remove_leftover_adapters(network.unet, network.text_encoder)
+    remove_leftover_adapters(*(part.model for part in network.parts))
 
 
 def remove_leftover_adapters(*models: torch.nn.Module) -> None:

@@ -22,34 +22,37 @@ import torch
 
 DEFAULT_MAX_ENTRIES = 4096  # 4096 x 77 x 768 bf16 SD1.5 rows = 0.5 GB at most
 
-# (captions) -> (batch, tokens, hidden): the text encoder call the cache stands in front of
-Encoder = Callable[[list[str]], torch.Tensor]
+# (captions) -> named conditioning tensors, batch first (the family's text encoding: hidden states,
+# and SDXL's pooled embedding): the text encoder call the cache stands in front of
+Encoder = Callable[[list[str]], dict[str, torch.Tensor]]
 
 
 class TextEmbeddingCache:
-    """Caption text -> encoder hidden states (tokens, hidden), least recently used evicted first."""
+    """Caption text -> its conditioning tensors (one row of each), least recently used evicted first."""
 
     def __init__(self, max_entries: int = DEFAULT_MAX_ENTRIES) -> None:
         if max_entries < 1:
             raise ValueError(f"max_entries must be >= 1 (got {max_entries})")
         self.max_entries = max_entries
-        self._rows: OrderedDict[str, torch.Tensor] = OrderedDict()
+        self._rows: OrderedDict[str, dict[str, torch.Tensor]] = OrderedDict()
         self.hits = self.misses = 0
 
     def __len__(self) -> int:
         return len(self._rows)
 
-    def encode(self, captions: list[str], encoder: Encoder) -> torch.Tensor:
-        """The batch's hidden states; only captions not yet cached go through ``encoder`` (in one call)."""
+    def encode(self, captions: list[str], encoder: Encoder) -> dict[str, torch.Tensor]:
+        """The batch's conditioning; only captions not yet cached go through ``encoder`` (in one call)."""
         missing = list(dict.fromkeys(c for c in captions if c not in self._rows))
         if missing:
-            for caption, row in zip(missing, encoder(missing).detach(), strict=True):
-                self._rows[caption] = row
+            encoded = {name: value.detach() for name, value in encoder(missing).items()}
+            for index, caption in enumerate(missing):
+                self._rows[caption] = {name: value[index] for name, value in encoded.items()}
         self.misses += len(missing)
         self.hits += len(captions) - len(missing)
         for caption in captions:
             self._rows.move_to_end(caption)
-        batch = torch.stack([self._rows[c] for c in captions])
+        rows = [self._rows[c] for c in captions]
+        batch = {name: torch.stack([row[name] for row in rows]) for name in rows[0]}
         while len(self._rows) > self.max_entries:
             self._rows.popitem(last=False)
         return batch

@@ -114,32 +114,6 @@ def final_layer_norm(text_encoder: torch.nn.Module) -> torch.nn.Module:
     return found[0]
 
 
-def encode_prompt_pair(
-    tokenizer: Any,
-    text_encoder: torch.nn.Module,
-    prompt: str,
-    negative_prompt: str | None,
-    device: torch.device | str,
-    *,
-    clip_skip: int = 1,
-    max_token_length: int = CHUNK_TOKENS,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """``prompt_embeds`` and ``negative_prompt_embeds`` for StableDiffusionPipeline, both (1, L, D).
-
-    The negative prompt (``""`` when None, as the pipeline does) goes through the same CLIP skip and
-    chunking, as in A1111; the pipeline's own ``clip_skip`` applies it to the positive prompt only.
-    """
-    embeds = encode_prompts(
-        tokenizer,
-        text_encoder,
-        [prompt, negative_prompt or ""],
-        device,
-        clip_skip=clip_skip,
-        max_token_length=max_token_length,
-    )
-    return embeds[:1], embeds[1:]
-
-
 def pipeline_clip_skip(clip_skip: int) -> int | None:
     """Our ``model.clip_skip`` (1 = last layer) as StableDiffusionPipeline's ``clip_skip`` argument.
 

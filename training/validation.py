@@ -21,7 +21,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from training.data import CaptionedImageDataset, ImageRecord
+from training.data import CaptionedImageDataset, ImageRecord, collate_captioned
+from training.families.base import Conditioning, ImageGeometry, batch_geometry
 
 VAL_SEED = 20_231_130  # the held-out noise; fixed so every run and trial uses the same
 VAL_TIMESTEPS = 8  # evenly spaced over the whole schedule
@@ -86,9 +87,12 @@ class ValidationLoss:
         self.scheduler = noise_scheduler
         dataset = CaptionedImageDataset(self.records, resolution)  # centre crop, no augmentation
         latents = []
+        self.geometry: list[ImageGeometry] = []
         with torch.no_grad():
             for index in range(len(self.records)):
-                pixels = dataset[index]["pixel_values"].unsqueeze(0).to(device, dtype)
+                item = collate_captioned([dataset[index]])
+                self.geometry += batch_geometry(item)  # the held-out crop's size/crop conditioning (SDXL)
+                pixels = item["pixel_values"].to(device, dtype)
                 latents.append(vae.encode(pixels).latent_dist.mean * vae.config.scaling_factor)
         self.latents = torch.cat(latents).float()
         self.captions = [caption(r.caption) for r in self.records]
@@ -103,9 +107,11 @@ class ValidationLoss:
     @torch.no_grad()
     def per_image(
         self,
-        encode: Callable[[list[str]], torch.Tensor],
-        predict: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor],
+        encode: Callable[[list[str]], Conditioning],
+        predict: Callable[[torch.Tensor, torch.Tensor, Conditioning], torch.Tensor],
+        extras: Callable[[list[ImageGeometry]], Conditioning],
     ) -> list[float]:
+        """``encode`` and ``predict`` are the trainer's; ``extras`` its family's per-image conditioning."""
         values = []
         steps = len(self.timesteps)
         for index, caption in enumerate(self.captions):
@@ -113,7 +119,8 @@ class ValidationLoss:
             noise = self.noise[index]
             noisy = self.scheduler.add_noise(latents, noise, self.timesteps)
             target = self.scheduler.get_velocity(latents, noise, self.timesteps) if self.v_prediction else noise
-            conditioning = encode([caption]).expand(steps, -1, -1)
-            prediction = predict(noisy, self.timesteps, conditioning)
+            cond = {key: value.expand(steps, *value.shape[1:]) for key, value in encode([caption]).items()}
+            cond.update(extras([self.geometry[index]] * steps))
+            prediction = predict(noisy, self.timesteps, cond)
             values.append(float(F.mse_loss(prediction.float(), target.float())))
         return values

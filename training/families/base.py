@@ -1,0 +1,152 @@
+"""The model-family seam: what differs between base-model families, behind one interface.
+
+The shared loop, evaluation, the caches, tracking and sweeps call a ``ModelFamily`` and never
+branch on the kind (DESIGN.md, "Model families"). A family owns loading the parts, prompt encoding
+(one or two text encoders, pooled embeddings, clip skip), per-image extra conditioning (SDXL's
+size/crop time ids), the noise target, the denoiser call, the sampling pipeline, which parts carry
+a LoRA under which kohya prefix and module names, and the kohya/modelspec file metadata.
+
+SD1/SD2 (``training.families.sd``) and SDXL (``training.families.sdxl``) are DDPM families with a
+``UNet2DConditionModel``; SD3/Flux (transformer denoisers, flow matching) would override the
+objective and the denoiser call as well.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+# A named bundle of conditioning tensors, batch first: "hidden" (the denoiser's cross-attention
+# context) plus whatever else the family's denoiser takes ("text_embeds", "time_ids" for SDXL).
+Conditioning = dict[str, torch.Tensor]
+# (captions) -> Conditioning: a family's text encoding with the run's settings bound
+TextEncoder = Callable[[list[str]], Conditioning]
+
+
+@dataclass(frozen=True)
+class TextPart:
+    """One text encoder of a family: its diffusers component names and its LoRA file prefix."""
+
+    encoder: str  # component name in a diffusers folder / pipeline ("text_encoder", "text_encoder_2")
+    tokenizer: str  # its tokenizer's component name
+    kohya_prefix: str  # lora_te_ (SD1/SD2), lora_te1_ / lora_te2_ (SDXL)
+    lr_key: str  # the network option that sets its learning rate
+
+
+@dataclass(frozen=True)
+class ImageGeometry:
+    """Where a training crop came from: what SDXL's micro-conditioning is computed from."""
+
+    original_size: tuple[int, int]  # (height, width) of the image file
+    crop_top_left: tuple[int, int]  # (top, left) of the crop in the resized (and flipped) image
+    target_size: tuple[int, int]  # (height, width) of the crop (the bucket)
+
+
+def batch_geometry(batch: dict[str, Any]) -> list[ImageGeometry]:
+    """The geometry of every item of a collated batch (``bucket`` is ``(width, height)``)."""
+    return [
+        ImageGeometry(tuple(original), tuple(crop), (bucket[1], bucket[0]))
+        for original, crop, bucket in zip(batch["original_size"], batch["crop_top_left"], batch["bucket"], strict=True)
+    ]
+
+
+class ModelFamily:
+    """Defaults shared by the DDPM UNet families; a subclass states what its family does differently."""
+
+    kind: str = ""
+    label: str = ""  # how messages name it ("SD1.x", "SDXL")
+    text_parts: tuple[TextPart, ...] = ()
+    unet_prefix = "lora_unet_"
+    native_resolution = 512  # the image side its published models were trained at
+    bucket_step = 64  # kohya's default bucket step for the family
+    vae_overflows_in_fp16 = False  # the VAE needs fp32 when training in fp16 (model.vae_precision=auto)
+
+    # --- before anything loads
+    def problems(self, model_cfg: Any, network_cfg: Any) -> list[str]:
+        """Options this family cannot honour, each naming the key and the fix."""
+        return []
+
+    # --- text conditioning
+    def encode_text(
+        self,
+        tokenizers: Sequence[Any],
+        encoders: Sequence[torch.nn.Module],
+        captions: list[str],
+        device: torch.device | str,
+        *,
+        clip_skip: int,
+        max_token_length: int,
+    ) -> Conditioning:
+        raise NotImplementedError
+
+    def batch_extras(self, geometry: Sequence[ImageGeometry], device: torch.device | str) -> Conditioning:
+        """Per-image conditioning beyond the text (none for SD1/SD2)."""
+        return {}
+
+    # --- the objective and the denoiser
+    def training_target(
+        self, scheduler: Any, latents: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor
+    ) -> torch.Tensor:
+        """What the denoiser learns to predict at ``timesteps``: the noise, or v under v-prediction."""
+        if scheduler.config.prediction_type == "v_prediction":
+            # v-prediction (Salimans & Ho 2022, "Progressive Distillation", arXiv:2202.00512)
+            return scheduler.get_velocity(latents, noise, timesteps)
+        return noise
+
+    def predict(self, unet: Any, noisy: torch.Tensor, timesteps: torch.Tensor, cond: Conditioning) -> torch.Tensor:
+        """The denoiser's prediction for ``noisy`` under ``cond`` (text and batch extras)."""
+        return unet(noisy, timesteps, cond["hidden"]).sample
+
+    def graph_inputs(self, cond: Conditioning) -> tuple[torch.Tensor, ...]:
+        """``cond`` as the positional tensors a captured CUDA graph takes (see ``from_graph_inputs``)."""
+        return (cond["hidden"],)
+
+    def from_graph_inputs(self, tensors: Sequence[torch.Tensor]) -> Conditioning:
+        return {"hidden": tensors[0]}
+
+    # --- evaluation
+    def pipeline(self, base: Any, scheduler: Any) -> Any:
+        """The diffusers sampling pipeline over ``base``'s live parts (shared, not copied)."""
+        raise NotImplementedError
+
+    def pipeline_inputs(self, cond: Conditioning) -> dict[str, torch.Tensor]:
+        """The pipeline's embedding arguments for a (prompt, negative prompt) pair encoded together."""
+        hidden = cond["hidden"]
+        return {"prompt_embeds": hidden[:1], "negative_prompt_embeds": hidden[1:]}
+
+    def sampling_conditioning(self, height: int, width: int) -> dict[str, Any]:
+        """Extra pipeline arguments for sampling at ``height`` x ``width`` (none for SD1/SD2)."""
+        return {}
+
+    # --- the LoRA file
+    def kohya_unet_names(self, unet: torch.nn.Module) -> dict[str, str]:
+        """Module path -> kohya's flattened name (without ``lora_unet_``) for every UNet module."""
+        return {name: name.replace(".", "_") for name, _ in unet.named_modules() if name}
+
+    def base_model_version(self, base: Any) -> str:
+        """kohya's ``ss_base_model_version``."""
+        raise NotImplementedError
+
+    def architecture(self, v_prediction: bool) -> str:
+        """modelspec's ``architecture`` of the base model (the LoRA appends ``/lora``)."""
+        raise NotImplementedError
+
+    def file_metadata(self, base: Any) -> dict[str, Any]:
+        """Family-specific kohya keys of a LoRA file (``ss_v2``, ...)."""
+        return {}
+
+    # --- loading
+    def load_folder(self, location: str, revision: str | None, vae: Any | None) -> dict[str, Any]:
+        """The parts of a diffusers folder or hub id, by component name."""
+        raise NotImplementedError
+
+    def load_single_file(self, file: str, config_source: str | None, vae: Any | None, local_only: bool) -> dict:
+        """The parts of an original-layout single-file checkpoint, by component name."""
+        raise NotImplementedError
+
+    def build_tiny(self, cache_root: Any) -> str:
+        """The folder of this family's tiny random model (``model.source=tiny``), built on first use."""
+        raise NotImplementedError

@@ -1,0 +1,112 @@
+"""Stable Diffusion 1.x and 2.x: one CLIP text encoder, a DDPM UNet, ``StableDiffusionPipeline``.
+
+SD2 differs from SD1 only in its text encoder (OpenCLIP ViT-H, hidden size 1024), which detection
+reads, and in its names in a LoRA file (``ss_v2``, the modelspec architecture); v-prediction is
+``model.prediction_type``, not the family.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+from diffusers import AutoencoderKL, DDPMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+from transformers import CLIPTextModel, CLIPTokenizer
+
+from training.checked_loading import load_checked
+from training.families.base import Conditioning, ModelFamily, TextPart
+from training.pipeline import sd_pipeline
+from training.text_encoding import encode_prompts
+
+
+class StableDiffusion(ModelFamily):
+    """SD1.x (CLIP ViT-L) and SD2.x (OpenCLIP ViT-H): the same code, two names in files."""
+
+    text_parts = (TextPart("text_encoder", "tokenizer", "lora_te_", "text_encoder_lr"),)
+
+    def __init__(self, kind: str, label: str, architectures: dict[bool, str], native_resolution: int) -> None:
+        self.kind, self.label = kind, label
+        self._architectures = architectures  # v_prediction -> modelspec architecture
+        self.native_resolution = native_resolution
+
+    def encode_text(
+        self,
+        tokenizers: Sequence[Any],
+        encoders: Sequence[torch.nn.Module],
+        captions: list[str],
+        device: torch.device | str,
+        *,
+        clip_skip: int,
+        max_token_length: int,
+    ) -> Conditioning:
+        hidden = encode_prompts(
+            tokenizers[0], encoders[0], captions, device, clip_skip=clip_skip, max_token_length=max_token_length
+        )
+        return {"hidden": hidden}
+
+    def pipeline(self, base: Any, scheduler: Any) -> StableDiffusionPipeline:
+        return sd_pipeline(
+            vae=base.vae,
+            text_encoder=base.text_encoders[0],
+            tokenizer=base.tokenizers[0],
+            unet=base.unet,
+            scheduler=scheduler,
+        )
+
+    def base_model_version(self, base: Any) -> str:
+        """sd_v1, sd_v2, sd_v2_v (v-prediction); the embedded models are ``<source>_sd_v1``."""
+        if base.identity.get("source") in ("toy", "tiny"):
+            return f"{base.identity['source']}_sd_v1"
+        if self.kind == "sd2":
+            return "sd_v2_v" if base.noise_scheduler.config.prediction_type == "v_prediction" else "sd_v2"
+        return "sd_v1"
+
+    def architecture(self, v_prediction: bool) -> str:
+        return self._architectures[v_prediction]
+
+    def file_metadata(self, base: Any) -> dict[str, Any]:
+        return {"ss_v2": self.kind == "sd2"}
+
+    def load_folder(self, location: str, revision: str | None, vae: Any | None) -> dict[str, Any]:
+        kwargs = {"revision": revision} if revision else {}
+        return {
+            "unet": load_checked(UNet2DConditionModel, location, "unet", **kwargs),
+            "vae": vae or load_checked(AutoencoderKL, location, "vae", **kwargs),
+            "text_encoders": [load_checked(CLIPTextModel, location, "text_encoder", **kwargs)],
+            "tokenizers": [CLIPTokenizer.from_pretrained(location, subfolder="tokenizer", **kwargs)],
+            "scheduler": DDPMScheduler.from_pretrained(location, subfolder="scheduler", **kwargs),
+        }
+
+    def load_single_file(self, file: str, config_source: str | None, vae: Any | None, local_only: bool) -> dict:
+        """Through diffusers' own converters; the checkpoint's text-encoder layout (CLIP or OpenCLIP)
+        is converted by diffusers. The safety checker is never loaded."""
+        pipeline = StableDiffusionPipeline.from_single_file(
+            file,
+            config=config_source,
+            local_files_only=local_only,
+            safety_checker=None,
+            feature_extractor=None,
+            requires_safety_checker=False,
+            **({"vae": vae} if vae is not None else {}),
+        )
+        return {
+            "unet": pipeline.unet,
+            "vae": pipeline.vae,
+            "text_encoders": [pipeline.text_encoder],
+            "tokenizers": [pipeline.tokenizer],
+            "scheduler": pipeline.scheduler,
+        }
+
+    def build_tiny(self, cache_root: Any) -> str:
+        from training.tiny_model import ensure_tiny_model
+
+        return str(ensure_tiny_model(cache_root))
+
+
+SD1 = StableDiffusion(
+    "sd1", "SD1.x", {False: "stable-diffusion-v1", True: "stable-diffusion-v1"}, native_resolution=512
+)
+SD2 = StableDiffusion(
+    "sd2", "SD2.x", {False: "stable-diffusion-v2-512", True: "stable-diffusion-v2-768-v"}, native_resolution=768
+)
