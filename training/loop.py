@@ -179,10 +179,15 @@ class Trainer:
         half = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(self.accelerator.mixed_precision)
         self.weight_dtype = half or torch.float32  # frozen weights; LoRA stays fp32
         self.family = base.family
-        for module in (base.unet, *base.text_encoders):
-            module.to(self.device, dtype=self.weight_dtype)
         self.vae_dtype = vae_dtype(cfg.model.vae_precision, self.family.vae_overflows_in_fp16, self.weight_dtype)
-        base.vae.to(self.device, dtype=self.vae_dtype)
+        for module, dtype in (
+            (base.unet, self.weight_dtype),
+            (base.vae, self.vae_dtype),
+            *((encoder, self.weight_dtype) for encoder in base.text_encoders),
+        ):
+            module.to(self.device)
+            if next(module.parameters()).dtype != dtype:
+                module.to(dtype=dtype)
         run_in_own_precision(base.vae)
 
         configure_attention(base.unet, cfg.model.attention, self.device)

@@ -287,6 +287,9 @@ def load_base_model(model_cfg: Any) -> BaseModel:
     single_file = Path(location).is_file()
     config_source = _config_source(model_cfg, location, single_file)
     kind = resolved_kind(model_cfg) or _hub_kind(location, model_cfg.revision)
+    found = detected_kind(model_cfg)
+    if found and found[0] != kind:  # before the wrong family's loader looks for parts that are not there
+        raise ValueError(kind_mismatch(kind, found[0], found[1], location))
     family = family_of(kind)
     vae = _load_vae(model_cfg.vae, config_source) if model_cfg.vae else None
     if single_file:
