@@ -149,7 +149,8 @@ def test_channels_last_is_undone_for_the_next_trial():
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a CUDA GPU")
-def test_cuda_graph_steps_give_the_eager_losses_and_lora(make_cfg):
+@pytest.mark.parametrize("kind", ["sd1", "sdxl"])  # SDXL's graph also takes text_embeds and time_ids
+def test_cuda_graph_steps_give_the_eager_losses_and_lora(make_cfg, kind):
     """Replayed graphs run the eager kernels: the same losses, and the same LoRA after training.
 
     At the default precision (bf16 on a GPU; accelerate allows one precision per process). Adam
@@ -158,7 +159,7 @@ def test_cuda_graph_steps_give_the_eager_losses_and_lora(make_cfg):
     results = {}
     for graphs in (False, True):
         clear_text_caches()
-        cfg = make_cfg("train.max_steps=6", f"train.cuda_graphs={graphs}")
+        cfg = make_cfg("train.max_steps=6", f"train.cuda_graphs={graphs}", f"model.kind={kind}")
         trainer = Trainer(cfg, load_base_model(cfg.model), scan_dataset(cfg.data.train_dir).records, NullTracker())
         try:
             assert (trainer.graphed_unet is not None) == graphs
