@@ -16,7 +16,7 @@ from PIL import Image
 from transformers import CLIPModel, CLIPProcessor
 
 from evaluation.tiny_clip import ensure_tiny_clip
-from training.checked_loading import load_checked
+from training.families.checked_loading import load_checked
 from training.toy.shipped import shipped_folder
 
 TINY = "tiny"

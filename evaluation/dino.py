@@ -14,7 +14,7 @@ import torch
 from PIL import Image
 from transformers import AutoImageProcessor, AutoModel
 
-from training.checked_loading import load_checked
+from training.families.checked_loading import load_checked
 
 
 class DinoEmbedder:

@@ -11,8 +11,8 @@ from pathlib import Path
 import torch
 from transformers import CLIPConfig, CLIPModel, CLIPProcessor
 
-from training.cache import cached_folder, default_cache_root
-from training.tokenizer import MAX_LENGTH, build_word_tokenizer
+from training.cache.folders import cached_folder, default_cache_root
+from training.text.tokenizer import MAX_LENGTH, build_word_tokenizer
 
 try:  # transformers >= 5 without torchvision: the PIL backend, named directly to skip a fallback warning
     from transformers import CLIPImageProcessorPil as _ImageProcessor

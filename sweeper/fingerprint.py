@@ -12,8 +12,8 @@ from importlib import metadata
 from typing import Any
 
 from sweeper.config import PROJECT_ROOT
-from training.cache import file_sha256
-from training.data import ImageRecord
+from training.cache.folders import file_sha256
+from training.data.dataset import ImageRecord
 
 PACKAGES = ("torch", "diffusers", "transformers", "peft", "accelerate", "safetensors", "hydra-core", "optuna", "mlflow")
 # keys of the resolved config that say where a run was written or tracked, not what it trained

@@ -29,8 +29,8 @@ from sweeper.credentials import move_passwords_to_env, with_credentials
 from sweeper.fingerprint import PACKAGES, changed_files, code_version, dataset_fingerprint
 from sweeper.validate import ConfigError
 from sweeper.versions import check_versions_or_exit
-from training.lora_file import lora_identity, read_metadata
-from training.lora_metadata import CONFIG_KEY, RUN_ID_KEY, VOLATILE_METADATA_KEYS
+from training.network.file import lora_identity, read_metadata
+from training.network.metadata import CONFIG_KEY, RUN_ID_KEY, VOLATILE_METADATA_KEYS
 
 COMPARED = ("clip_score", "clip_score_baseline", "train/final_loss", "train/steps_done")
 
@@ -176,7 +176,7 @@ def has_final_result(source: Source) -> bool:
 
 def environment_warnings(source: Source, cfg: DictConfig) -> list[str]:
     """What differs from the original run besides the config: data files, code, packages."""
-    from training.data import scan_dataset
+    from training.data.dataset import scan_dataset
 
     warnings = []
     if source.fingerprint is not None:

@@ -9,10 +9,10 @@ from __future__ import annotations
 
 from typing import Any
 
-from training.buckets import bucket_summary, generate_buckets, resolve_bucket_settings
-from training.data import oriented_size
-from training.missing_captions import missing_captions_table, missing_captions_warning
-from training.resolution import resolution_warnings
+from training.data.buckets import bucket_summary, generate_buckets, resolve_bucket_settings
+from training.data.dataset import oriented_size
+from training.data.missing_captions import missing_captions_table, missing_captions_warning
+from training.data.resolution import resolution_warnings
 
 
 def report_data(tracker: Any, cfg: Any, validated: Any) -> None:

@@ -31,17 +31,17 @@ from sweeper.startup_report import report_data, report_sizes
 from sweeper.tracking import flatten, start_run, ui_command
 from sweeper.validate import validate
 from training.atomic_file import write_atomically, write_text_atomically
-from training.buckets import bucket_table
 from training.checkpoint import save_training_state
-from training.data import load_rgb, oriented_size, small_images
+from training.data.buckets import bucket_table
+from training.data.dataset import load_rgb, oriented_size, small_images
+from training.data.validation import VAL_SEED, HeldOut, split_held_out
+from training.families.loading import RUNTIME_MODEL_KEYS, BaseModel, load_base_model
 from training.loop import Trainer
-from training.lora_file import LoraNotSavedError, bundle_embeddings, lora_identity, read_metadata, save_lora
-from training.lora_metadata import DatasetSummary, kohya_metadata, summarize_dataset, training_metadata
-from training.models import RUNTIME_MODEL_KEYS, BaseModel, load_base_model
-from training.network import remove_leftover_adapters, remove_lora
-from training.tag_stats import tag_frequencies, tag_frequencies_by_folder, tag_table
+from training.network.file import LoraNotSavedError, bundle_embeddings, lora_identity, read_metadata, save_lora
+from training.network.lora import remove_leftover_adapters, remove_lora
+from training.network.metadata import DatasetSummary, kohya_metadata, summarize_dataset, training_metadata
+from training.text.tag_stats import tag_frequencies, tag_frequencies_by_folder, tag_table
 from training.toy.world import HELD_OUT_SHAPE, SHAPES
-from training.validation import VAL_SEED, HeldOut, split_held_out
 
 # (step, objective mean, its per-image values) -> True to stop training early; sweeps hook their pruner in here
 EvalReporter = Callable[[int, float, list[float]], bool]

@@ -15,18 +15,18 @@ from evaluation.metric_names import DIRECTIONS, SELECTIONS, metric_name
 from evaluation.sampling import SAMPLERS
 from sweeper.eval_prompts import EvalPrompts, resolve_eval_prompts
 from sweeper.schema_check import schema_problems
-from training.buckets import bucket_problems, resolve_bucket_settings
+from training.cache.latents import incompatible_with_cache
 from training.checkpoint import resume_problem
-from training.compile import compile_problems
-from training.cuda_graph import cuda_graph_problems
-from training.data import DatasetScan, scan_dataset, scan_folders
-from training.latent_cache import incompatible_with_cache
-from training.lora_file import init_weights_problems, output_problems
-from training.missing_captions import MISSING_CAPTION_CHOICES, apply_missing_captions
-from training.models import model_problems
+from training.data.buckets import bucket_problems, resolve_bucket_settings
+from training.data.dataset import DatasetScan, scan_dataset, scan_folders
+from training.data.missing_captions import MISSING_CAPTION_CHOICES, apply_missing_captions
+from training.families.loading import model_problems
+from training.network.file import init_weights_problems, output_problems
 from training.optim import optimizer_problems, scheduler_problems
 from training.output_dir import estimated_lora_bytes, output_dir_problems
-from training.text_encoding import max_token_length_problem
+from training.speed.compile import compile_problems
+from training.speed.cuda_graph import cuda_graph_problems
+from training.text.encoding import max_token_length_problem
 
 PRECISIONS = ("fp32", "fp16", "bf16", "auto")
 

@@ -10,7 +10,7 @@ import pytest
 import torch
 from PIL import Image
 
-from training.augment import color_jitter_hue, crop, crop_origin, flip_horizontal, shift_hue, uniform
+from training.data.augment import color_jitter_hue, crop, crop_origin, flip_horizontal, shift_hue, uniform
 
 
 def gradient_image(width: int = 24, height: int = 16) -> Image.Image:

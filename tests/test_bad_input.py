@@ -158,8 +158,8 @@ def test_lora_is_rescued_when_output_dir_fails_after_startup(make_cfg, tmp_path,
     """The folder passes startup validation, then breaks before the save: the trained file survives."""
     from mlflow.tracking import MlflowClient
 
-    from training.lora_file import LoraNotSavedError, load_lora_file
-    from training.models import load_base_model
+    from training.families.loading import load_base_model
+    from training.network.file import LoraNotSavedError, load_lora_file
 
     monkeypatch.setattr(sweeper.task, "load_base_model", load_base_model)  # this test does train
     faults: list[str] = []
@@ -263,7 +263,7 @@ SIXTEEN_BIT = np.array([[0, 128 * 257, 65535, 1000]], dtype=np.uint16)  # -> 0, 
     ],
 )
 def test_high_bit_depth_grayscale_is_scaled_not_clipped(tmp_path, name, make, expected_mode):
-    from training.data import load_rgb
+    from training.data.dataset import load_rgb
 
     path = plant(tmp_path / name, make())
     with Image.open(path) as opened:
@@ -274,7 +274,7 @@ def test_high_bit_depth_grayscale_is_scaled_not_clipped(tmp_path, name, make, ex
 
 
 def test_one_bit_and_cmyk_images_load_as_they_look(tmp_path):
-    from training.data import load_rgb
+    from training.data.dataset import load_rgb
 
     one_bit = plant(tmp_path / "mask.png", Image.fromarray(np.array([[False, True]])))
     assert np.asarray(load_rgb(one_bit))[..., 0].tolist() == [[0, 255]]
@@ -288,7 +288,7 @@ def test_one_bit_and_cmyk_images_load_as_they_look(tmp_path):
     ids=["I-beyond-16-bit", "F-beyond-1"],
 )
 def test_grayscale_of_unknown_scale_is_rejected_naming_the_file(make_cfg, tmp_path, values):
-    from training.data import load_rgb
+    from training.data.dataset import load_rgb
 
     root = image_folder(tmp_path / "data")
     # a TIFF saved under a .png name: PIL goes by the content, as it would for a misnamed download
@@ -300,7 +300,7 @@ def test_grayscale_of_unknown_scale_is_rejected_naming_the_file(make_cfg, tmp_pa
 
 
 def test_sixteen_bit_png_passes_the_startup_scan(tmp_path):
-    from training.data import scan_dataset
+    from training.data.dataset import scan_dataset
 
     root = image_folder(tmp_path / "data")
     plant(root / "5_things" / "deep.png", Image.fromarray(SIXTEEN_BIT))
@@ -312,7 +312,7 @@ def test_sixteen_bit_png_passes_the_startup_scan(tmp_path):
 
 
 def test_images_far_below_the_resolution_are_found(tmp_path):
-    from training.data import scan_dataset, small_images
+    from training.data.dataset import scan_dataset, small_images
 
     root = image_folder(tmp_path / "data")  # 32x32 images
     plant(root / "5_things" / "dot.png", Image.new("RGB", (1, 1), (255, 0, 0)))
@@ -326,7 +326,7 @@ def test_images_far_below_the_resolution_are_found(tmp_path):
 def test_a_run_warns_about_tiny_images_and_logs_them(make_cfg, tmp_path, monkeypatch, capsys):
     from mlflow.tracking import MlflowClient
 
-    from training.models import load_base_model
+    from training.families.loading import load_base_model
 
     monkeypatch.setattr(sweeper.task, "load_base_model", load_base_model)  # this test does train
     root = image_folder(tmp_path / "data")

@@ -8,7 +8,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from training.buckets import (
+from training.data.buckets import (
     BucketBatchSampler,
     assign_bucket,
     auto_step,

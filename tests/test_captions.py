@@ -6,7 +6,7 @@ import random
 
 import pytest
 
-from training.captions import (
+from training.text.captions import (
     drop_tags,
     is_caption_dropout_epoch,
     join_tags,

@@ -12,8 +12,8 @@ import pytest
 import torch
 from PIL import Image
 
-from training.buckets import BucketBatchSampler, generate_buckets
-from training.data import (
+from training.data.buckets import BucketBatchSampler, generate_buckets
+from training.data.dataset import (
     IMAGE_EXTENSIONS,
     CaptionedImageDataset,
     ImageRecord,
@@ -21,7 +21,7 @@ from training.data import (
     match_reg_records,
     scan_dataset,
 )
-from training.missing_captions import apply_missing_captions, missing_captions_table, missing_captions_warning
+from training.data.missing_captions import apply_missing_captions, missing_captions_table, missing_captions_warning
 from training.toy.world import HELD_OUT_SHAPE, render, scenes, sentence_caption
 
 REPO = Path(__file__).resolve().parents[1]

@@ -30,9 +30,9 @@ from evaluation.evaluate import EvalResult, evaluate
 from evaluation.grid import image_grid, label_height
 from evaluation.sampling import generate_samples, sampling_scheduler
 from evaluation.tiny_clip import TINY_CLIP_NAME, build_tiny_clip, ensure_tiny_clip
-from training.cache import CACHE_ENV
-from training.tiny_model import build_tiny_pipeline
-from training.tokenizer import build_word_tokenizer
+from training.cache.folders import CACHE_ENV
+from training.families.tiny_sd import build_tiny_pipeline
+from training.text.tokenizer import build_word_tokenizer
 
 SAMPLE_KW = {"images_per_prompt": 2, "num_inference_steps": 2, "guidance_scale": 5.0}
 

@@ -11,9 +11,8 @@ import pytest
 import torch
 from PIL import Image
 
-import training.latent_cache as latent_cache
-from training.data import CaptionedImageDataset, ImageRecord
-from training.latent_cache import (
+import training.cache.latents as latent_cache
+from training.cache.latents import (
     LatentStore,
     clear_memory_stores,
     fill_latent_cache,
@@ -22,6 +21,7 @@ from training.latent_cache import (
     model_fingerprint,
     stacked_latent_params,
 )
+from training.data.dataset import CaptionedImageDataset, ImageRecord
 
 FINGERPRINT = model_fingerprint({"source": "tiny", "weights_sha256": "abc"}, torch.float32)
 

@@ -20,10 +20,10 @@ from diffusers.loaders.single_file_utils import convert_ldm_unet_checkpoint
 from diffusers.utils import convert_unet_state_dict_to_peft
 from torch import nn
 
-import training.tiny_sdxl
+import training.families.tiny_sdxl
 from tests.helpers_checkpoint import UNET_PREFIX, copy_configs, write_sdxl_checkpoint
 from training.families.ldm_names import kohya_unet_names, ldm_module_name, unet_module_map
-from training.tiny_sdxl import build_tiny_sdxl_pipeline
+from training.families.tiny_sdxl import build_tiny_sdxl_pipeline
 
 # stabilityai/stable-diffusion-xl-base-1.0, unet/config.json (the values that differ from diffusers' defaults)
 SDXL_BASE_UNET = {
@@ -164,7 +164,7 @@ def test_diffusers_reads_kohya_lora_names_as_the_modules_we_adapted(tiny_sdxl):
 def test_sdxl_checkpoint_loads_back_through_from_single_file(tmp_path):
     # diffusers' single-file loader tells SDXL's two text encoders apart by width alone, which is why
     # the tiny model's widths differ (as real SDXL's 768 and 1280 do)
-    assert training.tiny_sdxl.TEXT_WIDTHS[0] != training.tiny_sdxl.TEXT_WIDTHS[1]
+    assert training.families.tiny_sdxl.TEXT_WIDTHS[0] != training.families.tiny_sdxl.TEXT_WIDTHS[1]
     pipeline = randomised(build_tiny_sdxl_pipeline())
     pipeline.save_pretrained(tmp_path / "diffusers")
     config = copy_configs(tmp_path / "diffusers", tmp_path / "config")

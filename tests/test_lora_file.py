@@ -14,7 +14,8 @@ from peft import LoraConfig, inject_adapter_in_model
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from training.lora_file import (
+from training.families.loading import load_base_model
+from training.network.file import (
     LoraFileError,
     apply_init_weights,
     bundle_embeddings,
@@ -26,9 +27,8 @@ from training.lora_file import (
     save_lora,
     save_lora_file,
 )
-from training.lora_metadata import MINIMAL_METADATA_KEYS, kohya_metadata
-from training.models import load_base_model
-from training.network import LoraPart, add_lora, remove_leftover_adapters, remove_lora
+from training.network.lora import LoraPart, add_lora, remove_leftover_adapters, remove_lora
+from training.network.metadata import MINIMAL_METADATA_KEYS, kohya_metadata
 
 Q = "lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_q"
 TE_Q = "lora_te_text_model_encoder_layers_0_self_attn_q_proj"
@@ -117,7 +117,7 @@ def test_pickle_formats_are_refused_without_the_opt_in(tmp_path):
 @pytest.mark.parametrize("file_format", ["pt", "ckpt", "bin"])
 def test_pickle_formats_with_opt_in_warn_and_load_back(tmp_path, caplog, file_format):
     cfg = output_cfg(tmp_path, format=file_format, allow_pickle=True)
-    with caplog.at_level(logging.WARNING, logger="training.lora_file"):
+    with caplog.at_level(logging.WARNING, logger="training.network.file"):
         path = save_lora(cfg, sample_tensors(), sample_metadata())
     assert path == tmp_path / f"lora.{file_format}"
     assert any("pickle" in r.getMessage() and "run arbitrary code" in r.getMessage() for r in caplog.records)

@@ -17,8 +17,8 @@ from safetensors import safe_open
 from sweeper import reproduce
 from sweeper.task import run
 from training.families.sd import SD2
-from training.lora_file import kohya_hashes, save_lora_file, tensors_sha256
-from training.lora_metadata import (
+from training.network.file import kohya_hashes, save_lora_file, tensors_sha256
+from training.network.metadata import (
     MINIMAL_METADATA_KEYS,
     VOLATILE_METADATA_KEYS,
     config_sha256,

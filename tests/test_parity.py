@@ -12,11 +12,11 @@ from sweeper.task import run
 from sweeper.tracking import NullTracker
 from sweeper.validate import ConfigError, validate
 from training.checkpoint import load_training_state
-from training.data import scan_dataset
+from training.data.dataset import scan_dataset
+from training.families.loading import load_base_model
 from training.loop import Trainer
-from training.lora_file import read_bundled_embeddings
-from training.models import load_base_model
-from training.network import remove_lora
+from training.network.file import read_bundled_embeddings
+from training.network.lora import remove_lora
 
 
 def trainer_for(cfg, reg=None):
@@ -164,7 +164,7 @@ def test_with_cached_latents_batches_decode_no_images(make_cfg, monkeypatch):
         records = {index for index, record in enumerate(trainer.dataset.records) if record.repeats > 0}
         assert set(trainer.latent_keys()) == {(i, flipped) for i in records for flipped in (False, True)}
         decoded = []
-        monkeypatch.setattr("training.data.load_rgb", lambda path: decoded.append(path))
+        monkeypatch.setattr("training.data.dataset.load_rgb", lambda path: decoded.append(path))
         batch = next(iter(trainer.loader))
         assert "pixel_values" not in batch and decoded == []
         assert trainer.fit(show_progress=False).steps == 3 and decoded == []

@@ -17,7 +17,7 @@ from sweeper import reproduce
 from sweeper.fingerprint import file_sha256
 from sweeper.task import run
 from tests.conftest import REPO, run_cli
-from training.lora_file import lora_identity, tensors_sha256
+from training.network.file import lora_identity, tensors_sha256
 
 
 @pytest.fixture

@@ -14,7 +14,7 @@ from safetensors import safe_open
 
 from evaluation.sampling import generate_samples, sampling_scheduler
 from sweeper.task import run
-from training.models import resolve_model_location
+from training.families.loading import resolve_model_location
 
 
 @pytest.fixture(scope="module")
@@ -181,7 +181,7 @@ def test_null_eval_prompts_mean_the_samples_prompts_or_your_captions_or_a_proble
     from types import SimpleNamespace
 
     from sweeper.eval_prompts import SAMPLE_DIR, SAMPLE_PROMPTS, resolve_eval_prompts
-    from training.data import ImageRecord
+    from training.data.dataset import ImageRecord
 
     def cfg(train_dir, prompts=None):
         return SimpleNamespace(
@@ -203,7 +203,7 @@ def test_null_eval_prompts_mean_the_samples_prompts_or_your_captions_or_a_proble
 
 
 def test_a_resolution_far_above_the_model_or_the_images_is_warned_with_numbers():
-    from training.resolution import resolution_warnings
+    from training.data.resolution import resolution_warnings
 
     native, images = resolution_warnings(512, 64, [(64, 64), (80, 48)])
     assert "training resolution 512 px (bucket.resolution) is 8x the base model's native 64 px" in native

@@ -1,4 +1,4 @@
-"""SDXL through the one loop, on a tiny SDXL-architecture model built in code (training.tiny_sdxl).
+"""SDXL through the one loop, on a tiny SDXL-architecture model built in code (training.families.tiny_sdxl).
 
 Family detection, training (loss, frozen base, both text encoders), exact repeats and resume, the
 size/crop time ids of every image, the kohya-named LoRA file in diffusers, single-file loading, a
@@ -23,14 +23,14 @@ from sweeper.tracking import NullTracker
 from sweeper.validate import ConfigError, validate
 from tests.conftest import run_cli
 from tests.helpers_checkpoint import copy_configs, write_sdxl_checkpoint
-from training.data import scan_dataset
+from training.data.dataset import scan_dataset
+from training.families.loading import load_base_model
 from training.families.sdxl import SDXL
+from training.families.tiny_sd import build_tiny_pipeline
+from training.families.tiny_sdxl import build_tiny_sdxl_pipeline
 from training.loop import Trainer
-from training.lora_file import lora_identity
-from training.models import load_base_model
-from training.network import remove_lora
-from training.tiny_model import build_tiny_pipeline
-from training.tiny_sdxl import build_tiny_sdxl_pipeline
+from training.network.file import lora_identity
+from training.network.lora import remove_lora
 
 SDXL_TINY = ["model.kind=sdxl"]  # model=tiny comes from the tests' FAST defaults
 

@@ -18,7 +18,7 @@ from sweeper.search.space import SearchSpace
 from sweeper.search.study import build_pruner
 from sweeper.search.trial import trial_reporter
 from sweeper.task import run
-from training.lora_file import tensors_sha256
+from training.network.file import tensors_sha256
 
 
 def metadata(path) -> dict[str, str]:
@@ -71,7 +71,7 @@ def test_val_loss_is_deterministic_and_held_out_images_never_train(make_cfg):
     assert first.metrics["val_loss"] != first.metrics["val_loss_baseline"]  # the LoRA changes it
 
     from sweeper.validate import validate
-    from training.validation import VAL_SEED, split_held_out
+    from training.data.validation import VAL_SEED, split_held_out
 
     records = validate(cfg).dataset.records
     held_out = split_held_out(records, 0.25, VAL_SEED)
@@ -101,8 +101,8 @@ def test_the_held_out_images_are_not_in_any_training_batch(make_cfg):
 
 
 def test_a_dataset_too_small_to_hold_out_says_so():
-    from training.data import ImageRecord
-    from training.validation import split_held_out
+    from training.data.dataset import ImageRecord
+    from training.data.validation import split_held_out
 
     records = [ImageRecord(f"/d/{i}.png", "", 1) for i in range(2)]
     held_out = split_held_out(records, 0.25, 0)

@@ -7,14 +7,14 @@ import torch
 
 from sweeper.tracking import NullTracker
 from sweeper.validate import ConfigError, validate
-from training.attention import configure_memory_format
-from training.compile import configure_compile, repeated_blocks
-from training.data import scan_dataset
+from training.cache.text import TextEmbeddingCache, clear_text_caches
+from training.data.dataset import scan_dataset
+from training.families.loading import BaseModel, load_base_model
+from training.families.tiny_sd import build_tiny_pipeline
 from training.loop import Trainer
-from training.models import BaseModel, load_base_model
-from training.network import add_lora, remove_lora
-from training.text_cache import TextEmbeddingCache, clear_text_caches
-from training.tiny_model import build_tiny_pipeline
+from training.network.lora import add_lora, remove_lora
+from training.speed.attention import configure_memory_format
+from training.speed.compile import configure_compile, repeated_blocks
 
 
 def losses_of(cfg) -> tuple[list[float], Trainer]:

@@ -12,9 +12,9 @@ from sweeper.config import DataConfig, SubsetConfig
 from sweeper.fingerprint import dataset_fingerprint
 from sweeper.tracking import NullTracker
 from sweeper.validate import ConfigError, validate
-from training.data import scan_folders
+from training.data.dataset import scan_folders
+from training.families.loading import load_base_model
 from training.loop import Trainer
-from training.models import load_base_model
 
 SAMPLE = Path(__file__).resolve().parents[1] / "data" / "sample" / "10_star"
 

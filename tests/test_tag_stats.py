@@ -7,9 +7,9 @@ from pathlib import Path
 
 import pytest
 
-from training.data import ImageRecord
-from training.lora_metadata import tag_frequency_json
-from training.tag_stats import tag_frequencies, tag_frequencies_by_folder, tag_table
+from training.data.dataset import ImageRecord
+from training.network.metadata import tag_frequency_json
+from training.text.tag_stats import tag_frequencies, tag_frequencies_by_folder, tag_table
 
 CAPTIONS = ["sks, red, circle", "sks, Blue , square,", "sks, red, triangle", "", "zebra"]
 

@@ -5,10 +5,10 @@ from __future__ import annotations
 import torch
 
 from sweeper.tracking import NullTracker
-from training.data import scan_dataset
+from training.data.dataset import scan_dataset
+from training.families.loading import load_base_model
 from training.loop import Trainer
-from training.models import load_base_model
-from training.network import remove_lora
+from training.network.lora import remove_lora
 
 
 def train(cfg):

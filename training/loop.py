@@ -25,31 +25,31 @@ from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
 from peft.helpers import disable_input_dtype_casting
 from tqdm.auto import tqdm
 
-from training.attention import configure_attention, configure_gradient_checkpointing, configure_memory_format
-from training.buckets import BucketBatchSampler, generate_buckets, resolve_bucket_settings
-from training.cache import default_cache_root
-from training.captions import transform_caption, with_trigger
-from training.checkpoint import TrainingState, load_training_state
-from training.compile import configure_compile
-from training.cuda_graph import GraphedUNet, cuda_graph_problems
-from training.data import CaptionedImageDataset, ImageRecord, collate_captioned, match_reg_records
-from training.embedding import TrainedEmbedding, add_embedding
-from training.families import Conditioning, ImageGeometry, batch_geometry
-from training.latent_cache import (
+from training.cache.folders import default_cache_root
+from training.cache.latents import (
     LatentStore,
     fill_latent_cache,
     latent_cache_key,
     model_fingerprint,
     stacked_latent_params,
 )
-from training.lora_file import apply_init_weights
-from training.models import BaseModel
-from training.network import LoraNetwork, add_lora
+from training.cache.text import TextEmbeddingCache, shared_text_cache, text_cache_key
+from training.checkpoint import TrainingState, load_training_state
+from training.data.buckets import BucketBatchSampler, generate_buckets, resolve_bucket_settings
+from training.data.dataset import CaptionedImageDataset, ImageRecord, collate_captioned, match_reg_records
+from training.data.validation import ValidationLoss
+from training.families import Conditioning, ImageGeometry, batch_geometry
+from training.families.loading import BaseModel
+from training.families.vae_precision import run_in_own_precision, vae_dtype
+from training.network.file import apply_init_weights
+from training.network.lora import LoraNetwork, add_lora
 from training.noise import min_snr_weights, offset_noise, sample_timesteps, timestep_bounds
 from training.optim import build_lr_scheduler, build_optimizer
-from training.text_cache import TextEmbeddingCache, shared_text_cache, text_cache_key
-from training.vae_precision import run_in_own_precision, vae_dtype
-from training.validation import ValidationLoss
+from training.speed.attention import configure_attention, configure_gradient_checkpointing, configure_memory_format
+from training.speed.compile import configure_compile
+from training.speed.cuda_graph import GraphedUNet, cuda_graph_problems
+from training.text.captions import transform_caption, with_trigger
+from training.text.embedding import TrainedEmbedding, add_embedding
 
 
 def stage(name: str) -> torch.profiler.record_function:
@@ -461,8 +461,15 @@ class Trainer:
             latents = distribution.sample(generator=rng) * base.vae.config.scaling_factor
         with torch.set_grad_enabled(self._text_encoder_trains()), self.accelerator.autocast(), stage("text_encoder"):
             cond = self._encode_captions(captions)
-        # per-image conditioning beyond the text (SDXL's size/crop time ids)
-        cond.update(self.family.batch_extras(batch_geometry(batch), self.device))
+        # per-image conditioning beyond the text (SDXL's size/crop time ids): with cached latents from
+        # the geometry stored with each entry, the crop the latent was encoded from
+        geometry = batch_geometry(batch)
+        if self.latent_store is not None:
+            geometry = [
+                ImageGeometry(*self._latent_geometry[crop], g.target_size)
+                for crop, g in zip(zip(batch["index"], batch["flipped"], strict=True), geometry, strict=True)
+            ]
+        cond.update(self.family.batch_extras(geometry, self.device))
         # offset noise (Guttenberg 2023, "Diffusion with Offset Noise")
         noise = offset_noise(latents.shape, cfg.train.noise_offset, rng, self.device, latents.dtype)
         timesteps = sample_timesteps(latents.shape[0], *self.timesteps, rng, self.device)
@@ -524,8 +531,12 @@ class Trainer:
         def encode(pixels: torch.Tensor) -> torch.Tensor:
             return vae.encode(pixels.to(self.device, dtype=self.vae_dtype)).latent_dist.parameters
 
+        geometry = {key: dataset.fixed_crop_geometry(*crop) for crop, key in keys.items()}
         # the VAE's activations at 512 px are large: encode at most 8 crops at a time
-        fill_latent_cache(self.latent_store, crops, encode, min(self.cfg.train.batch_size, 8), show_progress)
+        fill_latent_cache(
+            self.latent_store, crops, encode, min(self.cfg.train.batch_size, 8), show_progress, geometry.get
+        )
+        self._latent_geometry = {crop: self.latent_store.geometry(key) for crop, key in keys.items()}
         dataset.load_pixels = False  # before the DataLoader's workers copy the dataset
         self._latent_keys = keys
         return keys
@@ -563,7 +574,7 @@ class Trainer:
         return self.prompt(text)
 
     def validation_loss(self, records: list[ImageRecord]) -> ValidationLoss:
-        """The held-out images encoded once (``training.validation``), captioned as evaluation prompts are."""
+        """The held-out images encoded once (``training.data.validation``), captioned as evaluation prompts are."""
         return ValidationLoss(
             records,
             vae=self.base.vae,

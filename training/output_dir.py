@@ -16,7 +16,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from training.cache import default_cache_root
+from training.cache.folders import default_cache_root
 
 RESCUE_FOLDER = "lora-sweeper-rescued"
 # LoRA parameters per unit of rank (network.dim), an upper bound for the default targets:

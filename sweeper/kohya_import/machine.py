@@ -1,7 +1,7 @@
 """What an imported experiment cannot do on the machine it was imported on, and the override that helps.
 
 Checked at import time with the same checks startup validation runs (``training.optim``,
-``training.attention``, ``training.output_dir``): an 8-bit optimizer or fp16 without CUDA, xformers
+``training.speed.attention``, ``training.output_dir``): an 8-bit optimizer or fp16 without CUDA, xformers
 without CUDA or the package, and files or folders of another machine. A folder to write to that
 cannot exist here (``F:/Desktop`` on Linux) is left out of the experiment, so runs write to their
 Hydra run folder; everything else is written as the file says and reported with its override.
@@ -51,8 +51,8 @@ def check_here(result: ImportResult, cuda: bool | None = None) -> None:
     """Append to ``result.here`` what cannot apply on this machine, each with its override."""
     import torch
 
-    from training.attention import attention_problem
     from training.optim import optimizer_problems
+    from training.speed.attention import attention_problem
 
     cuda = torch.cuda.is_available() if cuda is None else cuda
     here, values = result.here, result.values

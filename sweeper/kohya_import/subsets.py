@@ -135,7 +135,7 @@ def _plain_folder(s: Subset) -> tuple[str, str] | None:
     note = f"{repeats} repeats recognised from the folder name {name}/: its parent is given, kohya's layout"
     local = Path(parent).expanduser()
     if local.is_dir():
-        from training.data import is_image_file  # only when the folder exists here (keeps the import light)
+        from training.data.dataset import is_image_file  # only when the folder exists here (keeps the import light)
 
         beside = [p for p in local.iterdir() if p.name != name and not p.name.startswith(".")]
         if any(p.is_dir() or is_image_file(p) for p in beside):

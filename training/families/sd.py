@@ -14,10 +14,10 @@ import torch
 from diffusers import AutoencoderKL, DDPMScheduler, StableDiffusionPipeline, UNet2DConditionModel
 from transformers import CLIPTextModel, CLIPTokenizer
 
-from training.checked_loading import load_checked
 from training.families.base import Conditioning, ModelFamily, TextPart
-from training.pipeline import sd_pipeline
-from training.text_encoding import encode_prompts
+from training.families.checked_loading import load_checked
+from training.families.pipeline import sd_pipeline
+from training.text.encoding import encode_prompts
 
 
 class StableDiffusion(ModelFamily):
@@ -99,7 +99,7 @@ class StableDiffusion(ModelFamily):
         }
 
     def build_tiny(self, cache_root: Any) -> str:
-        from training.tiny_model import ensure_tiny_model
+        from training.families.tiny_sd import ensure_tiny_model
 
         return str(ensure_tiny_model(cache_root))
 

@@ -16,9 +16,9 @@ import torch
 from diffusers import AutoencoderKL, DDPMScheduler, StableDiffusionXLPipeline, UNet2DConditionModel
 from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
-from training.checked_loading import load_checked
 from training.families.base import Conditioning, ImageGeometry, ModelFamily, TextPart
-from training.text_encoding import tokenize_chunks
+from training.families.checked_loading import load_checked
+from training.text.encoding import tokenize_chunks
 
 SDXL_BASE_VERSION = "sdxl_base_v1-0"  # kohya's ss_base_model_version for SDXL 1.0 and its fine-tunes
 SDXL_ARCHITECTURE = "stable-diffusion-xl-v1-base"
@@ -158,7 +158,7 @@ class StableDiffusionXL(ModelFamily):
         }
 
     def build_tiny(self, cache_root: Any) -> str:
-        from training.tiny_sdxl import ensure_tiny_sdxl_model
+        from training.families.tiny_sdxl import ensure_tiny_sdxl_model
 
         return str(ensure_tiny_sdxl_model(cache_root))
 

@@ -45,9 +45,9 @@ from transformers import CLIPModel, CLIPTextModel, CLIPTokenizer
 
 from evaluation.clip_score import ClipScorer
 from evaluation.sampling import generate_samples, sampling_scheduler
+from training.families.pipeline import sd_pipeline
 from training.noise import min_snr_weights
-from training.pipeline import sd_pipeline
-from training.text_encoding import encode_prompts
+from training.text.encoding import encode_prompts
 from training.toy.pretrain_clip import resolve_device
 from training.toy.world import HELD_OUT_SHAPE, SHAPES, Scene, render, scenes, sentence_caption, tag_caption
 
@@ -235,7 +235,7 @@ def load_text_encoder(clip_dir: Path) -> tuple[CLIPTextModel, CLIPTokenizer]:
 
 
 def build_vae(channels: Sequence[int] = (32, 48, 48), seed: int = 0) -> AutoencoderKL:
-    """SD's AutoencoderKL with 3 blocks: 64 px -> 16x16x4 latents, like training/tiny_model.py."""
+    """SD's AutoencoderKL with 3 blocks: 64 px -> 16x16x4 latents, like training/families/tiny_sd.py."""
     return seeded(
         seed,
         lambda: AutoencoderKL(
@@ -273,7 +273,7 @@ def build_unet(cross_attention_dim: int, channels: Sequence[int] = (48, 96), see
 
 
 def build_scheduler() -> DDPMScheduler:
-    """The SD1.x noise schedule, as in training/tiny_model.py."""
+    """The SD1.x noise schedule, as in training/families/tiny_sd.py."""
     return DDPMScheduler(
         num_train_timesteps=1000,
         beta_schedule="scaled_linear",

@@ -35,8 +35,8 @@ from tqdm import tqdm
 from transformers import CLIPConfig, CLIPModel, CLIPProcessor, CLIPTextModel, CLIPTokenizer
 
 from evaluation.tiny_clip import _ImageProcessor
-from training.checked_loading import load_checked
-from training.tokenizer import MAX_LENGTH
+from training.families.checked_loading import load_checked
+from training.text.tokenizer import MAX_LENGTH
 from training.toy.world import (
     COLOURS,
     PATTERNS,

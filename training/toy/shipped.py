@@ -21,7 +21,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from training.cache import file_sha256
+from training.cache.folders import file_sha256
 
 WEIGHTS_DIR = Path(__file__).resolve().parent / "weights"
 CLIP_DIR = WEIGHTS_DIR / "clip"

@@ -17,7 +17,7 @@ import numpy as np
 from PIL import Image, ImageDraw
 from transformers import CLIPTokenizer
 
-from training.tokenizer import BASE_WORDS, build_word_tokenizer
+from training.text.tokenizer import BASE_WORDS, build_word_tokenizer
 
 SHAPES: tuple[str, ...] = ("circle", "square", "triangle", "star", "diamond", "cross", "hexagon", "ring")
 HELD_OUT_SHAPE = "star"  # the concept the base model never sees; a LoRA teaches it

@@ -13,9 +13,9 @@ import torch
 from diffusers import AutoencoderKL, DDPMScheduler, StableDiffusionPipeline, UNet2DConditionModel
 from transformers import CLIPTextConfig, CLIPTextModel
 
-from training.cache import cached_folder, default_cache_root
-from training.pipeline import sd_pipeline
-from training.tokenizer import build_word_tokenizer
+from training.cache.folders import cached_folder, default_cache_root
+from training.families.pipeline import sd_pipeline
+from training.text.tokenizer import build_word_tokenizer
 
 TINY_SD_NAME = "tiny-sd-v1"
 TINY_SEED = 0

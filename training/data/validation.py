@@ -21,7 +21,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from training.data import CaptionedImageDataset, ImageRecord, collate_captioned
+from training.data.dataset import CaptionedImageDataset, ImageRecord, collate_captioned
 from training.families.base import Conditioning, ImageGeometry, batch_geometry
 
 VAL_SEED = 20_231_130  # the held-out noise; fixed so every run and trial uses the same

@@ -28,8 +28,8 @@ from safetensors import safe_open
 from safetensors.torch import save
 
 from training.atomic_file import write_atomically
-from training.lora_metadata import metadata_sha256, minimal_metadata
-from training.network import ADAPTER, LoraNetwork, LoraPart
+from training.network.lora import ADAPTER, LoraNetwork, LoraPart
+from training.network.metadata import metadata_sha256, minimal_metadata
 from training.output_dir import rescue_folders, unique_rescue_path
 
 logger = logging.getLogger(__name__)

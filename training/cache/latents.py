@@ -25,20 +25,22 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
-from safetensors import SafetensorError
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
 from training.atomic_file import write_atomically
 
 if TYPE_CHECKING:
-    from training.data import ImageRecord
+    from training.data.dataset import ImageRecord
 
 LATENT_CACHE_MODES = ("none", "memory", "disk")
 _TENSOR_NAME = "latent_params"
 
 # name -> {key: tensor}; lives as long as the process, so sweep trials in one worker share it.
 _MEMORY_STORES: dict[str, dict[str, torch.Tensor]] = {}
+_MEMORY_GEOMETRY: dict[str, dict[str, tuple[tuple[int, int], tuple[int, int]]]] = {}
+_GEOMETRY_KEY = "crop_geometry"  # disk entries: the crop's original size and top-left corner, as JSON
 
 
 def model_fingerprint(identity: Mapping[str, str], dtype: torch.dtype | str) -> str:
@@ -116,6 +118,7 @@ class LatentStore:
             self._entries: dict[str, torch.Tensor] | None = None
         else:
             self._entries = _MEMORY_STORES.setdefault(str(self.folder) if self.folder else "default", {})
+            self._geometry = _MEMORY_GEOMETRY.setdefault(str(self.folder) if self.folder else "default", {})
 
     def path(self, key: str) -> Path:
         """Where ``key`` lives in a disk store."""
@@ -134,15 +137,36 @@ class LatentStore:
         except (FileNotFoundError, SafetensorError, KeyError, OSError):
             return None
 
-    def put(self, key: str, tensor: torch.Tensor) -> None:
-        """Store a CPU copy of ``tensor`` under ``key`` (replacing any previous entry)."""
+    def geometry(self, key: str) -> tuple[tuple[int, int], tuple[int, int]] | None:
+        """``(original size (h, w), crop top-left (top, left))`` stored with the entry: the crop it
+        was encoded from, what SDXL's size/crop conditioning needs; None when absent or unreadable."""
+        if self._entries is not None:
+            return self._geometry.get(key)
+        try:
+            with safe_open(str(self.path(key)), "pt") as handle:
+                stored = json.loads((handle.metadata() or {})[_GEOMETRY_KEY])
+        except (FileNotFoundError, SafetensorError, KeyError, OSError, ValueError):
+            return None
+        return tuple(stored["original_size"]), tuple(stored["crop_top_left"])
+
+    def put(
+        self, key: str, tensor: torch.Tensor, geometry: tuple[tuple[int, int], tuple[int, int]] | None = None
+    ) -> None:
+        """Store a CPU copy of ``tensor`` under ``key`` (replacing any previous entry), with its crop's
+        ``geometry`` (``(original size, crop top-left)``) when given."""
         value = tensor.detach().to("cpu").contiguous().clone()
         if self._entries is not None:
             self._entries[key] = value
+            if geometry is not None:
+                self._geometry[key] = geometry
             return
         assert self.folder is not None
+        metadata = None
+        if geometry is not None:
+            original, crop = geometry
+            metadata = {_GEOMETRY_KEY: json.dumps({"original_size": list(original), "crop_top_left": list(crop)})}
         # atomic: readers see the old entry or the new one
-        write_atomically(self.path(key), lambda tmp: save_file({_TENSOR_NAME: value}, str(tmp)))
+        write_atomically(self.path(key), lambda tmp: save_file({_TENSOR_NAME: value}, str(tmp), metadata=metadata))
 
     def __contains__(self, key: str) -> bool:
         if self._entries is not None:
@@ -158,6 +182,7 @@ class LatentStore:
 def clear_memory_stores() -> None:
     """Forget every in-memory store (tests; or to free memory after a sweep)."""
     _MEMORY_STORES.clear()
+    _MEMORY_GEOMETRY.clear()
 
 
 def fill_latent_cache(
@@ -166,17 +191,19 @@ def fill_latent_cache(
     encode: Callable[[torch.Tensor], torch.Tensor],
     batch_size: int,
     show_progress: bool = True,
+    geometry: Callable[[str], tuple[tuple[int, int], tuple[int, int]]] | None = None,
 ) -> int:
     """Encode every crop whose entry is missing (or unreadable), before training; returns how many.
 
     ``crops`` holds ``(key, size, pixels)``: crops of one ``size`` are encoded together, up to
     ``batch_size`` at a time, ``pixels()`` giving one ``[3, H, W]`` crop. ``encode`` returns the
-    VAE's ``latent_dist.parameters`` for a batch. Filling ahead (as kohya does) means the
-    training steps never decode an image or wait on the VAE.
+    VAE's ``latent_dist.parameters`` for a batch; ``geometry(key)``, when given, is stored with each
+    entry (an entry without it counts as missing), as kohya keeps each crop's size and corner.
+    Filling ahead (as kohya does) means the training steps never decode an image or wait on the VAE.
     """
     groups: dict[Hashable, list[tuple[str, Callable[[], torch.Tensor]]]] = {}
     for key, size, pixels in crops:
-        if store.get(key) is None:
+        if store.get(key) is None or (geometry is not None and store.geometry(key) is None):
             groups.setdefault(size, []).append((key, pixels))
     missing = sum(len(items) for items in groups.values())
     with tqdm(total=missing, desc="caching latents", unit="image", disable=not show_progress or not missing) as bar:
@@ -185,7 +212,7 @@ def fill_latent_cache(
                 chunk = items[start : start + batch_size]
                 encoded = encode(torch.stack([pixels() for _, pixels in chunk]))
                 for (key, _), params in zip(chunk, encoded, strict=True):
-                    store.put(key, params)
+                    store.put(key, params, geometry(key) if geometry is not None else None)
                 bar.update(len(chunk))
     return missing
 

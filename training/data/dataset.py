@@ -5,9 +5,9 @@ every caption, and returns what it found plus human-readable problems instead of
 validation can report every mistake at once before any model is loaded.
 
 ``CaptionedImageDataset`` turns the scanned records into ``[-1, 1]`` tensors: each image is resized
-to cover its bucket (``training.buckets``; the square ``resolution`` when bucketing is off) and
-center or random cropped to it, then optionally flipped and hue-jittered (``training.augment``).
-Caption transforms (shuffle, dropout) live in ``training.captions`` because they depend on the
+to cover its bucket (``training.data.buckets``; the square ``resolution`` when bucketing is off) and
+center or random cropped to it, then optionally flipped and hue-jittered (``training.data.augment``).
+Caption transforms (shuffle, dropout) live in ``training.text.captions`` because they depend on the
 epoch and a seeded RNG, not on the image. Regularisation images join the training records through
 ``match_reg_records``.
 """
@@ -30,8 +30,8 @@ import numpy as np
 import torch
 from PIL import Image, ImageOps
 
-from training.augment import DEFAULT_MAX_HUE_SHIFT, color_jitter_hue, crop_origin, flip_horizontal, uniform
-from training.buckets import Bucket, assign_bucket, fit_scale
+from training.data.augment import DEFAULT_MAX_HUE_SHIFT, color_jitter_hue, crop_origin, flip_horizontal, uniform
+from training.data.buckets import Bucket, assign_bucket, fit_scale
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 ON_BAD_IMAGE_CHOICES = ("error", "skip")
@@ -113,7 +113,7 @@ def scan_dataset(
     (``.ipynb_checkpoints``, ``.DS_Store``) are ignored. Order is sorted by name, so two scans of the
     same folder give the same records. ``key`` is the config key named in messages (e.g.
     ``data.reg_dir`` when scanning regularisation images). Images without a caption file get ``""``
-    and are listed in ``uncaptioned``; ``training.missing_captions`` applies ``data.missing_captions``.
+    and are listed in ``uncaptioned``; ``training.data.missing_captions`` applies ``data.missing_captions``.
     """
     scan = DatasetScan()
     if on_bad_image not in ON_BAD_IMAGE_CHOICES:
@@ -498,14 +498,14 @@ def to_tensor(image: Image.Image) -> torch.Tensor:
 class CaptionedImageDataset(torch.utils.data.Dataset):
     """Crops of the scanned images at their bucket's size; index ``i`` walks each record ``repeats`` times.
 
-    Size: with ``buckets`` (from ``training.buckets.generate_buckets``) each image gets the bucket
+    Size: with ``buckets`` (from ``training.data.buckets.generate_buckets``) each image gets the bucket
     nearest its aspect ratio (``no_upscale``: its own size rounded down to ``step``, the list is
     then unused); with ``buckets=None`` every item is the square ``resolution``. The image is
     resized to cover that size, then cropped to it.
 
     Crop: ``random_crop`` takes a uniformly random window; otherwise ``center_crop`` takes the
     middle, and with both off the top-left window is used. Then ``flip_aug`` mirrors the crop with
-    probability 0.5 and ``color_aug`` rotates its hue (``training.augment``). All draws use torch's
+    probability 0.5 and ``color_aug`` rotates its hue (``training.data.augment``). All draws use torch's
     global RNG (in the order crop, flip, hue), which the loop seeds and the DataLoader re-seeds
     per worker, so a fixed seed repeats every augmentation.
 
@@ -610,6 +610,13 @@ class CaptionedImageDataset(torch.utils.data.Dataset):
         if image is not None:
             item["pixel_values"] = self._crop_pixels(image, top, left, bucket, flipped)
         return item
+
+    def fixed_crop_geometry(self, record_idx: int, flipped: bool) -> tuple[tuple[int, int], tuple[int, int]]:
+        """``(original size (h, w), crop top-left)`` of ``fixed_crop``, from the file header alone."""
+        resized_size, original_size = self._geometry(record_idx)
+        bucket = self.record_buckets[record_idx]
+        top, left = crop_origin(resized_size, bucket, random=False, center=self.center_crop)
+        return original_size, (top, resized_size[0] - left - bucket[0] if flipped else left)
 
     def fixed_crop(self, record_idx: int, flipped: bool) -> torch.Tensor:
         """The pixels of record ``record_idx`` as ``__getitem__`` gives them with this flip, drawing

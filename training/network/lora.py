@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from peft import LoraConfig
 from peft.utils import get_peft_model_state_dict
 
-from training.adapters import ADAPTER, attach_lora, detach_adapters, set_adapters_enabled
+from training.network.adapters import ADAPTER, attach_lora, detach_adapters, set_adapters_enabled
 
 # kohya names text-encoder modules as in transformers 4's CLIPTextModel (``text_model.encoder...``);
 # transformers 5 dropped the ``text_model`` level, so it is put back for file compatibility.

@@ -10,7 +10,7 @@ Three families of keys, in the formats kohya sd-scripts writes them (``train_net
   writes them (``"True"``, ``"None"``, ``"(512, 512)"``), JSON for the structured ones.
 - ``modelspec.*``: the Stability AI model spec (Forge files a LoRA without it as "Unknown").
 - ``sshs_model_hash`` / ``sshs_legacy_hash``: kohya's precomputed hashes, which UIs use instead of
-  hashing the whole file (computed when the file is written, ``training.lora_file``).
+  hashing the whole file (computed when the file is written, ``training.network.file``).
 
 Plus our own: ``lora_sweeper_config`` (the resolved training config), ``lora_sweeper_config_sha256``
 and ``lora_sweeper_run_id``, so a LoRA file found on disk leads back to its MLflow run.
@@ -287,7 +287,7 @@ def kohya_metadata(
 ) -> dict[str, str]:
     """The network's ``ss_*`` keys (what loaders need to rebuild it), the step, and our resolved config.
 
-    ``network`` is a ``training.network.LoraNetwork``. ``tag_frequency`` is kohya's
+    ``network`` is a ``training.network.lora.LoraNetwork``. ``tag_frequency`` is kohya's
     ``ss_tag_frequency`` (``{dataset folder: {tag: count}}``, a dict or JSON text); ``extra`` adds
     the run-level keys of ``training_metadata``.
     """

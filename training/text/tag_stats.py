@@ -13,8 +13,8 @@ from collections import Counter
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 
-from training.captions import split_tags
-from training.data import ImageRecord
+from training.data.dataset import ImageRecord
+from training.text.captions import split_tags
 
 TAG_SORTS = ("count", "alpha")
 

@@ -14,9 +14,9 @@ import torch
 from diffusers import AutoencoderKL, EulerDiscreteScheduler, StableDiffusionXLPipeline, UNet2DConditionModel
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
-from training.cache import cached_folder, default_cache_root
-from training.tiny_model import TINY_RESOLUTION, TINY_SEED
-from training.tokenizer import build_word_tokenizer
+from training.cache.folders import cached_folder, default_cache_root
+from training.families.tiny_sd import TINY_RESOLUTION, TINY_SEED
+from training.text.tokenizer import build_word_tokenizer
 
 TINY_SDXL_NAME = "tiny-sdxl-v1"
 # the two encoders' hidden sizes (SDXL: 768, 1280); unequal, as diffusers' single-file loader tells

@@ -17,12 +17,12 @@ from typing import Any
 import torch
 from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
 
-from training.attention import attention_problem
-from training.checked_loading import load_checked
 from training.families import MODEL_KINDS, ModelFamily, family_of
+from training.families.checked_loading import load_checked
 from training.families.detect import checkpoint_kind, folder_kind, kind_mismatch, loaded_kind
 from training.families.sd import SD1
-from training.text_encoding import clip_skip_problem
+from training.speed.attention import attention_problem
+from training.text.encoding import clip_skip_problem
 from training.toy.shipped import shipped_folder
 
 MODEL_SOURCES = ("toy", "tiny", "diffusers")

@@ -1,0 +1,1 @@
+"""What is computed once and reused: cache folders, latents, text embeddings."""

@@ -1,0 +1,1 @@
+"""Images and captions on disk: scanning, buckets, crops and augmentation, held-out split."""

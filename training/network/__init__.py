@@ -1,0 +1,1 @@
+"""The LoRA: peft adapters, the kohya-named file and its metadata."""

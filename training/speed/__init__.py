@@ -1,0 +1,1 @@
+"""GPU speed paths: attention kernels, compiled blocks, CUDA graphs."""

@@ -1,0 +1,1 @@
+"""Captions to conditioning: caption transforms, tokenizer, text encoding, trained embeddings, tag counts."""
