@@ -172,6 +172,26 @@ def test_filling_encodes_only_missing_crops_grouped_by_size(tmp_path):
     assert torch.allclose(stacked[:, 0, 0, 0], expected_red)
 
 
+@pytest.mark.parametrize("mode", ["memory", "disk"])
+def test_each_entry_keeps_its_crops_size_and_corner(tmp_path, mode):
+    """SDXL's time ids need the crop a cached latent was encoded from; an entry without it is re-encoded."""
+    store = LatentStore(mode, tmp_path / f"store-{mode}")
+    store.put("old", torch.ones(2, 1, 1))  # as written before geometry was stored
+    assert store.geometry("old") is None
+    store.put("new", torch.ones(2, 1, 1), ((96, 240), (0, 37)))
+    assert LatentStore(mode, tmp_path / f"store-{mode}").geometry("new") == ((96, 240), (0, 37))
+    calls = []
+
+    def encode(pixels: torch.Tensor) -> torch.Tensor:
+        calls.append(pixels.shape[0])
+        return pixels[:, :, :1, :1]
+
+    crops = [(key, (1, 1), lambda: torch.zeros(3, 1, 1)) for key in ("old", "new")]
+    geometry = {"old": ((10, 20), (1, 2)), "new": ((96, 240), (0, 37))}.get
+    assert fill_latent_cache(store, crops, encode, batch_size=4, show_progress=False, geometry=geometry) == 1
+    assert store.geometry("old") == ((10, 20), (1, 2)) and calls == [1]
+
+
 def test_a_missing_entry_is_an_error_naming_the_key():
     with pytest.raises(KeyError, match="abc123"):
         stacked_latent_params(LatentStore("memory"), ["abc123"], torch.device("cpu"))
