@@ -1,21 +1,41 @@
-"""Throughput of the project's own training loop at SD1.5 scale (random weights, synthetic data).
+"""Throughput of the project's own training loop at SD1.5 or SDXL scale (random weights, synthetic data).
 
-Builds an SD1.5-architecture model from its published configs with random weights (speed does not
-depend on the weights), writes a synthetic 512px dataset in the kohya layout, and runs
-``training.loop.Trainer`` -- the loop ``python -m sweeper`` uses -- for each configuration:
-steady-state images/s (warm-up excluded), peak GPU memory, and MFU against the FLOPs counted by
-``torch.utils.flop_counter`` and the bf16 matmul peak measured in the same run.
+SDXL (issue 16) on one H200, about 8 minutes: rows 0-19 (batch 1, 4, 8 ladders, single switches,
+peak memory, the largest batch) take about 5; the compiled rows (20-23) follow while the budget lasts
+(no row starts that would run past ``--budget`` seconds, 500 by default; the table is printed anyway):
+
+    python3 benchmarks/bench_training.py --family sdxl --out $OUT --no-split
+    python3 benchmarks/bench_training.py --family sdxl --out $OUT --rows 20,21,22,23 --largest 16  # compiled rows
+    python3 benchmarks/bench_training.py --family sdxl --list  # the rows and their numbers
+    python3 benchmarks/bench_training.py --family sdxl --tiny --steps 2 --images 8 --out /tmp/smoke  # CPU smoke run
+    python3 benchmarks/sdxl_model.py  # the SDXL UNet LoRA step's FLOPs, counted on the meta device (CPU, ~30 s)
+
+SD1.5 (the default family):
 
     python benchmarks/bench_training.py --out results/  [--steps 30] [--quick]
+
+Builds the family's published architecture with random weights (speed does not depend on the
+weights; SDXL's is built on the GPU in seconds, ``benchmarks/sdxl_model.py``), writes a synthetic
+dataset at its native size (512 px, SDXL 1024 px) in the kohya layout, and runs
+``training.loop.Trainer`` -- the loop ``python -m sweeper`` uses -- for each configuration:
+steady-state images/s (warm-up excluded), peak GPU memory, and MFU against the FLOPs counted by
+``torch.utils.flop_counter`` and the bf16 matmul peak measured in the same run. SDXL's MFU counts
+the UNet's LoRA forward + backward alone (the issue's 14.5 TFLOP per 1024 px image); SD1.5's the
+whole step. Each grid row sits beside the row without its optimisation; ``--rows`` picks rows by
+number (``--list`` prints them). Results go to ``--out``/results.json (SDXL: results-sdxl.json)
+after every row, so a run cut short keeps what it measured; a row that runs out of memory is
+recorded and the next one runs.
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
+import gc
 import json
 import math
 import os
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -30,13 +50,16 @@ from transformers import CLIPTextConfig, CLIPTextModel
 
 import training.loop
 from sweeper.config import Config
-from training.compile import configure_compile
-from training.data import scan_dataset
+from training.cache.text import clear_text_caches
+from training.data.dataset import scan_dataset
+from training.families.loading import BaseModel
 from training.loop import Trainer
-from training.models import BaseModel
-from training.network import remove_lora
-from training.text_cache import clear_text_caches
-from training.tokenizer import build_word_tokenizer
+from training.network.lora import remove_leftover_adapters, remove_lora
+from training.speed.compile import configure_compile
+from training.text.tokenizer import build_word_tokenizer
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from sdxl_model import ISSUE_TFLOP_PER_IMAGE, sdxl_base_model, tiny_sdxl_base_model
 
 # --- the SD1.5 architecture (runwayml/stable-diffusion-v1-5 configs)
 UNET = dict(
@@ -94,7 +117,7 @@ def sd15_base_model() -> BaseModel:
 
 
 def tiny_base_model() -> BaseModel:
-    from training.tiny_model import build_tiny_pipeline
+    from training.families.tiny_sd import build_tiny_pipeline
 
     pipe = build_tiny_pipeline()
     for part in (pipe.unet, pipe.vae, pipe.text_encoder):
@@ -164,12 +187,20 @@ def config(
     compile_mode: str = "default",
     channels_last: bool = False,
     cuda_graphs: bool = False,
+    vae_precision: str = "auto",
+    gradient_checkpointing: bool = False,
 ):
     cfg = OmegaConf.merge(
         OmegaConf.structured(Config),
         OmegaConf.create(
             {
-                "model": {"source": "diffusers", "path": "in-memory", "channels_last": channels_last},
+                "model": {
+                    "source": "diffusers",
+                    "path": "in-memory",
+                    "channels_last": channels_last,
+                    "vae_precision": vae_precision,
+                    "gradient_checkpointing": gradient_checkpointing,
+                },
                 "network": {"dim": rank, "alpha": rank},
                 "optimizer": {"name": "adamw", "lr": 1e-4},
                 "scheduler": {"name": "constant"},
@@ -221,6 +252,13 @@ def time_split(cfg, base: BaseModel, records, steps: int = 8) -> dict[str, float
 
 def count_flops(trainer: Trainer) -> float:
     """FLOPs of one training micro-step (forward + backward of the whole loss) per image."""
+    return count_step_flops(trainer)["total"]
+
+
+def count_step_flops(trainer: Trainer) -> dict[str, float]:
+    """FLOPs per image of one training micro-step: the whole loss (VAE and text encoders where they run
+    in the step) and the UNet's share alone (its LoRA forward + backward), from the counter's per-module
+    totals."""
     from torch.utils.flop_counter import FlopCounterMode
 
     configure_compile(trainer.base.unet, "none", "default")  # count the eager operators
@@ -231,69 +269,404 @@ def count_flops(trainer: Trainer) -> float:
         loss = trainer._loss(batch)
         loss.backward()
     trainer.optimizer.zero_grad(set_to_none=True)
-    return counter.get_total_flops() / len(batch["caption"])
+    images = len(batch["caption"])
+    unet = sum(counter.get_flop_counts().get(type(trainer.base.unet).__name__, {}).values())
+    return {"total": counter.get_total_flops() / images, "unet": unet / images}
+
+
+# --- the SD1.5 grid: each optimisation next to the row without it, in this one invocation. Keys: b batch,
+# r rank, w data workers, c compile ("none" | "blocks" | "blocks/reduce-overhead"), cl channels-last,
+# g train.cuda_graphs, cast: peft's fp32 cast of LoRA inputs left on (the loop before this pass),
+# latents: data.cache_latents, text: data.cache_text_embeddings (on unless said).
+SD15_GRID = [
+    dict(b=1, w=0, c="none", cl=False, g=False, cast=True),
+    dict(b=1, w=0, c="none", cl=False, g=False),
+    dict(b=1, w=0, c="none", cl=True, g=False),
+    dict(b=1, w=0, c="none", cl=True, g=True),
+    dict(b=1, w=0, c="blocks", cl=True, g=True),
+    dict(b=1, w=0, c="blocks/reduce-overhead", cl=True, g=False),
+    dict(b=4, w=4, c="none", cl=False, g=False, cast=True),
+    dict(b=4, w=4, c="none", cl=False, g=False),
+    dict(b=4, w=4, c="none", cl=True, g=False),
+    dict(b=4, w=4, c="none", cl=True, g=True),
+    dict(b=4, w=4, c="blocks", cl=True, g=True),
+    dict(b=4, w=4, c="blocks/reduce-overhead", cl=True, g=False),
+    dict(b=16, w=4, c="blocks", cl=True, g=True),
+    dict(b=32, w=4, c="none", cl=False, g=False, cast=True),
+    dict(b=32, w=4, c="none", cl=True, g=False),
+    dict(b=32, w=4, c="none", cl=True, g=True),
+    dict(b=32, w=4, c="blocks", cl=True, g=True),
+    dict(b=1, r=32, w=0, c="none", cl=True, g=True),
+    dict(b=4, r=32, w=4, c="none", cl=True, g=True),
+    dict(b=4, w=4, c="none", cl=True, g=True, latents="none"),
+    dict(b=4, w=4, c="none", cl=True, g=True, text=False),
+    dict(b=48, w=4, c="blocks", cl=True, g=True),
+    dict(b=64, w=4, c="blocks", cl=True, g=True),
+]
+
+
+def sdxl_ladder(batch: int) -> list[dict]:
+    """One batch size four ways, each row adding one optimisation to the one before: the VAE every step,
+    cached latents, + channels-last, + CUDA graphs."""
+    workers = 0 if batch == 1 else 4
+    return [
+        dict(b=batch, w=workers, c="none", cl=False, g=False, latents="none"),
+        dict(b=batch, w=workers, c="none", cl=False, g=False),
+        dict(b=batch, w=workers, c="none", cl=True, g=False),
+        dict(b=batch, w=workers, c="none", cl=True, g=True),
+    ]
+
+
+# --- the SDXL grid (issue 16) at 1024 px, rank 4 unless said (the peer comparison). More keys: vae
+# model.vae_precision ("auto" is the training dtype under bf16), gc model.gradient_checkpointing, probe:
+# batches tried in turn for the largest that fits (after the first that runs out of memory the larger
+# ones are skipped), b="largest": the largest batch that ran. The compiled rows come last: each compiles
+# for a minute or more, and rows that would run past the time budget are skipped.
+SDXL_GRID = [
+    *sdxl_ladder(1),  # 0-3
+    *sdxl_ladder(4),  # 4-7
+    *sdxl_ladder(8),  # 8-11
+    dict(b=4, w=4, c="none", cl=True, g=True, text=False),  # 12: text-embedding cache off (against 7)
+    dict(b=4, w=4, c="none", cl=True, g=True, latents="none", vae="half"),  # 13: VAE every step in bf16 (against 7)
+    dict(b=4, w=4, c="none", cl=True, g=True, latents="none", vae="fp32"),  # 14: in fp32, kohya's --no_half_vae
+    dict(b=1, r=32, w=0, c="none", cl=True, g=True),  # 15: peak memory at batch 1, rank 32 (target <= 16 GiB)
+    dict(b=1, r=32, w=0, c="none", cl=True, g=False, gc=True),  # 16: the same with gradient checkpointing
+    dict(b=16, w=4, c="none", cl=True, g=True, probe=True),  # 17-19: the largest batch that fits
+    dict(b=24, w=4, c="none", cl=True, g=True, probe=True),
+    dict(b=32, w=4, c="none", cl=True, g=True, probe=True),
+    dict(b=4, w=4, c="blocks", cl=True, g=True),  # 20: + compiled blocks (against 7)
+    dict(b="largest", w=4, c="blocks", cl=True, g=True),  # 21: against the largest probe that ran
+    dict(b=1, w=0, c="blocks", cl=True, g=True),  # 22 (against 3)
+    dict(b=8, w=4, c="blocks", cl=True, g=True),  # 23 (against 11)
+]
+SDXL_BUDGET_S = 500.0  # seconds from the start of main(); one device call has 600
+SDXL_IMAGES = 32  # enough for one batch of the largest probe
+SDXL_TIMED_STEPS = 6  # timed steps per row: at least this many, and at least SDXL_TIMED_IMAGES images
+SDXL_TIMED_IMAGES = 16
+# steps before the timed ones: graph capture (with its own 3 warm-up passes) and compilation happen in
+# the first; the data workers' queue is full by the third
+SDXL_WARMUP = {"eager": 3, "compiled": 4}
+# what a row needs of the budget, roughly (seconds on an H200), to decide whether to start it
+SDXL_ROW_COST_S = {"compiled": 150.0, "probe": 45.0, "other": 25.0}
+SPLITS = ((1, "memory"), (4, "memory"), (4, "none"))
+
+
+class Session:
+    """What the rows of one invocation share: the model, the data, the clock and what earlier rows found."""
+
+    def __init__(
+        self, args: argparse.Namespace, base: BaseModel, data_dir: Path, tmp: Path, peak: float, started: float
+    ) -> None:
+        self.args, self.base, self.data_dir, self.tmp, self.peak = args, base, data_dir, tmp, peak
+        self.records = scan_dataset(data_dir).records
+        self.cuda = torch.cuda.is_available()
+        self.sdxl = args.family == "sdxl"
+        self.resolution = base.native_resolution
+        self.started = started  # when main() began: the budget counts the model build too
+        self.flops: dict[tuple, dict[str, float]] = {}  # SDXL: (rank, latents, text cache) -> FLOPs per image
+        self.largest: int | None = args.largest  # the largest probe batch that ran
+        self.ran: list[int] = []  # batches of the rows that ran
+        self.probe_oom: int | None = None  # the first probe batch that ran out of memory
+
+    def elapsed(self) -> float:
+        return time.perf_counter() - self.started
+
+    def left(self) -> float:
+        return self.args.budget - self.elapsed() if self.args.budget else math.inf
+
+
+def is_oom(error: BaseException) -> bool:
+    return isinstance(error, torch.OutOfMemoryError) or "out of memory" in str(error).lower()
+
+
+def cuda_usable() -> bool:
+    """Whether the GPU still runs work after an error (an OOM inside a graph capture can leave it unusable)."""
+    try:
+        torch.cuda.synchronize()
+        return torch.ones(8, device="cuda").sum().item() == 8
+    except Exception:
+        return False
+
+
+def fit_timed(trainer: Trainer, warmup: int, steps: int, cuda: bool) -> dict[str, float]:
+    """``warmup`` steps, then ``steps`` timed ones, the GPU idle at both ends of the timed part.
+
+    The loop reads its losses back asynchronously, so the times at which it logs them trail the
+    steps by up to one step: with a few timed steps per row that would be 10% and more. The save
+    hook runs right after the warm-up's last optimizer step, where the clock starts after a sync.
+    """
+    marks: dict[str, float] = {}
+
+    def start_clock(step: int, epoch: int) -> None:
+        if step == warmup:
+            if cuda:
+                torch.cuda.synchronize()
+            marks["timed"] = time.perf_counter()
+
+    trainer.cfg.train.save_every_n_steps = warmup
+    started = time.perf_counter()
+    trainer.fit(on_save=start_clock, show_progress=False)
+    if cuda:
+        torch.cuda.synchronize()
+    ended = time.perf_counter()
+    return {
+        "seconds": ended - marks["timed"],
+        "warmup_seconds": marks["timed"] - started,
+        "run_seconds": ended - started,
+    }
+
+
+def row_batch(spec: dict, session: Session) -> int | None:
+    if spec["b"] != "largest":
+        return spec["b"]
+    return session.largest or (max(session.ran) if session.ran else None)
+
+
+def skip_reason(spec: dict, batch: int | None, session: Session) -> str | None:
+    """Why an SDXL row does not run here (GPU-only on a CPU, a larger probe, the time budget), or None."""
+    compiled = spec["c"] != "none"
+    if not session.cuda and (spec["g"] or compiled or spec["cl"] or spec.get("probe") or spec["b"] == "largest"):
+        return "GPU only (CUDA graphs, compiled blocks, channels-last or the memory probe): skipped on the CPU"
+    if batch is None:
+        return "no earlier row ran, so there is no largest batch"
+    if batch > len(session.records):
+        return f"batch {batch} needs --images >= {batch}"
+    if spec.get("probe") and session.probe_oom is not None:
+        return f"batch {session.probe_oom} already ran out of memory"
+    need = SDXL_ROW_COST_S["compiled" if compiled else "probe" if spec.get("probe") else "other"]
+    if session.left() < need:
+        left = session.left()
+        return f"time budget (--budget {session.args.budget:.0f} s): {left:.0f} s left, the row needs ~{need:.0f} s"
+    return None
+
+
+def run_row(index: int, spec: dict, session: Session) -> dict:
+    """One grid row: train, time, count; an error (out of memory, a compile failure) ends the row, not the run."""
+    args, base, cuda, sdxl = session.args, session.base, session.cuda, session.sdxl
+    batch = row_batch(spec, session)
+    rank, workers, cache = spec.get("r", 4), spec["w"], spec.get("latents", "memory")
+    compile_kind, _, compile_mode = spec["c"].partition("/")
+    setting = {
+        "batch": batch,
+        "rank": rank,
+        "cache_latents": cache,
+        "text_cache": spec.get("text", True),
+        "workers": workers,
+        "compile": spec["c"],
+        "channels_last": spec["cl"],
+        "cuda_graphs": spec["g"],
+        "peft_input_cast": bool(spec.get("cast")),
+    }
+    if sdxl:
+        setting = {
+            "row": index,
+            **setting,
+            "vae_precision": spec.get("vae", "auto"),
+            "grad_checkpointing": spec.get("gc", False),
+        }
+        if reason := skip_reason(spec, batch, session):
+            return {**setting, "skipped": reason}
+        warmup = SDXL_WARMUP["compiled" if compile_kind != "none" else "eager"]
+        steps = args.steps if args.tiny else max(args.steps, math.ceil(SDXL_TIMED_IMAGES / batch))
+        setting["timed_steps"] = steps
+    else:
+        warmup = math.ceil(args.images / batch) + 3  # the first epoch (and compilation / graph capture)
+        steps = args.steps
+    cfg = config(
+        session.data_dir,
+        session.tmp / "out",
+        batch=batch,
+        rank=rank,
+        cache=cache,
+        steps=steps,
+        warmup=warmup,
+        text_cache=spec.get("text", True),
+        compile_kind=compile_kind,
+        compile_mode=compile_mode or "default",
+        channels_last=spec["cl"],
+        cuda_graphs=spec["g"],
+        vae_precision=spec.get("vae", "auto"),
+        gradient_checkpointing=spec.get("gc", False),
+    )
+    torch._dynamo.reset()  # each configuration compiles from scratch, as a fresh run would
+    clear_text_caches()
+    cfg.bucket.resolution = session.resolution
+    cfg.data.num_workers = workers
+    cfg.data.persistent_workers = workers > 0
+    cfg.precision.mixed = "bf16" if cuda else "fp32"
+    if sdxl:
+        gc.collect()  # what an earlier row left in reference cycles would count towards this row's peak
+    if cuda:
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+    clock = StepClock()
+    training.loop.disable_input_dtype_casting = keep_input_casting if spec.get("cast") else disable_input_dtype_casting
+    trainer = None
+    try:
+        trainer = Trainer(cfg, base, session.records, clock)
+        if sdxl:
+            timed = fit_timed(trainer, warmup, steps, cuda)
+            seconds, total, warm = timed["seconds"], timed["run_seconds"], timed["warmup_seconds"]
+        else:
+            started = time.perf_counter()
+            trainer.fit(show_progress=False)
+            total = time.perf_counter() - started
+            seconds = clock.times[cfg.train.max_steps] - clock.times[warmup]
+            warm = clock.times[warmup] - started  # includes compilation
+        rate = steps * batch / seconds
+        memory = torch.cuda.max_memory_allocated() / 2**30 if cuda else float("nan")
+        if sdxl:
+            row = {
+                **setting,
+                "images_per_s": rate,
+                "steps_per_s": steps / seconds,
+                "peak_gib": memory,
+                "reserved_gib": torch.cuda.max_memory_reserved() / 2**30 if cuda else float("nan"),
+                "warmup_steps": warmup,
+                "warmup_seconds": warm,  # includes compilation and graph capture
+                "run_seconds": total,
+            }
+            row.update(sdxl_flops(trainer, setting, rate, session))
+        else:
+            flops = count_flops(trainer)  # after training: a filled latent cache is not counted
+            row = {
+                **setting,
+                "images_per_s": rate,
+                "steps_per_s": steps / seconds,
+                "peak_gib": memory,
+                "tflop_per_image": flops / 1e12,
+                "mfu": flops * rate / (session.peak * 1e12),
+                "warmup_steps": warmup,
+                "warmup_seconds": warm,
+                "run_seconds": total,
+            }
+    except Exception as error:  # an OOM or a compile failure ends this row, not the benchmark
+        row = {**setting, "error": f"{type(error).__name__}: {str(error)[:300]}"}
+        if is_oom(error):
+            row["out_of_memory"] = True
+            if cuda:
+                row["peak_gib"] = torch.cuda.max_memory_allocated() / 2**30
+    finally:
+        if trainer is not None:
+            remove_lora(trainer.network)
+        else:  # the trainer failed while being built, perhaps after adding its LoRA to the shared model
+            remove_leftover_adapters(base.unet, *base.text_encoders)
+        configure_compile(base.unet, "none", "default")
+        del trainer
+        training.loop.disable_input_dtype_casting = disable_input_dtype_casting
+        if sdxl:
+            gc.collect()
+            if cuda:
+                torch.cuda.empty_cache()
+    if "error" not in row:
+        session.ran.append(batch)
+        if spec.get("probe"):
+            session.largest = max(session.largest or 0, batch)
+    elif spec.get("probe") and row.get("out_of_memory") and session.probe_oom is None:
+        session.probe_oom = batch
+    return row
+
+
+def sdxl_flops(trainer: Trainer, setting: dict, rate: float, session: Session) -> dict:
+    """FLOPs per image (counted once per rank, latents and text-cache setting) and the MFU of the UNet's
+    LoRA forward + backward, the issue's measure. Counted after training: a filled cache is not counted."""
+    key = (setting["rank"], setting["cache_latents"], setting["text_cache"])
+    if key not in session.flops:
+        try:
+            session.flops[key] = count_step_flops(trainer)
+        except Exception as error:  # e.g. out of memory in the eager count of a large batch
+            return {"flop_error": f"{type(error).__name__}: {str(error)[:200]}", "mfu": float("nan")}
+        unet = session.flops[key]["unet"] / 1e12
+        print(
+            f"counted: UNet LoRA forward + backward (rank {setting['rank']}) {unet:.4g} TFLOP per image at "
+            f"{session.resolution} px (issue 16: {ISSUE_TFLOP_PER_IMAGE} at 1024 px); whole step "
+            f"{session.flops[key]['total'] / 1e12:.4g} (latents {setting['cache_latents']}, text cache "
+            f"{'on' if setting['text_cache'] else 'off'})",
+            flush=True,
+        )
+    counted = session.flops[key]
+    return {
+        "unet_tflop_per_image": counted["unet"] / 1e12,
+        "step_tflop_per_image": counted["total"] / 1e12,
+        "mfu": counted["unet"] * rate / (session.peak * 1e12),
+    }
+
+
+def describe(spec: dict) -> str:
+    return " ".join(f"{k}={v}" for k, v in spec.items())
 
 
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--out", default="benchmarks/out")
-    parser.add_argument("--steps", type=int, default=30, help="timed steps per configuration")
-    parser.add_argument("--images", type=int, default=64)
+    parser.add_argument("--family", default="sd15", choices=("sd15", "sdxl"), help="the model's architecture")
+    parser.add_argument(
+        "--steps",
+        type=int,
+        default=None,
+        help=f"timed steps per configuration (sd15: 30; sdxl: {SDXL_TIMED_STEPS}, and at least "
+        f"{SDXL_TIMED_IMAGES} images except with --tiny)",
+    )
+    parser.add_argument("--images", type=int, default=None, help=f"synthetic images (sd15: 64, sdxl: {SDXL_IMAGES})")
     parser.add_argument("--quick", action="store_true", help="only the first three configurations")
     parser.add_argument("--tiny", action="store_true", help="the tiny model instead (a smoke run, CPU or GPU)")
     parser.add_argument("--split-only", action="store_true", help="only the per-stage time split")
     parser.add_argument("--no-split", action="store_true", help="skip the per-stage time split")
     parser.add_argument("--rows", default="", help="comma-separated grid row numbers to run (default: all)")
+    parser.add_argument("--list", action="store_true", help="print the grid's rows with their numbers and stop")
+    parser.add_argument(
+        "--largest",
+        type=int,
+        default=None,
+        help="SDXL: the batch of the 'largest' row when no probe row runs before it",
+    )
+    parser.add_argument(
+        "--budget",
+        type=float,
+        default=None,
+        help=f"seconds after which no SDXL row or split starts (default {SDXL_BUDGET_S:.0f}; 0: no limit)",
+    )
     args = parser.parse_args()
+    began = time.perf_counter()
+    sdxl = args.family == "sdxl"
+    args.steps = args.steps if args.steps is not None else (SDXL_TIMED_STEPS if sdxl else 30)
+    args.images = args.images if args.images is not None else (SDXL_IMAGES if sdxl else 64)
+    args.budget = (args.budget if args.budget is not None else SDXL_BUDGET_S) if sdxl else 0
+    grid = SDXL_GRID if sdxl else SD15_GRID
+    if args.list:
+        for index, spec in enumerate(grid):
+            print(index, describe(spec))
+        return
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     cuda = torch.cuda.is_available()
     if not cuda and not args.tiny:
-        raise SystemExit("the SD1.5-scale benchmark needs a CUDA GPU (use --tiny for a CPU smoke run)")
+        scale = "SDXL" if sdxl else "SD1.5"
+        raise SystemExit(f"the {scale}-scale benchmark needs a CUDA GPU (use --tiny for a CPU smoke run)")
     peak = matmul_peak_tflops() if cuda else float("nan")
     device = torch.cuda.get_device_name() if cuda else "cpu"
     print(f"{device}: bf16 matmul peak {peak:.0f} TFLOP/s; torch {torch.__version__}", flush=True)
-    base = tiny_base_model() if args.tiny else sd15_base_model()
+    if sdxl:
+        base = tiny_sdxl_base_model() if args.tiny else sdxl_base_model("cuda")
+    else:
+        base = tiny_base_model() if args.tiny else sd15_base_model()
     resolution = base.native_resolution
     tmp = Path(tempfile.mkdtemp())
+    started = time.perf_counter()
     data_dir = synthetic_dataset(tmp / "data", args.images, resolution)
-    records = scan_dataset(data_dir).records
+    print(
+        f"{args.images} synthetic {resolution} px images written in {time.perf_counter() - started:.1f} s", flush=True
+    )
+    session = Session(args, base, data_dir, tmp, peak, began)
+    records = session.records
 
-    # each optimisation next to the row without it, in this one invocation. Keys: b batch, r rank,
-    # w data workers, c compile ("none" | "blocks" | "blocks/reduce-overhead"), cl channels-last,
-    # g train.cuda_graphs, cast: peft's fp32 cast of LoRA inputs left on (the loop before this pass),
-    # latents: data.cache_latents, text: data.cache_text_embeddings (on unless said).
-    grid = [
-        dict(b=1, w=0, c="none", cl=False, g=False, cast=True),
-        dict(b=1, w=0, c="none", cl=False, g=False),
-        dict(b=1, w=0, c="none", cl=True, g=False),
-        dict(b=1, w=0, c="none", cl=True, g=True),
-        dict(b=1, w=0, c="blocks", cl=True, g=True),
-        dict(b=1, w=0, c="blocks/reduce-overhead", cl=True, g=False),
-        dict(b=4, w=4, c="none", cl=False, g=False, cast=True),
-        dict(b=4, w=4, c="none", cl=False, g=False),
-        dict(b=4, w=4, c="none", cl=True, g=False),
-        dict(b=4, w=4, c="none", cl=True, g=True),
-        dict(b=4, w=4, c="blocks", cl=True, g=True),
-        dict(b=4, w=4, c="blocks/reduce-overhead", cl=True, g=False),
-        dict(b=16, w=4, c="blocks", cl=True, g=True),
-        dict(b=32, w=4, c="none", cl=False, g=False, cast=True),
-        dict(b=32, w=4, c="none", cl=True, g=False),
-        dict(b=32, w=4, c="none", cl=True, g=True),
-        dict(b=32, w=4, c="blocks", cl=True, g=True),
-        dict(b=1, r=32, w=0, c="none", cl=True, g=True),
-        dict(b=4, r=32, w=4, c="none", cl=True, g=True),
-        dict(b=4, w=4, c="none", cl=True, g=True, latents="none"),
-        dict(b=4, w=4, c="none", cl=True, g=True, text=False),
-        dict(b=48, w=4, c="blocks", cl=True, g=True),
-        dict(b=64, w=4, c="blocks", cl=True, g=True),
-    ]
+    indices = list(range(len(grid)))
     if args.quick:
-        grid = grid[:3]
+        indices = indices[:3]
     if args.rows:
-        grid = [grid[int(i)] for i in args.rows.split(",")]
+        indices = [indices[int(i)] for i in args.rows.split(",")]
     if args.split_only:
-        grid = []
+        indices = []
     result = {
         "device": device + (" (tiny model)" if args.tiny else ""),
         "torch": torch.__version__,
@@ -303,93 +676,51 @@ def main() -> None:
         "rows": [],
         "time_split_ms": {},
     }
+    if sdxl:
+        result.update(family="sdxl", resolution=resolution, images=args.images, budget_s=args.budget)
+    results_file = out / ("results-sdxl.json" if sdxl else "results.json")
     rows = []
-    for spec in grid:
-        batch, rank, workers, cache = spec["b"], spec.get("r", 4), spec["w"], spec.get("latents", "memory")
-        compile_kind, _, compile_mode = spec["c"].partition("/")
-        warmup = math.ceil(args.images / batch) + 3  # the first epoch (and compilation / graph capture)
-        cfg = config(
-            data_dir,
-            tmp / "out",
-            batch=batch,
-            rank=rank,
-            cache=cache,
-            steps=args.steps,
-            warmup=warmup,
-            text_cache=spec.get("text", True),
-            compile_kind=compile_kind,
-            compile_mode=compile_mode or "default",
-            channels_last=spec["cl"],
-            cuda_graphs=spec["g"],
-        )
-        torch._dynamo.reset()  # each configuration compiles from scratch, as a fresh run would
-        clear_text_caches()
-        cfg.bucket.resolution = resolution
-        cfg.data.num_workers = workers
-        cfg.data.persistent_workers = workers > 0
-        cfg.precision.mixed = "bf16" if cuda else "fp32"
-        if cuda:
-            torch.cuda.empty_cache()
-            torch.cuda.reset_peak_memory_stats()
-        clock = StepClock()
-        training.loop.disable_input_dtype_casting = (
-            keep_input_casting if spec.get("cast") else disable_input_dtype_casting
-        )
-        trainer = None
-        setting = {
-            "batch": batch,
-            "rank": rank,
-            "cache_latents": cache,
-            "text_cache": spec.get("text", True),
-            "workers": workers,
-            "compile": spec["c"],
-            "channels_last": spec["cl"],
-            "cuda_graphs": spec["g"],
-            "peft_input_cast": bool(spec.get("cast")),
-        }
-        try:
-            trainer = Trainer(cfg, base, records, clock)
-            started = time.perf_counter()
-            trainer.fit(show_progress=False)
-            total = time.perf_counter() - started
-            end = cfg.train.max_steps
-            seconds = clock.times[end] - clock.times[warmup]
-            rate = args.steps * batch / seconds
-            memory = torch.cuda.max_memory_allocated() / 2**30 if cuda else float("nan")
-            flops = count_flops(trainer)  # after training: a filled latent cache is not counted
-            row = {
-                **setting,
-                "images_per_s": rate,
-                "steps_per_s": args.steps / seconds,
-                "peak_gib": memory,
-                "tflop_per_image": flops / 1e12,
-                "mfu": flops * rate / (peak * 1e12),
-                "warmup_steps": warmup,
-                "warmup_seconds": clock.times[warmup] - started,  # includes compilation
-                "run_seconds": total,
-            }
-        except Exception as error:  # an OOM or a compile failure ends this row, not the benchmark
-            row = {**setting, "error": f"{type(error).__name__}: {str(error)[:300]}"}
-        finally:
-            if trainer is not None:
-                remove_lora(trainer.network)
-            configure_compile(base.unet, "none", "default")
-            del trainer
-            training.loop.disable_input_dtype_casting = disable_input_dtype_casting
+    for index in indices:
+        spec = grid[index]
+        print(f"[{session.elapsed():.0f} s] row {index}: {describe(spec)}", flush=True)
+        row = run_row(index, spec, session)
         rows.append(row)
         result["rows"] = rows
-        (out / "results.json").write_text(json.dumps(result, indent=2))  # after each row: a timeout keeps them
+        result["elapsed_s"] = session.elapsed()
+        results_file.write_text(json.dumps(result, indent=2))  # after each row: a timeout keeps them
         print(json.dumps(row), flush=True)
+        if "error" in row and cuda and not cuda_usable():
+            print("the GPU no longer runs work after this error: stopping here", flush=True)
+            result["stopped"] = f"the GPU was unusable after row {index}"
+            break
 
     splits = result["time_split_ms"]
-    for batch, cache in () if args.no_split else ((1, "memory"), (4, "memory"), (4, "none")):
+    for batch, cache in () if args.no_split or "stopped" in result else SPLITS:
+        if sdxl and session.left() < 40:
+            print(f"time split {batch} {cache}: skipped (time budget)", flush=True)
+            continue
         cfg = config(data_dir, tmp / "out", batch=batch, rank=4, cache=cache, steps=8, warmup=1, text_cache=True)
         cfg.bucket.resolution = resolution
         cfg.precision.mixed = "bf16" if cuda else "fp32"
-        split = time_split(cfg, base, records)
+        try:
+            split = time_split(cfg, base, records)
+        except Exception as error:
+            if not sdxl:
+                raise
+            remove_leftover_adapters(base.unet, *base.text_encoders)
+            split = {"error": f"{type(error).__name__}: {str(error)[:200]}"}
         splits[f"batch{batch}-{cache}"] = split
-        print("time split (host ms per step)", batch, cache, json.dumps({k: round(v, 2) for k, v in split.items()}))
-    (out / "results.json").write_text(json.dumps(result, indent=2))
+        shown = {k: round(v, 2) if isinstance(v, float) else v for k, v in split.items()}
+        print("time split (host ms per step)", batch, cache, json.dumps(shown), flush=True)
+    result["elapsed_s"] = session.elapsed()
+    results_file.write_text(json.dumps(result, indent=2))
+    if sdxl:
+        print_sdxl_table(rows, session)
+    else:
+        print_sd15_table(rows)
+
+
+def print_sd15_table(rows: list[dict]) -> None:
     header = "| batch | rank | latents | workers | compile | channels-last | CUDA graphs | peft cast | img/s | it/s |"
     print("\n" + header + " peak GiB | MFU | warm-up s |")
     print("|---" * 13 + "|")
@@ -404,6 +735,36 @@ def main() -> None:
         else:
             print(
                 f"{head} {r['images_per_s']:.1f} | {r['steps_per_s']:.1f} | {r['peak_gib']:.1f} | "
+                f"{r['mfu']:.1%} | {r['warmup_seconds']:.0f} |"
+            )
+
+
+def print_sdxl_table(rows: list[dict], session: Session) -> None:
+    def on(value: bool) -> str:
+        return "on" if value else "off"
+
+    counts = {k: float(f"{v['unet'] / 1e12:.4g}") for k, v in session.flops.items()}
+    print(
+        f"\nSDXL at {session.resolution} px; UNet LoRA forward + backward per image (TFLOP) by (rank, latents, "
+        f"text cache): {counts} (issue 16: {ISSUE_TFLOP_PER_IMAGE}); MFU against {session.peak:.0f} TFLOP/s"
+    )
+    print(
+        "| row | batch | rank | latents | text cache | VAE | compile | channels-last | CUDA graphs | checkpointing "
+        "| img/s | it/s | peak GiB | MFU | warm-up s |"
+    )
+    print("|---" * 15 + "|")
+    for r in rows:
+        head = (
+            f"| {r['row']} | {r['batch']} | {r['rank']} | {r['cache_latents']} | {on(r['text_cache'])} | "
+            f"{r['vae_precision']} | {r['compile']} | {on(r['channels_last'])} | {on(r['cuda_graphs'])} | "
+            f"{on(r['grad_checkpointing'])} |"
+        )
+        if "skipped" in r or "error" in r:
+            text = f"skipped: {r['skipped']}" if "skipped" in r else r["error"]
+            print(f"{head} {text[:90]} | | | | |")
+        else:
+            print(
+                f"{head} {r['images_per_s']:.2f} | {r['steps_per_s']:.2f} | {r['peak_gib']:.1f} | "
                 f"{r['mfu']:.1%} | {r['warmup_seconds']:.0f} |"
             )
 

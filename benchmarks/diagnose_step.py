@@ -8,6 +8,8 @@ host), the top kernels and the top host calls. With ``--grad-check`` it also com
 gradients of whole-UNet ``torch.compile`` backends with eager ones (fp32).
 
     python benchmarks/diagnose_step.py --out $OUT [--configs 1,4,32] [--grad-check]
+    python3 -m benchmarks.diagnose_step --family sdxl --out $OUT --configs 1,4 --images 16  # SDXL at 1024 px
+    python3 -m benchmarks.diagnose_step --family sdxl --tiny --configs 1 --images 4 --out /tmp/smoke  # CPU smoke
 """
 
 from __future__ import annotations
@@ -24,9 +26,10 @@ from pathlib import Path
 import torch
 
 from benchmarks.bench_training import StepClock, config, sd15_base_model, synthetic_dataset, tiny_base_model
-from training.data import scan_dataset
+from benchmarks.sdxl_model import sdxl_base_model, tiny_sdxl_base_model
+from training.data.dataset import scan_dataset
 from training.loop import Trainer
-from training.network import remove_lora
+from training.network.lora import remove_lora
 
 
 def run_more(trainer: Trainer, steps: int) -> None:
@@ -94,7 +97,7 @@ def grad_check(base, records, data_dir: Path, out_dir: Path) -> dict[str, float]
     """Max relative LoRA-gradient difference of whole-UNet compile backends against eager (fp32)."""
     cfg = config(data_dir, out_dir, batch=1, rank=4, cache="memory", steps=1, warmup=1, text_cache=True)
     cfg.precision.mixed = "fp32"
-    for part in (base.unet, base.vae, base.text_encoder):
+    for part in (base.unet, base.vae, *base.text_encoders):
         part.to(torch.float32)  # earlier bf16 runs converted the shared model
     trainer = Trainer(cfg, base, records, StepClock())
     batch = next(iter(trainer.loader))
@@ -174,11 +177,15 @@ def main() -> None:
     parser.add_argument("--grad-check", action="store_true")
     parser.add_argument("--variants", default="", help="batch:variant,... speed of whole-UNet variants")
     parser.add_argument("--tiny", action="store_true", help="the tiny model on the CPU: a smoke run of this script")
+    parser.add_argument("--family", default="sd15", choices=("sd15", "sdxl"), help="the model's architecture")
     args = parser.parse_args()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     cuda = torch.cuda.is_available()
-    base = tiny_base_model() if args.tiny else sd15_base_model()
+    if args.family == "sdxl":
+        base = tiny_sdxl_base_model() if args.tiny else sdxl_base_model("cuda")
+    else:
+        base = tiny_base_model() if args.tiny else sd15_base_model()
     tmp = Path(tempfile.mkdtemp())
     data_dir = synthetic_dataset(tmp / "data", args.images, base.native_resolution)
     records = scan_dataset(data_dir).records
