@@ -75,8 +75,12 @@ class StableDiffusionXL(ModelFamily):
 
     def batch_extras(self, geometry: Sequence[ImageGeometry], device: torch.device | str) -> Conditioning:
         """SDXL's micro-conditioning: (original h, w, crop top, left, target h, w) per image."""
-        rows = [[*g.original_size, *g.crop_top_left, *g.target_size] for g in geometry]
-        return {"time_ids": torch.tensor(rows, dtype=torch.float32, device=device)}
+        rows = torch.tensor(
+            [[*g.original_size, *g.crop_top_left, *g.target_size] for g in geometry], dtype=torch.float32
+        )
+        if torch.device(device).type == "cuda":  # a pageable copy would make the host wait for the GPU every step
+            rows = rows.pin_memory()
+        return {"time_ids": rows.to(device, non_blocking=True)}
 
     def predict(self, unet: Any, noisy: torch.Tensor, timesteps: torch.Tensor, cond: Conditioning) -> torch.Tensor:
         added = {"text_embeds": cond["text_embeds"], "time_ids": cond["time_ids"]}
