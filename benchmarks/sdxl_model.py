@@ -26,6 +26,7 @@ from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProject
 
 from training.families.loading import BaseModel
 from training.families.sdxl import SDXL
+from training.families.tiny_sdxl import SDXL_SCHEDULER
 from training.text.tokenizer import build_word_tokenizer
 
 # --- stabilityai/stable-diffusion-xl-base-1.0 configs (only what differs from the classes' defaults matters)
@@ -78,15 +79,7 @@ CLIP_BIG_G = dict(  # text_encoder_2: OpenCLIP ViT-bigG/14 with its text project
     projection_dim=1280,
     **TOKENS,
 )
-SCHEDULER = dict(  # scheduler/scheduler_config.json (what sampling uses; training draws noise with DDPM)
-    num_train_timesteps=1000,
-    beta_schedule="scaled_linear",
-    beta_start=0.00085,
-    beta_end=0.012,
-    prediction_type="epsilon",
-    steps_offset=1,
-    timestep_spacing="leading",
-)
+SCHEDULER = SDXL_SCHEDULER
 ISSUE_TFLOP_PER_IMAGE = 14.5  # issue 16: SDXL UNet LoRA forward + backward per 1024 px image
 
 

@@ -22,6 +22,22 @@ TINY_SEED = 0
 TINY_RESOLUTION = 64  # pixels; latents are 16x16 (VAE downsamples by 4)
 
 
+def build_tiny_vae(**config: object) -> AutoencoderKL:
+    """The tiny models' VAE (64 px -> 16x16x4); ``config`` overrides (SDXL's scaling factor)."""
+    return AutoencoderKL(
+        in_channels=3,
+        out_channels=3,
+        block_out_channels=(16, 32, 32),
+        down_block_types=("DownEncoderBlock2D",) * 3,
+        up_block_types=("UpDecoderBlock2D",) * 3,
+        latent_channels=4,
+        layers_per_block=1,
+        norm_num_groups=8,
+        sample_size=TINY_RESOLUTION,
+        **config,
+    )
+
+
 def build_tiny_pipeline(seed: int = TINY_SEED) -> StableDiffusionPipeline:
     """Random but fixed weights: the same seed gives the same model on every CPU."""
     generator_state = torch.random.get_rng_state()
@@ -54,17 +70,7 @@ def build_tiny_pipeline(seed: int = TINY_SEED) -> StableDiffusionPipeline:
             attention_head_dim=4,
             norm_num_groups=8,
         )
-        vae = AutoencoderKL(
-            in_channels=3,
-            out_channels=3,
-            block_out_channels=(16, 32, 32),
-            down_block_types=("DownEncoderBlock2D",) * 3,
-            up_block_types=("UpDecoderBlock2D",) * 3,
-            latent_channels=4,
-            layers_per_block=1,
-            norm_num_groups=8,
-            sample_size=TINY_RESOLUTION,
-        )
+        vae = build_tiny_vae()
         scheduler = DDPMScheduler(
             num_train_timesteps=1000,
             beta_schedule="scaled_linear",

@@ -11,11 +11,11 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
-from diffusers import AutoencoderKL, EulerDiscreteScheduler, StableDiffusionXLPipeline, UNet2DConditionModel
+from diffusers import EulerDiscreteScheduler, StableDiffusionXLPipeline, UNet2DConditionModel
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
 from training.cache.folders import cached_folder, default_cache_root
-from training.families.tiny_sd import TINY_RESOLUTION, TINY_SEED
+from training.families.tiny_sd import TINY_RESOLUTION, TINY_SEED, build_tiny_vae
 from training.text.tokenizer import build_word_tokenizer
 
 TINY_SDXL_NAME = "tiny-sdxl-v1"
@@ -24,6 +24,17 @@ TINY_SDXL_NAME = "tiny-sdxl-v1"
 TEXT_WIDTHS = (32, 48)
 POOLED_WIDTH = 32  # the second encoder's projection (SDXL: 1280)
 TIME_EMBED_WIDTH = 8  # per time id (SDXL: 256)
+# stabilityai/stable-diffusion-xl-base-1.0's scheduler/scheduler_config.json (sampling; training draws
+# noise with DDPM from the same betas)
+SDXL_SCHEDULER = dict(
+    num_train_timesteps=1000,
+    beta_schedule="scaled_linear",
+    beta_start=0.00085,
+    beta_end=0.012,
+    prediction_type="epsilon",
+    steps_offset=1,
+    timestep_spacing="leading",
+)
 
 
 def _text_config(vocab_size: int, hidden: int) -> CLIPTextConfig:
@@ -66,28 +77,8 @@ def build_tiny_sdxl_pipeline(seed: int = TINY_SEED) -> StableDiffusionXLPipeline
             projection_class_embeddings_input_dim=POOLED_WIDTH + 6 * TIME_EMBED_WIDTH,
             norm_num_groups=8,
         )
-        vae = AutoencoderKL(
-            in_channels=3,
-            out_channels=3,
-            block_out_channels=(16, 32, 32),
-            down_block_types=("DownEncoderBlock2D",) * 3,
-            up_block_types=("UpDecoderBlock2D",) * 3,
-            latent_channels=4,
-            layers_per_block=1,
-            norm_num_groups=8,
-            sample_size=TINY_RESOLUTION,
-            scaling_factor=0.13025,  # SDXL's VAE
-            force_upcast=True,
-        )
-        scheduler = EulerDiscreteScheduler(  # SDXL base's scheduler config
-            num_train_timesteps=1000,
-            beta_schedule="scaled_linear",
-            beta_start=0.00085,
-            beta_end=0.012,
-            prediction_type="epsilon",
-            steps_offset=1,
-            timestep_spacing="leading",
-        )
+        vae = build_tiny_vae(scaling_factor=0.13025, force_upcast=True)  # SDXL's VAE scaling
+        scheduler = EulerDiscreteScheduler(**SDXL_SCHEDULER)
     finally:
         torch.random.set_rng_state(generator_state)
     return StableDiffusionXLPipeline(
