@@ -583,6 +583,7 @@ class Trainer:
             device=self.device,
             dtype=self.vae_dtype,
             caption=self.prompt,
+            training_target=self.family.training_target,  # the loss target the training steps use
         )
 
     def held_out_loss(self, validation: ValidationLoss) -> list[float]:

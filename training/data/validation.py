@@ -82,6 +82,7 @@ class ValidationLoss:
         device: torch.device,
         dtype: torch.dtype,
         caption: Callable[[str], str],
+        training_target: Callable[..., torch.Tensor],
     ) -> None:
         self.records = list(records)
         self.scheduler = noise_scheduler
@@ -102,7 +103,7 @@ class ValidationLoss:
         shape = (len(self.timesteps), *self.latents.shape[1:])
         # one noise tensor per (image, timestep), drawn on the CPU so every device sees the same numbers
         self.noise = torch.stack([torch.randn(shape, generator=generator) for _ in self.records]).to(device)
-        self.v_prediction = config.prediction_type == "v_prediction"
+        self.training_target = training_target
 
     @torch.no_grad()
     def per_image(
@@ -118,7 +119,7 @@ class ValidationLoss:
             latents = self.latents[index : index + 1].expand(steps, -1, -1, -1)
             noise = self.noise[index]
             noisy = self.scheduler.add_noise(latents, noise, self.timesteps)
-            target = self.scheduler.get_velocity(latents, noise, self.timesteps) if self.v_prediction else noise
+            target = self.training_target(self.scheduler, latents, noise, self.timesteps)
             cond = {key: value.expand(steps, *value.shape[1:]) for key, value in encode([caption]).items()}
             cond.update(extras([self.geometry[index]] * steps))
             prediction = predict(noisy, self.timesteps, cond)

@@ -60,8 +60,6 @@ class ModelFamily:
     label: str = ""  # how messages name it ("SD1.x", "SDXL")
     text_parts: tuple[TextPart, ...] = ()
     unet_prefix = "lora_unet_"
-    native_resolution = 512  # the image side its published models were trained at
-    bucket_step = 64  # kohya's default bucket step for the family
     vae_overflows_in_fp16 = False  # the VAE needs fp32 when training in fp16 (model.vae_precision=auto)
 
     # --- before anything loads

@@ -25,10 +25,9 @@ class StableDiffusion(ModelFamily):
 
     text_parts = (TextPart("text_encoder", "tokenizer", "lora_te_", "text_encoder_lr"),)
 
-    def __init__(self, kind: str, label: str, architectures: dict[bool, str], native_resolution: int) -> None:
+    def __init__(self, kind: str, label: str, architectures: dict[bool, str]) -> None:
         self.kind, self.label = kind, label
         self._architectures = architectures  # v_prediction -> modelspec architecture
-        self.native_resolution = native_resolution
 
     def encode_text(
         self,
@@ -104,9 +103,5 @@ class StableDiffusion(ModelFamily):
         return str(ensure_tiny_model(cache_root))
 
 
-SD1 = StableDiffusion(
-    "sd1", "SD1.x", {False: "stable-diffusion-v1", True: "stable-diffusion-v1"}, native_resolution=512
-)
-SD2 = StableDiffusion(
-    "sd2", "SD2.x", {False: "stable-diffusion-v2-512", True: "stable-diffusion-v2-768-v"}, native_resolution=768
-)
+SD1 = StableDiffusion("sd1", "SD1.x", {False: "stable-diffusion-v1", True: "stable-diffusion-v1"})
+SD2 = StableDiffusion("sd2", "SD2.x", {False: "stable-diffusion-v2-512", True: "stable-diffusion-v2-768-v"})

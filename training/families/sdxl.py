@@ -31,7 +31,6 @@ class StableDiffusionXL(ModelFamily):
         TextPart("text_encoder", "tokenizer", "lora_te1_", "text_encoder_lr"),
         TextPart("text_encoder_2", "tokenizer_2", "lora_te2_", "text_encoder_2_lr"),
     )
-    native_resolution = 1024
     vae_overflows_in_fp16 = True  # kohya's --no_half_vae; diffusers ships SDXL's VAE with force_upcast
 
     def problems(self, model_cfg: Any, network_cfg: Any) -> list[str]:
