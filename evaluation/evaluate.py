@@ -21,7 +21,7 @@ from evaluation.grid import image_grid
 from evaluation.metric_names import DIRECTIONS, metric_name
 from evaluation.metrics import concept_hits, copy_risk, diversity, fidelity
 from evaluation.sampling import PromptEncoder, generate_samples
-from evaluation.stats import Estimate, mean_interval, paired_gain
+from evaluation.stats import THIS_FILE, Estimate, mean_interval, paired_gain
 
 
 @dataclass
@@ -80,17 +80,57 @@ class EvalResult:
         values = [v for v in self.values[metric_name(metric)] if not math.isnan(v)]
         return sum(values) / len(values) if values else float("nan")
 
+    def clusters(self, metric: str) -> list[str] | None:
+        """Each value's prompt (the bootstrap's clusters); None for ``val_loss`` (held-out images)."""
+        return self.prompts if len(self.values[metric_name(metric)]) == len(self.prompts) else None
+
     def estimate(self, metric: str) -> Estimate:
-        return mean_interval([v for v in self.values[metric_name(metric)] if not math.isnan(v)])
+        """The mean over this file's samples, prompt-clustered: conditions on this trained file."""
+        values, clusters = self.values[metric_name(metric)], self.clusters(metric)
+        kept = [i for i, v in enumerate(values) if not math.isnan(v)]
+        return mean_interval([values[i] for i in kept], clusters=[clusters[i] for i in kept] if clusters else None)
 
     def gain(self, metric: str, baseline: EvalResult) -> Estimate:
         """The paired gain over ``baseline``: same prompt and seed (same held-out image for val_loss)."""
-        pairs = [
-            (a, b)
-            for a, b in zip(self.values[metric_name(metric)], baseline.values[metric_name(metric)], strict=True)
+        name, clusters = metric_name(metric), self.clusters(metric)
+        kept = [
+            i
+            for i, (a, b) in enumerate(zip(self.values[name], baseline.values[name], strict=True))
             if not (math.isnan(a) or math.isnan(b))
         ]
-        return paired_gain([a for a, _ in pairs], [b for _, b in pairs])
+        return paired_gain(
+            [self.values[name][i] for i in kept],
+            [baseline.values[name][i] for i in kept],
+            clusters=[clusters[i] for i in kept] if clusters else None,
+        )
+
+    def half(self, which: int) -> EvalResult:
+        """The samples with an even (``which=0``) or odd (``1``) position within their prompt (held-out
+        images: within the list), so a checkpoint is chosen on one half and reported on the other."""
+        seen: dict[str, int] = {}
+        positions = []
+        for prompt in self.prompts:
+            positions.append(seen.get(prompt, 0))
+            seen[prompt] = positions[-1] + 1
+        picked = [i for i, position in enumerate(positions) if position % 2 == which]
+        values = {}
+        for name, series in self.values.items():
+            if len(series) == len(self.prompts):
+                index = picked
+            else:  # held-out images (val_loss): alternate images; a single one serves both halves
+                index = list(range(which, len(series), 2)) if len(series) >= 2 else list(range(len(series)))
+            values[name] = [series[i] for i in index]
+        prompts = [self.prompts[i] for i in picked]
+        by_prompt: dict[str, list[float]] = {}
+        for prompt, score in zip(prompts, values["clip_t"], strict=True):
+            by_prompt.setdefault(prompt, []).append(score)
+        per_prompt = {prompt: sum(v) / len(v) for prompt, v in by_prompt.items()}
+        return EvalResult(values, prompts, self.images, self.grid, per_prompt)
+
+    @property
+    def splittable(self) -> bool:
+        """At least two samples of every prompt: a selection half and a report half."""
+        return bool(self.prompts) and min(self.prompts.count(p) for p in set(self.prompts)) >= 2
 
     def with_values(self, extra: dict[str, list[float]]) -> EvalResult:
         return EvalResult({**self.values, **extra}, self.prompts, self.images, self.grid, self.per_prompt)
@@ -188,7 +228,9 @@ def summary_lines(result: EvalResult, baseline: EvalResult) -> list[str]:
         digits = DIGITS.get(metric, 3)
         gain = result.gain(metric, baseline)
         lines.append(
-            f"{metric} {result.estimate(metric).text(digits=digits)}, base {baseline.mean(metric):.{digits}f}, "
-            f"gain {gain.text(signed=True, digits=digits)}" + ("" if gain.excludes(0.0) else " (not significant)")
+            f"{metric} {result.estimate(metric).text(digits=digits)} [{THIS_FILE}], "
+            f"base {baseline.mean(metric):.{digits}f}, "
+            f"gain {gain.text(signed=True, digits=digits)} [{THIS_FILE}]"
+            + ("" if gain.excludes(0.0) else " (not distinguishable from 0 in this file)")
         )
     return lines

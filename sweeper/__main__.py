@@ -57,18 +57,32 @@ def main(cfg: DictConfig) -> dict[str, Any]:
         print(error, file=sys.stderr)
         sys.exit(2)
     metrics = result.metrics
+    replicates = result.replicates or [
+        {"seed": cfg.train.seed, "per_image": result.per_image, "prompts": result.prompts, "stopped_early": False}
+    ]
     returned = {
         "metrics": metrics,
         "pruned": result.stopped_early,
         "run_id": result.run_id,
         "per_image": result.per_image,
+        # each seed's per-image values: what the sweep's verdict compares settings on
+        "replicates": [{k: r[k] for k in ("seed", "per_image", "prompts", "stopped_early")} for r in replicates],
     }
     if hydra_cfg.mode == RunMode.MULTIRUN:  # a sweep prints one line per trial and the final table
         return returned
-    print(f"\nScores at step {result.selected_step} (95% intervals; gain = paired difference to the base model):")
+    if result.replicates:
+        print(f"\nScores over {len(result.replicates)} training seeds (95% intervals over seeds x prompts x images;")
+        print("gain = paired difference to the base model):")
+    else:
+        print(f"\nScores at step {result.selected_step} of this file (95% prompt-clustered intervals; gain = paired")
+        print(
+            "difference to the base model; another training seed gives other values: train.replicates=3 says how far):"
+        )
     for line in result.summary:
         print(f"  {line}")
     print(f"LoRA file:  {result.lora_path.resolve()}")
+    if result.replicates:
+        print("            (the seed whose score is nearest the setting's mean; every seed's file is in seed-*/)")
     if result.run_id:
         print(f"MLflow run: {result.run_id}")
         print(f"MLflow UI:  {result.ui_command}")

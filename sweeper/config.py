@@ -205,6 +205,7 @@ class TrainConfig:
     batch_size: int = 4
     grad_accum_steps: int = 1
     seed: int = 42
+    replicates: int = 1  # train the setting this many times, seeds derived from seed (README: How sure is the verdict?)
     max_grad_norm: float = 1.0  # 0 disables clipping
     log_every_n_steps: int = 1
     noise_offset: float = 0.0  # offset noise (Guttenberg 2023): + offset * N(0,1) per image and channel
@@ -250,6 +251,7 @@ class SweepConfig:
     pruner_startup_trials: int = 1
     pruner_warmup_steps: int = 0
     run_name: str | None = None  # the trial's MLflow run name: its swept values (``dim=16 lr=0.0003``)
+    label: str | None = None  # changes nothing: sweep it (sweep.label=a,b,c,d) for an A/A sweep of one setting
 
 
 @dataclass

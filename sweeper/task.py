@@ -59,6 +59,9 @@ class RunResult:
     per_image: dict[str, list[float]] = field(default_factory=dict)  # the selected evaluation's values
     summary: list[str] = field(default_factory=list)  # one line per metric: value (interval), base, gain
     selected_step: int = 0
+    prompts: list[str] = field(default_factory=list)  # each per-image value's prompt (the clusters)
+    baseline_per_image: dict[str, list[float]] = field(default_factory=dict)  # the base model's, same images
+    replicates: list[Any] = field(default_factory=list)  # with train.replicates > 1: each seed's record
 
     experiment_id: str | None = None
     objective: str = "clip_score"  # what the printed runs page sorts by, best first
@@ -79,6 +82,24 @@ def run(
     show_progress: bool = True,
     extra_tags: dict[str, str] | None = None,
 ) -> RunResult:
+    """One setting: one training run, or with ``train.replicates=K`` K runs on derived seeds and
+    their aggregate (``sweeper.replicates``)."""
+    if cfg.train.replicates > 1:
+        from sweeper.replicates import run_replicates
+
+        return run_replicates(cfg, overrides=overrides, report=report, show_progress=show_progress)
+    return run_once(cfg, overrides=overrides, report=report, show_progress=show_progress, extra_tags=extra_tags)
+
+
+def run_once(
+    cfg: DictConfig,
+    *,
+    overrides: list[str] | None = None,
+    report: EvalReporter | None = None,
+    show_progress: bool = True,
+    extra_tags: dict[str, str] | None = None,
+    name: str | None = None,
+) -> RunResult:
     """Train, evaluate and save one LoRA as ``cfg`` says, tracked as one MLflow run.
 
     In a sweep trial ``cfg.sweep`` names the trial: the run nests under the sweep's parent run and
@@ -98,23 +119,16 @@ def run(
     with start_run(
         cfg.tracking,
         Path.cwd() / "outputs",
-        run_name=_run_name(cfg, overrides),
+        run_name=name or run_name(cfg, overrides),
         description=cfg.output.comment,
         parent_run_id=cfg.sweep.parent_run_id,
         tags=None if trial is None else {"sweep.trial_number": str(trial), "sweep.study_name": cfg.sweep.study_name},
         local_dir=output_dir,  # what does not reach the tracking store is listed and kept here
     ) as tracker:
-        params = flatten(resolved)
-        # what differs between trials only as bookkeeping is a tag, so the compare view's params are the options
-        bookkeeping = {k: v for k, v in params.items() if k == "output.dir" or k.startswith("sweep.")}
-        tracker.log_params({k: v for k, v in params.items() if k not in bookkeeping})
-        tracker.set_tags({k: v for k, v in bookkeeping.items() if v is not None})
-        tracker.set_tags({**_run_tags(cfg), **(extra_tags or {})})
+        log_config(tracker, cfg, resolved, overrides, extra_tags)
         fingerprint = dataset_fingerprint(validated.dataset.records, cfg.data.caption_extension)
         tracker.set_tags({"data.fingerprint": fingerprint_digest(fingerprint)})
         tracker.log_text(json.dumps(fingerprint, indent=1), "data/fingerprint.json")
-        tracker.log_text(OmegaConf.to_yaml(resolved), "config/resolved.yaml")
-        tracker.log_text("\n".join(overrides or []) + "\n", "config/overrides.txt")
         for skipped, reason in validated.dataset.skipped:
             print(f"skipped unreadable image {skipped}: {reason}")
         if validated.dataset.skipped:
@@ -145,7 +159,7 @@ def run(
             scorers = _worker.scorers(cfg, trainer.device, [r for r in held_out.train if not r.is_reg])
             pipeline = trainer.sampling_pipeline(sampling_scheduler(base.noise_scheduler.config, cfg.eval.sampler))
             validation = trainer.validation_loss(held_out.held_out) if held_out.held_out else None
-            objective, maximize = _selection_objective(cfg)
+            objective, maximize = selection_objective(cfg)
 
             def evaluate_now() -> EvalResult:
                 with trainer.accelerator.autocast(), trainer.lora_without_input_casts(base.unet, *base.text_encoders):
@@ -213,7 +227,9 @@ def run(
             # --- evaluate: the LoRA at its last step (a pruned run has just been), then the base model
             if not fit.stopped_early:
                 checkpoints.append(Checkpoint(fit.steps, evaluate_now(), None))
-            selected = _select(checkpoints, objective, maximize, cfg.eval.select)
+            # choose on one half of each prompt's images, report on the other: no double use (README)
+            split = cfg.eval.select == "best" and all(c.result.splittable for c in checkpoints)
+            selected = _select(checkpoints, objective, maximize, cfg.eval.select, split)
             baseline_key = _baseline_key(cfg, trainer.resolution)
             baseline = _worker.baselines.get(baseline_key)
             if baseline is None:
@@ -234,9 +250,11 @@ def run(
         finally:
             remove_lora(trainer.network)
 
-        final = selected.result
+        final = selected.result.half(1) if split else selected.result
+        if split:
+            baseline = baseline.half(1)
         metrics = {
-            **_final_metrics(final, baseline),
+            **final_metrics(final, baseline),
             "selected_step": float(selected.step),
             "train/steps_done": float(fit.steps),
             "train/seconds": fit.train_seconds,
@@ -253,7 +271,12 @@ def run(
             metrics[f"clip_score/{_metric_safe(prompt)}"] = score
             metrics[f"clip_score_baseline/{_metric_safe(prompt)}"] = baseline.per_prompt[prompt]
         tracker.log_metrics(metrics, fit.steps)
-        tags = {"selected_step": str(selected.step), "eval.select": cfg.eval.select, "eval.objective": objective}
+        tags = {
+            "selected_step": str(selected.step),
+            "eval.select": cfg.eval.select,
+            "eval.objective": objective,
+            "eval.scored_on": SCORED_ON_HALF if split else SCORED_ON_ALL,
+        }
         if fit.stopped_early:
             tags.update({"pruned": "true", "pruned_at_step": str(fit.steps)})
         tracker.set_tags(tags)
@@ -288,10 +311,26 @@ def run(
             per_image=final.values,
             summary=lines,
             selected_step=selected.step,
+            prompts=list(final.prompts),
+            baseline_per_image=baseline.values,
             experiment_id=tracker.experiment_id,
             objective=objective,
             higher_is_better=maximize,
         )
+
+
+def log_config(
+    tracker: Any, cfg: Any, resolved: dict, overrides: list[str] | None, extra_tags: dict[str, str] | None
+) -> None:
+    """The options as params, bookkeeping as tags, the resolved config and the command-line overrides."""
+    params = flatten(resolved)
+    # what differs between trials only as bookkeeping is a tag, so the compare view's params are the options
+    bookkeeping = {k: v for k, v in params.items() if k == "output.dir" or k.startswith("sweep.")}
+    tracker.log_params({k: v for k, v in params.items() if k not in bookkeeping})
+    tracker.set_tags({k: v for k, v in bookkeeping.items() if v is not None})
+    tracker.set_tags({**_run_tags(cfg), **(extra_tags or {})})
+    tracker.log_text(OmegaConf.to_yaml(resolved), "config/resolved.yaml")
+    tracker.log_text("\n".join(overrides or []) + "\n", "config/overrides.txt")
 
 
 @dataclass
@@ -313,7 +352,7 @@ def concept_labels(cfg: Any) -> tuple[list[str], str | None]:
     return list(concept.labels), concept.target
 
 
-def _selection_objective(cfg: Any) -> tuple[str, bool]:
+def selection_objective(cfg: Any) -> tuple[str, bool]:
     """The metric checkpoints are chosen (and pruned) by, and whether higher is better: the sweep's
     first objective when evaluations measure it, else ``eval.objective``."""
     swept = evaluated_metric(cfg.sweep.objective) if cfg.sweep.objective else None
@@ -323,12 +362,20 @@ def _selection_objective(cfg: Any) -> tuple[str, bool]:
     return objective, DIRECTIONS[objective] == "maximize"
 
 
-def _select(checkpoints: list[Checkpoint], objective: str, maximize: bool, select: str) -> Checkpoint:
-    """``eval.select``: the checkpoint best on the objective (the earliest of ties), or the last one."""
+SCORED_ON_HALF = "the odd-numbered samples of each prompt; the checkpoint was chosen on the even-numbered"
+SCORED_ON_ALL = "every sample"
+
+
+def _select(checkpoints: list[Checkpoint], objective: str, maximize: bool, select: str, split: bool) -> Checkpoint:
+    """``eval.select``: the checkpoint best on the objective (the earliest of ties), or the last one.
+
+    With ``split`` the choice reads only the selection half of the samples, so the scores reported
+    from the other half are not inflated by the choice (the winner's curse of picking a checkpoint).
+    """
     if select == "last":
         return checkpoints[-1]
     sign = 1.0 if maximize else -1.0
-    return max(checkpoints, key=lambda c: (sign * c.result.mean(objective), -c.step))
+    return max(checkpoints, key=lambda c: (sign * (c.result.half(0) if split else c.result).mean(objective), -c.step))
 
 
 def _missing_objective(objective: str, result: EvalResult) -> str:
@@ -353,7 +400,7 @@ def _eval_metrics(result: EvalResult) -> dict[str, float]:
     return {k: v for k, v in metrics.items() if math.isfinite(v)}
 
 
-def _final_metrics(final: EvalResult, baseline: EvalResult) -> dict[str, float]:
+def final_metrics(final: EvalResult, baseline: EvalResult) -> dict[str, float]:
     """Every metric with its interval, the base model's, and the paired gain: ``clip_t``, ``clip_t/low``,
     ``clip_t/high``, ``clip_t_baseline`` (+ bounds), ``clip_t_gain`` (+ bounds); ``clip_score*`` as before."""
     metrics: dict[str, float] = {}
@@ -545,7 +592,7 @@ def _write_run_record(
     write_text_atomically(output_dir / RUN_RECORD, json.dumps(record, indent=2, sort_keys=True))
 
 
-def _run_name(cfg: Any, overrides: list[str] | None) -> str:
+def run_name(cfg: Any, overrides: list[str] | None) -> str:
     """What a runs table should read: a trial by its swept values (``trial 3: dim=16 lr=0.0003``), a
     single run by its output name, start time and the options the user gave (``lora 12-02 14:05 dim=16``)."""
     if cfg.sweep.trial_number is not None:

@@ -146,6 +146,10 @@ def _train_problems(cfg: Any) -> list[str]:
         value = getattr(train, key)
         if value is not None and value < 1:
             problems.append(f"train.{key} must be >= 1 (got {value})")
+    if train.replicates < 1:
+        problems.append(f"train.replicates must be >= 1 (1 = one training run; got {train.replicates})")
+    elif train.replicates > 1 and train.resume:
+        problems.append("train.resume continues one run; it cannot be combined with train.replicates > 1")
     problems += _loss_problems(train)
     if train.max_grad_norm < 0:
         problems.append(f"train.max_grad_norm must be >= 0 (0 disables clipping; got {train.max_grad_norm})")

@@ -89,7 +89,7 @@ def test_the_summary_prints_value_interval_base_and_paired_gain():
     base = EvalResult({"clip_t": [30.0, 34.0, 36.0, 40.0] * 3}, ["p"] * 12, [], Image.new("RGB", (1, 1)))
     lora = EvalResult({"clip_t": [v + 2.0 for v in base.values["clip_t"]]}, ["p"] * 12, [], base.grid)
     (line,) = summary_lines(lora, base)
-    assert line.startswith("clip_t 37.0 (") and "base 35.0, gain +2.0 (+2.0 to +2.0)" in line
+    assert line.startswith("clip_t 37.0 (") and "[this file], base 35.0, gain +2.0 (+2.0 to +2.0) [this file]" in line
     same = summary_lines(base, base)[0]
-    assert same.endswith("gain +0.0 (+0.0 to +0.0) (not significant)")
+    assert same.endswith("gain +0.0 (+0.0 to +0.0) [this file] (not distinguishable from 0 in this file)")
     assert math.isclose(lora.clip_score, 37.0)

@@ -14,6 +14,7 @@ from safetensors import safe_open
 import sweeper.task
 from evaluation.evaluate import EvalResult
 from sweeper.search.report import SweepSummary
+from sweeper.search.settings_verdict import CELLS_ATTR
 from sweeper.search.space import SearchSpace
 from sweeper.search.study import build_pruner
 from sweeper.search.trial import trial_reporter
@@ -134,46 +135,62 @@ def test_the_wilcoxon_pruner_stops_a_planted_bad_trial(tmp_path):
     assert reporter_for(close)(5, 0.0, (torch.tensor(good) + noise).tolist()) is False  # a tie goes on
 
 
-def _summary(per_trial: dict[int, list[float]], with_values: bool = True) -> SweepSummary:
+def _summary(per_trial: dict[int, dict[int, list[float]]], with_values: bool = True) -> SweepSummary:
+    """Trials given as ``{number: {seed: per-prompt cells}}`` (what a sweep keeps on each trial)."""
     study = optuna.create_study(direction="maximize")
     dim = optuna.distributions.CategoricalDistribution([4, 8, 16])
-    for number, values in per_trial.items():
+    for number, by_seed in per_trial.items():
+        means = [sum(v) / len(v) for v in by_seed.values()]
         study.add_trial(
             optuna.trial.create_trial(
                 params={"network.dim": [4, 8, 16][number]},
                 distributions={"network.dim": dim},
-                value=sum(values) / len(values),
-                user_attrs={"per_image": {"clip_score": values}} if with_values else {},
+                value=sum(means) / len(means),
+                user_attrs={CELLS_ATTR: {str(k): v for k, v in by_seed.items()}} if with_values else {},
             )
         )
     space = SearchSpace(distributions={"network.dim": dim}, grid_values={}, fixed=[])
     return SweepSummary(study, space, ["clip_score"], ["maximize"], "grid", "sqlite://")
 
 
-def test_the_verdict_names_a_clear_winner():
-    base = torch.linspace(30, 40, 24)
-    summary = _summary({0: (base - 2).tolist(), 1: base.tolist(), 2: (base - 3).tolist()})
-    (line,) = summary.verdict()
-    assert line.startswith("Every other trial is significantly worse than trial 1")
+def _cells(shift: float, seeds: int = 3, noise: float = 0.3, seed: int = 0) -> dict[int, list[float]]:
+    prompts = torch.linspace(30, 40, 6)
+    g = torch.Generator().manual_seed(seed)
+    return {k: (prompts + shift + noise * torch.randn(6, generator=g)).tolist() for k in range(seeds)}
+
+
+def test_the_verdict_names_settings_worse_than_the_best_over_seeds():
+    summary = _summary({0: _cells(-2, seed=1), 1: _cells(0, seed=2), 2: _cells(-3, seed=3)})
+    lines = summary.verdict()
+    assert lines[0].startswith("Verdict on clip_score over training seeds") and "Holm over all 3 pairs" in lines[0]
+    assert lines[1].startswith("  best: trial 1") and "selection-adjusted interval" in lines[1]
+    assert "[this setting (3 seeds)" in lines[1]
+    assert sum("worse than the best" in line for line in lines) == 2
     rows = {row["number"]: row for row in summary.rows()}
     assert rows[1]["vs_best"] == "best" and rows[0]["vs_best"] == rows[2]["vs_best"] == "worse"
+    assert rows[0]["seeds"] == "3"
 
 
-def test_the_verdict_says_when_nothing_is_significant():
-    base = torch.linspace(30, 40, 24)
-    g = torch.Generator().manual_seed(0)
-    noise = [torch.randn(24, generator=g) for _ in range(3)]  # seed noise of the same size as any difference
-    summary = _summary({n: (base + noise[n] + 0.1 * (n == 1)).tolist() for n in range(3)})
-    (line,) = summary.verdict()
-    assert line.startswith("No trial is significantly different from the best: trial 1 is best by its mean")
-    assert "trials 0 (p=" in line and " and 2 (p=" in line
-    assert "vs_best" in summary.csv_text().splitlines()[0]
-    assert {row["vs_best"] for row in summary.rows()} == {"best", "tied"}
+def test_the_verdict_says_not_distinguishable_with_k_seeds_never_equal():
+    summary = _summary({n: _cells(0.05 * (n == 1), seed=10 + n, noise=1.0) for n in range(3)})
+    lines = summary.verdict()
+    assert sum("not distinguishable from the best with 3 seeds x 6 images" in line for line in lines) == 2
+    assert not any("equal" in line or "tied" in line for line in lines)
+    assert any("seeds per setting" in line for line in lines)  # how many seeds would tell them apart
+    assert {row["vs_best"] for row in summary.rows()} == {"best", "not distinguishable"}
 
 
-def test_no_verdict_without_paired_values():
-    summary = _summary({0: [30.0, 31.0], 1: [40.0, 41.0]}, with_values=False)
-    assert summary.verdict() == [] and summary.comparisons() == {}
+def test_one_seed_per_setting_makes_no_claim():
+    summary = _summary({n: _cells(-3.0 * n, seeds=1, seed=n) for n in range(3)})
+    lines = summary.verdict()
+    assert lines[0].startswith("No verdict between settings: each was trained on one seed")
+    assert "hydra.sweeper.replicates=3" in lines[0]
+    assert "worse" not in " ".join(lines)
+
+
+def test_no_verdict_without_per_seed_values():
+    summary = _summary({0: {0: [30.0, 31.0]}, 1: {0: [40.0, 41.0]}}, with_values=False)
+    assert summary.verdict() == []
 
 
 @pytest.mark.parametrize(
@@ -190,10 +207,10 @@ def test_no_verdict_without_paired_values():
 def test_checkpoints_are_selected_by_the_sweeps_objective_when_evaluations_measure_it(
     make_cfg, objective, direction, expected
 ):
-    from sweeper.task import _selection_objective
+    from sweeper.task import selection_objective
 
     cfg = make_cfg(*([f"sweep.objective={objective}", f"sweep.direction={direction}"] if objective else []))
-    assert _selection_objective(cfg) == expected
+    assert selection_objective(cfg) == expected
 
 
 def test_a_missing_val_dir_is_a_config_error_before_training(make_cfg, tmp_path):

@@ -45,6 +45,7 @@ from sweeper.search.planner import (
 from sweeper.search.reconcile import close_trial_runs
 from sweeper.search.report import SweepSummary, log_parent_results, print_summary
 from sweeper.search.settings import OptunaSweeperConf
+from sweeper.search.settings_verdict import CELLS_ATTR, EXTENDS_ATTR, TARGET_ATTR, RaceStep, race_step
 from sweeper.search.space import (
     SearchSpace,
     SearchSpaceError,
@@ -87,7 +88,8 @@ class TrialOutcome:
     error: str | None = None
     failure: str | None = None  # why it failed: "error" (deterministic), or one of RETRYABLE_FAILURES
     pruned_at: int | None = None  # the step a pruned trial stopped at
-    per_image: dict[str, list[float]] = field(default_factory=dict)  # objective -> per-image values
+    cells: dict[str, list[float]] = field(default_factory=dict)  # seed -> the objective's per-prompt means
+    pruned_at_replicate: int | None = None
 
 
 @dataclass
@@ -140,6 +142,7 @@ class OptunaSweep:
             )
         self.objectives, directions = objectives_and_directions(options)
         self.space, self.sampler_name = space, resolve_sampler_name(options, space)
+        _check_replicates(options, self.sampler_name)
         self.outputs = Path.cwd() / "outputs"
         self.storage_url = options.storage or default_storage_url(self.outputs)
         problem = missing_driver(self.storage_url)
@@ -184,7 +187,16 @@ class OptunaSweep:
         Path(cfg.hydra.sweep.dir).mkdir(parents=True, exist_ok=True)
         OmegaConf.save(cfg, Path(cfg.hydra.sweep.dir) / "multirun.yaml")
 
-        summary = SweepSummary(study, space, self.objectives, directions, self.sampler_name, self.storage_url)
+        summary = SweepSummary(
+            study,
+            space,
+            self.objectives,
+            directions,
+            self.sampler_name,
+            self.storage_url,
+            racing_seeds=options.replicates if options.racing else 0,
+            grid_size=space.grid_size if self.sampler_name == "grid" else 0,
+        )
         print(
             f"Sweep '{study_name}': {self.sampler_name} sampler (worker {worker_index}, seed {seed}), pruner "
             f"{options.pruner}, storage {redact_password(self.storage_url)}, {to_run} trial(s) to run"
@@ -255,7 +267,15 @@ class OptunaSweep:
             plan = plan_grid(trials, self.space, self.options.max_retries)
             if not waiting:
                 if not plan.to_enqueue:
-                    return Wait if plan.pending else Finished
+                    if plan.pending:
+                        return Wait
+                    step = self._race_step(study)
+                    if step is None:
+                        return Finished
+                    study.enqueue_trial(
+                        step.trial.params, user_attrs={EXTENDS_ATTR: step.trial.number, TARGET_ATTR: step.target}
+                    )
+                    return self._ask(study)
                 point = plan.to_enqueue[0]
                 if point in plan.retry_of:
                     self._retry(study, plan.retry_of[point])
@@ -274,6 +294,20 @@ class OptunaSweep:
             waiting = any(t.state == TrialState.WAITING for t in trials)
         return self._ask(study)
 
+    def _race_step(self, study: optuna.Study) -> RaceStep | None:
+        """Racing: the next setting to get one more seed, or None (also without racing)."""
+        if not self.options.racing:
+            return None
+        maximize = study.directions[0] == optuna.study.StudyDirection.MAXIMIZE
+        return race_step(study.get_trials(deepcopy=False), maximize, self.options.replicates)
+
+    def _replicates_of(self, trial: optuna.Trial) -> int:
+        """Seeds this trial trains: racing starts every setting on 2 and extends contenders."""
+        target = study_trial_attr(trial, TARGET_ATTR)
+        if target is not None:
+            return int(target)
+        return min(2, self.options.replicates) if self.options.racing else self.options.replicates
+
     def _to_run(self, study: optuna.Study) -> int:
         """Trials this sweep still has to start (for the opening line)."""
         trials = study.get_trials(deepcopy=False)
@@ -288,7 +322,7 @@ class OptunaSweep:
         if any(t.state in (TrialState.RUNNING, TrialState.WAITING) for t in trials):
             return False
         if self.sampler_name == "grid":
-            return plan_grid(trials, self.space, self.options.max_retries).finished
+            return plan_grid(trials, self.space, self.options.max_retries).finished and self._race_step(study) is None
         return trials_to_sample(trials, self.options.n_trials) == 0
 
     def _ask(self, study: optuna.Study) -> optuna.Trial:
@@ -371,10 +405,18 @@ class OptunaSweep:
             f"sweep.pruner_warmup_steps={options.pruner_warmup_steps}",
             f"sweep.run_name='{describe_params(trial.params, short=True)}'",
         ]
+        replicates = self._replicates_of(trial)
+        if replicates > 1 or self.options.replicates > 1:
+            overrides.append(f"train.replicates={replicates}")
         if parent_run_id:
             overrides.append(f"sweep.parent_run_id={parent_run_id}")
         retried = study._storage.get_trial(trial._trial_id).system_attrs.get("failed_trial")
         again = f" (re-run of trial {retried})" if retried is not None else ""
+        extends = study_trial_attr(trial, EXTENDS_ATTR)
+        if extends is not None:
+            again += f" (racing: trial {extends} extended to {replicates} seeds)"
+        elif replicates > 1:
+            again += f" ({replicates} seeds)"
         print(f"[trial {trial.number}] {describe_params(trial.params)}{again}")
         try:
             with get_heartbeat_thread(trial._trial_id, study._storage):  # lets other workers see we live
@@ -393,8 +435,10 @@ class OptunaSweep:
         outcome = _classify(job, objectives)
         if outcome.run_id:
             trial.set_user_attr("mlflow_run_id", outcome.run_id)
-        if outcome.per_image:
-            trial.set_user_attr("per_image", outcome.per_image)  # what the summary's significance tests pair
+        if outcome.cells:
+            trial.set_user_attr(CELLS_ATTR, outcome.cells)  # what the verdict compares settings on
+        if outcome.pruned_at_replicate is not None:
+            trial.set_user_attr("pruned_at_replicate", outcome.pruned_at_replicate)
         with self._lock(study.study_name):
             if outcome.state == TrialState.FAIL:
                 self._fail(study, trial._trial_id, outcome.error or "failed", outcome.failure or "error")
@@ -506,7 +550,15 @@ def _classify(job: JobReturn, objectives: list[str]) -> TrialOutcome:
     metrics, run_id = result["metrics"], result.get("run_id")
     if result.get("pruned"):
         steps = metrics.get("train/steps_done")
-        return TrialOutcome(TrialState.PRUNED, run_id=run_id, pruned_at=int(steps) if steps is not None else None)
+        replicates = result.get("replicates") or []
+        at = next((i for i, r in enumerate(replicates) if r.get("stopped_early")), None)
+        pruned_at = int(steps) if steps is not None else None
+        return TrialOutcome(
+            TrialState.PRUNED,
+            run_id=run_id,
+            pruned_at=pruned_at,
+            pruned_at_replicate=at if len(replicates) > 1 else None,
+        )
     missing = [name for name in objectives if name not in metrics]
     if missing:
         known = ", ".join(sorted(k for k in metrics if "/" not in k))
@@ -521,10 +573,48 @@ def _classify(job: JobReturn, objectives: list[str]) -> TrialOutcome:
         return TrialOutcome(
             TrialState.FAIL, run_id=run_id, error=f"objective value is not finite: {values}", failure="error"
         )
-    per_image = result.get("per_image") or {}
-    measured = {name: evaluated_metric(name) for name in objectives}
-    paired = {name: per_image[metric] for name, metric in measured.items() if metric in per_image}
-    return TrialOutcome(TrialState.COMPLETE, values=values, run_id=run_id, per_image=paired)
+    return TrialOutcome(
+        TrialState.COMPLETE, values=values, run_id=run_id, cells=_objective_cells(result, objectives[0])
+    )
+
+
+def _objective_cells(result: dict[str, Any], objective: str) -> dict[str, list[float]]:
+    """Seed -> the objective's per-prompt means (per held-out image for val_loss), from each replicate."""
+    from evaluation.replicates import cells
+
+    metric = evaluated_metric(objective)
+    found = {}
+    for replicate in result.get("replicates") or []:
+        values = (replicate.get("per_image") or {}).get(metric)
+        if metric is None or not values:
+            return {}
+        prompts = replicate.get("prompts") or []
+        clusters = prompts if len(prompts) == len(values) else None
+        found[str(replicate["seed"])] = [float(v) for v in cells(values, clusters)]
+    return found
+
+
+def study_trial_attr(trial: optuna.Trial, key: str) -> Any:
+    """A user attr of a live trial (set when it was enqueued)."""
+    return trial.study._storage.get_trial(trial._trial_id).user_attrs.get(key)
+
+
+def _check_replicates(options: OptunaSweeperConf, sampler: str) -> None:
+    problems = []
+    if options.replicates < 1:
+        problems.append(f"hydra.sweeper.replicates must be >= 1 (got {options.replicates})")
+    if options.racing and sampler != "grid":
+        problems.append(
+            f"hydra.sweeper.racing=true races the points of a grid; this sweep samples with {sampler}. Give every "
+            "swept key as a list (network.dim=4,8,16), or set hydra.sweeper.racing=false"
+        )
+    if options.racing and options.replicates < 3:
+        problems.append(
+            "hydra.sweeper.racing=true starts every setting on 2 seeds and adds seeds up to hydra.sweeper.replicates; "
+            f"set hydra.sweeper.replicates=3 or more (got {options.replicates})"
+        )
+    if problems:
+        raise SweepConfigError("\n".join(problems))
 
 
 def _is_out_of_memory(error: BaseException) -> bool:

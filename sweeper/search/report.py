@@ -13,7 +13,7 @@ from typing import Any
 import optuna
 from optuna.trial import FrozenTrial, TrialState
 
-from evaluation.stats import ALPHA, paired_p_value
+from sweeper.search.settings_verdict import CELLS_ATTR, EXTENDS_ATTR, Wording, current_settings, racing_cost, word
 from sweeper.search.space import SearchSpace, describe_params, display_value, format_value
 from sweeper.tracking import redact_password
 
@@ -26,6 +26,8 @@ class SweepSummary:
     directions: list[str]
     sampler: str
     storage_url: str
+    racing_seeds: int = 0  # with hydra.sweeper.racing: the most seeds a setting gets
+    grid_size: int = 0
 
     @property
     def multi_objective(self) -> bool:
@@ -38,7 +40,9 @@ class SweepSummary:
         """The best trial, or the Pareto front of a multi-objective study; none before a trial completes."""
         if not any(t.state == TrialState.COMPLETE for t in self.study.get_trials(deepcopy=False)):
             return []
-        return list(self.study.best_trials) if self.multi_objective else [self.study.best_trial]
+        if self.multi_objective:
+            return list(self.study.best_trials)
+        return [self.current_best() or self.study.best_trial]
 
     def parent_params(self) -> dict[str, str]:
         """What identifies the study (fixed for its lifetime, so MLflow params)."""
@@ -64,48 +68,40 @@ class SweepSummary:
             tags["sweep.n_trials"] = str(options.n_trials)
         return tags
 
-    def comparisons(self) -> dict[int, float]:
-        """Paired Wilcoxon p-value of each completed trial against the best one, on the objective's
-        per-image values (same prompts and seeds in every trial); single-objective studies only."""
-        best = self.best_trials()
-        if self.multi_objective or not best:
-            return {}
-        name = self.objectives[0]
-        reference = best[0].user_attrs.get("per_image", {}).get(name)
-        if not reference:
-            return {}
-        p_values = {}
-        for trial in self.trials():
-            values = trial.user_attrs.get("per_image", {}).get(name)
-            if trial.state == TrialState.COMPLETE and values and len(values) == len(reference):
-                p_values[trial.number] = 1.0 if trial.number == best[0].number else paired_p_value(reference, values)
-        return p_values
+    def wording(self) -> Wording:
+        """What may be said about the settings (``sweeper.search.settings_verdict``); single objective only."""
+        if self.multi_objective:
+            return Wording([], {}, {})
+        return word(self.trials(), self.objectives[0], self.directions[0] == "maximize")
 
     def verdict(self) -> list[str]:
-        """In words: which trials are indistinguishable from the best, or that the best is clearly best."""
-        best, p_values = self.best_trials(), self.comparisons()
-        others = {n: p for n, p in p_values.items() if n != best[0].number} if best else {}
-        if not others:
+        return self.wording().lines
+
+    def current_best(self) -> FrozenTrial | None:
+        """The best setting by its mean over its seeds, among each setting's latest trial (racing
+        extends settings; an extended trial's smaller-sample mean does not compete)."""
+        settings = current_settings(self.trials())
+        if not settings or self.multi_objective:
+            return None
+        pick = max if self.directions[0] == "maximize" else min
+        return pick(settings.values(), key=lambda t: t.values[0])
+
+    def racing_lines(self) -> list[str]:
+        """What racing saved against training every setting on every seed."""
+        if not self.racing_seeds:
             return []
-        tied = {n: p for n, p in others.items() if p >= ALPHA}
-        test = f"paired Wilcoxon signed-rank test on per-image {self.objectives[0]}, alpha {ALPHA}"
-        if not tied:
-            return [f"Every other trial is significantly worse than trial {best[0].number} ({test})."]
-        listed = _and_list([f"{n} (p={p:.2g})" for n, p in sorted(tied.items())])
-        if len(tied) == len(others):
-            return [
-                f"No trial is significantly different from the best: trial {best[0].number} is best by its mean, but "
-                f"trials {listed} are within noise of it ({test}). More images per prompt or seeds narrow this."
-            ]
+        trained, full = racing_cost(self.trials(), self.grid_size, self.racing_seeds)
         return [
-            f"Trials {listed} are not significantly different from trial {best[0].number} ({test}); the rest are worse."
+            f"Racing trained {trained} seed-runs of the {full} that {self.racing_seeds} seeds for each of "
+            f"{self.grid_size} settings take ({1 - trained / full:.0%} saved)."
         ]
 
     def rows(self, states: tuple[TrialState, ...] | None = None) -> list[dict[str, Any]]:
         """One row per trial (of ``states``): params to 4 significant digits; a pruned trial's value is
-        its last intermediate one, marked with the step it was pruned at."""
-        p_values = self.comparisons()
+        its last intermediate one, marked with the step it was pruned at (and the seed, with replicates)."""
+        wording = self.wording()
         best_numbers = {t.number for t in self.best_trials()}
+        extended = {t.user_attrs.get(EXTENDS_ATTR): t.number for t in self.trials() if EXTENDS_ATTR in t.user_attrs}
         rows = []
         for trial in self.trials():
             if states is not None and trial.state not in states:
@@ -113,18 +109,28 @@ class SweepSummary:
             values = trial.values or ([trial.value] if trial.value is not None else [])
             state, mark = trial.state.name, ""
             if trial.state == TrialState.PRUNED and trial.intermediate_values:
-                values, mark = [trial.intermediate_values[trial.last_step]], f" (pruned at step {trial.last_step})"
-                state = f"PRUNED@{trial.last_step}"
+                step = int(trial.user_attrs.get("pruned_at_step", trial.last_step))
+                replicate = trial.user_attrs.get("pruned_at_replicate")
+                where = f"step {step}" + (f" of seed {int(replicate) + 1}" if replicate is not None else "")
+                values, mark = [trial.intermediate_values[trial.last_step]], f" (pruned at {where})"
+                state = f"PRUNED@{step}"
             if "duplicate_of" in trial.user_attrs:
                 state += f" (=trial {trial.user_attrs['duplicate_of']})"
+            if trial.number in extended:
+                state += f" (extended by trial {extended[trial.number]})"
             row = {"number": trial.number, "state": state}
             row.update({key: display_value(value) for key, value in trial.params.items()})
             for name, value in zip(self.objectives, values, strict=False):
                 row[name] = f"{value:.4f}{mark}"
-            if trial.number in p_values:
-                p = p_values[trial.number]
-                row["p_vs_best"] = f"{p:.3g}" if trial.number not in best_numbers else "-"
-                row["vs_best"] = "best" if trial.number in best_numbers else ("tied" if p >= ALPHA else "worse")
+            seeds = trial.user_attrs.get(CELLS_ATTR)
+            if seeds:
+                row["seeds"] = str(len(seeds))
+            if trial.number in wording.standing:
+                row["vs_best"] = wording.standing[trial.number]
+                if trial.number in wording.adjusted_p:
+                    row["p_vs_best"] = f"{wording.adjusted_p[trial.number]:.3g}"
+            elif trial.number in best_numbers and not wording.standing:
+                row["vs_best"] = "best"
             row["mlflow_run_id"] = trial.user_attrs.get("mlflow_run_id", "")
             row["error"] = trial.user_attrs.get("error", "")
             rows.append(row)
@@ -132,7 +138,7 @@ class SweepSummary:
 
     def csv_text(self) -> str:
         rows = self.rows()
-        columns = ["number", "state", *self.space.distributions, *self.objectives, "vs_best", "p_vs_best"]
+        columns = ["number", "state", *self.space.distributions, *self.objectives, "seeds", "vs_best", "p_vs_best"]
         columns += ["mlflow_run_id", "error"]
         buffer = io.StringIO()
         writer = csv.DictWriter(buffer, fieldnames=columns, extrasaction="ignore")
@@ -146,7 +152,7 @@ def print_summary(summary: SweepSummary) -> None:
     and whether they were re-run (a killed trial's re-run is another trial with the same params)."""
     shown = (TrialState.COMPLETE, TrialState.PRUNED, TrialState.RUNNING, TrialState.WAITING)
     rows = summary.rows(shown)
-    columns = ["number", "state", *summary.space.distributions, *summary.objectives, "vs_best", "p_vs_best"]
+    columns = ["number", "state", *summary.space.distributions, *summary.objectives, "seeds", "vs_best", "p_vs_best"]
     columns.append("mlflow_run_id")
     widths = {c: max([len(c)] + [len(str(r.get(c, ""))) for r in rows]) for c in columns}
     failed = [t for t in summary.trials() if t.state == TrialState.FAIL]
@@ -167,7 +173,7 @@ def print_summary(summary: SweepSummary) -> None:
         values = ", ".join(f"{n}={v:.4f}" for n, v in zip(summary.objectives, trial.values, strict=True))
         params = describe_params(trial.params)
         print(f"{label}: trial {trial.number} ({values}) {params} run {trial.user_attrs.get('mlflow_run_id', '-')}")
-    for line in summary.verdict():
+    for line in summary.verdict() + summary.racing_lines():
         print(line)
     if not best:
         print("No trial completed.")
@@ -187,9 +193,12 @@ def log_parent_results(parent: Any, summary: SweepSummary) -> None:
         for t in best
     ]
     parent.log_text(json.dumps(payload, indent=2, default=str), "sweep/best_trials.json")
-    if verdict := summary.verdict():
+    if verdict := summary.verdict() + summary.racing_lines():
         parent.log_text("\n".join(verdict) + "\n", "sweep/verdict.txt")
-        parent.set_tags({"best.verdict": verdict[0][:5000]})
+        parent.set_tags({"best.verdict": "\n".join(verdict)[:5000]})
+    if summary.racing_seeds:
+        trained, full = racing_cost(summary.trials(), summary.grid_size, summary.racing_seeds)
+        parent.log_metrics({"racing/seed_runs": float(trained), "racing/full_seed_runs": float(full)})
     if best and not summary.multi_objective:
         top = best[0]
         parent.set_tags(
@@ -254,10 +263,6 @@ def _log_front_grids(parent: Any, front: list[FrozenTrial]) -> None:
             target = local.with_name(f"trial_{trial.number}.png")
             local.rename(target)
             parent.log_artifact(target, "sweep/pareto")
-
-
-def _and_list(items: list[str]) -> str:
-    return items[0] if len(items) == 1 else ", ".join(items[:-1]) + " and " + items[-1]
 
 
 def _describe(distribution: optuna.distributions.BaseDistribution) -> str:

@@ -30,4 +30,8 @@ class OptunaSweeperConf:
     heartbeat_seconds: int = 60  # each running trial's worker writes a heartbeat this often ...
     grace_seconds: int = 300  # ... and a trial whose heartbeat is older is taken as dead, failed and re-run
     n_workers: Any = 1  # worker processes on this machine (one per GPU), or "auto": one per visible GPU
+    replicates: int = 1  # training seeds per setting (the same K seeds for every setting); 1 = no verdicts
+    racing: bool = (
+        False  # grid sweeps: start every setting with 2 seeds, add seeds only to contenders, up to replicates
+    )
     params: dict[str, str] = field(default_factory=dict)  # search space entries, e.g. from +search=...

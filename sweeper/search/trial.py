@@ -29,12 +29,18 @@ def load_trial(sweep_cfg: Any) -> optuna.trial.Trial:
 INSTANCES_PER_STEP = 100_000
 
 
-def trial_reporter(sweep_cfg: Any) -> EvalReporter:
+# With replicates each training seed has its own block of instances / steps, the same in every trial.
+IMAGES_PER_REPLICATE = 1_000
+STEPS_PER_REPLICATE = 10_000_000
+
+
+def trial_reporter(sweep_cfg: Any, replicate: int = 0) -> EvalReporter:
     """(step, mean, per-image values) -> True when the pruner says this trial should stop.
 
-    Most pruners see the objective's mean at each evaluation step. ``wilcoxon`` sees every image of
-    every evaluation as its own instance, so Optuna's WilcoxonPruner can run its paired signed-rank
-    test against the best trial's values on the same images.
+    Most pruners see the objective's mean at each evaluation step (replicate r's steps offset by
+    r * STEPS_PER_REPLICATE, so the same seed's evaluations line up across settings). ``wilcoxon``
+    sees every (seed, image) pair of every evaluation as its own instance, so Optuna's
+    WilcoxonPruner runs its paired signed-rank test against the best trial on the same seeds and images.
     """
     trial = load_trial(sweep_cfg)
 
@@ -42,9 +48,38 @@ def trial_reporter(sweep_cfg: Any) -> EvalReporter:
         if sweep_cfg.pruner == "wilcoxon":
             for index, image_value in enumerate(per_image):
                 if math.isfinite(image_value):
-                    trial.report(image_value, step * INSTANCES_PER_STEP + index)
+                    instance = step * INSTANCES_PER_STEP + replicate * IMAGES_PER_REPLICATE + index
+                    trial.report(image_value, instance)
         else:
-            trial.report(value, step)
+            trial.report(value, replicate * STEPS_PER_REPLICATE + step)
         return trial.should_prune()
 
     return report
+
+
+REPLICATE_ATTR = "replicate."  # trial user attr per finished replicate: what a resumed trial need not retrain
+
+
+def record_replicate(sweep_cfg: Any, index: int, record: dict[str, Any]) -> None:
+    """Keep a finished replicate on its trial, so a re-run of the trial (kill, resume, racing) skips it."""
+    trial = load_trial(sweep_cfg)
+    trial.storage.set_trial_user_attr(trial._trial_id, f"{REPLICATE_ATTR}{index}", record)
+
+
+def carried_replicates(sweep_cfg: Any) -> dict[int, dict[str, Any]]:
+    """Finished replicates of earlier attempts at this setting: the trial this one re-runs (Optuna's
+    ``failed_trial``) or extends (racing's ``extends``), and theirs in turn."""
+    trial = load_trial(sweep_cfg)
+    storage, study_id = trial.storage, trial.study._study_id
+    found: dict[int, dict[str, Any]] = {}
+    frozen = storage.get_trial(trial._trial_id)  # a retry inherits its failed attempt's user attrs
+    seen = {frozen.number}
+    while True:
+        for key, record in frozen.user_attrs.items():
+            if key.startswith(REPLICATE_ATTR):
+                found.setdefault(int(key[len(REPLICATE_ATTR) :]), record)
+        earlier = frozen.system_attrs.get("failed_trial", frozen.user_attrs.get("extends"))
+        if earlier is None or earlier in seen:
+            return found
+        seen.add(earlier)
+        frozen = storage.get_trial(storage.get_trial_id_from_study_id_trial_number(study_id, int(earlier)))
