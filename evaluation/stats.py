@@ -4,9 +4,10 @@ A run is scored on a few dozen sample images that come from a handful of prompts
 not independent: the images of one prompt share its difficulty. Every aggregated metric therefore
 carries a 95% two-stage cluster bootstrap interval: resample prompts with replacement, then images
 within each drawn prompt (Davison & Hinkley 1997, "Bootstrap Methods and their Application", sec.
-3.8; Field & Welsh 2007, JRSS-B 69:369, "Bootstrapping clustered data"), percentile interval, with a
-fixed seed so a rerun prints the same interval. Values without clusters (held-out images for
-``val_loss``) get the plain BCa bootstrap (Efron & Tibshirani 1993; DiCiccio & Efron 1996).
+3.8; Field & Welsh 2007, JRSS-B 69:369, "Bootstrapping clustered data"), percentile interval widened
+for the few prompts there are (Hesterberg 2015), with a fixed seed so a rerun prints the same
+interval. Values without clusters (held-out images for ``val_loss``) get the plain BCa bootstrap
+(Efron & Tibshirani 1993; DiCiccio & Efron 1996).
 
 These intervals condition on the trained file: they say nothing about another training seed of the
 same setting. What is true of a *setting* (several training seeds) is in ``evaluation.replicates``.
@@ -55,7 +56,8 @@ class Estimate:
         """``38.7 (36.9-40.4)``, or signed for gains: ``+1.8 (+0.4 to +3.2)``."""
         if signed:
             return f"{self.mean:+.{digits}f} ({self.low:+.{digits}f} to {self.high:+.{digits}f})"
-        return f"{self.mean:.{digits}f} ({self.low:.{digits}f}-{self.high:.{digits}f})"
+        joint = " to " if self.low < 0 else "-"  # 36.9-40.4, but -5.2 to 14.2
+        return f"{self.mean:.{digits}f} ({self.low:.{digits}f}{joint}{self.high:.{digits}f})"
 
 
 def mean_interval(
@@ -91,18 +93,6 @@ def paired_gain(values: Sequence[float], baseline: Sequence[float], **kwargs: An
     return mean_interval(np.asarray(values, float) - np.asarray(baseline, float), **kwargs)
 
 
-def paired_p_value(values: Sequence[float], other: Sequence[float]) -> float:
-    """Two-sided Wilcoxon signed-rank p-value of the paired differences; 1.0 when they are all zero."""
-    differences = np.asarray(values, float) - np.asarray(other, float)
-    if differences.size == 0 or np.all(differences == 0):
-        return 1.0
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", RuntimeWarning)  # small samples: scipy warns about exactness
-        result = stats.wilcoxon(differences, zero_method="zsplit")
-    p = float(result.pvalue)
-    return p if math.isfinite(p) else 1.0
-
-
 def _cluster_bootstrap(data: np.ndarray, clusters: list[object], confidence: float, seed: int) -> tuple[float, float]:
     """Percentile interval of the mean under resampling clusters, then values within each drawn cluster.
 
@@ -125,7 +115,15 @@ def _cluster_bootstrap(data: np.ndarray, clusters: list[object], confidence: flo
             drawn = [g[rng.integers(len(g), size=len(g))] for g in picked]
             means[b] = np.concatenate(drawn).mean()
     tail = (1 - confidence) / 2
-    return float(np.quantile(means, tail)), float(np.quantile(means, 1 - tail))
+    low, high = np.quantile(means, tail), np.quantile(means, 1 - tail)
+    # with few prompts the percentile interval is too narrow (it covered 0.875 of 0.95 with 6 prompts in
+    # tests/test_verdicts.py): widen it by Hesterberg's expansion, sqrt(P/(P-1)) t_{P-1} / z (Hesterberg
+    # 2015, The American Statistician 69:371, "What teachers should know about the bootstrap", sec. 3.3)
+    clusters_count = len(groups)
+    expand = math.sqrt(clusters_count / (clusters_count - 1)) * stats.t.ppf(1 - tail, clusters_count - 1)
+    expand /= stats.norm.ppf(1 - tail)
+    centre = float(data.mean())
+    return centre - expand * (centre - float(low)), centre + expand * (float(high) - centre)
 
 
 def _bootstrap(data: np.ndarray, confidence: float, seed: int, method: str) -> tuple[float, float]:

@@ -10,6 +10,7 @@ aggregate with intervals over seeds x prompts x images (``evaluation.replicates`
 from __future__ import annotations
 
 import copy
+import hashlib
 import math
 import shutil
 import time
@@ -30,9 +31,13 @@ from training.atomic_file import write_atomically, write_text_atomically
 DIGITS = {"clip_t": 1, "val_loss": 4}
 
 
-def replicate_seeds(seed: int, count: int) -> list[int]:
+def replicate_seeds(seed: int, count: int, label: str | None = None) -> list[int]:
     """Replicate 0 trains on ``train.seed`` itself (so K = 1 is the plain run); replicate r on a seed
-    derived from (seed, r). Every setting of a sweep gets the same list."""
+    derived from (seed, r). Every setting of a sweep gets the same list, unless ``sweep.label`` is
+    set: each label then trains the same setting on seeds of its own (an A/A sweep)."""
+    if label is not None:
+        salt = int.from_bytes(hashlib.sha256(str(label).encode()).digest()[:4], "little")
+        return [int(np.random.SeedSequence([seed, salt, r]).generate_state(1)[0] % 2**31) for r in range(count)]
     derived = [int(np.random.SeedSequence([seed, r]).generate_state(1)[0] % 2**31) for r in range(1, count)]
     return [seed, *derived]
 
@@ -46,7 +51,7 @@ def run_replicates(
     validated = validate(cfg)  # every problem at once, before the first replicate trains
     cfg.eval.prompts = validated.eval_prompts.prompts
     count, output_dir = int(cfg.train.replicates), Path(cfg.output.dir)
-    seeds = replicate_seeds(cfg.train.seed, count)
+    seeds = replicate_seeds(cfg.train.seed, count, cfg.sweep.label)
     in_sweep = cfg.sweep.trial_number is not None and bool(cfg.sweep.storage)
     carried = _carried(cfg, seeds) if in_sweep else {}
     objective, maximize = selection_objective(cfg)

@@ -84,8 +84,12 @@ def run(
 ) -> RunResult:
     """One setting: one training run, or with ``train.replicates=K`` K runs on derived seeds and
     their aggregate (``sweeper.replicates``)."""
-    if cfg.train.replicates > 1:
-        from sweeper.replicates import run_replicates
+    if cfg.train.replicates > 1 or cfg.sweep.label is not None:
+        from sweeper.replicates import replicate_seeds, run_replicates
+
+        if cfg.train.replicates == 1:  # an A/A label: this copy of the setting trains on a seed of its own
+            cfg.train.seed = replicate_seeds(cfg.train.seed, 1, cfg.sweep.label)[0]
+            return run_once(cfg, overrides=overrides, report=report, show_progress=show_progress, extra_tags=extra_tags)
 
         return run_replicates(cfg, overrides=overrides, report=report, show_progress=show_progress)
     return run_once(cfg, overrides=overrides, report=report, show_progress=show_progress, extra_tags=extra_tags)

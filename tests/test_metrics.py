@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from evaluation.metrics import concept_hits, copy_risk, cosine_matrix, diversity, fidelity
-from evaluation.stats import mean_interval, paired_gain, paired_p_value
+from evaluation.stats import mean_interval, paired_gain
 
 # Unit vectors and simple combinations, so the cosines are known by hand.
 E1, E2, E3 = torch.eye(3)
@@ -86,16 +86,6 @@ def test_a_paired_gain_uses_per_image_differences():
     unpaired = mean_interval(lora).low - mean_interval(base).high
     assert unpaired < 0  # without pairing the intervals overlap: pairing is what makes it visible
     assert gain.text(signed=True).startswith("+1.")
-
-
-def test_significance_on_planted_scores():
-    rng = np.random.default_rng(5)
-    best = rng.normal(40, 3, size=24)
-    clearly_worse = best - 2.0 + rng.normal(0, 0.3, size=24)
-    tied = best + rng.normal(0, 0.3, size=24)
-    assert paired_p_value(best, clearly_worse) < 0.05
-    assert paired_p_value(best, tied) > 0.05
-    assert paired_p_value(best, best) == 1.0
 
 
 def test_paired_values_must_line_up():

@@ -27,6 +27,8 @@ def test_seeds_are_derived_from_train_seed_and_the_first_is_train_seed_itself():
     assert replicate_seeds(42, 4) == seeds  # every setting of a sweep gets the same seeds
     assert replicate_seeds(42, 2) == seeds[:2]  # racing's extensions keep the earlier seeds
     assert replicate_seeds(7, 2)[1] != seeds[1]
+    labelled = replicate_seeds(42, 3, "a")
+    assert labelled == replicate_seeds(42, 3, "a") and not set(labelled) & set(replicate_seeds(42, 3, "b"))
 
 
 @pytest.fixture(scope="module")
@@ -129,12 +131,13 @@ def test_an_aa_sweep_with_replicates_compares_settings_over_seeds(tmp_path):
     study = study_of(tmp_path)
     trials = study.get_trials()
     assert len(trials) == 3 and all(len(t.user_attrs[CELLS_ATTR]) == 2 for t in trials)
-    assert {tuple(sorted(t.user_attrs[CELLS_ATTR])) for t in trials} == {
-        tuple(sorted(map(str, replicate_seeds(42, 2))))
-    }
+    # each label is the same setting on seeds of its own: an A/A sweep
+    by_label = {t.params["sweep.label"]: sorted(t.user_attrs[CELLS_ATTR]) for t in trials}
+    assert by_label == {label: sorted(map(str, replicate_seeds(42, 2, label))) for label in "abc"}
+    assert len({seed for seeds in by_label.values() for seed in seeds}) == 6
     assert "Verdict on clip_score over training seeds" in done.stdout
     assert "worse than the best" not in done.stdout  # one setting, three labels: nothing to find
-    assert "not distinguishable from the best with 2 seeds x 4 images" in done.stdout
+    assert "not distinguishable from the best with 2 seeds x 2 images" in done.stdout
     runs = mlflow_runs(tmp_path)
     parent = next(r for r in runs if r.data.tags.get("sweep.role") == "parent")
     settings = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id]

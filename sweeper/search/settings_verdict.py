@@ -18,6 +18,7 @@ from evaluation.stats import ALPHA
 from sweeper.search.space import describe_params
 
 CELLS_ATTR = "replicate_cells"  # trial user attr: {seed: [cell means of the objective]}
+IMAGES_ATTR = "images_per_seed"  # trial user attr: how many images each seed was scored on
 EXTENDS_ATTR = "extends"  # racing: the trial whose seeds this one carries on
 TARGET_ATTR = "replicates_target"  # racing: how many seeds this trial trains up to
 SEED_KEY = "train.seed"
@@ -63,7 +64,7 @@ def word(trials: list[FrozenTrial], objective: str, maximize: bool) -> Wording:
         return Wording([], {}, {})
     best = settings[judged.best]
     counts = {n: len(seeds_of(t)) for n, t in settings.items()}
-    images = int(sum(len(c) for c in seeds_of(best).values()) / max(len(seeds_of(best)), 1))
+    images = best.user_attrs.get(IMAGES_ATTR) or len(next(iter(seeds_of(best).values())))
     if judged.components is None:
         return _single_seed(trials, settings, judged, objective, counts)
     lines = [
@@ -72,7 +73,7 @@ def word(trials: list[FrozenTrial], objective: str, maximize: bool) -> Wording:
     ]
     estimate = judged.best_estimate
     adjusted = (
-        f", selection-adjusted interval {estimate.low:.4g}-{estimate.high:.4g} [{estimate.conditions}, level "
+        f", selection-adjusted interval {estimate.low:.4g} to {estimate.high:.4g} [{estimate.conditions}, level "
         f"1-{ALPHA}/{len(settings)}, Benjamini & Yekutieli 2005]"
         if estimate
         else ""
@@ -82,7 +83,7 @@ def word(trials: list[FrozenTrial], objective: str, maximize: bool) -> Wording:
     for number, comparison in sorted(judged.against_best.items(), key=lambda item: item[1].difference.mean):
         trial, d = settings[number], comparison.difference
         p_values[number] = comparison.adjusted_p
-        gap = f"{d.mean:+.4g} ({d.low:+.4g} to {d.high:+.4g}) [{d.conditions}], adjusted p={comparison.adjusted_p:.2g}"
+        gap = f"{_g(d.mean)} ({_g(d.low)} to {_g(d.high)}) [{d.conditions}], adjusted p={comparison.adjusted_p:.2g}"
         worse = comparison.significant and (d.mean < 0) == maximize
         if comparison.significant:
             standing[number] = "worse" if worse else "better"
@@ -96,10 +97,11 @@ def word(trials: list[FrozenTrial], objective: str, maximize: bool) -> Wording:
             )
     components = judged.components
     k = min(counts.values())
-    detect = ", ".join(f"K={n}: {components.detectable(n):.3g}" for n in sorted({k, 3, 5, 10}) if n >= 2)
+    pairs = len(settings) * (len(settings) - 1) // 2
+    detect = ", ".join(f"K={n}: {components.detectable(n, pairs):.3g}" for n in sorted({k, 3, 5, 10}) if n >= 2)
     lines.append(
         f"  seed SD of one run's {objective}: {components.seed_sd():.3g}; smallest difference found with 80% "
-        f"power: {detect}"
+        f"power at Holm's first step over {pairs} pairs: {detect}"
     )
     if "not distinguishable" in standing.values():
         rival = min(
@@ -107,12 +109,16 @@ def word(trials: list[FrozenTrial], objective: str, maximize: bool) -> Wording:
             key=lambda n: abs(judged.against_best[n].difference.mean),
         )
         gap = abs(judged.against_best[rival].difference.mean)
-        needed = components.seeds_needed(gap) if gap > 0 else None
+        needed = components.seeds_needed(gap, pairs) if gap > 0 else None
         lines.append(
             f"  to tell trial {best.number} from trial {rival} (gap {gap:.3g}): "
             + (f"about {needed} seeds per setting" if needed else "more than 100 seeds per setting, or none")
         )
     return Wording(lines, standing, p_values)
+
+
+def _g(value: float) -> str:
+    return f"{value + 0.0:+.4g}"  # + 0.0: no "-0"
 
 
 def _single_seed(
