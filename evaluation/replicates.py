@@ -163,7 +163,8 @@ class Components:
 def pooled_components(runs: Mapping[object, Mapping[int, np.ndarray]]) -> Components | None:
     """MS_SK of the S x K_c x P table over the seeds every setting has (cell = a prompt's mean).
 
-    ``runs[setting][seed]`` is one run's cells. None when fewer than 2 settings share 2 seeds.
+    ``runs[setting][replicate]`` is one run's cells; replicate r of every setting pairs (the same
+    seed, or with an A/A label each copy's own). None when fewer than 2 settings share 2 replicates.
     """
     if len(runs) < 2:
         return None

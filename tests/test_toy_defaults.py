@@ -107,5 +107,5 @@ def test_a_learning_rate_sweep_ranks_the_sensible_rate_best(tmp_path: Path):
     assert scores[SENSIBLE_LR] > scores[0.0]
     # an absurd rate either fails (NaN loss) or scores below doing nothing
     assert scores[ABSURD_LR] is None or scores[ABSURD_LR] < scores[0.0]
-    # and the summary says the sensible rate is best with the others significantly worse
-    assert "Every other trial is significantly worse than trial" in done.stdout, done.stdout[-3000:]
+    # one seed per setting: the summary ranks by mean but makes no claim between settings
+    assert "No verdict between settings: each was trained on one seed" in done.stdout, done.stdout[-3000:]

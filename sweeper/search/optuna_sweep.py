@@ -45,7 +45,15 @@ from sweeper.search.planner import (
 from sweeper.search.reconcile import close_trial_runs
 from sweeper.search.report import SweepSummary, log_parent_results, print_summary
 from sweeper.search.settings import OptunaSweeperConf
-from sweeper.search.settings_verdict import CELLS_ATTR, EXTENDS_ATTR, TARGET_ATTR, RaceStep, race_step
+from sweeper.search.settings_verdict import (
+    CELLS_ATTR,
+    EXTENDS_ATTR,
+    IMAGES_ATTR,
+    SEEDS_ATTR,
+    TARGET_ATTR,
+    RaceStep,
+    race_step,
+)
 from sweeper.search.space import (
     SearchSpace,
     SearchSpaceError,
@@ -88,7 +96,9 @@ class TrialOutcome:
     error: str | None = None
     failure: str | None = None  # why it failed: "error" (deterministic), or one of RETRYABLE_FAILURES
     pruned_at: int | None = None  # the step a pruned trial stopped at
-    cells: dict[str, list[float]] = field(default_factory=dict)  # seed -> the objective's per-prompt means
+    cells: dict[str, list[float]] = field(default_factory=dict)  # replicate -> the objective's per-prompt means
+    images: int = 0  # scored images per seed
+    seeds: list[int] = field(default_factory=list)  # the training seed of each replicate
     pruned_at_replicate: int | None = None
 
 
@@ -437,6 +447,8 @@ class OptunaSweep:
             trial.set_user_attr("mlflow_run_id", outcome.run_id)
         if outcome.cells:
             trial.set_user_attr(CELLS_ATTR, outcome.cells)  # what the verdict compares settings on
+            trial.set_user_attr(IMAGES_ATTR, outcome.images)
+            trial.set_user_attr(SEEDS_ATTR, outcome.seeds)
         if outcome.pruned_at_replicate is not None:
             trial.set_user_attr("pruned_at_replicate", outcome.pruned_at_replicate)
         with self._lock(study.study_name):
@@ -573,25 +585,28 @@ def _classify(job: JobReturn, objectives: list[str]) -> TrialOutcome:
         return TrialOutcome(
             TrialState.FAIL, run_id=run_id, error=f"objective value is not finite: {values}", failure="error"
         )
-    return TrialOutcome(
-        TrialState.COMPLETE, values=values, run_id=run_id, cells=_objective_cells(result, objectives[0])
-    )
+    cells, images = _objective_cells(result, objectives[0])
+    seeds = [int(r["seed"]) for r in result.get("replicates") or []]
+    return TrialOutcome(TrialState.COMPLETE, values=values, run_id=run_id, cells=cells, images=images, seeds=seeds)
 
 
-def _objective_cells(result: dict[str, Any], objective: str) -> dict[str, list[float]]:
-    """Seed -> the objective's per-prompt means (per held-out image for val_loss), from each replicate."""
+def _objective_cells(result: dict[str, Any], objective: str) -> tuple[dict[str, list[float]], int]:
+    """Replicate index -> the objective's per-prompt means (per held-out image for val_loss), and the
+    number of images each seed was scored on. Settings pair by replicate index: the same seed in
+    every setting (common random numbers), or with sweep.label each copy's own seeds (an A/A sweep)."""
     from evaluation.replicates import cells
 
     metric = evaluated_metric(objective)
-    found = {}
-    for replicate in result.get("replicates") or []:
+    found, images = {}, 0
+    for index, replicate in enumerate(result.get("replicates") or []):
         values = (replicate.get("per_image") or {}).get(metric)
         if metric is None or not values:
-            return {}
+            return {}, 0
         prompts = replicate.get("prompts") or []
         clusters = prompts if len(prompts) == len(values) else None
-        found[str(replicate["seed"])] = [float(v) for v in cells(values, clusters)]
-    return found
+        found[str(index)] = [float(v) for v in cells(values, clusters)]
+        images = len(values)
+    return found, images
 
 
 def study_trial_attr(trial: optuna.Trial, key: str) -> Any:

@@ -17,7 +17,8 @@ from evaluation.replicates import Verdict, detectable_from_sd, seed_sd_from_grou
 from evaluation.stats import ALPHA
 from sweeper.search.space import describe_params
 
-CELLS_ATTR = "replicate_cells"  # trial user attr: {seed: [cell means of the objective]}
+CELLS_ATTR = "replicate_cells"  # trial user attr: {replicate index: [cell means of the objective]}
+SEEDS_ATTR = "replicate_seeds"  # trial user attr: the training seed of each replicate
 IMAGES_ATTR = "images_per_seed"  # trial user attr: how many images each seed was scored on
 EXTENDS_ATTR = "extends"  # racing: the trial whose seeds this one carries on
 TARGET_ATTR = "replicates_target"  # racing: how many seeds this trial trains up to
@@ -25,7 +26,8 @@ SEED_KEY = "train.seed"
 
 
 def seeds_of(trial: FrozenTrial) -> dict[int, np.ndarray]:
-    return {int(seed): np.asarray(cells, float) for seed, cells in trial.user_attrs.get(CELLS_ATTR, {}).items()}
+    """Replicate index -> the objective's cells of that seed."""
+    return {int(index): np.asarray(cells, float) for index, cells in trial.user_attrs.get(CELLS_ATTR, {}).items()}
 
 
 def current_settings(trials: list[FrozenTrial]) -> dict[int, FrozenTrial]:
@@ -66,7 +68,9 @@ def word(trials: list[FrozenTrial], objective: str, maximize: bool) -> Wording:
     counts = {n: len(seeds_of(t)) for n, t in settings.items()}
     images = best.user_attrs.get(IMAGES_ATTR) or len(next(iter(seeds_of(best).values())))
     if judged.components is None:
-        return _single_seed(trials, settings, judged, objective, counts)
+        if max(counts.values()) == 1:
+            return _single_seed(trials, settings, judged, objective, counts)
+        return Wording(["No verdict between settings: fewer than 2 of them have 2 or more seeds."], {}, {})
     lines = [
         f"Verdict on {objective} over training seeds (settings paired by seed and eval image; Holm over all "
         f"{len(settings) * (len(settings) - 1) // 2} pairs of settings; alpha {ALPHA}):"
