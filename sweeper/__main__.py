@@ -49,6 +49,8 @@ def main(cfg: DictConfig) -> dict[str, Any]:
     from sweeper.task import run  # heavy imports only once the config composed
 
     hydra_cfg = HydraConfig.get()
+    from training.network.file import LoraNotSavedError
+
     try:
         result = run(cfg, overrides=list(hydra_cfg.overrides.task))
     except (ConfigError, TrackingUnavailableError) as error:
@@ -56,6 +58,13 @@ def main(cfg: DictConfig) -> dict[str, Any]:
             raise
         print(error, file=sys.stderr)
         sys.exit(2)
+    except LoraNotSavedError as error:  # training finished; the file is kept elsewhere: a message, not a traceback
+        if hydra_cfg.mode == RunMode.MULTIRUN:
+            raise
+        print(f"\n{error}", file=sys.stderr)
+        if error.rescued is not None:
+            print(f"The trained LoRA is safe at: {error.rescued}", file=sys.stderr)
+        sys.exit(1)
     metrics = result.metrics
     replicates = result.replicates or [
         {"seed": cfg.train.seed, "per_image": result.per_image, "prompts": result.prompts, "stopped_early": False}

@@ -20,6 +20,7 @@ from typing import Any
 
 from sweeper.credentials import with_credentials
 from sweeper.process_identity import this_process
+from sweeper.sync import NOT_UPLOADED, deliver_quietly, write_manifest
 from sweeper.tracking_store import (
     TrackingUnavailableError,
     artifact_location,
@@ -37,7 +38,6 @@ from training.atomic_file import write_text_atomically
 METRIC_FLUSH_EVERY = 50  # buffered metric points per MLflow write (each write is a DB transaction)
 PARAM_VALUE_LIMIT = 6000  # MLflow's maximum param value length
 OFFLINE_RETRY_SECONDS = 60  # an unreachable store is tried again at most this often (and at the run's end)
-NOT_UPLOADED = "tracking-not-uploaded"  # <local_dir>/tracking-not-uploaded.txt lists it, the folder keeps it
 
 
 def flatten(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
@@ -253,9 +253,12 @@ class MlflowTracker:
         """Print, and write beside the run's output, what did not reach the store; keep its data there."""
         folder = (self.local_dir or Path(tempfile.mkdtemp(prefix="lora-sweeper-"))) / NOT_UPLOADED
         folder.mkdir(parents=True, exist_ok=True)
-        lines = _not_uploaded_lines(self._kept, folder) + [
-            f"  refused by the store: {item.describe()}: {error}" for item, error in self._refused
-        ]
+        kept_lines, artifacts = _not_uploaded_lines(self._kept, folder)
+        lines = kept_lines + [f"  refused by the store: {item.describe()}: {error}" for item, error in self._refused]
+        status = next((item.payload for item in self._kept if item.kind == "status"), None)
+        if self._kept:  # what `python -m sweeper.sync` (or the next run in this folder) delivers
+            write_manifest(folder, self.run_id, redact_password(self.tracking_uri), status, artifacts)
+            lines.append(f"  when the store answers again: python -m sweeper.sync {folder.parent}")
         reason = f": {self.offline_reason}" if self.offline_reason else ""
         head = (
             f"WARNING: not everything reached the MLflow tracking store {redact_password(self.tracking_uri)} "
@@ -311,9 +314,10 @@ def _artifact_name(item: _Item) -> str:
     return f"{item.target}/{item.payload.name}" if item.target else item.payload.name
 
 
-def _not_uploaded_lines(kept: list[_Item], folder: Path) -> list[str]:
-    """One line per kind of what was kept; metrics, params and tags are written into ``folder``."""
-    lines = []
+def _not_uploaded_lines(kept: list[_Item], folder: Path) -> tuple[list[str], list[dict[str, Any]]]:
+    """One line per kind of what was kept; metrics, params and tags are written into ``folder``; and
+    each kept artifact's file and folder in the run (for ``sweeper.sync``)."""
+    lines, artifacts = [], []
     metrics = [m for item in kept if item.kind == "metrics" for m in item.payload]
     if metrics:
         rows = ["key\tvalue\tstep\ttimestamp"] + [f"{m.key}\t{m.value!r}\t{m.step}\t{m.timestamp}" for m in metrics]
@@ -342,10 +346,11 @@ def _not_uploaded_lines(kept: list[_Item], folder: Path) -> list[str]:
             path.parent.mkdir(parents=True, exist_ok=True)
             shutil.move(item.payload, path)
         lines.append(f"  artifact {_artifact_name(item)} -> {path}")
+        artifacts.append({"path": str(path), "target": item.target})
     for item in kept:
         if item.kind == "status":
             lines.append(f"  the run's end (status {item.payload}): the store still shows it RUNNING")
-    return lines
+    return lines, artifacts
 
 
 _URL_PASSWORD = re.compile(r"(?P<head>[a-zA-Z][\w+.-]*://[^:/@\s]+:)[^@\s]+@")
@@ -391,6 +396,8 @@ def start_run(
         yield NullTracker()
         return
     uri = tracking_cfg.uri or default_tracking_uri(outputs)
+    if local_dir is not None:  # an earlier run in this folder kept what its store did not take: send it first
+        deliver_quietly(Path(local_dir))
     client, run = _open_run(tracking_cfg, uri, outputs, run_name, description, parent_run_id, tags, resume_tags)
     tracker = MlflowTracker(client, run.info.run_id, uri, local_dir=local_dir)
     tracker.experiment_id = run.info.experiment_id

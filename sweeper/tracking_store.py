@@ -15,6 +15,7 @@
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import re
 import socket
@@ -158,6 +159,23 @@ def mark_killed(client: Any, run_id: str, reason: str) -> None:
     client.set_terminated(run_id, status="KILLED")
 
 
+def _delivered_from_its_folder(run: Any) -> bool:
+    """A run whose process finished offline left its end in ``<output.dir>/tracking-not-uploaded``:
+    deliver it (FINISHED with everything) rather than call it killed."""
+    from sweeper.sync import deliver, pending
+
+    folder = run.data.tags.get("output.dir")
+    for manifest in pending(Path(folder), recursive=False) if folder else []:
+        if json.loads(manifest.read_text()).get("run_id") == run.info.run_id:
+            try:
+                print(f"MLflow sync: {deliver(manifest)}")
+                return True
+            except Exception as error:  # cannot send it now: still not a killed run
+                print(f"MLflow sync: {manifest.parent}: not sent yet ({type(error).__name__}: {error})")
+                return True
+    return False
+
+
 def close_dead_runs(client: Any, experiment_id: str) -> list[str]:
     """Runs of this experiment still RUNNING whose process on this host has ended -> KILLED with the reason."""
     host = socket.gethostname()
@@ -170,6 +188,8 @@ def close_dead_runs(client: Any, experiment_id: str) -> list[str]:
         if run.data.tags.get("sweep.role") == "parent":  # shared by a sweep's workers: the sweep reconciles it
             continue
         if is_gone(run.data.tags) is not True:
+            continue
+        if _delivered_from_its_folder(run):  # it ended, but its end never reached the store: sent now
             continue
         when = time.strftime("%Y-%m-%d %H:%M:%S")
         reason = (

@@ -136,12 +136,14 @@ def test_a_trial_stopped_by_a_signal_runs_again_when_the_sweep_resumes(tmp_path,
 
     again = Sweep(tmp_path, *SLOW_TRIAL, GRID)
     assert again.finish() == 0, again.output[-3000:]
+    assert "2 trial(s) to run" in again.output  # the stopped trial's re-run and the last point
     study = study_of(tmp_path)
     assert_every_point_complete_once(study, "network.dim", [4, 8, 16])
     killed = study.get_trials()[1]
     assert killed.state == TrialState.FAIL and reason in killed.user_attrs["error"]
     rerun = next(t for t in study.get_trials() if t.system_attrs.get("failed_trial") == 1)
     assert rerun.state == TrialState.COMPLETE and rerun.params == {"network.dim": 8}
+    assert rerun.user_attrs["error"] == "" and reason in rerun.user_attrs["previous_error"]
     runs = mlflow_runs(tmp_path)
     assert_nothing_left_running(runs)
     killed_run = next(r for r in runs if r.data.tags.get("sweep.trial_number") == "1")
@@ -201,3 +203,50 @@ def test_a_database_url_without_its_driver_names_the_extra(tmp_path):
     done = Sweep(tmp_path, *QUICK, "network.dim=4,8", "hydra.sweeper.storage=postgresql+psycopg2://u@127.0.0.1/db")
     assert done.finish() != 0
     assert "pip install -e '.[postgres]'" in done.output
+
+
+# --- a sweep stays itself: the same proposals after a resume, one parent per study
+
+
+def tpe_lrs(study: optuna.Study) -> list[float]:
+    return sorted(t.params["optimizer.lr"] for t in study.get_trials() if t.state == TrialState.COMPLETE)
+
+
+@pytest.mark.slow
+def test_an_interrupted_tpe_sweep_resumes_with_the_proposals_of_an_uninterrupted_one(tmp_path):
+    args = [*QUICK, "train.max_steps=40", "optimizer.lr=tag(log, interval(1e-4,1e-2))", "hydra.sweeper.n_trials=4"]
+    straight, broken = tmp_path / "straight", tmp_path / "broken"
+    straight.mkdir(), broken.mkdir()
+    assert Sweep(straight, *args).finish() == 0
+
+    first = Sweep(broken, *args)
+    first.wait_for("[trial 1] optimizer.lr=")
+    time.sleep(1)
+    first.process.send_signal(signal.SIGINT)
+    assert first.finish() == 130, first.output[-3000:]
+    assert "other worker(s) still run trials" not in first.output  # it was the only worker
+    (parent,) = [r for r in mlflow_runs(broken) if r.data.tags.get("sweep.role") == "parent"]
+    assert parent.info.status == "KILLED" and parent.info.end_time
+    assert "interrupted by SIGINT" in parent.data.tags["error"]
+
+    again = Sweep(broken, *args)
+    assert again.finish() == 0, again.output[-3000:]
+    assert tpe_lrs(study_of(broken)) == tpe_lrs(study_of(straight))  # the same 4 parameter sets
+    (parent,) = [r for r in mlflow_runs(broken) if r.data.tags.get("sweep.role") == "parent"]
+    assert parent.info.status == "FINISHED" and "error" not in parent.data.tags
+
+
+@pytest.mark.slow
+def test_the_same_search_in_a_new_storage_gets_its_own_parent_run(tmp_path):
+    args = [*QUICK, "train.max_steps=2", "network.dim=4,8"]
+    first = Sweep(tmp_path, *args, f"hydra.sweeper.storage=sqlite:///{tmp_path / 'one.db'}")
+    assert first.finish() == 0, first.output[-3000:]
+    second = Sweep(tmp_path, *args, f"hydra.sweeper.storage=sqlite:///{tmp_path / 'two.db'}")
+    assert second.finish() == 0, second.output[-3000:]
+    runs = mlflow_runs(tmp_path)
+    parents = [r for r in runs if r.data.tags.get("sweep.role") == "parent"]
+    assert len(parents) == 2 and len({p.data.tags["sweep.study_uid"] for p in parents}) == 2
+    for parent in parents:
+        children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id]
+        assert sorted(int(c.data.params["network.dim"]) for c in children) == [4, 8]
+        assert parent.data.metrics["trials/complete"] == 2.0

@@ -78,7 +78,7 @@ def test_two_tpe_workers_end_with_exactly_n_trials_all_distinct(tmp_path, mariad
     assert [t.state for t in trials] == [TrialState.COMPLETE] * 4
     assert len({t.params["optimizer.lr"] for t in trials}) == 4
     outputs = "".join(worker.output for worker in workers)
-    assert "(worker 0, seed 0)" in outputs and "(worker 1, seed " in outputs  # each its own sampler seed
+    assert "(worker 0, seed 0)" in outputs and "(worker 1, seed 0)" in outputs  # seeded per proposal, not per worker
 
 
 @pytest.mark.slow

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -94,6 +95,67 @@ def test_the_server_dying_mid_run_does_not_stop_training_and_the_run_says_what_d
     assert any(line.startswith("train/loss\t") and line.split("\t")[2] == "400" for line in metrics)
     # a dead server costs seconds once (MLflow's own retries would wait ~258 s per call)
     assert ended - stopped["at"] < 150, ended - stopped["at"]
+    assert f"python -m sweeper.sync {out}" in report
+
+    # the server is back: the sync command delivers what was kept, once
+    mlflow_server.start()
+    [offline] = runs(client)
+    assert offline.info.status == "RUNNING"
+    synced = subprocess.run(
+        [sys.executable, "-m", "sweeper.sync", str(out)],
+        env={**os.environ, "PYTHONPATH": str(REPO)},
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert synced.returncode == 0, synced.stderr[-3000:]
+    [delivered] = runs(client)
+    assert delivered.info.status == "FINISHED" and "error" not in delivered.data.tags
+    history = client.get_metric_history(delivered.info.run_id, "train/loss")
+    assert history[-1].step == 400
+    assert "clip_score" in delivered.data.metrics and "lora.sha256" in delivered.data.tags
+    stored = mlflow_server.artifacts / delivered.info.experiment_id / delivered.info.run_id / "artifacts"
+    assert (stored / "lora" / "lora.safetensors").is_file() and (stored / "samples" / "selected.png").is_file()
+    assert not (out / NOT_UPLOADED).exists() and (out / "tracking-uploaded" / "manifest.json").is_file()
+    again = subprocess.run(
+        [sys.executable, "-m", "sweeper.sync", str(out)],
+        env={**os.environ, "PYTHONPATH": str(REPO)},
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert again.returncode == 0 and "Nothing to send" in again.stdout
+    assert len(client.get_metric_history(delivered.info.run_id, "train/loss")) == len(history)  # sent once
+
+
+def test_a_run_that_ended_offline_is_delivered_not_marked_killed_by_the_next_run(tmp_path):
+    """The stale-run check finds a RUNNING run whose process is gone but left its end in its folder."""
+    from sweeper.sync import NOT_UPLOADED as KEPT
+    from sweeper.sync import write_manifest
+    from sweeper.tracking_store import close_dead_runs
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    client = MlflowClient(uri)
+    experiment = client.create_experiment("offline")
+    ended = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    out = tmp_path / "run"
+    (out / KEPT).mkdir(parents=True)
+    run = client.create_run(
+        experiment,
+        tags={"worker.host": socket.gethostname(), "worker.pid": ended.stdout.strip(), "output.dir": str(out)},
+    )
+    (out / KEPT / "metrics.tsv").write_text("key\tvalue\tstep\ttimestamp\nclip_score\t31.5\t10\t1700000000000\n")
+    (out / KEPT / "tags.json").write_text(json.dumps({"lora.sha256": "abc"}))
+    write_manifest(out / KEPT, run.info.run_id, uri, "FINISHED", [])
+    assert close_dead_runs(client, experiment) == []
+    after = client.get_run(run.info.run_id)
+    assert after.info.status == "FINISHED" and "error" not in after.data.tags
+    assert after.data.metrics["clip_score"] == 31.5 and after.data.tags["lora.sha256"] == "abc"
+    # a dead run without such a record is still marked KILLED
+    other = client.create_run(
+        experiment, tags={"worker.host": socket.gethostname(), "worker.pid": ended.stdout.strip()}
+    )
+    assert close_dead_runs(client, experiment) == [other.info.run_id]
 
 
 def test_a_server_down_at_the_start_stops_the_run_at_once_with_the_fixes(tmp_path):

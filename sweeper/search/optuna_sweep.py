@@ -17,6 +17,7 @@ import logging
 import math
 import sys
 import time
+import uuid
 import warnings
 from contextlib import ExitStack
 from dataclasses import dataclass, field
@@ -33,7 +34,7 @@ from optuna.storages._heartbeat import get_heartbeat_thread, is_heartbeat_enable
 from optuna.trial import FrozenTrial, TrialState
 
 from evaluation.metric_names import evaluated_metric
-from sweeper.process_identity import is_gone, this_process
+from sweeper.process_identity import HOST, PID, is_gone, this_process
 from sweeper.search.lock import JournalBusyError, JournalWorkerLock, study_lock
 from sweeper.search.planner import (
     RETRYABLE_FAILURES,
@@ -72,8 +73,9 @@ from sweeper.search.study import (
     derive_study_name,
     objectives_and_directions,
     open_storage,
+    proposal_seed,
+    proposals_made,
     resolve_sampler_name,
-    worker_seed,
 )
 from sweeper.search.workers import resolve_n_workers, run_workers
 from sweeper.signals import interruption_reason
@@ -122,6 +124,7 @@ class Finished:
 
 MAX_DUPLICATE_DRAWS = 10  # a sampler proposing only finished parameter sets has exhausted the space
 WORKERS_JOINED = "lora_sweeper.workers_joined"  # study system attr: how many workers have joined
+STUDY_UID = "lora_sweeper.study_uid"  # study system attr: which MLflow parent run is this study's
 
 
 class OptunaSweep:
@@ -189,11 +192,14 @@ class OptunaSweep:
                 directions=directions,
                 load_if_exists=True,
             )
-            worker_index = int(study._storage.get_study_system_attrs(study._study_id).get(WORKERS_JOINED, 0))
+            attrs = study._storage.get_study_system_attrs(study._study_id)
+            worker_index = int(attrs.get(WORKERS_JOINED, 0))
             study._storage.set_study_system_attr(study._study_id, WORKERS_JOINED, worker_index + 1)
+            study_uid = attrs.get(STUDY_UID) or uuid.uuid4().hex  # this study in this storage, and no other
+            study._storage.set_study_system_attr(study._study_id, STUDY_UID, study_uid)
+            self._fail_dead_trials(study)  # a killed worker's trial is queued again before the count below
             to_run = self._to_run(study)
-        seed = worker_seed(options.seed, worker_index)
-        study.sampler = build_sampler(self.sampler_name, seed, space)
+        study.sampler = build_sampler(self.sampler_name, options.seed, space)
         Path(cfg.hydra.sweep.dir).mkdir(parents=True, exist_ok=True)
         OmegaConf.save(cfg, Path(cfg.hydra.sweep.dir) / "multirun.yaml")
 
@@ -208,7 +214,7 @@ class OptunaSweep:
             grid_size=space.grid_size if self.sampler_name == "grid" else 0,
         )
         print(
-            f"Sweep '{study_name}': {self.sampler_name} sampler (worker {worker_index}, seed {seed}), pruner "
+            f"Sweep '{study_name}': {self.sampler_name} sampler (worker {worker_index}, seed {options.seed}), pruner "
             f"{options.pruner}, storage {redact_password(self.storage_url)}, {to_run} trial(s) to run"
         )
         returns: list[JobReturn] = []
@@ -220,7 +226,12 @@ class OptunaSweep:
                         self.outputs,
                         run_name=f"{cfg.tracking.experiment} sweep {', '.join(map(short_key, space.distributions))} "
                         f"{time.strftime('%m-%d %H:%M')}",
-                        resume_tags={"sweep.study_name": study_name, "sweep.role": "parent"},
+                        # a parent belongs to one study: a new storage with the same study name gets its own
+                        resume_tags={
+                            "sweep.study_name": study_name,
+                            "sweep.study_uid": study_uid,
+                            "sweep.role": "parent",
+                        },
                     )
                 )
             parent.log_params(summary.parent_params())
@@ -231,17 +242,35 @@ class OptunaSweep:
             finally:
                 with self._lock(study_name):
                     final = self._finished(study)
+                    others = self._live_other_workers(study)
                 log_parent_results(parent, summary)
                 print_summary(summary)
-                if not final:  # the last worker out finishes the parent run
+                if not final and others:  # the last worker out finishes the parent run
                     parent.leave_running = True
-                    print("Other workers are still on this study; the last one to finish completes the parent run.")
+                    print(
+                        f"{others} other worker(s) still run trials of this study; the last one to finish completes "
+                        "the parent run."
+                    )
                 if parent.run_id:
                     print(f"MLflow parent run: {parent.run_id}")
                     best_first = (self.objectives[0], directions[0] == "maximize")
                     print(f"MLflow UI: {ui_command(parent.tracking_uri, parent.experiment_id, *best_first)}")
             self._raise_if_incomplete(study)
         return returns
+
+    def _live_other_workers(self, study: optuna.Study) -> int:
+        """Workers other than this one that hold a RUNNING trial and are not known to be dead (on this
+        host: their process is alive; elsewhere: not yet past the heartbeat grace)."""
+        storage = study._storage
+        stale = set(storage._get_stale_trial_ids(study._study_id)) if is_heartbeat_enabled(storage) else set()
+        me = this_process()
+        workers = {
+            (t.user_attrs.get(HOST), t.user_attrs.get(PID))
+            for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
+            if not is_gone(t.user_attrs) and t._trial_id not in stale
+        }
+        workers.discard((me[HOST], me[PID]))
+        return len(workers)
 
     def _lock(self, study_name: str) -> Any:
         return study_lock(self.storage_url, study_name)
@@ -336,6 +365,12 @@ class OptunaSweep:
         return trials_to_sample(trials, self.options.n_trials) == 0
 
     def _ask(self, study: optuna.Study) -> optuna.Trial:
+        """The next trial (under the study lock). A queued trial is popped as it is; otherwise the sampler
+        is seeded for this proposal, so the same study state always gets the same proposal."""
+        trials = study.get_trials(deepcopy=False)
+        if not any(t.state == TrialState.WAITING for t in trials):
+            seed = proposal_seed(self.options.seed, proposals_made(trials))
+            study.sampler = build_sampler(self.sampler_name, seed, self.space)
         with warnings.catch_warnings():  # ask/tell with heartbeats is what we want; Optuna assumes optimize()
             warnings.filterwarnings("ignore", message="Heartbeat of storage")
             trial = study.ask(self.space.distributions)
@@ -420,7 +455,11 @@ class OptunaSweep:
             overrides.append(f"train.replicates={replicates}")
         if parent_run_id:
             overrides.append(f"sweep.parent_run_id={parent_run_id}")
-        retried = study._storage.get_trial(trial._trial_id).system_attrs.get("failed_trial")
+        frozen = study._storage.get_trial(trial._trial_id)
+        retried = frozen.system_attrs.get("failed_trial")
+        if frozen.user_attrs.get("error"):  # inherited from the failed attempt (Optuna's retry copies user attrs)
+            study._storage.set_trial_user_attr(trial._trial_id, "previous_error", frozen.user_attrs["error"])
+            study._storage.set_trial_user_attr(trial._trial_id, "error", "")
         again = f" (re-run of trial {retried})" if retried is not None else ""
         extends = study_trial_attr(trial, EXTENDS_ATTR)
         if extends is not None:

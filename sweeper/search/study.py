@@ -122,14 +122,20 @@ def build_sampler(name: str, seed: int, space: SearchSpace) -> optuna.samplers.B
     return optuna.samplers.NSGAIISampler(seed=seed)
 
 
-def worker_seed(study_seed: int, worker_index: int) -> int:
-    """The sampler seed of a study's Nth worker: the study seed itself for the first (a one-worker sweep
-    is reproducible as before), a distinct seed derived from both for the others, so parallel workers
-    never propose the same trials."""
-    if worker_index == 0:
+def proposal_seed(study_seed: int, proposal: int) -> int:
+    """The sampler seed of a study's Nth proposal: the study seed itself for the first, a seed derived
+    from both for the others. Seeding each proposal (not each worker process) makes a sweep that was
+    stopped and resumed, or shared by several workers, propose what one uninterrupted worker would."""
+    if proposal == 0:
         return study_seed
-    digest = hashlib.sha256(f"{study_seed}:{worker_index}".encode()).digest()
+    digest = hashlib.sha256(f"{study_seed}:{proposal}".encode()).digest()
     return int.from_bytes(digest[:4], "big")
+
+
+def proposals_made(trials: list[Any]) -> int:
+    """How many trials the sampler proposed: enqueued ones (grid points, retries, racing) carry
+    Optuna's ``fixed_params`` and were not proposed."""
+    return sum("fixed_params" not in t.system_attrs for t in trials)
 
 
 WILCOXON_STARTUP_IMAGES = 6  # paired images needed before the test may prune
