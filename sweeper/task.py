@@ -253,6 +253,7 @@ def run_once(
             phases["save_s"] = time.perf_counter() - mark
         finally:
             remove_lora(trainer.network)
+            trainer.release()  # CUDA graphs, optimizer state, compiled code: not carried into the next trial
 
         final = selected.result.half(1) if split else selected.result
         if split:

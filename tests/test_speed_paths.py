@@ -172,3 +172,25 @@ def test_cuda_graph_steps_give_the_eager_losses_and_lora(make_cfg, kind):
     for name, eager in eager_lora.items():
         difference = (graph_lora[name].float() - eager.float()).norm() / eager.float().norm().clamp_min(1e-12)
         assert difference < 5e-2, (name, float(difference))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="GPU memory across trials needs a CUDA GPU")
+@pytest.mark.parametrize("kind", ["sd1", "sdxl"])
+def test_a_trial_gives_back_its_gpu_memory_and_three_trials_do_not_grow_it(make_cfg, kind):
+    """Each trial's CUDA graphs (private pools), optimizer state and caches go when it ends: reserved
+    memory after a trial is back near its level before, and 3 trials in one worker do not grow it."""
+    from sweeper.task import run
+
+    reserved = []
+    for trial in range(3):
+        cfg = make_cfg(
+            "train.max_steps=4", "train.cuda_graphs=true", f"model.kind={kind}", f"network.dim={4 * (trial + 1)}"
+        )
+        before = torch.cuda.memory_reserved()
+        run(cfg, show_progress=False)
+        after = torch.cuda.memory_reserved()
+        reserved.append(after)
+        print(f"{kind} trial {trial}: reserved {before / 2**20:.0f} MiB before, {after / 2**20:.0f} MiB after")
+        if trial:  # the first trial also loads the model and its caches onto the GPU
+            assert after - before < 64 * 2**20, (trial, before, after)
+    assert reserved[2] - reserved[0] < 64 * 2**20, reserved

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import gc
 import itertools
 import math
 import random
@@ -690,6 +691,23 @@ class Trainer:
             batches_in_epoch=progress["batches_in_epoch"],
             epoch_start_order=state.rng["epoch_start_order"],
         )
+
+    # --- cleanup
+    def release(self) -> None:
+        """Give back what this run alone holds on the accelerator, so the next trial of the worker starts
+        from the same memory: CUDA graphs and their private pools, optimizer state, compiled code for
+        this run's LoRA layers. The base model and the shared caches stay."""
+        if self.graphed_unet is not None:
+            self.graphed_unet.graphs.clear()
+            self.graphed_unet = None
+        self.optimizer = None
+        self.lr_schedule = None
+        self.accelerator.free_memory()  # drops accelerate's references, collects garbage, empties the cache
+        if self.cfg.train.compile != "none":
+            torch._dynamo.reset()  # guards and graphs of this run's LoRA layers; the next run recompiles anyway
+        gc.collect()
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
 
     # --- hand-over
     def sampling_pipeline(self, scheduler: Any) -> DiffusionPipeline:
