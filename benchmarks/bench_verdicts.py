@@ -110,6 +110,7 @@ def main() -> None:
     parser.add_argument("--aa-seeds", type=int, default=3)
     parser.add_argument("--race-seeds", type=int, default=5)
     parser.add_argument("--skip-race", action="store_true")
+    parser.add_argument("--skip-aa", action="store_true", help="keep the A/A part of an earlier --out file")
     args = parser.parse_args()
     base = [
         f"train.max_steps={args.steps}",
@@ -119,10 +120,13 @@ def main() -> None:
         f"eval.num_inference_steps={args.sampling_steps}",
     ]
     result: dict = {"settings": base, "aa": [], "race": None}
+    if args.skip_aa and args.out.is_file():
+        result["aa"] = json.loads(args.out.read_text())["aa"]
     with tempfile.TemporaryDirectory() as tmp:
-        for train_seed in (42, 7):
+        for train_seed in () if args.skip_aa else (42, 7):
             result["aa"].append(aa(base, args.aa_seeds, train_seed, Path(tmp)))
             print(json.dumps(result["aa"][-1]["metrics"], indent=1, default=float), flush=True)
+            args.out.write_text(json.dumps(result, indent=1, default=float))
         if not args.skip_race:
             grid = list(itertools.product(("1e-4", "3e-4", "1e-3", "3e-3"), (4, 16)))
             settings, seconds = {}, []
