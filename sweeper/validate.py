@@ -131,6 +131,7 @@ def _optimizer_problems(cfg: Any) -> list[str]:
     for key, value in (
         ("network.unet_lr", cfg.network.unet_lr),
         ("network.text_encoder_lr", cfg.network.text_encoder_lr),
+        ("network.text_encoder_2_lr", cfg.network.text_encoder_2_lr),
     ):
         if value is not None and value < 0:
             problems.append(f"{key} must be >= 0 (got {value}); a learning rate cannot be negative")

@@ -79,7 +79,9 @@ def test_alpha_and_scale_together(make_cfg):
     assert "network.alpha" in message and "network.scale" in message
 
 
-@pytest.mark.parametrize("key", ["optimizer.lr", "network.unet_lr", "network.text_encoder_lr"])
+@pytest.mark.parametrize(
+    "key", ["optimizer.lr", "network.unet_lr", "network.text_encoder_lr", "network.text_encoder_2_lr"]
+)
 def test_negative_learning_rate(make_cfg, key):
     message = rejected(make_cfg(f"{key}=-0.001"))
     assert key in message and "negative" in message
