@@ -87,6 +87,7 @@ def run_replicates(
                 name=f"{run_name(cfg, overrides)} · seed {seed} ({index + 1}/{count})",
             )
             records[index] = replicate_record(index, seed, result)
+            release_memory()  # the replicate's trainer is unreachable only now
             _record(cfg, index, records[index])
             if result.stopped_early:
                 print(f"{label}: pruned at step {result.metrics.get('train/steps_done', 0):.0f}; no further seeds")
@@ -131,6 +132,17 @@ def run_replicates(
             objective=objective,
             higher_is_better=maximize,
         )
+
+
+def release_memory() -> None:
+    """Collect what the last run left in reference cycles and give the CUDA cache back."""
+    import gc
+
+    import torch
+
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
 
 
 def replicate_record(index: int, seed: int, result: RunResult) -> dict[str, Any]:

@@ -110,6 +110,8 @@ def run_once(
     its periodic CLIP scores go to the trial's pruner (unless ``report`` is given explicitly).
     """
     started, started_at = time.perf_counter(), time.time()
+    if torch.cuda.is_available():
+        torch.cuda.reset_peak_memory_stats()  # peak_memory_mb is this run's, not the worker's so far
     validated = validate(cfg)  # every problem at once, before any model is loaded
     # eval.prompts=null made concrete, so params, the baseline cache and a reproduction all see the same prompts
     cfg.eval.prompts = validated.eval_prompts.prompts

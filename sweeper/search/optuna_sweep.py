@@ -502,7 +502,7 @@ class OptunaSweep:
         if outcome.state == TrialState.FAIL:
             progress.failed += 1
             progress.first_error = progress.first_error or f"trial {trial.number}: {outcome.error}"
-            _free_accelerator_memory()
+        _free_accelerator_memory()  # whatever the outcome: the next trial starts from the same memory
         print(f"[trial {trial.number}] {_outcome_line(outcome, objectives)}")
         return job
 
@@ -678,7 +678,8 @@ def _is_out_of_memory(error: BaseException) -> bool:
 
 
 def _free_accelerator_memory() -> None:
-    """A failed trial (e.g. out of memory) must not leave its tensors to the next one."""
+    """A trial (failed, e.g. out of memory, or not) must not leave its tensors to the next one: its
+    trainer is only unreachable once its run has returned, and may sit in a reference cycle."""
     import torch
 
     gc.collect()
