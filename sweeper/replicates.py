@@ -27,6 +27,7 @@ from sweeper.task import RunResult, log_config, run_name, run_once, selection_ob
 from sweeper.tracking import start_run
 from sweeper.validate import validate
 from training.atomic_file import write_atomically, write_text_atomically
+from training.speed.memory import release_accelerator_memory
 
 DIGITS = {"clip_t": 1, "val_loss": 4}
 
@@ -87,7 +88,7 @@ def run_replicates(
                 name=f"{run_name(cfg, overrides)} · seed {seed} ({index + 1}/{count})",
             )
             records[index] = replicate_record(index, seed, result)
-            release_memory()  # the replicate's trainer is unreachable only now
+            release_accelerator_memory()  # the replicate's trainer is unreachable only now
             _record(cfg, index, records[index])
             if result.stopped_early:
                 print(f"{label}: pruned at step {result.metrics.get('train/steps_done', 0):.0f}; no further seeds")
@@ -132,17 +133,6 @@ def run_replicates(
             objective=objective,
             higher_is_better=maximize,
         )
-
-
-def release_memory() -> None:
-    """Collect what the last run left in reference cycles and give the CUDA cache back."""
-    import gc
-
-    import torch
-
-    gc.collect()
-    if torch.cuda.is_available():
-        torch.cuda.empty_cache()
 
 
 def replicate_record(index: int, seed: int, result: RunResult) -> dict[str, Any]:

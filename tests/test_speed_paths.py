@@ -180,6 +180,7 @@ def test_a_trial_gives_back_its_gpu_memory_and_three_trials_do_not_grow_it(make_
     """Each trial's CUDA graphs (private pools), optimizer state and caches go when it ends: reserved
     memory after a trial is back near its level before, and 3 trials in one worker do not grow it."""
     from sweeper.task import run
+    from training.speed.memory import release_accelerator_memory
 
     reserved = []
     for trial in range(3):
@@ -188,6 +189,7 @@ def test_a_trial_gives_back_its_gpu_memory_and_three_trials_do_not_grow_it(make_
         )
         before = torch.cuda.memory_reserved()
         run(cfg, show_progress=False)
+        release_accelerator_memory()  # what the sweep does after every trial
         after = torch.cuda.memory_reserved()
         reserved.append(after)
         print(f"{kind} trial {trial}: reserved {before / 2**20:.0f} MiB before, {after / 2**20:.0f} MiB after")

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import gc
 import itertools
 import math
 import random
@@ -49,6 +48,7 @@ from training.optim import build_lr_scheduler, build_optimizer
 from training.speed.attention import configure_attention, configure_gradient_checkpointing, configure_memory_format
 from training.speed.compile import configure_compile
 from training.speed.cuda_graph import GraphedUNet, cuda_graph_problems
+from training.speed.memory import release_accelerator_memory
 from training.text.captions import transform_caption, with_trigger
 from training.text.embedding import TrainedEmbedding, add_embedding
 
@@ -705,9 +705,7 @@ class Trainer:
         self.accelerator.free_memory()  # drops accelerate's references, collects garbage, empties the cache
         if self.cfg.train.compile != "none":
             torch._dynamo.reset()  # guards and graphs of this run's LoRA layers; the next run recompiles anyway
-        gc.collect()
-        if self.device.type == "cuda":
-            torch.cuda.empty_cache()
+        release_accelerator_memory()
 
     # --- hand-over
     def sampling_pipeline(self, scheduler: Any) -> DiffusionPipeline:

@@ -12,7 +12,6 @@ the heartbeat grace elsewhere) and queued again with the same params.
 
 from __future__ import annotations
 
-import gc
 import logging
 import math
 import sys
@@ -502,7 +501,9 @@ class OptunaSweep:
         if outcome.state == TrialState.FAIL:
             progress.failed += 1
             progress.first_error = progress.first_error or f"trial {trial.number}: {outcome.error}"
-        _free_accelerator_memory()  # whatever the outcome: the next trial starts from the same memory
+        from training.speed.memory import release_accelerator_memory
+
+        release_accelerator_memory()  # whatever the outcome: the next trial starts from the same memory
         print(f"[trial {trial.number}] {_outcome_line(outcome, objectives)}")
         return job
 
@@ -675,13 +676,3 @@ def _is_out_of_memory(error: BaseException) -> bool:
     import torch
 
     return isinstance(error, torch.cuda.OutOfMemoryError | MemoryError) or "out of memory" in str(error).lower()
-
-
-def _free_accelerator_memory() -> None:
-    """A trial (failed, e.g. out of memory, or not) must not leave its tensors to the next one: its
-    trainer is only unreachable once its run has returned, and may sit in a reference cycle."""
-    import torch
-
-    gc.collect()
-    if torch.cuda.is_available():
-        torch.cuda.empty_cache()
