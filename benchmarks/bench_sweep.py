@@ -24,6 +24,17 @@ loading the model (``load_base_model`` reads the folder and upcasts it to fp32 o
 ``eval_s`` the base model's baseline score. ``--check-load`` (on with ``--tiny``) also times
 ``load_base_model`` on the folder in this process first.
 
+``--replicates K`` (issue 22) passes ``hydra.sweeper.replicates=K``: each setting trains on K seeds
+in the same worker, each seed an ordinary run nested under the setting's MLflow run with its own
+``<trial>/seed-<seed>/run.json``. The script then reads every replicate's record and reports its
+wall time, training seconds and the rest, and what one more seed costs: replicates 2..K of a
+setting against its first, and against the first replicate of the first setting (which also pays
+the model load, the caches and the baseline score). Time per replicate on one GPU, SD1.5 scale
+(benchmarks/RESULTS.md, "Time per replicate"; about 6 minutes on an H100):
+
+    python3 benchmarks/bench_sweep.py --out $OUT --grid network.dim=4,8,16 --replicates 3 train.cuda_graphs=true
+    python3 benchmarks/bench_sweep.py --tiny --steps 4 --images 8 --replicates 2 --out /tmp/smoke  # CPU smoke run
+
 ``--workers 1,2`` runs the same sweep once per worker count (``hydra.sweeper.n_workers``; each
 worker a process pinned to a GPU, round robin, so 2 on a one-GPU machine share it) in fresh stores,
 and reports wall time, trials per hour, the speed-up over the first count, and checks that every
@@ -109,6 +120,9 @@ def main() -> None:
     parser.add_argument("--grid", default="network.dim=4,8,16", help="the swept overrides, space separated")
     parser.add_argument("--workers", default="1", help="comma-separated worker counts to run in turn (or auto)")
     parser.add_argument("--tracking", default="sqlite", choices=["sqlite", "file"], help="the local MLflow store")
+    parser.add_argument(
+        "--replicates", type=int, default=None, help="hydra.sweeper.replicates: train each setting on this many seeds"
+    )
     parser.add_argument("overrides", nargs="*", help="extra Hydra overrides for every trial")
     args = parser.parse_args()
     out = Path(args.out)
@@ -134,6 +148,8 @@ def main() -> None:
         "date": time.strftime("%Y-%m-%d"),
         "runs": runs,
     }
+    if args.replicates is not None:
+        result.update(replicates=args.replicates, steps=args.steps, images=args.images, batch=args.batch)
     if sdxl or args.tiny:
         result.update(
             family=args.family,
@@ -145,7 +161,7 @@ def main() -> None:
             model_write_s=written,
             model_gib=folder_gib(model),
         )
-    results_file = out / ("sweep-sdxl.json" if sdxl else "sweep.json")
+    results_file = out / ("sweep-sdxl.json" if sdxl else "sweep-replicates.json" if args.replicates else "sweep.json")
     if args.check_load or args.tiny:
         result["load"] = check_load(model)
         print("load_base_model:", json.dumps(result["load"]), flush=True)
@@ -170,6 +186,9 @@ def main() -> None:
 
 def print_trials(run: dict) -> None:
     """Each trial's time, where it went, and the not-training share of the trials after the first."""
+    if "replicates" in run:
+        print_replicates(run)
+        return
     print(f"\nworkers {run['workers']}: per trial (seconds)")
     print("| trial | wall | training | not training | start | setup (+ model load) | fit | eval | save |")
     print("|---|---|---|---|---|---|---|---|---|")
@@ -204,12 +223,24 @@ def run_sweep(work: Path, model: Path, data: Path, args: argparse.Namespace, wor
         f"tracking.uri={tracking}",
         f"hydra.sweep.dir={sweep_dir}",
         f"hydra.sweeper.n_workers={workers}",
+        *([f"hydra.sweeper.replicates={args.replicates}"] if args.replicates is not None else []),
         *args.overrides,
     ]
     print(" ".join(command), flush=True)
     started = time.perf_counter()
     subprocess.run(command, check=True, cwd=folder, env={**os.environ, "HF_HUB_OFFLINE": "1"})
     total = time.perf_counter() - started
+    if args.replicates is not None:
+        replicated = read_replicates(sweep_dir, tracking, [g.split("=", 1)[0] for g in args.grid.split()])
+        return {
+            "workers": workers,
+            "command": " ".join(command),
+            "sweep_wall_s": total,
+            "trials_per_hour": 3600 * len(replicated["trials"]) / total,
+            "replicates_per_hour": 3600 * len(replicated["replicates"]) / total,
+            **replicated,
+            **grid_checks(folder, tracking),
+        }
 
     trials = []
     for record in sorted(sweep_dir.glob("*/run.json"), key=lambda p: int(p.parent.name)):
@@ -227,6 +258,148 @@ def run_sweep(work: Path, model: Path, data: Path, args: argparse.Namespace, wor
         "trials": trials,
         **grid_checks(folder, tracking),
     }
+
+
+def _replicate_order(trial_dir: Path) -> list[tuple[int, int]]:
+    """(index, seed) of a setting's replicates: its ``replicates.tsv``, else its seed folders by finishing time."""
+    table = trial_dir / "replicates.tsv"
+    if table.exists():
+        rows = [line.split("\t") for line in table.read_text().splitlines()[1:] if line.strip()]
+        return [(int(row[0]), int(row[1])) for row in rows]
+    records = sorted(trial_dir.glob("seed-*/run.json"), key=lambda p: p.stat().st_mtime)
+    return [(i, int(p.parent.name.removeprefix("seed-"))) for i, p in enumerate(records)]
+
+
+def _median(values: list[float]) -> float | None:
+    values = sorted(values)
+    if not values:
+        return None
+    middle = len(values) // 2
+    return values[middle] if len(values) % 2 else (values[middle - 1] + values[middle]) / 2
+
+
+def read_replicates(sweep_dir: Path, tracking: str, swept: list[str]) -> dict:
+    """Every replicate's ``run.json`` (``<trial>/seed-<seed>/``), each setting's own run from MLflow, and
+    what a replicate after the first costs."""
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking)
+    experiment = client.get_experiment_by_name("lora-sweeper")
+    runs = client.search_runs([experiment.experiment_id], max_results=1000)
+    settings = {r.data.tags["sweep.trial_number"]: r for r in runs if "replicates" in r.data.tags}
+    replicates, trials = [], []
+    trial_dirs = [d for d in sweep_dir.iterdir() if d.is_dir() and d.name.isdigit()]
+    for trial_dir in sorted(trial_dirs, key=lambda d: int(d.name)):
+        trial = int(trial_dir.name)
+        rows = []
+        for index, seed in _replicate_order(trial_dir):
+            record = trial_dir / f"seed-{seed}" / "run.json"
+            if not record.exists():
+                continue
+            data = json.loads(record.read_text())
+            metrics = data["metrics"]
+            wall, train = metrics["wall_time_s"], metrics["train/seconds"]
+            phases = {k.removeprefix("time/"): round(v, 2) for k, v in metrics.items() if k.startswith("time/")}
+            rows.append(
+                {
+                    "trial": trial,
+                    "replicate": index + 1,
+                    "seed": seed,
+                    "wall_s": wall,
+                    "train_s": train,
+                    "overhead_s": wall - train,
+                    "overhead": 1 - train / wall,
+                    **phases,
+                    "steps": metrics.get("train/steps_done"),
+                    "peak_memory_mb": metrics.get("peak_memory_mb"),
+                    "mlflow_run_id": data.get("mlflow_run_id"),
+                }
+            )
+            print(json.dumps(rows[-1]), flush=True)
+        replicates.extend(rows)
+        setting = settings.get(str(trial))
+        replicate_wall = sum(r["wall_s"] for r in rows)
+        wall = setting.data.metrics.get("wall_time_s") if setting is not None else None
+        later = [r["wall_s"] for r in rows[1:]]
+        first = rows[0]["wall_s"] if rows else None
+        trials.append(
+            {
+                "trial": trial,
+                "params": {k: setting.data.params.get(k) for k in swept} if setting is not None else {},
+                "replicates": len(rows),
+                "seeds": [r["seed"] for r in rows],
+                "setting_run_id": setting.info.run_id if setting is not None else None,
+                "nested_runs": sum(
+                    1
+                    for r in runs
+                    if setting is not None and r.data.tags.get("mlflow.parentRunId") == setting.info.run_id
+                ),
+                # wall_s / train_s / overhead as a plain trial's, so the sweep table reads the same
+                "wall_s": wall if wall is not None else replicate_wall,
+                "train_s": sum(r["train_s"] for r in rows),
+                "overhead": 1 - sum(r["train_s"] for r in rows) / (wall or replicate_wall or float("nan")),
+                "replicates_wall_s": replicate_wall,
+                "outside_replicates_s": None if wall is None else wall - replicate_wall,
+                "first_wall_s": first,
+                "later_median_wall_s": _median(later),
+                "later_vs_first": None if not later else _median(later) / first,
+            }
+        )
+    later = replicates[1:]
+    later_in_setting = [r for r in replicates if r["replicate"] > 1]
+    summary = {
+        "first_replicate_first_trial_wall_s": replicates[0]["wall_s"] if replicates else None,
+        "first_replicate_first_trial_train_s": replicates[0]["train_s"] if replicates else None,
+        "first_replicate_first_trial_overhead_s": replicates[0]["overhead_s"] if replicates else None,
+        # every replicate but the very first: what one more seed (or one more setting's first seed) costs
+        "later_replicates": len(later),
+        "later_median_wall_s": _median([r["wall_s"] for r in later]),
+        "later_median_train_s": _median([r["train_s"] for r in later]),
+        "later_median_overhead_s": _median([r["overhead_s"] for r in later]),
+        # replicates 2..K of each setting only: the price of K
+        "replicates_2_to_k": len(later_in_setting),
+        "replicates_2_to_k_median_wall_s": _median([r["wall_s"] for r in later_in_setting]),
+        "replicates_2_to_k_median_train_s": _median([r["train_s"] for r in later_in_setting]),
+        "replicates_2_to_k_median_overhead_s": _median([r["overhead_s"] for r in later_in_setting]),
+        "first_of_later_settings_wall_s": [t["first_wall_s"] for t in trials[1:]],
+        "same_seeds_every_setting": len({tuple(t["seeds"]) for t in trials}) == 1,
+    }
+    if replicates and summary["replicates_2_to_k_median_wall_s"]:
+        summary["first_over_replicates_2_to_k"] = replicates[0]["wall_s"] / summary["replicates_2_to_k_median_wall_s"]
+    return {"replicates": replicates, "trials": trials, "replicate_summary": summary}
+
+
+def print_replicates(run: dict) -> None:
+    """Each replicate's time and where it went; then what a replicate after the first costs."""
+    print(f"\nworkers {run['workers']}: per replicate (seconds)")
+    print("| trial | replicate | seed | wall | train | overhead | start | setup (+ model load) | fit | eval | save |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
+    for r in run["replicates"]:
+        phases = " | ".join(f"{r.get(name, 0):.1f}" for name in ("start_s", "setup_s", "fit_s", "eval_s", "save_s"))
+        print(
+            f"| {r['trial']} | {r['replicate']} | {r['seed']} | {r['wall_s']:.1f} | {r['train_s']:.1f} | "
+            f"{r['overhead_s']:.1f} | {phases} |"
+        )
+    print("\n| trial | params | seeds | setting wall | sum of replicates | outside replicates | first | later (med) |")
+    print("|---|---|---|---|---|---|---|---|")
+    for t in run["trials"]:
+        outside = t["outside_replicates_s"]
+        later = t["later_median_wall_s"]
+        print(
+            f"| {t['trial']} | {' '.join(f'{k}={v}' for k, v in t['params'].items())} | {t['replicates']} | "
+            f"{t['wall_s']:.1f} | {t['replicates_wall_s']:.1f} | {'-' if outside is None else f'{outside:.1f}'} | "
+            f"{t['first_wall_s'] or 0:.1f} | {'-' if later is None else f'{later:.1f}'} |"
+        )
+    s = run["replicate_summary"]
+    if s["replicates_2_to_k_median_wall_s"] is not None:
+        first, later = s["first_replicate_first_trial_wall_s"], s["replicates_2_to_k_median_wall_s"]
+        print(
+            f"first replicate of the first setting {first:.1f} s "
+            f"(train {s['first_replicate_first_trial_train_s']:.1f}); replicates 2..K (median of "
+            f"{s['replicates_2_to_k']}): {later:.1f} s (train {s['replicates_2_to_k_median_train_s']:.1f}, "
+            f"other {s['replicates_2_to_k_median_overhead_s']:.1f}); every replicate after the very first "
+            f"(median of {s['later_replicates']}): {s['later_median_wall_s']:.1f} s"
+        )
 
 
 def grid_checks(folder: Path, tracking: str) -> dict:
