@@ -283,6 +283,7 @@ def run_once(
             "eval.select": cfg.eval.select,
             "eval.objective": objective,
             "eval.scored_on": SCORED_ON_HALF if split else SCORED_ON_ALL,
+            "intervals": "this file: prompts resampled as clusters, then images within them",
         }
         if fit.stopped_early:
             tags.update({"pruned": "true", "pruned_at_step": str(fit.steps)})

@@ -114,7 +114,8 @@ def test_checkpoints_are_chosen_on_one_half_of_the_images_and_scored_on_the_othe
 
     result = run(make_cfg("train.max_steps=4", "eval.every_n_steps=2", "eval.images_per_prompt=2"), show_progress=False)
     client = MlflowClient(result.tracking_uri)
-    assert client.get_run(result.run_id).data.tags["eval.scored_on"] == SCORED_ON_HALF
+    tags = client.get_run(result.run_id).data.tags
+    assert tags["eval.scored_on"] == SCORED_ON_HALF and tags["intervals"].startswith("this file")
     assert len(result.per_image["clip_t"]) == 2  # 2 prompts x 2 images, half of them reported
     assert len(result.baseline_per_image["clip_t"]) == 2
 
@@ -149,8 +150,9 @@ def test_an_aa_sweep_with_replicates_compares_settings_over_seeds(tmp_path):
     table = MlflowClient(f"sqlite:///{tmp_path / 'outputs' / 'mlflow.db'}").download_artifacts(
         parent.info.run_id, "sweep/trials.csv"
     )
-    header = Path(table).read_text().splitlines()[0]
-    assert "seeds" in header and "vs_best" in header
+    lines = Path(table).read_text().splitlines()
+    assert {"interval", "seeds", "vs_best"} <= set(lines[0].split(","))
+    assert all("[this setting (2 seeds)]" in line for line in lines[1:])
 
 
 @pytest.mark.slow

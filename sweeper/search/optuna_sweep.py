@@ -33,6 +33,7 @@ from optuna.storages._heartbeat import get_heartbeat_thread, is_heartbeat_enable
 from optuna.trial import FrozenTrial, TrialState
 
 from evaluation.metric_names import evaluated_metric
+from evaluation.stats import THIS_FILE, this_setting
 from sweeper.process_identity import HOST, PID, is_gone, this_process
 from sweeper.search.lock import JournalBusyError, JournalWorkerLock, study_lock
 from sweeper.search.planner import (
@@ -49,6 +50,7 @@ from sweeper.search.settings_verdict import (
     CELLS_ATTR,
     EXTENDS_ATTR,
     IMAGES_ATTR,
+    INTERVAL_ATTR,
     SEEDS_ATTR,
     TARGET_ATTR,
     RaceStep,
@@ -100,6 +102,7 @@ class TrialOutcome:
     cells: dict[str, list[float]] = field(default_factory=dict)  # replicate -> the objective's per-prompt means
     images: int = 0  # scored images per seed
     seeds: list[int] = field(default_factory=list)  # the training seed of each replicate
+    interval: list[Any] = field(default_factory=list)  # the objective's [low, high, what it conditions on]
     pruned_at_replicate: int | None = None
 
 
@@ -487,6 +490,8 @@ class OptunaSweep:
             trial.set_user_attr(CELLS_ATTR, outcome.cells)  # what the verdict compares settings on
             trial.set_user_attr(IMAGES_ATTR, outcome.images)
             trial.set_user_attr(SEEDS_ATTR, outcome.seeds)
+        if outcome.interval:
+            trial.set_user_attr(INTERVAL_ATTR, outcome.interval)
         if outcome.pruned_at_replicate is not None:
             trial.set_user_attr("pruned_at_replicate", outcome.pruned_at_replicate)
         with self._lock(study.study_name):
@@ -627,7 +632,13 @@ def _classify(job: JobReturn, objectives: list[str]) -> TrialOutcome:
         )
     cells, images = _objective_cells(result, objectives[0])
     seeds = [int(r["seed"]) for r in result.get("replicates") or []]
-    return TrialOutcome(TrialState.COMPLETE, values=values, run_id=run_id, cells=cells, images=images, seeds=seeds)
+    outcome = TrialOutcome(TrialState.COMPLETE, values=values, run_id=run_id, cells=cells, images=images, seeds=seeds)
+    names = (objectives[0], objectives[0].replace("clip_score", "clip_t"))  # clip_score is clip_t's old name
+    key = next((name for name in names if f"{name}/low" in metrics and f"{name}/high" in metrics), None)
+    if key is not None:
+        label = this_setting(len(seeds)) if len(seeds) > 1 else THIS_FILE
+        outcome.interval = [float(metrics[f"{key}/low"]), float(metrics[f"{key}/high"]), label]
+    return outcome
 
 
 def _objective_cells(result: dict[str, Any], objective: str) -> tuple[dict[str, list[float]], int]:

@@ -13,7 +13,15 @@ from typing import Any
 import optuna
 from optuna.trial import FrozenTrial, TrialState
 
-from sweeper.search.settings_verdict import CELLS_ATTR, EXTENDS_ATTR, Wording, current_settings, racing_cost, word
+from sweeper.search.settings_verdict import (
+    CELLS_ATTR,
+    EXTENDS_ATTR,
+    INTERVAL_ATTR,
+    Wording,
+    current_settings,
+    racing_cost,
+    word,
+)
 from sweeper.search.space import SearchSpace, describe_params, display_value, format_value
 from sweeper.tracking import redact_password
 
@@ -125,6 +133,9 @@ class SweepSummary:
             seeds = trial.user_attrs.get(CELLS_ATTR)
             if seeds:
                 row["seeds"] = str(len(seeds))
+            if INTERVAL_ATTR in trial.user_attrs:
+                low, high, label = trial.user_attrs[INTERVAL_ATTR]
+                row["interval"] = f"{low:.4g} to {high:.4g} [{label}]"
             if trial.number in wording.standing:
                 row["vs_best"] = wording.standing[trial.number]
                 if trial.number in wording.adjusted_p:
@@ -138,7 +149,8 @@ class SweepSummary:
 
     def csv_text(self) -> str:
         rows = self.rows()
-        columns = ["number", "state", *self.space.distributions, *self.objectives, "seeds", "vs_best", "p_vs_best"]
+        columns = ["number", "state", *self.space.distributions, *self.objectives, "interval", "seeds", "vs_best"]
+        columns.append("p_vs_best")
         columns += ["mlflow_run_id", "error"]
         buffer = io.StringIO()
         writer = csv.DictWriter(buffer, fieldnames=columns, extrasaction="ignore")
@@ -152,7 +164,8 @@ def print_summary(summary: SweepSummary) -> None:
     and whether they were re-run (a killed trial's re-run is another trial with the same params)."""
     shown = (TrialState.COMPLETE, TrialState.PRUNED, TrialState.RUNNING, TrialState.WAITING)
     rows = summary.rows(shown)
-    columns = ["number", "state", *summary.space.distributions, *summary.objectives, "seeds", "vs_best", "p_vs_best"]
+    columns = ["number", "state", *summary.space.distributions, *summary.objectives, "interval", "seeds", "vs_best"]
+    columns.append("p_vs_best")
     columns.append("mlflow_run_id")
     widths = {c: max([len(c)] + [len(str(r.get(c, ""))) for r in rows]) for c in columns}
     failed = [t for t in summary.trials() if t.state == TrialState.FAIL]

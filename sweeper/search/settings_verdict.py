@@ -20,6 +20,7 @@ from sweeper.search.space import describe_params
 CELLS_ATTR = "replicate_cells"  # trial user attr: {replicate index: [cell means of the objective]}
 SEEDS_ATTR = "replicate_seeds"  # trial user attr: the training seed of each replicate
 IMAGES_ATTR = "images_per_seed"  # trial user attr: how many images each seed was scored on
+INTERVAL_ATTR = "objective_interval"  # trial user attr: [low, high, what the interval conditions on]
 EXTENDS_ATTR = "extends"  # racing: the trial whose seeds this one carries on
 TARGET_ATTR = "replicates_target"  # racing: how many seeds this trial trains up to
 SEED_KEY = "train.seed"
