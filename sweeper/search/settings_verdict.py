@@ -74,7 +74,7 @@ def word(trials: list[FrozenTrial], objective: str, maximize: bool) -> Wording:
         return Wording(["No verdict between settings: fewer than 2 of them have 2 or more seeds."], {}, {})
     lines = [
         f"Verdict on {objective} over training seeds (settings paired by seed and eval image; Holm over all "
-        f"{len(settings) * (len(settings) - 1) // 2} pairs of settings; alpha {ALPHA}):"
+        f"{_pairs(len(settings))} of settings; alpha {ALPHA}):"
     ]
     estimate = judged.best_estimate
     adjusted = (
@@ -106,7 +106,7 @@ def word(trials: list[FrozenTrial], objective: str, maximize: bool) -> Wording:
     detect = ", ".join(f"K={n}: {components.detectable(n, pairs):.3g}" for n in sorted({k, 3, 5, 10}) if n >= 2)
     lines.append(
         f"  seed SD of one run's {objective}: {components.seed_sd():.3g}; smallest difference found with 80% "
-        f"power at Holm's first step over {pairs} pairs: {detect}"
+        f"power at Holm's first step over {_pairs(len(settings))}: {detect}"
     )
     if "not distinguishable" in standing.values():
         rival = min(
@@ -120,6 +120,11 @@ def word(trials: list[FrozenTrial], objective: str, maximize: bool) -> Wording:
             + (f"about {needed} seeds per setting" if needed else "more than 100 seeds per setting, or none")
         )
     return Wording(lines, standing, p_values)
+
+
+def _pairs(settings: int) -> str:
+    count = settings * (settings - 1) // 2
+    return f"{count} pair" + ("" if count == 1 else "s")
 
 
 def _g(value: float) -> str:
