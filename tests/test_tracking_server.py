@@ -50,6 +50,17 @@ def test_on_a_server_the_lora_lands_in_the_servers_artifacts_destination(tmp_pat
     assert not (tmp_path / "outputs" / "mlartifacts").exists()  # nothing kept on the client's side
 
 
+def sync(output_dir: Path) -> subprocess.CompletedProcess:
+    """``python -m sweeper.sync OUTPUT_DIR`` as a user runs it."""
+    return subprocess.run(
+        [sys.executable, "-m", "sweeper.sync", str(output_dir)],
+        env={**os.environ, "PYTHONPATH": str(REPO)},
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+
+
 @pytest.mark.slow
 def test_the_server_dying_mid_run_does_not_stop_training_and_the_run_says_what_did_not_arrive(tmp_path, mlflow_server):
     client = MlflowClient(mlflow_server.url)
@@ -101,13 +112,7 @@ def test_the_server_dying_mid_run_does_not_stop_training_and_the_run_says_what_d
     mlflow_server.start()
     [offline] = runs(client)
     assert offline.info.status == "RUNNING"
-    synced = subprocess.run(
-        [sys.executable, "-m", "sweeper.sync", str(out)],
-        env={**os.environ, "PYTHONPATH": str(REPO)},
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
+    synced = sync(out)
     assert synced.returncode == 0, synced.stderr[-3000:]
     [delivered] = runs(client)
     assert delivered.info.status == "FINISHED" and "error" not in delivered.data.tags
@@ -117,13 +122,7 @@ def test_the_server_dying_mid_run_does_not_stop_training_and_the_run_says_what_d
     stored = mlflow_server.artifacts / delivered.info.experiment_id / delivered.info.run_id / "artifacts"
     assert (stored / "lora" / "lora.safetensors").is_file() and (stored / "samples" / "selected.png").is_file()
     assert not (out / NOT_UPLOADED).exists() and (out / "tracking-uploaded" / "manifest.json").is_file()
-    again = subprocess.run(
-        [sys.executable, "-m", "sweeper.sync", str(out)],
-        env={**os.environ, "PYTHONPATH": str(REPO)},
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
+    again = sync(out)
     assert again.returncode == 0 and "Nothing to send" in again.stdout
     assert len(client.get_metric_history(delivered.info.run_id, "train/loss")) == len(history)  # sent once
 
