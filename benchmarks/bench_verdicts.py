@@ -132,9 +132,8 @@ def main() -> None:
             settings, seconds = {}, []
             for lr, dim in grid:
                 name = f"lr={lr} dim={dim}"
-                records, wall = train(
-                    [*base, f"optimizer.lr={lr}", f"network.dim={dim}"], args.race_seeds, Path(tmp) / name
-                )
+                folder = Path(tmp) / f"lr{lr}-dim{dim}"  # no '=' in a Hydra override's value
+                records, wall = train([*base, f"optimizer.lr={lr}", f"network.dim={dim}"], args.race_seeds, folder)
                 settings[name], seconds = records, [*seconds, wall]
                 print(f"{name}: {wall:.0f} s", flush=True)
             full = verdict(runs_of(settings, "clip_t"))
