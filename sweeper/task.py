@@ -228,6 +228,7 @@ def run_once(
             # --- train
             phases["setup_s"], mark = time.perf_counter() - mark, time.perf_counter()
             fit = trainer.fit(on_eval=periodic_eval, on_save=save, show_progress=show_progress)
+            trainer.drop_graphs()  # the final evaluation samples without them
             phases["fit_s"], mark = time.perf_counter() - mark, time.perf_counter()
 
             # --- evaluate: the LoRA at its last step (a pruned run has just been), then the base model

@@ -693,13 +693,18 @@ class Trainer:
         )
 
     # --- cleanup
+    def drop_graphs(self) -> None:
+        """Training is over: its CUDA graphs' private pools need not sit under the evaluation's memory."""
+        if self.graphed_unet is not None:
+            self.graphed_unet.graphs.clear()
+            self.graphed_unet = None
+            release_accelerator_memory()
+
     def release(self) -> None:
         """Give back what this run alone holds on the accelerator, so the next trial of the worker starts
         from the same memory: CUDA graphs and their private pools, optimizer state, compiled code for
         this run's LoRA layers. The base model and the shared caches stay."""
-        if self.graphed_unet is not None:
-            self.graphed_unet.graphs.clear()
-            self.graphed_unet = None
+        self.drop_graphs()
         self.optimizer = None
         self.lr_schedule = None
         self.accelerator.free_memory()  # drops accelerate's references, collects garbage, empties the cache
