@@ -32,7 +32,7 @@ def test_a_run_on_a_users_folder_prints_the_summary(tmp_path):
     )
     assert done.returncode == 0, done.stderr[-3000:]
     out = done.stdout
-    assert re.search(r"Scores at step 6 \(95% intervals", out)
+    assert re.search(r"Scores at step 6 of this file \(95% prompt-clustered intervals", out)
     interval, gain = r"\(\d+\.\d-\d+\.\d\)", r"[+-]\d+\.\d \([+-]\d+\.\d to [+-]\d+\.\d\)"
     assert re.search(rf"clip_t \d+\.\d {interval}, base \d+\.\d, gain {gain}", out)
     lora = Path(re.search(r"LoRA file:\s+(\S+)", out).group(1))
