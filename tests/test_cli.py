@@ -33,8 +33,9 @@ def test_a_run_on_a_users_folder_prints_the_summary(tmp_path):
     assert done.returncode == 0, done.stderr[-3000:]
     out = done.stdout
     assert re.search(r"Scores at step 6 of this file \(95% prompt-clustered intervals", out)
-    interval, gain = r"\(\d+\.\d-\d+\.\d\)", r"[+-]\d+\.\d \([+-]\d+\.\d to [+-]\d+\.\d\)"
-    assert re.search(rf"clip_t \d+\.\d {interval}, base \d+\.\d, gain {gain}", out)
+    interval = r"\(-?\d+\.\d(-| to )-?\d+\.\d\) \[this file\]"  # "38.1 (37.4-38.8)", or "-5.2 to 14.2"
+    gain = r"[+-]\d+\.\d \([+-]\d+\.\d to [+-]\d+\.\d\) \[this file\]"
+    assert re.search(rf"clip_t \d+\.\d {interval}, base \d+\.\d, gain {gain}", out), out
     lora = Path(re.search(r"LoRA file:\s+(\S+)", out).group(1))
     assert lora.is_file() and str(lora).startswith(str(tmp_path / "outputs" / "runs"))
     run_id = re.search(r"MLflow run: (\w+)", out).group(1)
