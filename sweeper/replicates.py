@@ -20,6 +20,7 @@ from typing import Any
 import numpy as np
 from omegaconf import DictConfig, OmegaConf, open_dict
 
+from evaluation.evaluate import DIGITS
 from evaluation.metric_names import DIRECTIONS, metric_name
 from evaluation.replicates import cells, setting_estimate
 from evaluation.stats import mean_interval
@@ -28,8 +29,6 @@ from sweeper.tracking import start_run
 from sweeper.validate import validate
 from training.atomic_file import write_atomically, write_text_atomically
 from training.speed.memory import release_accelerator_memory
-
-DIGITS = {"clip_t": 1, "val_loss": 4}
 
 
 def replicate_seeds(seed: int, count: int, label: str | None = None) -> list[int]:
@@ -98,7 +97,7 @@ def run_replicates(
         metrics = aggregate_metrics(done)
         lines = summary_lines(done)
         metrics["wall_time_s"] = time.perf_counter() - started
-        representative = nearest_to_mean(done, metric_key(objective))
+        representative = nearest_to_mean(done, metric_name(objective))
         lora_path = Path(representative["lora_file"])
         kept = output_dir / f"{cfg.output.name}{lora_path.suffix}"
         write_atomically(kept, lambda tmp: shutil.copyfile(lora_path, tmp))
@@ -114,9 +113,9 @@ def run_replicates(
             setting_tags["pruned_at_step"] = str(int(pruned["metrics"].get("train/steps_done", 0)))
         tracker.set_tags(setting_tags)
         tracker.log_artifact(kept, "lora")
-        tracker.log_text(_replicates_table(done, metric_key(objective)), "eval/replicates.tsv")
+        tracker.log_text(_replicates_table(done, metric_name(objective)), "eval/replicates.tsv")
         tracker.log_text("\n".join(lines) + "\n", "eval/summary.txt")
-        write_text_atomically(output_dir / "replicates.tsv", _replicates_table(done, metric_key(objective)))
+        write_text_atomically(output_dir / "replicates.tsv", _replicates_table(done, metric_name(objective)))
         return RunResult(
             metrics,
             kept,
@@ -150,11 +149,6 @@ def replicate_record(index: int, seed: int, result: RunResult) -> dict[str, Any]
         "stopped_early": result.stopped_early,
         "selected_step": result.selected_step,
     }
-
-
-def metric_key(objective: str) -> str:
-    """The run metric a selection objective is logged under (``clip_t`` for ``clip_score``)."""
-    return metric_name(objective)
 
 
 def _clusters(record: dict[str, Any], values: list[float]) -> list[str] | None:

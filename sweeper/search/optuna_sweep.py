@@ -263,8 +263,7 @@ class OptunaSweep:
     def _live_other_workers(self, study: optuna.Study) -> int:
         """Workers other than this one that hold a RUNNING trial and are not known to be dead (on this
         host: their process is alive; elsewhere: not yet past the heartbeat grace)."""
-        storage = study._storage
-        stale = set(storage._get_stale_trial_ids(study._study_id)) if is_heartbeat_enabled(storage) else set()
+        stale = _stale_trial_ids(study)
         me = this_process()
         workers = {
             (t.user_attrs.get(HOST), t.user_attrs.get(PID))
@@ -398,7 +397,7 @@ class OptunaSweep:
         older than grace_seconds (the test Optuna's ``fail_stale_trials`` makes, here with the reason
         recorded before the trial is finished, after which Optuna refuses new attributes)."""
         storage = study._storage
-        stale = set(storage._get_stale_trial_ids(study._study_id)) if is_heartbeat_enabled(storage) else set()
+        stale = _stale_trial_ids(study)
         for trial in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
             gone = is_gone(trial.user_attrs)
             if gone or (self.sole_worker and gone is None):
@@ -658,6 +657,12 @@ def _objective_cells(result: dict[str, Any], objective: str) -> tuple[dict[str, 
         found[str(index)] = [float(v) for v in cells(values, clusters)]
         images = len(values)
     return found, images
+
+
+def _stale_trial_ids(study: optuna.Study) -> set[int]:
+    """Trials whose heartbeat is older than the grace (none without heartbeats)."""
+    storage = study._storage
+    return set(storage._get_stale_trial_ids(study._study_id)) if is_heartbeat_enabled(storage) else set()
 
 
 def study_trial_attr(trial: optuna.Trial, key: str) -> Any:
