@@ -18,7 +18,7 @@ from PIL import Image
 from evaluation.clip_score import ClipScorer, clip_score_from_embeddings
 from evaluation.dino import DinoEmbedder
 from evaluation.grid import image_grid
-from evaluation.metric_names import DIRECTIONS, metric_name
+from evaluation.metric_names import DIRECTIONS, metric_name, shown_name
 from evaluation.metrics import concept_hits, copy_risk, diversity, fidelity
 from evaluation.sampling import PromptEncoder, generate_samples
 from evaluation.stats import THIS_FILE, Estimate, mean_interval, paired_gain
@@ -71,6 +71,7 @@ class EvalResult:
     images: list[list[Image.Image]]  # images[i]: every sample of prompts[i] (all seeds)
     grid: Image.Image
     per_prompt: dict[str, float] = field(default_factory=dict)  # mean clip_t of each prompt
+    concept: str | None = None  # the label concept_acc counts (e.g. "a star"), when it is measured
 
     @property
     def clip_score(self) -> float:
@@ -125,7 +126,7 @@ class EvalResult:
         for prompt, score in zip(prompts, values["clip_t"], strict=True):
             by_prompt.setdefault(prompt, []).append(score)
         per_prompt = {prompt: sum(v) / len(v) for prompt, v in by_prompt.items()}
-        return EvalResult(values, prompts, self.images, self.grid, per_prompt)
+        return EvalResult(values, prompts, self.images, self.grid, per_prompt, self.concept)
 
     @property
     def splittable(self) -> bool:
@@ -133,7 +134,7 @@ class EvalResult:
         return bool(self.prompts) and min(self.prompts.count(p) for p in set(self.prompts)) >= 2
 
     def with_values(self, extra: dict[str, list[float]]) -> EvalResult:
-        return EvalResult({**self.values, **extra}, self.prompts, self.images, self.grid, self.per_prompt)
+        return EvalResult({**self.values, **extra}, self.prompts, self.images, self.grid, self.per_prompt, self.concept)
 
 
 def evaluate(
@@ -193,6 +194,7 @@ def evaluate(
         images=rows,
         grid=image_grid(rows, prompts),
         per_prompt={prompt: sum(v) / len(v) for prompt, v in by_prompt.items()},
+        concept=scorers.concept.labels[scorers.concept.target] if scorers.concept is not None else None,
     )
 
 
@@ -228,7 +230,7 @@ def summary_lines(result: EvalResult, baseline: EvalResult) -> list[str]:
         digits = DIGITS.get(metric, 3)
         gain = result.gain(metric, baseline)
         lines.append(
-            f"{metric} {result.estimate(metric).text(digits=digits)} [{THIS_FILE}], "
+            f"{shown_name(metric, result.concept)} {result.estimate(metric).text(digits=digits)} [{THIS_FILE}], "
             f"base {baseline.mean(metric):.{digits}f}, "
             f"gain {gain.text(signed=True, digits=digits)} [{THIS_FILE}]"
             + ("" if gain.excludes(0.0) else " (not distinguishable from 0 in this file)")

@@ -30,3 +30,20 @@ def evaluated_metric(objective: str) -> str | None:
     name = metric_name(objective)
     name = metric_name(name.removesuffix("_gain")) if name.endswith("_gain") else name
     return name if name in DIRECTIONS else None
+
+
+ARTICLES = ("a ", "an ", "the ")
+
+
+def concept_word(target: str | None) -> str:
+    """``a star`` -> ``star``: the short name of a ``concept_acc`` target."""
+    text = (target or "").strip()
+    for article in ARTICLES:
+        if text.lower().startswith(article):
+            return text[len(article) :].strip()
+    return text
+
+
+def shown_name(metric: str, concept: str | None = None) -> str:
+    """A metric as printed: ``concept_acc[star]`` names the concept it counts; the others as they are."""
+    return f"{metric}[{concept_word(concept)}]" if metric == "concept_acc" and concept else metric

@@ -21,9 +21,10 @@ import numpy as np
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from evaluation.evaluate import DIGITS
-from evaluation.metric_names import DIRECTIONS, metric_name
+from evaluation.metric_names import DIRECTIONS, metric_name, shown_name
 from evaluation.replicates import cells, setting_estimate
 from evaluation.stats import mean_interval
+from sweeper.eval_concept import choose_concept
 from sweeper.task import RunResult, log_config, run_name, run_once, selection_objective
 from sweeper.tracking import start_run
 from sweeper.validate import validate
@@ -95,7 +96,7 @@ def run_replicates(
         done = [records[i] for i in sorted(records)]
         pruned = next((r for r in done if r["stopped_early"]), None)
         metrics = aggregate_metrics(done)
-        lines = summary_lines(done)
+        lines = summary_lines(done, choose_concept(cfg).target)
         metrics["wall_time_s"] = time.perf_counter() - started
         representative = nearest_to_mean(done, metric_name(objective))
         lora_path = Path(representative["lora_file"])
@@ -193,8 +194,9 @@ def aggregate_metrics(records: list[dict[str, Any]]) -> dict[str, float]:
     return metrics
 
 
-def summary_lines(records: list[dict[str, Any]]) -> list[str]:
-    """``clip_t 38.7 (36.9-40.4) [this setting (3 seeds)], base 36.9 [the base model], gain ...``."""
+def summary_lines(records: list[dict[str, Any]], concept: str | None = None) -> list[str]:
+    """``clip_t 38.7 (36.9-40.4) [this setting (3 seeds)], base 36.9 [the base model], gain ...``;
+    ``concept`` names what concept_acc counts (``concept_acc[star]``)."""
     if len(records) < 2:
         return []
     count, images = len(records), len(records[0]["prompts"])
@@ -209,7 +211,8 @@ def summary_lines(records: list[dict[str, Any]]) -> list[str]:
         base = mean_interval(base_values, clusters=_clusters(records[0], base_values))
         note = "" if gain.excludes(0.0) else f" (not distinguishable from 0 with {count} seeds x {images} images)"
         lines.append(
-            f"{metric} {value.text(digits=digits)} [{value.conditions}], base {base.mean:.{digits}f}, "
+            f"{shown_name(metric, concept)} {value.text(digits=digits)} [{value.conditions}], "
+            f"base {base.mean:.{digits}f}, "
             f"gain {gain.text(signed=True, digits=digits)} [{gain.conditions}]{note}"
         )
     return lines

@@ -1,14 +1,16 @@
 """What a run prints and logs about its data and sizes at startup, once the config has passed.
 
 Warnings, not errors: images trained without a caption file (``data.missing_captions`` warn or
-class_tokens), the eval prompts when they were taken from the captions, the aspect-ratio buckets
-in use, and a resolution far above the model's or the images'. Each is printed and kept in the run.
+class_tokens), the eval prompts when they were taken from the captions, which concept ``concept_acc``
+counts (or why it is off), the aspect-ratio buckets in use, and a resolution far above the model's or
+the images'. Each is printed and kept in the run.
 """
 
 from __future__ import annotations
 
 from typing import Any
 
+from sweeper.eval_concept import choose_concept
 from training.data.buckets import bucket_summary, generate_buckets, resolve_bucket_settings
 from training.data.dataset import oriented_size
 from training.data.missing_captions import missing_captions_table, missing_captions_warning
@@ -38,6 +40,16 @@ def report_data(tracker: Any, cfg: Any, validated: Any) -> None:
         print(f"Eval prompts (from your captions, picked with eval.test_seed={cfg.eval.test_seed}): {listed}")
     tracker.set_tags({"eval.prompts_source": chosen.source})
     tracker.log_text("\n".join(chosen.prompts) + "\n", "eval/prompts.txt")
+    report_concept(tracker, cfg)
+
+
+def report_concept(tracker: Any, cfg: Any) -> None:
+    """Which concept ``concept_acc`` counts (tag ``eval.concept``), or why it is off (printed on the toy model,
+    where a user expects the metric)."""
+    concept = choose_concept(cfg)
+    tracker.set_tags({"eval.concept": concept.tag})
+    if not concept.enabled and cfg.model.source == "toy":
+        print(f"concept_acc is off: {concept.why}")
 
 
 def report_sizes(tracker: Any, cfg: Any, trainer: Any, native: int) -> None:

@@ -26,6 +26,7 @@ from evaluation.evaluate import EvalResult, References, Scorers, evaluate, summa
 from evaluation.grid import image_grid
 from evaluation.metric_names import DIRECTIONS, evaluated_metric, metric_name
 from evaluation.sampling import sampling_scheduler
+from sweeper.eval_concept import choose_concept
 from sweeper.fingerprint import code_version, dataset_fingerprint, file_sha256, fingerprint_digest, training_config
 from sweeper.startup_report import report_data, report_sizes
 from sweeper.tracking import flatten, start_run, ui_command
@@ -41,7 +42,6 @@ from training.network.file import LoraNotSavedError, bundle_embeddings, lora_ide
 from training.network.lora import remove_leftover_adapters, remove_lora
 from training.network.metadata import DatasetSummary, kohya_metadata, summarize_dataset, training_metadata
 from training.text.tag_stats import tag_frequencies, tag_frequencies_by_folder, tag_table
-from training.toy.world import HELD_OUT_SHAPE, SHAPES
 
 # (step, objective mean, its per-image values) -> True to stop training early; sweeps hook their pruner in here
 EvalReporter = Callable[[int, float, list[float]], bool]
@@ -351,16 +351,6 @@ class Checkpoint:
     path: Path | None
 
 
-def concept_labels(cfg: Any) -> tuple[list[str], str | None]:
-    """``eval.concept``, or (labels unset) the toy world's eight shapes with the star as target on the toy model."""
-    concept = cfg.eval.concept
-    if concept.labels is None:
-        if cfg.model.source != "toy":
-            return [], None
-        return [f"a {shape}" for shape in SHAPES], concept.target or f"a {HELD_OUT_SHAPE}"
-    return list(concept.labels), concept.target
-
-
 def selection_objective(cfg: Any) -> tuple[str, bool]:
     """The metric checkpoints are chosen (and pruned) by, and whether higher is better: the sweep's
     first objective when evaluations measure it, else ``eval.objective``."""
@@ -546,9 +536,9 @@ class _WorkerCache:
             self._references.clear()
             self._references[ref_key] = scorers.reference_embeddings([load_rgb(r.path) for r in training])
         scorers.references = self._references[ref_key]
-        labels, target = concept_labels(cfg)
-        if labels:
-            scorers.concept = scorers.concept_for(labels, target)
+        concept = choose_concept(cfg)
+        if concept.enabled:
+            scorers.concept = scorers.concept_for(concept.labels, concept.target)
         return scorers
 
 

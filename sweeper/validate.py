@@ -11,7 +11,7 @@ from typing import Any
 
 import torch
 
-from evaluation.metric_names import DIRECTIONS, SELECTIONS, metric_name
+from evaluation.metric_names import DIRECTIONS, SELECTIONS, evaluated_metric, metric_name
 from evaluation.sampling import SAMPLERS
 from sweeper.eval_prompts import EvalPrompts, resolve_eval_prompts
 from sweeper.schema_check import schema_problems
@@ -57,6 +57,7 @@ def validate(cfg: Any) -> Validated:
     problems += _optimizer_problems(cfg)
     problems += _train_problems(cfg)
     problems += _eval_problems(cfg.eval)
+    problems += _concept_problems(cfg)
     problems += _data_problems(cfg)
     problems += _embedding_problems(cfg)
     problems += model_problems(cfg.model, cfg.network)
@@ -275,3 +276,18 @@ def _eval_problems(eval_cfg: Any) -> list[str]:
     elif concept.target is not None and concept.labels is not None and not concept.labels:
         problems.append("eval.concept.target is set but eval.concept.labels is empty; give the candidate labels")
     return problems
+
+
+def _concept_problems(cfg: Any) -> list[str]:
+    """An objective of ``concept_acc`` where no concept is defined would rank runs by nothing."""
+    from sweeper.eval_concept import choose_concept
+
+    wanted = [
+        key
+        for key, objective in (("eval.objective", cfg.eval.objective), ("sweep.objective", cfg.sweep.objective))
+        if objective and evaluated_metric(str(objective)) == "concept_acc"
+    ]
+    choice = choose_concept(cfg)
+    if not wanted or choice.enabled:
+        return []
+    return [f"{' and '.join(wanted)}: concept_acc is off for this run ({choice.why})"]
