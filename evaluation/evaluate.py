@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 import torch
 from diffusers import DiffusionPipeline
 from PIL import Image
+from tqdm.auto import tqdm
 
 from evaluation.clip_score import ClipScorer, clip_score_from_embeddings
 from evaluation.dino import DinoEmbedder
@@ -153,12 +154,14 @@ def evaluate(
     encode_prompt: PromptEncoder | None = None,
     generation_prompts: list[str] | None = None,
     batch_size: int = 16,
+    progress: str | None = None,
 ) -> EvalResult:
     """Sample ``images_per_prompt`` images per prompt for each seed (``seeds``, default ``[test_seed]``)
     and compute every metric the scorers allow, per image.
 
     ``generation_prompts`` (same length) are what the pipeline sees when it differs from what CLIP
     should score against, e.g. a trigger word written as its textual-inversion tokens.
+    ``progress`` names a progress bar (images sampled, then scoring); None = no bar.
     """
     if not prompts:
         raise ValueError("evaluate needs at least one prompt (eval.prompts is empty)")
@@ -166,7 +169,16 @@ def evaluate(
         raise ValueError(f"eval.images_per_prompt must be >= 1, got {images_per_prompt}")
     scorers = scorers if isinstance(scorers, Scorers) else Scorers(scorers)
     rows: list[list[Image.Image]] = [[] for _ in prompts]
-    for seed in list(seeds or []) or [test_seed]:
+    all_seeds = list(seeds or []) or [test_seed]
+    bar = tqdm(
+        total=len(prompts) * images_per_prompt * len(all_seeds),
+        desc=progress,
+        unit="image",
+        leave=False,
+        disable=progress is None,
+        bar_format="{desc}: {percentage:3.0f}%|{bar}| {n:.0f}/{total} images [{elapsed}<{remaining}]{postfix}",
+    )
+    for seed in all_seeds:
         samples = generate_samples(
             pipeline,
             generation_prompts or prompts,
@@ -179,12 +191,15 @@ def evaluate(
             negative_prompt=negative_prompt,
             encode_prompt=encode_prompt,
             batch_size=batch_size,
+            on_progress=None if progress is None else bar.update,
         )
         for row, images in zip(rows, samples, strict=True):
             row.extend(images)
     flat_images = [image for row in rows for image in row]
     flat_prompts = [prompt for prompt, row in zip(prompts, rows, strict=True) for _ in row]
+    bar.set_postfix_str("scoring")
     values = score_images(scorers, flat_images, flat_prompts)
+    bar.close()
     by_prompt: dict[str, list[float]] = {}
     for prompt, score in zip(flat_prompts, values["clip_t"], strict=True):
         by_prompt.setdefault(prompt, []).append(score)

@@ -66,6 +66,7 @@ def generate_samples(
     show_progress: bool = False,
     encode_prompt: PromptEncoder | None = None,
     batch_size: int = 16,
+    on_progress: Callable[[float], None] | None = None,
 ) -> list[list[Image.Image]]:
     """``images_per_prompt`` images for each prompt, one list per prompt, in order.
 
@@ -80,6 +81,8 @@ def generate_samples(
     ``encode_prompt(prompt, negative_prompt) -> {pipeline embedding argument: tensor}`` replaces the
     pipeline's own text encoding, for what it cannot do itself (clip skip, 150/225-token prompts, the
     training loop's exact conditioning); the model family decides which arguments its pipeline takes.
+
+    ``on_progress(images)`` is told the (fractional) images finished after every denoising step.
     """
     pipeline.set_progress_bar_config(disable=not show_progress)
     # The execution device differs from pipeline.device under CPU offload; the latents are drawn there.
@@ -104,6 +107,7 @@ def generate_samples(
     together = isinstance(pipeline.scheduler, DETERMINISTIC_SAMPLERS)
     samples: list[list[Image.Image]] = []
     for group in _groups(texts, images_per_prompt, batch_size if together else images_per_prompt):
+        tracker = _StepProgress(len(group) * images_per_prompt, num_inference_steps, on_progress)
         output = pipeline(
             **_batched(group, texts, images_per_prompt),
             latents=torch.cat([latents[i] for i in group]),
@@ -118,10 +122,35 @@ def generate_samples(
             if together
             else torch.Generator(device=device).manual_seed(test_seed + group[0]),
             output_type="pil",
+            **tracker.pipeline_arguments(),
         )
+        tracker.finish()
         images = list(output.images)
         samples += [images[k * images_per_prompt : (k + 1) * images_per_prompt] for k in range(len(group))]
     return samples
+
+
+class _StepProgress:
+    """Reports a pipeline call's images a step at a time (``callback_on_step_end``), so a long
+    evaluation moves on screen; the call's remainder is reported when it returns."""
+
+    def __init__(self, images: int, steps: int, report: Callable[[float], None] | None) -> None:
+        self.images, self.per_step, self.report, self.done = images, images / max(steps, 1), report, 0.0
+
+    def pipeline_arguments(self) -> dict[str, Any]:
+        return {} if self.report is None else {"callback_on_step_end": self._step}
+
+    def _step(self, _pipeline: Any, _index: int, _timestep: Any, tensors: dict[str, Any]) -> dict[str, Any]:
+        increment = min(self.per_step, self.images - self.done)
+        if increment > 0 and self.report is not None:
+            self.done += increment
+            self.report(increment)
+        return tensors
+
+    def finish(self) -> None:
+        if self.report is not None and self.images - self.done > 0:
+            self.report(self.images - self.done)
+        self.done = self.images
 
 
 def _prompt_inputs(prompt: str, negative_prompt: str | None, encode_prompt: PromptEncoder | None) -> dict[str, Any]:

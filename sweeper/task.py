@@ -167,7 +167,8 @@ def run_once(
             validation = trainer.validation_loss(held_out.held_out) if held_out.held_out else None
             objective, maximize = selection_objective(cfg)
 
-            def evaluate_now() -> EvalResult:
+            def evaluate_now(what: str) -> EvalResult:
+                """The current network's (or, disabled, the base model's) samples and scores; ``what`` names the bar."""
                 with trainer.accelerator.autocast(), trainer.lora_without_input_casts(base.unet, *base.text_encoders):
                     result = evaluate(
                         pipeline,
@@ -183,6 +184,7 @@ def run_once(
                         width=trainer.resolution,
                         encode_prompt=trainer.encode_prompt,
                         generation_prompts=[trainer.prompt(p) for p in cfg.eval.prompts],
+                        progress=f"evaluating {what}" if show_progress else None,
                     )
                 if validation is not None:
                     result = result.with_values({"val_loss": trainer.held_out_loss(validation)})
@@ -192,7 +194,7 @@ def run_once(
 
             def periodic_eval(step: int) -> tuple[float, bool]:
                 """Metrics of the LoRA at this step; with eval.select=best its file too, to pick the best later."""
-                result = evaluate_now()
+                result = evaluate_now(f"step {step}")
                 if objective not in result.values:
                     raise ValueError(_missing_objective(objective, result))
                 path = save(step, trainer.position.epoch) if cfg.eval.select == "best" else None
@@ -233,7 +235,7 @@ def run_once(
 
             # --- evaluate: the LoRA at its last step (a pruned run has just been), then the base model
             if not fit.stopped_early:
-                checkpoints.append(Checkpoint(fit.steps, evaluate_now(), None))
+                checkpoints.append(Checkpoint(fit.steps, evaluate_now(f"step {fit.steps} (last)"), None))
             # choose on one half of each prompt's images, report on the other: no double use (README)
             split = cfg.eval.select == "best" and all(c.result.splittable for c in checkpoints)
             selected = _select(checkpoints, objective, maximize, cfg.eval.select, split)
@@ -241,7 +243,7 @@ def run_once(
             baseline = _worker.baselines.get(baseline_key)
             if baseline is None:
                 trainer.network.set_enabled(False)
-                baseline = _worker.baselines[baseline_key] = evaluate_now()
+                baseline = _worker.baselines[baseline_key] = evaluate_now("the base model")
                 trainer.network.set_enabled(True)
 
             phases["eval_s"], mark = time.perf_counter() - mark, time.perf_counter()

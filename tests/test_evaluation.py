@@ -302,6 +302,26 @@ def test_progress_bar_is_off_unless_asked(pipeline: StableDiffusionPipeline) -> 
     assert pipeline._progress_bar_config.get("disable") is False
 
 
+@pytest.mark.parametrize("sampler", ["ddim", "ddpm"])  # prompts batched together; one call per prompt
+def test_progress_reports_every_image_a_step_at_a_time(pipeline, sampler: str) -> None:
+    pipeline.scheduler = sampling_scheduler(pipeline.scheduler.config, sampler)
+    reported: list[float] = []
+    kw = {**SAMPLE_KW, "num_inference_steps": 4}
+    generate_samples(pipeline, ["a", "b", "c"], test_seed=0, batch_size=4, on_progress=reported.append, **kw)
+    assert sum(reported) == pytest.approx(3 * 2)  # every image, once
+    assert len(reported) >= 4 and max(reported) <= 2.0 + 1e-9  # in steps, not whole calls
+
+
+def test_evaluate_shows_a_named_bar_of_images_then_scoring(pipeline, tiny_clip_root: Path, capsys) -> None:
+    scorer = ClipScorer("tiny", cache_root=tiny_clip_root)
+    prompts = ["a red circle", "a blue square"]
+    evaluate(pipeline, scorer, prompts, test_seed=5, progress="evaluating step 7", **SAMPLE_KW)
+    shown = capsys.readouterr().err
+    assert "evaluating step 7" in shown and "4/4 images" in shown and "scoring" in shown, shown
+    evaluate(pipeline, scorer, ["a red circle"], test_seed=5, **SAMPLE_KW)
+    assert "images" not in capsys.readouterr().err  # no bar unless named
+
+
 @pytest.mark.parametrize(
     ("name", "cls"),
     [
