@@ -15,6 +15,8 @@ from training.data.buckets import bucket_summary, generate_buckets, resolve_buck
 from training.data.dataset import oriented_size
 from training.data.missing_captions import missing_captions_table, missing_captions_warning
 from training.data.resolution import resolution_warnings
+from training.families import family_of
+from training.families.embedded import embedded_model_note
 
 
 def report_data(tracker: Any, cfg: Any, validated: Any) -> None:
@@ -41,6 +43,25 @@ def report_data(tracker: Any, cfg: Any, validated: Any) -> None:
     tracker.set_tags({"eval.prompts_source": chosen.source})
     tracker.log_text("\n".join(chosen.prompts) + "\n", "eval/prompts.txt")
     report_concept(tracker, cfg)
+    report_model(tracker, cfg)
+
+
+def model_note(cfg: Any) -> str | None:
+    """What ``model=tiny`` / ``model=toy`` is (None for a real model): the tiny one's scores mean nothing."""
+    return embedded_model_note(cfg.model.source, family_of(cfg.model.kind or "sd1").label)
+
+
+def scores_note(cfg: Any) -> str | None:
+    """The line under a run's scores, where they mean nothing (the random tiny model)."""
+    return f"model=tiny is {model_note(cfg)}" if cfg.model.source == "tiny" else None
+
+
+def report_model(tracker: Any, cfg: Any) -> None:
+    """Tag ``model.note`` on runs of an embedded model; print it for the random tiny one, whose scores look broken."""
+    if note := model_note(cfg):
+        tracker.set_tags({"model.note": note})
+        if scores := scores_note(cfg):
+            print(f"note: {scores}")
 
 
 def report_concept(tracker: Any, cfg: Any) -> None:

@@ -28,7 +28,7 @@ from evaluation.metric_names import DIRECTIONS, evaluated_metric, metric_name
 from evaluation.sampling import sampling_scheduler
 from sweeper.eval_concept import choose_concept
 from sweeper.fingerprint import code_version, dataset_fingerprint, file_sha256, fingerprint_digest, training_config
-from sweeper.startup_report import report_data, report_sizes
+from sweeper.startup_report import report_data, report_sizes, scores_note
 from sweeper.tracking import flatten, start_run, ui_command
 from sweeper.validate import validate
 from training.atomic_file import write_atomically, write_text_atomically
@@ -62,6 +62,7 @@ class RunResult:
     prompts: list[str] = field(default_factory=list)  # each per-image value's prompt (the clusters)
     baseline_per_image: dict[str, list[float]] = field(default_factory=dict)  # the base model's, same images
     replicates: list[Any] = field(default_factory=list)  # with train.replicates > 1: each seed's record
+    note: str | None = None  # said under the scores: model=tiny's are of a random model and mean nothing
 
     experiment_id: str | None = None
     objective: str = "clip_score"  # what the printed runs page sorts by, best first
@@ -304,7 +305,8 @@ def run_once(
         tracker.log_text(_score_table(final, baseline), "eval/clip_scores.tsv")
         tracker.log_text(_per_image_table(final, baseline), "eval/per_image.tsv")
         lines = summary_lines(final, baseline)
-        tracker.log_text("\n".join(lines) + "\n", "eval/summary.txt")
+        note = scores_note(cfg)
+        tracker.log_text("\n".join(lines + ([f"note: {note}"] if note else [])) + "\n", "eval/summary.txt")
         lora_sha256 = file_sha256(lora_path)
         identity = lora_identity(lora_path)
         tracker.set_tags({"lora.sha256": lora_sha256, **{f"lora.{k}": v for k, v in identity.items()}})
@@ -321,6 +323,7 @@ def run_once(
             lora_sha256=lora_sha256,
             per_image=final.values,
             summary=lines,
+            note=note,
             selected_step=selected.step,
             prompts=list(final.prompts),
             baseline_per_image=baseline.values,

@@ -129,6 +129,10 @@ def test_a_runs_file_holds_kohyas_keys_in_kohyas_formats(lora_run):
     assert meta["modelspec.title"] == "full"
     assert meta["modelspec.resolution"] == "64x64"
     assert meta["modelspec.prediction_type"] == "epsilon"
+    # a LoRA of the random tiny model says what it is: no tool or user takes it for an SD1.x LoRA
+    assert meta["ss_base_model_version"] == "tiny_sd_v1"
+    assert meta["modelspec.description"].startswith("a test model: lora-sweeper's tiny SD1.x-architecture model")
+    assert result.note and "scores mean nothing" in result.note
 
     # the file leads back to its run and its config
     assert meta["lora_sweeper_run_id"] == result.run_id

@@ -345,6 +345,11 @@ def test_an_sdxl_run_reproduces_bit_identically(make_cfg, tmp_path, monkeypatch,
     monkeypatch.chdir(tmp_path)
     cfg = make_cfg(*SDXL_TINY, "train.max_steps=5", "data.flip_aug=true", "network.dim=4")
     result = run(cfg, show_progress=False)
+    assert "note: model=tiny is a test model" in capsys.readouterr().out  # its scores mean nothing
+    with safe_open(str(result.lora_path), "pt") as handle:
+        assert handle.metadata()["ss_base_model_version"] == "tiny_sdxl_base_v1-0"  # not a real SDXL LoRA
+    tags = MlflowClient(result.tracking_uri).get_run(result.run_id).data.tags
+    assert "random weights" in tags["model.note"]
     code = reproduce.main(
         [result.run_id, "--tracking-uri", result.tracking_uri, "--output-dir", str(tmp_path / "again")]
     )

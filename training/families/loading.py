@@ -20,6 +20,7 @@ from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
 from training.families import MODEL_KINDS, ModelFamily, family_of
 from training.families.checked_loading import load_checked
 from training.families.detect import checkpoint_kind, folder_kind, kind_mismatch, loaded_kind
+from training.families.embedded import EMBEDDED_MODEL_NOTES
 from training.families.sd import SD1
 from training.speed.attention import attention_problem
 from training.text.encoding import clip_skip_problem
@@ -83,8 +84,11 @@ class BaseModel:
 
     @property
     def base_model_version(self) -> str:
-        """kohya's ``ss_base_model_version`` (sd_v1, sd_v2, sd_v2_v, sdxl_base_v1-0, tiny_sd_v1, ...)."""
-        return self.family.base_model_version(self)
+        """kohya's ``ss_base_model_version`` (sd_v1, sd_v2, sd_v2_v, sdxl_base_v1-0, ...); an embedded model's
+        is prefixed with its source (tiny_sd_v1, tiny_sdxl_base_v1-0): no tool takes it for the real one."""
+        version = self.family.base_model_version(self)
+        source = self.identity.get("source")
+        return f"{source}_{version}" if source in EMBEDDED_MODEL_NOTES else version
 
 
 def hub_offline() -> bool:

@@ -54,9 +54,7 @@ class StableDiffusion(ModelFamily):
         )
 
     def base_model_version(self, base: Any) -> str:
-        """sd_v1, sd_v2, sd_v2_v (v-prediction); the embedded models are ``<source>_sd_v1``."""
-        if base.identity.get("source") in ("toy", "tiny"):
-            return f"{base.identity['source']}_sd_v1"
+        """sd_v1, sd_v2, sd_v2_v (v-prediction)."""
         if self.kind == "sd2":
             return "sd_v2_v" if base.noise_scheduler.config.prediction_type == "v_prediction" else "sd_v2"
         return "sd_v1"

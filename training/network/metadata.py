@@ -30,6 +30,8 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
+from training.families.embedded import embedded_model_note
+
 # kohya's SS_METADATA_MINIMUM_KEYS: what loaders need to rebuild the network and classify the model.
 MINIMAL_METADATA_KEYS = (
     "ss_v2",
@@ -128,9 +130,11 @@ def modelspec(
     resolution: int,
     clip_skip: int,
     timestep_range: tuple[int, int] | None,
+    description: str | None = None,
 ) -> dict[str, str]:
     """The SAI model spec keys kohya writes for a LoRA of an ``architecture`` base model (the family's
-    name, e.g. ``stable-diffusion-xl-v1-base``); ``modelspec.date`` is local time."""
+    name, e.g. ``stable-diffusion-xl-v1-base``); ``modelspec.date`` is local time. ``description``
+    (``modelspec.description``) marks a LoRA of an embedded test or toy model as such."""
     spec = {
         "modelspec.sai_model_spec": MODELSPEC_VERSION,
         "modelspec.architecture": f"{architecture}/lora",
@@ -144,6 +148,8 @@ def modelspec(
         spec["modelspec.timestep_range"] = f"{timestep_range[0]},{timestep_range[1]}"
     if clip_skip > 1:
         spec["modelspec.encoder_layer"] = str(clip_skip)
+    if description:
+        spec["modelspec.description"] = description
     return spec
 
 
@@ -267,6 +273,7 @@ def training_metadata(
             resolution=trainer.resolution,
             clip_skip=cfg.model.clip_skip,
             timestep_range=timestep_range,
+            description=embedded_model_note(base.identity.get("source", ""), base.family.label),
         )
     )
     return {k: str(v) for k, v in metadata.items()}
