@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import base64
 import csv
+import gzip
 import io
 import re
 from pathlib import Path
@@ -10,6 +12,7 @@ from pathlib import Path
 import optuna
 import pytest
 from mlflow.tracking import MlflowClient
+from plotly.offline import get_plotlyjs
 
 from tests.conftest import run_cli
 
@@ -44,6 +47,28 @@ def runs_of(cwd: Path):
     return client, parents, children
 
 
+def report_of(stdout: str, client: MlflowClient, parent_id: str) -> str:
+    """The sweep report named on the terminal, checked to be the one on the parent run, self-contained
+    and small: one copy of plotly.js (gzip, base64) for every plot, nothing loaded from elsewhere."""
+    path = Path(re.search(r"\nSweep report \([^)]*\): (\S+report\.html) \(and sweep/report\.html", stdout)[1])
+    report = path.read_text()
+    assert Path(client.download_artifacts(parent_id, "sweep/report.html")).read_text() == report
+    assert report.count("id=plotly-js-gzip>") == 1 and "<script src=" not in report and "src='http" not in report
+    packed = report.split("id=plotly-js-gzip>")[1].split("<")[0]
+    assert gzip.decompress(base64.b64decode(packed)).decode() == get_plotlyjs()
+    assert report.count("class=figure") >= 2  # optimization history, parallel coordinates (+ importances)
+    assert len(report.encode()) < 2.5e6  # measured 2.0 MB; plotly.js alone is 4.8 MB uncompressed
+    return report
+
+
+def leaderboard(report: str) -> str:
+    return report.split("<h2>Leaderboard</h2>")[1].split("<h2>")[0]
+
+
+def grids(report: str) -> str:
+    return report.split("<h2>Sample grids</h2>")[1].split("<h2>")[0]
+
+
 @pytest.mark.slow
 def test_a_grid_over_dim_runs_exactly_those_trials_under_one_parent(tmp_path):
     done = sweep(tmp_path, "network.dim=4,8,16")
@@ -73,10 +98,18 @@ def test_a_grid_over_dim_runs_exactly_those_trials_under_one_parent(tmp_path):
         csv.DictReader(io.StringIO(Path(client.download_artifacts(parent.info.run_id, "sweep/trials.csv")).read_text()))
     )
     assert [row["state"] for row in table] == ["COMPLETE"] * 3
-    plots = {a.path for a in client.list_artifacts(parent.info.run_id, "sweep/plots")}
-    assert "sweep/plots/optimization_history.html" in plots
-    history = Path(client.download_artifacts(parent.info.run_id, "sweep/plots/optimization_history.html")).read_text()
-    assert "<script src=" not in history and "Plotly" in history  # plotly.js inside: works offline
+    # the report: every trial's row, grid and reproduce command, the plots on one copy of plotly.js
+    report = report_of(done.stdout, client, parent.info.run_id)
+    for trial in trials:
+        run_id = trial.user_attrs["mlflow_run_id"]
+        assert f"<td>{run_id}</td>" in leaderboard(report)
+        assert f"trial {trial.number}: network.dim={trial.params['network.dim']};" in grids(report)
+        assert re.search(rf"-m sweeper\.reproduce {run_id}(\n|</pre>)", report)
+    assert grids(report).count("<img src='data:image/") == 4  # the base model and each trial
+    assert f"cd {tmp_path} &amp;&amp; " in report and "-m sweeper -m train.max_steps=4 " in report
+    assert "network.dim=4,8,16</pre>" in report  # the resume command is the sweep's own
+    assert "eval.test_seed = 1234 in every column" in report
+    assert not client.list_artifacts(parent.info.run_id, "sweep/plots")  # no more 4.8 MB copy per plot
 
     experiment = client.get_experiment_by_name("lora-sweeper")
     assert experiment.tags["mlflow.experimentKind"] == "custom_model_development"  # a training experiment
@@ -203,6 +236,14 @@ def test_a_failing_trial_is_fail_and_the_sweep_goes_on(tmp_path):
     assert "loss became" in failed_run.data.tags["error"]
     table = Path(client.download_artifacts(parents[0].info.run_id, "sweep/trials.csv")).read_text()
     assert "FAIL" in table and "COMPLETE" in table
+    # the report lists the failure with its reason and shows the finished trial's grid only
+    report = report_of(done.stdout, client, parents[0].info.run_id)
+    failed_section = report.split("<h2 id=failed>")[1].split("<h2>")[0]
+    assert re.search(
+        rf"<td>{failed.number}</td><td>FAIL</td><td>optimizer.lr=1e\+30</td><td>[^<]*loss became", failed_section
+    )
+    assert f"trial {ok.number}: optimizer.lr=0.001;" in grids(report) and f"trial {failed.number}:" not in grids(report)
+    assert f"-m sweeper.reproduce {ok.user_attrs['mlflow_run_id']}" in report
 
 
 @pytest.mark.slow

@@ -45,6 +45,7 @@ from sweeper.search.planner import (
 )
 from sweeper.search.reconcile import close_trial_runs
 from sweeper.search.report import SweepSummary, log_parent_results, print_summary
+from sweeper.search.report_html import REPORT_ARTIFACT, Commands, resume_command, write_and_log_report
 from sweeper.search.settings import OptunaSweeperConf
 from sweeper.search.settings_verdict import (
     CELLS_ATTR,
@@ -80,7 +81,7 @@ from sweeper.search.study import (
 )
 from sweeper.search.workers import resolve_n_workers, run_workers
 from sweeper.signals import interruption_reason
-from sweeper.tracking import redact_password, start_run, ui_command
+from sweeper.tracking import default_tracking_uri, redact_password, start_run, ui_command
 
 
 class SweepFailedError(RuntimeError):
@@ -246,6 +247,7 @@ class OptunaSweep:
                     final = self._finished(study)
                     others = self._live_other_workers(study)
                 log_parent_results(parent, summary)
+                report = write_and_log_report(parent, summary, Path(cfg.hydra.sweep.dir), self._commands(parent))
                 print_summary(summary)
                 if not final and others:  # the last worker out finishes the parent run
                     parent.leave_running = True
@@ -257,8 +259,17 @@ class OptunaSweep:
                     print(f"MLflow parent run: {parent.run_id}")
                     best_first = (self.objectives[0], directions[0] == "maximize")
                     print(f"MLflow UI: {ui_command(parent.tracking_uri, parent.experiment_id, *best_first)}")
+                where = f" (and {REPORT_ARTIFACT} on the parent run)" if parent.run_id else ""
+                print(f"Sweep report (leaderboard, sample grids side by side, plots): {report}{where}")
             self._raise_if_incomplete(study)
         return returns
+
+    def _commands(self, parent: Any) -> Commands:
+        """The report's commands: this sweep again (resumes it), and a trial's reproduction from its record."""
+        cwd = self.outputs.parent
+        uri = parent.tracking_uri
+        suffix = f" --tracking-uri {redact_password(uri)}" if uri and uri != default_tracking_uri(self.outputs) else ""
+        return Commands(cwd, resume_command(self.config, cwd), suffix)
 
     def _live_other_workers(self, study: optuna.Study) -> int:
         """Workers other than this one that hold a RUNNING trial and are not known to be dead (on this

@@ -193,7 +193,7 @@ def print_summary(summary: SweepSummary) -> None:
 
 
 def log_parent_results(parent: Any, summary: SweepSummary) -> None:
-    """Best trial(s), the table of all trials and Optuna's plots on the sweep's parent run."""
+    """Best trial(s) and the table of all trials on the sweep's parent run (the plots are in the report)."""
     parent.log_text(summary.csv_text(), "sweep/trials.csv")
     best = summary.best_trials()
     payload = [
@@ -227,11 +227,11 @@ def log_parent_results(parent: Any, summary: SweepSummary) -> None:
         _log_front_grids(parent, best)
     states = [t.state for t in summary.trials()]
     parent.log_metrics({f"trials/{s.name.lower()}": float(states.count(s)) for s in TrialState})
-    _log_plots(parent, summary)
 
 
-def _log_plots(parent: Any, summary: SweepSummary) -> None:
-    """Optuna's plots as HTML artifacts, each only when it can be computed for this study."""
+def sweep_figures(summary: SweepSummary) -> dict[str, Any]:
+    """Optuna's plots (plotly figures) by name, each only when it can be computed for this study; the
+    report (``sweeper.search.report_html``) draws them all with one copy of plotly.js."""
     from optuna import visualization as vis
     from optuna.importance import PedAnovaImportanceEvaluator
 
@@ -247,16 +247,13 @@ def _log_plots(parent: Any, summary: SweepSummary) -> None:
     }
     if summary.multi_objective:
         plots["pareto_front"] = lambda: vis.plot_pareto_front(study, target_names=summary.objectives)
-    with tempfile.TemporaryDirectory() as tmp:
-        for plot_name, make in plots.items():
-            try:
-                figure = make()
-            except (ValueError, RuntimeError, ZeroDivisionError, ImportError) as error:
-                print(f"(plot {plot_name} skipped: {error})")
-                continue
-            path = Path(tmp) / f"{plot_name}.html"
-            figure.write_html(str(path), include_plotlyjs=True)  # self-contained: offline and in MLflow's preview
-            parent.log_artifact(path, "sweep/plots")
+    figures = {}
+    for plot_name, make in plots.items():
+        try:
+            figures[plot_name] = make()
+        except (ValueError, RuntimeError, ZeroDivisionError, ImportError) as error:
+            print(f"(plot {plot_name} skipped: {error})")
+    return figures
 
 
 def _log_front_grids(parent: Any, front: list[FrozenTrial]) -> None:
