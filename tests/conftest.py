@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
+import io
 import os
+import signal
 import subprocess
 import sys
 from collections.abc import Callable
@@ -13,7 +16,6 @@ from hydra import compose, initialize_config_dir
 from omegaconf import DictConfig
 
 os.environ["HF_HUB_OFFLINE"] = "1"
-
 from sweeper.config import register_configs, register_resolvers
 from tests.servers import (  # noqa: F401  (fixtures: a fresh database per test, a real mlflow server)
     mariadb_db,
@@ -23,6 +25,8 @@ from tests.servers import (  # noqa: F401  (fixtures: a fresh database per test,
     postgres_password_url,
     postgres_url,
 )
+
+pytest_plugins = ["tests.cpu_time"]  # per-test CPU seconds, the costliest listed at the end
 
 REPO = Path(__file__).resolve().parents[1]
 CONF_DIR = REPO / "conf"
@@ -68,6 +72,37 @@ def make_cfg(tmp_path: Path) -> Callable[..., DictConfig]:
         return compose_config(base + (FAST if fast else []) + list(overrides))
 
     return make
+
+
+def run_main(*args: str, cwd: Path) -> subprocess.CompletedProcess:
+    """``python -m sweeper ARGS`` inside this process: the same entry point, output and exit status as
+    ``run_cli``, without a new interpreter's ~10 CPU-s of imports and with the loaded models reused.
+
+    For tests of what a run or sweep does; a test of the command line itself, signals or several
+    processes uses ``run_cli``.
+    """
+    import sweeper.__main__ as cli
+    from sweeper.credentials import move_passwords_to_env
+
+    saved = (os.getcwd(), sys.argv[:], dict(os.environ), signal.getsignal(signal.SIGTERM))
+    out, err, status = io.StringIO(), io.StringIO(), 0
+    try:
+        os.chdir(cwd)
+        sys.argv[:] = move_passwords_to_env(["sweeper", *args])  # as __main__ does at import
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            try:
+                cli.entry()
+            except SystemExit as exit_:
+                if isinstance(exit_.code, str):
+                    print(exit_.code, file=sys.stderr)
+                status = exit_.code if isinstance(exit_.code, int) else (0 if exit_.code is None else 1)
+    finally:
+        os.chdir(saved[0])
+        sys.argv[:] = saved[1]
+        os.environ.clear()
+        os.environ.update(saved[2])
+        signal.signal(signal.SIGTERM, saved[3])
+    return subprocess.CompletedProcess(["python", "-m", "sweeper", *args], status, out.getvalue(), err.getvalue())
 
 
 def run_cli(*args: str, cwd: Path, timeout: int = 900) -> subprocess.CompletedProcess:

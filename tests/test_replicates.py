@@ -16,7 +16,7 @@ from sweeper import reproduce
 from sweeper.fingerprint import file_sha256
 from sweeper.replicates import replicate_seeds
 from sweeper.search.settings_verdict import CELLS_ATTR
-from tests.conftest import run_cli
+from tests.conftest import run_cli, run_main
 from tests.test_sweep_faults import QUICK, Sweep, mlflow_runs, study_of
 from training.network.file import lora_identity
 
@@ -127,7 +127,7 @@ QUICK_SWEEP = [*QUICK, "train.max_steps=4", "eval.images_per_prompt=2", "eval.pr
 
 @pytest.mark.slow
 def test_an_aa_sweep_with_replicates_compares_settings_over_seeds(tmp_path):
-    done = run_cli("-m", *QUICK_SWEEP, "sweep.label=a,b,c", "hydra.sweeper.replicates=2", cwd=tmp_path)
+    done = run_main("-m", *QUICK_SWEEP, "sweep.label=a,b,c", "hydra.sweeper.replicates=2", cwd=tmp_path)
     assert done.returncode == 0, done.stderr[-3000:]
     study = study_of(tmp_path)
     trials = study.get_trials()
@@ -157,7 +157,7 @@ def test_an_aa_sweep_with_replicates_compares_settings_over_seeds(tmp_path):
 
 @pytest.mark.slow
 def test_a_one_seed_sweep_makes_no_claim_between_settings(tmp_path):
-    done = run_cli("-m", *QUICK_SWEEP, "train.seed=1,2,3", cwd=tmp_path)
+    done = run_main("-m", *QUICK_SWEEP, "train.seed=1,2,3", cwd=tmp_path)
     assert done.returncode == 0, done.stderr[-3000:]
     assert "No verdict between settings: each was trained on one seed" in done.stdout
     assert "seed SD of one run's clip_score, from trials that differ only in train.seed" in done.stdout
@@ -193,7 +193,7 @@ def test_an_interrupted_setting_resumes_without_retraining_its_finished_seeds(tm
 
 @pytest.mark.slow
 def test_a_racing_sweep_gives_the_leader_every_seed_and_reports_the_saving(tmp_path):
-    done = run_cli(
+    done = run_main(
         "-m",
         *QUICK_SWEEP,
         "network.dim=2,4,8",
@@ -255,9 +255,9 @@ def test_race_step_drops_a_setting_significantly_worse_and_extends_the_others():
 
 
 def test_racing_needs_a_grid_and_at_least_three_replicates(tmp_path):
-    done = run_cli("-m", *QUICK_SWEEP, "network.dim=4,8", "hydra.sweeper.racing=true", cwd=tmp_path)
+    done = run_main("-m", *QUICK_SWEEP, "network.dim=4,8", "hydra.sweeper.racing=true", cwd=tmp_path)
     assert done.returncode == 2 and "set hydra.sweeper.replicates=3 or more" in done.stderr
-    done = run_cli(
+    done = run_main(
         "-m",
         *QUICK_SWEEP,
         "optimizer.lr=interval(1e-4,1e-3)",
