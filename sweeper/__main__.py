@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
+import os
 import sys
+from collections.abc import Iterator
 from typing import Any
 
 import hydra
@@ -16,6 +19,15 @@ from sweeper.versions import check_versions_or_exit
 # Before Hydra sees the command line: a URL's password moves into the environment, so that no
 # .hydra file, multirun.yaml, MLflow param or artifact, log or terminal line can show it.
 sys.argv[:] = move_passwords_to_env(sys.argv)
+
+# Only light modules are imported until a run starts: --help, a misspelt key and a refused override
+# answer in about a second, without torch, diffusers, transformers or mlflow (the task imports those).
+check_versions_or_exit()  # before the libraries it checks are imported
+
+from sweeper.config import PROJECT_ROOT, register_configs, register_resolvers  # noqa: E402
+
+register_resolvers()
+register_configs()
 
 
 def quiet_libraries() -> None:
@@ -32,24 +44,17 @@ def quiet_libraries() -> None:
         logging.disable_progress_bar()
 
 
-check_versions_or_exit()  # before the libraries it checks are imported
-quiet_libraries()
-
-from sweeper.config import register_configs, register_resolvers  # noqa: E402
-from sweeper.tracking_store import TrackingUnavailableError  # noqa: E402
-from sweeper.validate import ConfigError  # noqa: E402
-
-register_resolvers()
-register_configs()
-
-
-@hydra.main(version_base="1.3", config_path="../conf", config_name="config")
+# An absolute path: run as the lora-sweeper script, Hydra would look for "../conf" as a Python package.
+@hydra.main(version_base="1.3", config_path=str(PROJECT_ROOT / "conf"), config_name="config")
 def main(cfg: DictConfig) -> dict[str, Any]:
     """One run. In a sweep (``-m``) each trial is this same function; errors then fail the trial only."""
-    from sweeper.task import run  # heavy imports only once the config composed
+    quiet_libraries()  # heavy imports only once the config composed, and silenced before they load
+    from sweeper.task import run
+    from sweeper.tracking_store import TrackingUnavailableError
+    from sweeper.validate import ConfigError
+    from training.network.file import LoraNotSavedError
 
     hydra_cfg = HydraConfig.get()
-    from training.network.file import LoraNotSavedError
 
     try:
         result = run(cfg, overrides=list(hydra_cfg.overrides.task))
@@ -98,16 +103,71 @@ def main(cfg: DictConfig) -> dict[str, Any]:
     return returned
 
 
+def command_line_problems(args: Any) -> list[str]:
+    """Unknown keys and group options among the overrides, before Hydra composes (sweeper/cli_overrides.py).
+
+    Left to Hydra: shell completion (it queries half-typed words) and another primary config
+    (``--config-name``, ``--config-path``), which the schema does not describe.
+    """
+    from sweeper.cli_overrides import override_problems
+
+    if args is None or args.shell_completion or args.config_name or args.config_path or args.experimental_rerun:
+        return []
+    return override_problems(args.overrides, groups={} if args.config_dir else None)
+
+
+def _parsed_args(argv: list[str]) -> Any:
+    """Hydra's own reading of the command line; None where it refuses it (Hydra then says why)."""
+    from hydra._internal.utils import get_args_parser
+
+    try:
+        return get_args_parser().parse_known_args(argv)[0]
+    except SystemExit:
+        return None
+
+
+@contextlib.contextmanager
+def _help_without_group_listings(enabled: bool) -> Iterator[None]:
+    """Hydra's ``--help`` lists every config group twice ($APP_CONFIG_GROUPS, $HYDRA_CONFIG_GROUPS)
+    whether or not the template shows them, and each group's listing deep-copies the whole
+    ConfigStore: about 2 of --help's 3 seconds. Our template (conf/config.yaml) uses neither: it
+    lists the groups itself (``${option_groups:}``). ``--hydra-help``'s template does use them."""
+    from hydra._internal.hydra import Hydra
+
+    original = getattr(Hydra, "format_config_groups", None)
+    if not enabled or original is None:
+        yield
+        return
+    Hydra.format_config_groups = lambda self, predicate, compact=True: ""  # type: ignore[method-assign]
+    try:
+        yield
+    finally:  # the class is Hydra's: a test calling entry() in-process gets it back unchanged
+        Hydra.format_config_groups = original  # type: ignore[method-assign]
+
+
 def entry() -> None:
     """``main`` with SIGTERM handled like Ctrl-C, and the shell's exit status for each (130, 143)."""
+    from sweeper.cli_overrides import unknown_names_message
     from sweeper.signals import exit_status, handle_sigterm, interruption_reason
 
     handle_sigterm()
+    args = _parsed_args(sys.argv[1:])
+    problems = command_line_problems(args)
+    if problems:
+        print(unknown_names_message(problems), file=sys.stderr)
+        sys.exit(2)
+    shows_only = args is not None and (args.help or args.hydra_help or args.cfg or args.info or args.shell_completion)
+    if args is not None and args.multirun and not shows_only:
+        quiet_libraries()  # the sweeper loads the task's modules before its first trial calls main
     try:
-        main()
+        with _help_without_group_listings(args is not None and args.help and not args.hydra_help):
+            main()
     except KeyboardInterrupt as interrupted:
         print(f"\nStopped: {interruption_reason(interrupted)}", file=sys.stderr)
         sys.exit(exit_status(interrupted))
+    except BrokenPipeError:  # ``lora-sweeper --help | head``: the reader left, which is no error of ours
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # Python's exit flush would fail again
+        sys.exit(1)
 
 
 if __name__ == "__main__":

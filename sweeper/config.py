@@ -1,8 +1,10 @@
 """Typed schemas of every config group, registered in Hydra's ConfigStore.
 
 Each group's YAML options in ``conf/<group>/`` extend the schema ``base_<group>`` through their
-defaults list, and the root schema types the whole tree, so a typo'd key or a value of the wrong
-type fails when Hydra composes the config, naming the key.
+defaults list (``- /base_<group>``), and the root schema types the whole tree, so a typo'd key or a
+value of the wrong type fails when Hydra composes the config, naming the key. The schemas live at
+the root of the ConfigStore, not in their group: Hydra lists every config of a group as one of its
+options (``optimizer=adamm``'s error, shell completion), and a schema is not an option.
 """
 
 from __future__ import annotations
@@ -289,33 +291,72 @@ GROUP_SCHEMAS: dict[str, type] = {
 
 
 def register_configs() -> None:
-    """Put the root schema and one ``base_<group>`` schema per group into the ConfigStore."""
+    """Put the root schema and one ``base_<group>`` schema per group into the ConfigStore's root."""
     store = ConfigStore.instance()
     store.store(name="base_config", node=Config)
     for group, schema in GROUP_SCHEMAS.items():
-        store.store(group=group, name=f"base_{group}", node=schema)
+        store.store(name=f"base_{group}", node=schema)
+
+
+# Groups outside the defaults list: presets added with a + (``+experiment=example``, ``+search=lr_grid``).
+ADDED_GROUPS = ("experiment", "search")
+
+
+def group_options(conf: Path = PROJECT_ROOT / "conf") -> dict[str, list[str]]:
+    """Each option group under conf/ and its options (the YAML files), sorted."""
+    groups = {group.name: sorted(f.stem for f in group.glob("*.yaml")) for group in conf.iterdir() if group.is_dir()}
+    return {name: options for name, options in sorted(groups.items()) if options}
 
 
 def option_groups() -> str:
-    """``--help``'s list of option groups and their options: the YAML files under conf/, without the
-    typed schemas (``base_<group>``) Hydra would list beside them, which are not options."""
-    conf = PROJECT_ROOT / "conf"
-    lines = []
-    for group in sorted(p for p in conf.iterdir() if p.is_dir()):
-        options = sorted(f.stem for f in group.glob("*.yaml"))
-        if options:  # presets outside the defaults list are added with a +
-            name = f"+{group.name}" if group.name in ("experiment", "search") else group.name
-            lines.append(f"  {name}: {', '.join(options)}")
-    return "\n".join(lines)
+    """``--help``'s list of option groups and their options, the presets added with a +."""
+    return "\n".join(
+        f"  {'+' if group in ADDED_GROUPS else ''}{group}: {', '.join(options)}"
+        for group, options in group_options().items()
+    )
+
+
+# Keys Hydra fills while a run starts: --help shows what they become instead of the interpolation.
+_RUN_TIME_VALUES = {"${hydra:runtime.output_dir}": "outputs/runs/DATE/TIME (in a sweep outputs/multirun/DATE/TIME/N)"}
+_INTERNAL_SECTIONS = ("hydra", "sweep", "defaults")  # Hydra's own node, the sweeper's per-trial fields, the defaults
+
+
+def help_config(_root_: Any) -> str:
+    """``--help``'s config: the keys a user sets, with their values as a run sees them.
+
+    ``sweep`` (filled by the Optuna sweeper for each trial) and Hydra's own node are left out, and
+    interpolations are shown resolved (``${project_path:data/sample}`` as the folder it names).
+    """
+    shown = OmegaConf.masked_copy(_root_, [k for k in _root_ if k not in _INTERNAL_SECTIONS])
+    tree = _resolved_for_help(OmegaConf.to_container(shown, resolve=False), shown, "")
+    # string.Template substitutes Hydra's $FLAGS_HELP after this text is in the template: $ is escaped
+    return OmegaConf.to_yaml(tree).rstrip("\n").replace("$", "$$")
+
+
+def _resolved_for_help(tree: Any, cfg: Any, key: str) -> Any:
+    if isinstance(tree, dict):
+        return {k: _resolved_for_help(v, cfg, f"{key}.{k}" if key else str(k)) for k, v in tree.items()}
+    if isinstance(tree, list):
+        return [_resolved_for_help(v, cfg, f"{key}.{i}") for i, v in enumerate(tree)]
+    if isinstance(tree, str) and "${" in tree:
+        if tree in _RUN_TIME_VALUES:
+            return _RUN_TIME_VALUES[tree]
+        try:
+            return OmegaConf.select(cfg, key, throw_on_missing=True)
+        except Exception:  # an interpolation only a run can resolve: named, without the ${...} syntax
+            return f"<set at run time: {tree[2:-1]}>"
+    return tree
 
 
 def register_resolvers() -> None:
     """``${project_path:data/sample}``: a path inside this checkout, whatever the working directory;
-    ``${option_groups:}``: the option groups for ``--help``."""
+    ``${option_groups:}`` and ``${help_config:}``: the option groups and the config for ``--help``."""
     if not OmegaConf.has_resolver("project_path"):
         OmegaConf.register_new_resolver("project_path", lambda relative: str(PROJECT_ROOT / relative))
     if not OmegaConf.has_resolver("option_groups"):
         OmegaConf.register_new_resolver("option_groups", option_groups)
+    if not OmegaConf.has_resolver("help_config"):
+        OmegaConf.register_new_resolver("help_config", help_config)
 
 
 register_resolvers()

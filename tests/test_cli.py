@@ -59,6 +59,11 @@ def test_a_missing_folder_stops_before_training(tmp_path):
     assert done.returncode == 2
     assert "data.train_dir" in done.stderr and "absent" in done.stderr
     assert "train:" not in done.stderr
+    # nothing but the problems: the libraries' load chatter (transformers' torchvision warning) is
+    # silenced before the task imports them
+    lines = done.stderr.strip().splitlines()
+    assert lines[0] == "1 problem(s) in the config, nothing was trained:", done.stderr[-2000:]
+    assert all(line.startswith("  - ") for line in lines[1:]), done.stderr[-2000:]
 
 
 def test_help_lists_the_option_groups_without_the_internal_schemas(tmp_path):
