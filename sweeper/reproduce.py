@@ -9,6 +9,9 @@ which the output and the new run's tags say.
 A reproduction matches when the LoRA's tensors are bit-identical and its metadata equal except the
 keys that record when and by which run it was written (``VOLATILE_METADATA_KEYS``: start/finish
 times, date, session and run id); the comparison names those keys.
+
+The arguments are parsed before torch, diffusers or mlflow is imported (``--help`` and a mistyped path
+answer at once): those imports live in the functions that use them.
 """
 
 from __future__ import annotations
@@ -24,13 +27,7 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
-from sweeper.config import Config, SweepConfig, TrackingConfig, register_resolvers
 from sweeper.credentials import move_passwords_to_env, with_credentials
-from sweeper.fingerprint import PACKAGES, changed_files, code_version, dataset_fingerprint
-from sweeper.validate import ConfigError
-from sweeper.versions import check_versions_or_exit
-from training.network.file import lora_identity, read_metadata
-from training.network.metadata import CONFIG_KEY, RUN_ID_KEY, VOLATILE_METADATA_KEYS
 
 COMPARED = ("clip_score", "clip_score_baseline", "train/final_loss", "train/steps_done")
 
@@ -51,6 +48,7 @@ class Source:
     fingerprint: dict[str, Any] | None = None
     lora_identity: dict[str, str] = field(default_factory=dict)  # tensors_sha256, metadata_sha256
     lora_metadata: dict[str, str] | None = None
+    run_id: str | None = None  # the MLflow run it was, where known (names the reproduction's folder)
 
 
 def load_source(source: str, tracking_uri: str | None) -> Source:
@@ -59,12 +57,33 @@ def load_source(source: str, tracking_uri: str | None) -> Source:
         return _from_folder(path)
     if path.is_file():
         return _from_lora_file(path, tracking_uri or _default_uri())
+    if looks_like_a_path(source):  # a mistyped file or folder, not a run id to look up (and no store created)
+        raise ReproduceError(missing_path(source))
     return _from_mlflow(source, tracking_uri or _default_uri())
+
+
+def looks_like_a_path(source: str) -> bool:
+    """Whether ``source`` is meant as a file or folder: MLflow run ids are hex digits, without a ``/``, ``\\``,
+    ``~``, leading ``.`` or file extension."""
+    return any(sep in source for sep in "/\\") or source.startswith(("~", ".")) or bool(Path(source).suffix)
+
+
+def missing_path(source: str) -> str:
+    return f"no such file: {source} (nor a folder); give an existing LoRA file or run folder, or an MLflow run id"
+
+
+def output_folder_name(source: Source) -> str:
+    """The reproduction's folder under ``outputs/reproduce/``: the run id, else the LoRA file's stem."""
+    return source.run_id or Path(source.label).stem or "reproduction"
 
 
 def _from_lora_file(path: Path, tracking_uri: str) -> Source:
     """The run a LoRA file names (``lora_sweeper_run_id``), else the config the file carries."""
     from safetensors import SafetensorError
+
+    from sweeper.config import TrackingConfig
+    from training.network.file import lora_identity, read_metadata
+    from training.network.metadata import CONFIG_KEY, RUN_ID_KEY
 
     try:
         metadata = read_metadata(path)
@@ -94,6 +113,7 @@ def _from_lora_file(path: Path, tracking_uri: str) -> Source:
         lora_sha256=None,
         lora_identity=lora_identity(path),
         lora_metadata=metadata,
+        run_id=run_id or None,
     )
 
 
@@ -102,6 +122,8 @@ def _default_uri() -> str:
 
 
 def _from_folder(folder: Path) -> Source:
+    from training.network.file import read_metadata
+
     config_file = folder / ".hydra" / "config.yaml"
     if not config_file.is_file():
         raise ReproduceError(f"{folder} has no .hydra/config.yaml: give a Hydra run folder or an MLflow run id")
@@ -117,6 +139,7 @@ def _from_folder(folder: Path) -> Source:
         lora_sha256=record.get("lora_sha256"),
         lora_identity={k: record[f"lora_{k}"] for k in IDENTITY if f"lora_{k}" in record},
         lora_metadata=read_metadata(lora_file) if lora_file.suffix == ".safetensors" and lora_file.is_file() else None,
+        run_id=record.get("mlflow_run_id"),
     )
 
 
@@ -124,8 +147,8 @@ def _from_mlflow(run_id: str, tracking_uri: str) -> Source:
     from mlflow.exceptions import MlflowException
     from mlflow.tracking import MlflowClient
 
-    client = MlflowClient(with_credentials(tracking_uri))
     try:
+        client = MlflowClient(with_credentials(tracking_uri))  # a store it cannot open (a file store) raises too
         run = client.get_run(run_id)
     except MlflowException as error:
         raise ReproduceError(
@@ -137,7 +160,7 @@ def _from_mlflow(run_id: str, tracking_uri: str) -> Source:
     tags = dict(run.data.tags)
     identity = {k: tags[f"lora.{k}"] for k in IDENTITY if f"lora.{k}" in tags}
     return Source(
-        run_id, config, dict(run.data.metrics), tags.get("lora.sha256"), tags, fingerprint, identity, metadata
+        run_id, config, dict(run.data.metrics), tags.get("lora.sha256"), tags, fingerprint, identity, metadata, run_id
     )
 
 
@@ -157,6 +180,8 @@ def _artifact_json(client: Any, run_id: str, name: str, folder: str) -> Any:
 
 def build_config(source: Source, overrides: list[str], output_dir: Path) -> DictConfig:
     """The logged config on the typed schema, as a single run, with any overrides applied last."""
+    from sweeper.config import Config, SweepConfig
+
     loaded = OmegaConf.create(source.config)
     loaded.sweep = OmegaConf.structured(SweepConfig())
     loaded.output.dir = str(output_dir)
@@ -176,6 +201,7 @@ def has_final_result(source: Source) -> bool:
 
 def environment_warnings(source: Source, cfg: DictConfig) -> list[str]:
     """What differs from the original run besides the config: data files, code, packages."""
+    from sweeper.fingerprint import PACKAGES, changed_files, code_version, dataset_fingerprint
     from training.data.dataset import scan_dataset
 
     warnings = []
@@ -201,6 +227,8 @@ def comparison(
     source: Source, metrics: dict[str, float], lora_path: Path, lora_sha256: str
 ) -> list[tuple[str, Any, Any, float | None]]:
     """Rows of (what, original, reproduced, difference); the LoRA rows are 0 (identical) or inf."""
+    from training.network.file import lora_identity
+
     rows: list[tuple[str, Any, Any, float | None]] = []
     for name in COMPARED:
         if name in source.metrics and name in metrics:
@@ -220,6 +248,9 @@ def metadata_differences(source: Source, lora_path: Path) -> tuple[list[str], li
     """(keys that differ only as times/run ids do, keys that differ otherwise) between the two LoRA files."""
     if source.lora_metadata is None or lora_path.suffix != ".safetensors":
         return [], []
+    from training.network.file import read_metadata
+    from training.network.metadata import VOLATILE_METADATA_KEYS
+
     new = read_metadata(lora_path)
     keys = sorted(k for k in set(source.lora_metadata) | set(new) if source.lora_metadata.get(k) != new.get(k))
     return [k for k in keys if k in VOLATILE_METADATA_KEYS], [k for k in keys if k not in VOLATILE_METADATA_KEYS]
@@ -237,7 +268,16 @@ def main(argv: list[str] | None = None) -> int:
     # a URL's password (--tracking-uri, overrides) moves into the environment before anything can print or log it
     args = parser.parse_intermixed_args(move_passwords_to_env(sys.argv[1:] if argv is None else argv))
 
-    check_versions_or_exit()
+    if looks_like_a_path(args.source) and not Path(args.source).exists():  # said at once, before heavy imports
+        print(f"error: {missing_path(args.source)}", file=sys.stderr)
+        return 2
+    from sweeper.versions import check_versions_or_exit
+
+    check_versions_or_exit()  # before the libraries it checks are imported
+    _quiet_libraries()
+    from sweeper.config import register_resolvers
+    from sweeper.validate import ConfigError
+
     register_resolvers()
     try:
         source = load_source(args.source, args.tracking_uri)
@@ -253,8 +293,8 @@ def main(argv: list[str] | None = None) -> int:
             file=sys.stderr,
         )
         return 2
-    label = Path(args.source).name if Path(args.source).exists() else args.source
-    output_dir = Path(args.output_dir or Path("outputs") / "reproduce" / label / time.strftime("%Y-%m-%d_%H-%M-%S"))
+    default = Path("outputs") / "reproduce" / output_folder_name(source) / time.strftime("%Y-%m-%d_%H-%M-%S")
+    output_dir = Path(args.output_dir or default)
     cfg = build_config(source, args.overrides, output_dir.resolve())
     if args.tracking_uri:
         cfg.tracking.uri = args.tracking_uri
@@ -266,10 +306,8 @@ def main(argv: list[str] | None = None) -> int:
         + (f" with {args.overrides}" if variation else "")
     )
 
-    from sweeper.__main__ import quiet_libraries
     from sweeper.task import run
 
-    quiet_libraries()
     tags = {"reproduces": source.label, "reproduce.variation": str(variation).lower()}
     try:
         result = run(cfg, overrides=list(args.overrides), extra_tags=tags)
@@ -303,6 +341,14 @@ def main(argv: list[str] | None = None) -> int:
         note = " (bit-identical LoRA file)" if source.lora_sha256 else ""
     print("Reproduced within --tolerance" + note)
     return 0
+
+
+def _quiet_libraries() -> None:
+    """The libraries' load chatter off before they are first imported, as ``python -m sweeper`` does (the
+    transformers warning that torchvision is missing: the PIL image processors are used on purpose)."""
+    from sweeper.__main__ import quiet_libraries
+
+    quiet_libraries()
 
 
 if __name__ == "__main__":

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shlex
 import shutil
 import subprocess
 import sys
@@ -16,7 +17,7 @@ from omegaconf import OmegaConf
 from sweeper.import_kohya import ImportResult, import_config, main, write_experiment, yaml_value
 from sweeper.kohya_import.machine import check_here
 from sweeper.validate import validate
-from tests.conftest import CONF_DIR, FAST, REPO, compose_config, run_cli
+from tests.conftest import CONF_DIR, REPO, compose_config, run_cli
 
 DATA = Path(__file__).parent / "data"
 KOHYA_TOML = DATA / "kohya_lora.toml"
@@ -278,8 +279,8 @@ def test_lora_easy_report_lists_unmapped_and_empty_options():
     mapped = {(m.source, m.target) for m in result.mapped}
     assert ("net_dim", "network.dim") in mapped and ("test_seed", "train.seed") in mapped
     data = json.loads(LORA_EASY_JSON.read_text())
-    everything = sources(result.mapped) | sources(result.unmapped) | sources(result.empty)
-    assert set(data) - {"optimizer_args"} <= everything
+    assert set(data) - {"optimizer_args"} <= reported(result)
+    assert "output_folder" in sources(result.here), "/out/chara: a folder of the machine the file was written on"
     report = result.report()
     assert "Not mapped (3)" in report and "face_crop_aug_range" in report and "save_json_folder" in report
 
@@ -525,13 +526,14 @@ def test_what_cannot_run_without_cuda_is_reported_with_the_override(tmp_path):
     )
     assert here["general_args.args.xformers"][1] == "model.attention=sdpa"
     assert "not on this machine" in here["general_args.args.pretrained_model_name_or_path"][0]
+    assert here["general_args.args.pretrained_model_name_or_path"][1] == "model=toy"
     assert "data.train_dir=<your images>" in here["subsets[0].image_dir"][0]
-    assert result.overrides_here == ["optimizer=adamw", "precision=fp32", "model.attention=sdpa"]
+    assert here["subsets[0].image_dir"][1] == f"data.train_dir={SAMPLE}"
+    cuda_free = ["optimizer=adamw", "precision=fp32", "model.attention=sdpa"]
+    assert result.overrides_here == [*cuda_free, "model=toy", f"data.train_dir={SAMPLE}"]
     report = result.report(name="easy")
     assert "On this machine (6):" in report
-    assert (
-        "Run it here: python -m sweeper +experiment=easy optimizer=adamw precision=fp32 model.attention=sdpa" in report
-    )
+    assert f"Run it here: python -m sweeper +experiment=easy {' '.join(cuda_free)} model=toy" in report
 
     plain = tmp_path / "plain.toml"  # nothing CUDA-only: nothing to report about it
     plain.write_text("optimizer_type = 'AdamW'\nmixed_precision = 'bf16'\nsdpa = true\n")
@@ -548,6 +550,120 @@ def test_an_output_folder_is_written_only_where_runs_can_write(tmp_path):
     result = import_config(config)
     assert "output.dir" not in result.values
     assert "left out" in {o.source: o.reason for o in result.here}["output_dir"]
+
+
+def run_it_here(report: str, name: str) -> list[str]:
+    """The overrides of the report's "Run it here" line, as the shell would split them."""
+    line = next(line for line in report.splitlines() if line.startswith("Run it here: "))
+    words = shlex.split(line.removeprefix("Run it here: "))
+    assert words[:4] == ["python", "-m", "sweeper", f"+experiment={name}"]
+    return words[4:]
+
+
+def test_run_it_here_passes_startup_validation_as_printed(tmp_path):
+    """The model and the images of the file's machine are replaced in the printed command, so it runs first time
+    (composed and validated in-process: every startup check, nothing trained)."""
+    result = import_config(LORA_EASY_TOML)  # nai-fp16.safetensors and the images are on F:/ of another machine
+    overrides = run_it_here(result.report(name="easy"), "easy")
+    assert "model=toy" in overrides and f"data.train_dir={SAMPLE}" in overrides
+    where = [f"output.dir={tmp_path / 'out'}", f"tracking.uri=sqlite:///{tmp_path / 'mlflow.db'}"]  # the run folder
+    _, cfg = write_and_compose(result, tmp_path, "easy", *overrides, *where)
+    assert cfg.model.source == "toy" and cfg.data.train_dir == str(SAMPLE)
+    validate(cfg)  # raises ConfigError naming every problem
+
+
+def test_missing_subset_folders_are_replaced_by_the_sample_in_run_it_here(tmp_path):
+    config = tmp_path / "subsets.toml"
+    config.write_text(
+        "[[datasets]]\n[[datasets.subsets]]\nimage_dir = '/nowhere/a'\nclass_tokens = 'a'\n"
+        "[[datasets.subsets]]\nimage_dir = '/nowhere/b'\nnum_repeats = 3\n"
+    )
+    result = import_config(config)
+    overrides = run_it_here(result.report(name="subsets"), "subsets")
+    assert overrides == ["data.subsets=[]", f"data.train_dir={SAMPLE}", "data.caption_extension=.txt"]
+    where = [f"output.dir={tmp_path / 'out'}", f"tracking.uri=sqlite:///{tmp_path / 'mlflow.db'}", "model=tiny"]
+    _, cfg = write_and_compose(result, tmp_path, "subsets", *overrides, *where)
+    assert list(cfg.data.subsets) == [] and cfg.data.caption_extension == ".txt"
+
+
+def test_an_output_dir_of_another_machine_is_reported_and_left_out(tmp_path):
+    """``/home/me/lora/out`` on a machine without ``/home/me/lora``: not created here, runs use their run folder."""
+    elsewhere = tmp_path / "home" / "me" / "lora" / "out"
+    config = tmp_path / "out.toml"
+    config.write_text(f"output_dir = '{elsewhere}'\n")
+    result = import_config(config)
+    assert "output.dir" not in result.values
+    reason = {o.source: o.reason for o in result.here}["output_dir"]
+    assert f"its parent folder '{elsewhere.parent}' does not exist on this machine" in reason
+    assert "runs write to their run folder" in reason
+    assert not (tmp_path / "home").exists(), "nothing of the other machine's folder was made here"
+    _, cfg = write_and_compose(result, tmp_path / "conf", "out")
+    assert OmegaConf.to_container(cfg.output, resolve=False)["dir"] == "${hydra:runtime.output_dir}"  # the default
+
+    (tmp_path / "home" / "me" / "lora").mkdir(parents=True)  # its parent is here: the folder is made at startup
+    assert import_config(config).values["output.dir"] == str(elsewhere)
+
+
+def test_clip_skip_on_the_built_in_model_is_warned_about(tmp_path):
+    config = tmp_path / "skip.toml"
+    config.write_text("clip_skip = 2\n")  # no model: the default toy base model, trained on the last layer
+    result = import_config(config)
+    (warning,) = result.warnings
+    assert warning.source == "clip_skip" and "model.clip_skip=2 with model=toy" in warning.message
+    assert "never saw" in warning.message and "Turn it off with model.clip_skip=1" in warning.message
+    assert "Warnings (1):\n  clip_skip: model.clip_skip=2" in result.report(name="skip")
+    assert "# Warnings (see the import report):" in result.yaml("skip")
+
+    result = import_config(LORA_EASY_TOML)  # its model is not here: Run it here trains the toy model instead
+    (warning,) = result.warnings
+    assert "with model=toy (Run it here's)" in warning.message
+
+    model = tmp_path / "sd15"
+    model.mkdir()  # a model here: clip_skip=2 is the file's choice for it
+    config.write_text(f"clip_skip = 2\npretrained_model_name_or_path = '{model}'\n")
+    assert import_config(config).warnings == []
+    config.write_text("clip_skip = 1\n")
+    assert import_config(config).warnings == []
+
+
+def test_captions_from_class_tokens_are_printed_and_written_with_the_experiment(tmp_path):
+    images = tmp_path / "chara"
+    images.mkdir()
+    for stem in ("star_000", "star_001", "star_002"):
+        shutil.copy(SAMPLE / "10_star" / f"{stem}.png", images)
+    shutil.copy(SAMPLE / "10_star" / "star_000.txt", images)  # one captioned, two not
+    config = tmp_path / "chara.toml"
+    config.write_text(
+        f"[[subsets]]\nimage_dir = '{images}'\nclass_tokens = 'chara girl'\ncaption_extension = '.txt'\n"
+        "[[subsets]]\nimage_dir = '/nowhere/reg'\nclass_tokens = 'girl'\nis_reg = true\n"
+    )
+    result = import_config(config)
+    report, written = result.report(name="chara"), result.yaml("chara")
+    mine = f'{images}: images without a .txt caption file are captioned "chara girl" (subsets[0].class_tokens; '
+    assert f"Captions from class_tokens (2):\n  {mine}2 image(s) there have none now)" in report
+    assert '/nowhere/reg: images without a .caption caption file are captioned "girl"' in report
+    assert "not on this machine to count" in report
+    assert f"# Captions from class_tokens (see the import report):\n#   {mine}2 image(s)" in written
+
+
+def test_a_warm_up_fraction_is_read_as_one_and_its_problem_says_so(tmp_path):
+    """kohya's lr_warmup_steps < 1 is a ratio, as scheduler.warmup_steps < 1 is: a warm-up that covers the run
+    is not told to 'give a fraction' when it is one."""
+    from training.optim import scheduler_problems
+
+    config = tmp_path / "warm.toml"
+    config.write_text("lr_scheduler = 'cosine'\nlr_warmup_steps = 0.5\nmax_train_steps = 1\n")
+    result = import_config(config)
+    (mapped,) = [m for m in result.mapped if m.source == "lr_warmup_steps"]
+    assert mapped.value == 0.5 and "fraction of the total steps, in sd-scripts too" in mapped.note
+    _, cfg = write_and_compose(result, tmp_path, "warm")
+    (problem,) = scheduler_problems(cfg.scheduler, cfg.train.max_steps)
+    assert "fraction such as" not in problem
+    assert problem.startswith("scheduler.warmup_steps=0.5 is a fraction of the run: 1 warm-up step(s) of its 1")
+    assert "train more steps (train.max_steps), or set it to 0" in problem
+    assert scheduler_problems(cfg.scheduler, total_steps=4) == []  # 2 of 4 steps
+    (problem,) = scheduler_problems(OmegaConf.merge(cfg.scheduler, {"warmup_steps": 0.9}), total_steps=4)
+    assert "4 warm-up step(s) of its 4" in problem and "lower it below 0.875" in problem
 
 
 @pytest.mark.parametrize(
@@ -574,16 +690,16 @@ def test_an_imported_experiment_runs_on_the_bundled_data(tmp_path):
     write_experiment(result, "easy", tmp_path / "conf" / "experiment")
     given = ["+experiment=easy", f"hydra.searchpath=[file://{tmp_path / 'conf'}]", "model=tiny", "eval.clip_model=tiny"]
     given.append(f"data.train_dir={SAMPLE}")
-    short = [
-        o for o in FAST if o.split("=")[0] in ("train.max_steps", "eval.num_inference_steps", "eval.images_per_prompt")
-    ]
+    short = ["train.max_steps=20", "eval.num_inference_steps=2", "eval.images_per_prompt=1"]  # as +debug=fast
+    # the model and images "Run it here" would try are given above (the tiny model, which is faster)
+    machine = [o for o in result.here if o.override and not o.override.startswith(("model=", "data.train_dir="))]
 
-    if result.overrides_here:  # without them, startup stops with the reasons the import gave
+    if machine:  # without them, startup stops with the reasons the import gave
         refused = run_cli(*given, *short, cwd=tmp_path, timeout=300)
         assert refused.returncode != 0
-        assert all(o.reason.split(";")[0] in refused.stderr for o in result.here if o.override)
+        assert all(o.reason.split(";")[0] in refused.stderr for o in machine)
 
-    done = run_cli(*given, *result.overrides_here, *short, cwd=tmp_path, timeout=600)
+    done = run_cli(*given, *[o.override for o in machine], *short, cwd=tmp_path, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
     assert "Buckets (resolution 64" in done.stdout + done.stderr, "the tiny model's own size, not 512"
     assert list((tmp_path / "outputs" / "runs").glob("*/*/test.safetensors")), "output.name from the file"

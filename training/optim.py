@@ -109,11 +109,8 @@ def scheduler_problems(
             f"scheduler.warmup_steps={warmup}: a value >= 1 counts steps and must be whole; "
             "a value < 1 is a fraction of the total steps (e.g. 0.1)"
         )
-    elif total_steps is not None and 0 < total_steps <= resolve_warmup_steps(warmup, total_steps):
-        problems.append(
-            f"scheduler.warmup_steps={warmup} covers all {total_steps} steps; the LR would never reach its "
-            "value: lower it or give a fraction such as 0.1"
-        )
+    elif total_steps is not None and 0 < total_steps <= (steps := resolve_warmup_steps(warmup, total_steps)):
+        problems.append(f"scheduler.warmup_steps={warmup} {_warmup_advice(warmup, steps, total_steps)}")
     if name == "cosine_with_restarts" and scheduler_cfg.num_cycles < 1:
         problems.append(f"scheduler.num_cycles must be >= 1 (got {scheduler_cfg.num_cycles}); 1 = plain cosine")
     if name == "polynomial" and scheduler_cfg.power <= 0:
@@ -236,6 +233,19 @@ _BUILDERS: dict[str, Callable[[list[dict[str, Any]], Any, float], torch.optim.Op
 
 
 # --- learning-rate schedule
+
+
+def _warmup_advice(warmup: float, steps: int, total_steps: int) -> str:
+    """Why a warm-up covering the whole run is one, and the fix, for a step count or a fraction (< 1)."""
+    never = "the LR would never reach its value"
+    if warmup >= 1:
+        return f"covers all {total_steps} steps; {never}: lower it or give a fraction such as 0.1"
+    # a fraction: at least one step (resolve_warmup_steps), rounded; below (total - 0.5) / total it leaves a step
+    lower = f"lower it below {(total_steps - 0.5) / total_steps:.3g}, " if total_steps > 1 else ""
+    return (
+        f"is a fraction of the run: {steps} warm-up step(s) of its {total_steps}, so it covers all {total_steps} "
+        f"steps; {never}: {lower}train more steps (train.max_steps), or set it to 0 for no warm-up"
+    )
 
 
 def resolve_warmup_steps(warmup: float, total_steps: int) -> int:

@@ -10,7 +10,7 @@ from pathlib import Path
 import sweeper.kohya_import.rules  # noqa: F401  (registers the mapping rules)
 from sweeper.config import PROJECT_ROOT
 from sweeper.kohya_import.convert import Unfit, as_bool
-from sweeper.kohya_import.machine import check_here
+from sweeper.kohya_import.machine import check_here, warn_model_settings
 from sweeper.kohya_import.mapper import Mapper
 from sweeper.kohya_import.reading import Collector, UnreadableConfig, read_source
 from sweeper.kohya_import.result import ImportResult, Option
@@ -51,6 +51,7 @@ def import_config(
     Mapper(result, collector.options, Path(conf_dir), plan).run()
     if check:
         check_here(result)
+    warn_model_settings(result)  # after the checks: "Run it here" may replace the model
     return result
 
 

@@ -11,8 +11,8 @@ from omegaconf.errors import OmegaConfBaseException
 
 from sweeper.config import GROUP_SCHEMAS, OutputConfig, TrainConfig
 from sweeper.kohya_import.convert import Unfit
-from sweeper.kohya_import.result import ImportResult, Mapped, NotMapped, Option
-from sweeper.kohya_import.subsets import SubsetPlan
+from sweeper.kohya_import.result import ClassTokenCaptions, ImportResult, Mapped, NotMapped, Option
+from sweeper.kohya_import.subsets import SubsetPlan, uncaptioned_images
 from sweeper.kohya_import.tables import NO_EQUIVALENT
 
 SCHEMAS: dict[str, type] = {**GROUP_SCHEMAS, "train": TrainConfig, "output": OutputConfig}
@@ -125,5 +125,18 @@ class Mapper:
             return
         self.put("data.subsets", self.plan.entries, "the dataset's subsets")
         self.result.entry_origins["data.subsets"] = list(self.plan.labels)
+        default_extension = self.result.values.get("data.caption_extension", ".txt")  # ours, when the file is silent
+        for entry, label in zip(self.plan.entries, self.plan.labels, strict=True):
+            if entry.get("class_tokens"):  # sd-scripts captions a subset's uncaptioned images with them
+                extension = entry.get("caption_extension") or default_extension
+                self.result.class_captions.append(
+                    ClassTokenCaptions(
+                        f"{label}.class_tokens",
+                        entry["dir"],
+                        entry["class_tokens"],
+                        extension,
+                        uncaptioned_images(entry["dir"], extension),
+                    )
+                )
         if "data.train_dir" not in self.result.values:
             self.set("data.train_dir", None, "(the dataset's subsets)", "the images are the data.subsets folders")

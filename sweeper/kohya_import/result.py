@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 import re
+import shlex
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -46,6 +47,36 @@ class OnThisMachine:
 
 
 @dataclass
+class ImportWarning:
+    """A value that runs but does not do here what it did for the file's model, and how to turn it off."""
+
+    source: str
+    message: str
+
+
+@dataclass
+class ClassTokenCaptions:
+    """A folder whose images without a caption file train on its subset's ``class_tokens`` (as in sd-scripts)."""
+
+    source: str  # the subset's class_tokens label
+    folder: str
+    tokens: str
+    caption_extension: str
+    uncaptioned: int | None = None  # images without a caption file there now; None when the folder is not here
+
+    def line(self) -> str:
+        count = (
+            "not on this machine to count"
+            if self.uncaptioned is None
+            else f"{self.uncaptioned} image(s) there have none now"
+        )
+        return (
+            f"{self.folder}: images without a {self.caption_extension} caption file are captioned "
+            f"{json.dumps(self.tokens, ensure_ascii=False)} ({self.source}; {count})"
+        )
+
+
+@dataclass
 class ImportResult:
     """What one import produced: group choices, values by dotted key, and the report."""
 
@@ -57,6 +88,8 @@ class ImportResult:
     unmapped: list[NotMapped] = field(default_factory=list)
     empty: list[NotMapped] = field(default_factory=list)  # null / "" in the file: our default stays
     here: list[OnThisMachine] = field(default_factory=list)  # what cannot apply on this machine
+    warnings: list[ImportWarning] = field(default_factory=list)  # runs, but not as it did for the file's model
+    class_captions: list[ClassTokenCaptions] = field(default_factory=list)  # captions filled from class_tokens
     origins: dict[str, str] = field(default_factory=dict)  # our key -> source label (YAML comments)
     entry_origins: dict[str, list[str]] = field(default_factory=dict)  # a list of tables' key -> each entry's
     order: dict[str, int] = field(default_factory=dict)  # source label -> position in the file (report order)
@@ -82,15 +115,26 @@ class ImportResult:
         if self.empty:
             lines.append(f"\nEmpty in the file, our default stays ({len(self.empty)}):")
             lines.append("  " + ", ".join(e.source for e in self.empty))
+        if self.class_captions:
+            lines.append(f"\nCaptions from class_tokens ({len(self.class_captions)}):")
+            lines += [f"  {c.line()}" for c in self.class_captions]
         if self.here:
             lines.append(f"\nOn this machine ({len(self.here)}):")
             for o in self.here:
                 lines.append(f"  {o.source}: {o.reason}" + (f" -> add {o.override}" if o.override else ""))
+        if self.warnings:
+            lines.append(f"\nWarnings ({len(self.warnings)}):")
+            lines += [f"  {w.source}: {w.message}" for w in self.warnings]
         if name:
-            lines.append(f"\nRun it: python -m sweeper +experiment={name}")
+            lines.append(f"\nRun it: {self.command(name)}")
             if self.overrides_here:
-                lines.append(f"Run it here: python -m sweeper +experiment={name} {' '.join(self.overrides_here)}")
+                lines.append(f"Run it here: {self.command(name, self.overrides_here)}")
         return "\n".join(lines)
+
+    @staticmethod
+    def command(name: str, overrides: list[str] = ()) -> str:
+        """The shell command that runs the experiment with ``overrides`` (each quoted where the shell needs it)."""
+        return " ".join(["python -m sweeper", f"+experiment={name}", *map(shlex.quote, overrides)])
 
     def yaml(self, name: str) -> str:
         """The experiment file: ``# @package _global_``, the group choices, then plain keys."""
@@ -124,6 +168,14 @@ class ImportResult:
             out.append("")
             out.append("# Not mapped (see the import report):")
             out += [f"#   {one_line(u.source)}: {one_line(u.reason)}" for u in self.unmapped]
+        if self.class_captions:
+            out.append("")
+            out.append("# Captions from class_tokens (see the import report):")
+            out += [f"#   {one_line(c.line())}" for c in self.class_captions]
+        if self.warnings:
+            out.append("")
+            out.append("# Warnings (see the import report):")
+            out += [f"#   {one_line(w.source)}: {one_line(w.message)}" for w in self.warnings]
         if self.here:
             out.append("")
             out.append("# On the machine it was imported on (see the import report):")

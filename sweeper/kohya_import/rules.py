@@ -409,7 +409,10 @@ def _warmup(m: Mapper, taken: dict[str, Option]) -> None:
                 m.unmapped(taken.pop("lr_warmup_steps"), f"superseded by {option.label}")
     if "lr_warmup_steps" in taken:
         option = taken["lr_warmup_steps"]
-        m.set("scheduler.warmup_steps", as_float(option.value), option)
+        steps = as_float(option.value)
+        # sd-scripts reads lr_warmup_steps < 1 as a ratio of the total steps, as scheduler.warmup_steps does
+        note = "a value < 1 is a fraction of the total steps, in sd-scripts too" if 0 < steps < 1 else ""
+        m.set("scheduler.warmup_steps", steps, option, note)
 
 
 @rule("resolution")

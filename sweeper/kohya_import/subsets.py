@@ -220,6 +220,20 @@ def _entry(c: Collector, s: Subset, index: int, general_class: Any) -> dict[str,
     return entry
 
 
+def uncaptioned_images(folder: str, caption_extension: str) -> int | None:
+    """How many images under ``folder`` (its ``<repeats>_<name>/`` subfolders too) have no caption file;
+    None when the folder is not on this machine."""
+    root = Path(folder).expanduser()
+    if not root.is_dir():
+        return None
+    from training.data.dataset import is_image_file  # only when the folder exists here (keeps the import light)
+
+    images = [
+        p for p in root.rglob("*") if is_image_file(p) and not any(s.startswith(".") for s in p.relative_to(root).parts)
+    ]
+    return sum(not p.with_suffix(caption_extension).is_file() for p in images)
+
+
 def _nothing(c: Collector, label: str, value: Any, note: str) -> None:
     c.result.order.setdefault(label, len(c.result.order))
     c.result.mapped.append(Mapped(label, "", value, note))
