@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import io
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -31,17 +32,9 @@ pytest_plugins = ["tests.cpu_time"]  # per-test CPU seconds, the costliest liste
 REPO = Path(__file__).resolve().parents[1]
 CONF_DIR = REPO / "conf"
 
-# Small but real: enough steps for the loss to move, few sampling steps. Unit tests use the random
-# tiny model and tiny CLIP (fast, built in code); the toy world's own tests use model=toy explicitly.
-FAST = [
-    "model=tiny",
-    "eval.clip_model=tiny",
-    "train.max_steps=20",
-    "train.batch_size=2",
-    "eval.num_inference_steps=2",
-    "eval.images_per_prompt=1",
-    "eval.prompts=[a red circle on a blue background,a green square on a yellow background]",
-]
+# Small but real (conf/debug/fast.yaml: the random tiny model and tiny CLIP, 20 steps, 2 sampling steps,
+# one image for each of two prompts); the toy world's own tests use model=toy explicitly.
+FAST = ["+debug=fast"]
 
 
 @pytest.fixture(scope="session", autouse=True)
@@ -50,6 +43,29 @@ def tiny_model_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
     cache = tmp_path_factory.mktemp("model-cache")
     os.environ["LORA_SWEEPER_CACHE"] = str(cache)
     return cache
+
+
+def seed_mlflow_store(path: Path) -> None:
+    """An empty MLflow SQLite store, already migrated, at ``path`` (unless one is there): a new store costs
+    ~3.7 CPU-s of MLflow's schema migrations, a copy nothing. A store's own first opening (workers
+    migrating together) is tested in test_tracking_store, on stores made there."""
+    if path.exists():
+        return
+    template = Path(os.environ["LORA_SWEEPER_CACHE"]) / "mlflow-template.db"
+    if not template.exists():
+        from mlflow.tracking import MlflowClient
+
+        building = template.with_suffix(".building")
+        MlflowClient(f"sqlite:///{building}").search_experiments()  # creates and migrates it
+        building.replace(template)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(template, path)
+
+
+def _seed_default_store(args: tuple[str, ...], cwd: Path) -> None:
+    """The store a command line uses when it names none (``outputs/mlflow.db`` under ``cwd``)."""
+    if not any(arg.startswith(("tracking.uri=", "tracking=", "tracking.enabled=")) for arg in args):
+        seed_mlflow_store(cwd / "outputs" / "mlflow.db")
 
 
 def compose_config(overrides: list[str]) -> DictConfig:
@@ -64,6 +80,7 @@ def make_cfg(tmp_path: Path) -> Callable[..., DictConfig]:
     """``make_cfg(*overrides, fast=True)``: the CLI's config, writing only under ``tmp_path``."""
 
     def make(*overrides: str, fast: bool = True) -> DictConfig:
+        seed_mlflow_store(tmp_path / "mlflow.db")
         base = [
             f"output.dir={tmp_path / 'out'}",
             f"tracking.uri=sqlite:///{tmp_path / 'mlflow.db'}",
@@ -84,6 +101,7 @@ def run_main(*args: str, cwd: Path) -> subprocess.CompletedProcess:
     import sweeper.__main__ as cli
     from sweeper.credentials import move_passwords_to_env
 
+    _seed_default_store(args, cwd)
     saved = (os.getcwd(), sys.argv[:], dict(os.environ), signal.getsignal(signal.SIGTERM))
     out, err, status = io.StringIO(), io.StringIO(), 0
     try:
@@ -107,6 +125,7 @@ def run_main(*args: str, cwd: Path) -> subprocess.CompletedProcess:
 
 def run_cli(*args: str, cwd: Path, timeout: int = 900) -> subprocess.CompletedProcess:
     """``python -m sweeper ARGS`` in ``cwd``, as a user runs it (outputs/ lands in ``cwd``)."""
+    _seed_default_store(args, cwd)
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(REPO)}
     return subprocess.run(
         [sys.executable, "-m", "sweeper", *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout

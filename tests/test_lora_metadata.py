@@ -148,6 +148,7 @@ def test_metadata_false_writes_the_minimum_loaders_need(lora_run):
     assert set(meta) == {
         *MINIMAL_METADATA_KEYS,
         *MODELSPEC_KEYS,
+        "modelspec.description",  # the tiny test model says what it is
         "sshs_model_hash",
         "sshs_legacy_hash",
         "lora_sweeper_run_id",

@@ -1,4 +1,8 @@
-"""``python -m sweeper -m ...``: real Optuna sweeps over the tiny model, checked in Optuna and MLflow."""
+"""``python -m sweeper -m ...``: real Optuna sweeps over the tiny model, checked in Optuna and MLflow.
+
+The sweeps run inside the test process (``run_main``: the same entry point and output); what only a
+new process shows (signals, several workers, the command line) is in test_sweep_faults and test_cli.
+"""
 
 from __future__ import annotations
 
@@ -14,7 +18,7 @@ import pytest
 from mlflow.tracking import MlflowClient
 from plotly.offline import get_plotlyjs
 
-from tests.conftest import run_cli
+from tests.conftest import run_main
 
 FAST_TRIAL = ["train.max_steps=4", "train.batch_size=2", "eval.num_inference_steps=2", "eval.images_per_prompt=1"]
 
@@ -28,7 +32,7 @@ def mlflow(cwd: Path) -> MlflowClient:
 
 
 def sweep(cwd: Path, *args: str):
-    done = run_cli("-m", *FAST_TRIAL, *args, cwd=cwd)
+    done = run_main("-m", *FAST_TRIAL, *args, cwd=cwd)
     return done
 
 
@@ -189,7 +193,7 @@ def test_the_pruner_stops_a_bad_trial_early(tmp_path):
             intermediate_values={step: 100.0 for step in range(2, 12, 2)},
         )
     )
-    done = run_cli(
+    done = run_main(
         "-m",
         "train.batch_size=2",
         "eval.num_inference_steps=2",
@@ -285,7 +289,7 @@ def test_a_search_preset_defines_the_space(tmp_path):
 
 def test_the_fidelity_vs_alignment_preset_is_a_two_objective_study(tmp_path):
     """The preset composes (without training): objectives clip_i and clip_t, both maximised."""
-    done = run_cli("+search=fidelity_vs_alignment", "--cfg", "hydra", "--package", "hydra.sweeper", cwd=tmp_path)
+    done = run_main("+search=fidelity_vs_alignment", "--cfg", "hydra", "--package", "hydra.sweeper", cwd=tmp_path)
     assert done.returncode == 0, done.stderr[-3000:]
     assert re.search(r"objective:\s*\n\s*- clip_i\s*\n\s*- clip_t", done.stdout), done.stdout
     assert "network.dim: 4,8,16" in done.stdout

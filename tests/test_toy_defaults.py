@@ -5,17 +5,16 @@ from __future__ import annotations
 
 import json
 import shutil
-from pathlib import Path
 
 import optuna
 import pytest
 import torch
+from mlflow.tracking import MlflowClient
 from safetensors.torch import load_file
 from transformers import CLIPModel, CLIPProcessor
 
-from sweeper.task import run
 from sweeper.validate import validate
-from tests.conftest import run_cli
+from tests.conftest import run_main
 from training.toy.pretrain_clip import zero_shot_accuracy
 from training.toy.shipped import BASE_DIR, CLIP_DIR, MANIFEST, SIZE_LIMIT_MB, manifest_problems
 
@@ -72,33 +71,48 @@ def test_toy_is_the_default_model_and_clip(make_cfg):
     assert len(prompts) == 6 and all("star" in p for p in prompts)  # the held-out concept
 
 
-def concept_run(make_cfg, *overrides: str):
-    cfg = make_cfg("tracking.enabled=false", *overrides, fast=False)
-    return run(cfg, show_progress=False).metrics
+@pytest.fixture(scope="module")
+def lr_sweep(tmp_path_factory: pytest.TempPathFactory):
+    """``python -m sweeper -m optimizer.lr=0,1e-3,0.5`` on the defaults: its 1e-3 trial is the default run
+    (SENSIBLE_LR is the default rate), its 0 trial the frozen LoRA. Trained once for every test here."""
+    cwd = tmp_path_factory.mktemp("toy-lr-sweep")
+    done = run_main("-m", f"optimizer.lr=0,{SENSIBLE_LR},{ABSURD_LR}", cwd=cwd)
+    storage = f"sqlite:///{cwd / 'outputs' / 'optuna.db'}"
+    (summary,) = optuna.get_all_study_summaries(storage)
+    scores = {
+        t.params["optimizer.lr"]: t.value
+        for t in optuna.load_study(study_name=summary.study_name, storage=storage).get_trials()
+    }
+    client = MlflowClient(f"sqlite:///{cwd / 'outputs' / 'mlflow.db'}")
+    experiment = client.get_experiment_by_name("lora-sweeper")
+    trials = [r for r in client.search_runs([experiment.experiment_id]) if r.data.tags.get("sweep.role") != "parent"]
+    metrics = {float(r.data.params["optimizer.lr"]): r.data.metrics for r in trials if r.info.status == "FINISHED"}
+    return done, scores, metrics
+
+
+def test_sensible_is_the_default_rate(make_cfg):
+    assert make_cfg(fast=False).optimizer.lr == SENSIBLE_LR  # so the sweep's trial at it is the default run
 
 
 @pytest.mark.slow
-def test_the_default_run_teaches_the_concept_and_lr_zero_does_not(make_cfg):
-    trained = concept_run(make_cfg)
+def test_the_default_run_teaches_the_concept_and_lr_zero_does_not(lr_sweep):
+    _, _, metrics = lr_sweep
+    trained = metrics[SENSIBLE_LR]
     # the LoRA moves every score the right way; whether the file's prompt-clustered interval of the gain
     # excludes 0 is the better toy world's target (today most of the gain comes from one of 6 prompts)
     assert trained["clip_t_gain"] > 0 and trained["clip_t_gain/high"] > trained["clip_t_gain/low"], trained
     assert trained["clip_i_gain"] > 0, trained
     assert trained["concept_acc"] > trained["concept_acc_baseline"], trained
 
-    frozen = concept_run(make_cfg, "optimizer.lr=0", "train.max_steps=20")  # any length: nothing moves
+    frozen = metrics[0.0]  # nothing moves
     for metric in ("clip_t", "concept_acc", "clip_i"):
         assert frozen[f"{metric}_gain"] == pytest.approx(0.0, abs=1e-4), metric
         assert frozen[f"{metric}_gain/low"] <= 0 <= frozen[f"{metric}_gain/high"], metric
 
 
 @pytest.mark.slow
-def test_a_learning_rate_sweep_ranks_the_sensible_rate_best(tmp_path: Path):
-    done = run_cli("-m", f"optimizer.lr=0,{SENSIBLE_LR},{ABSURD_LR}", cwd=tmp_path)
-    storage = f"sqlite:///{tmp_path / 'outputs' / 'optuna.db'}"
-    (summary,) = optuna.get_all_study_summaries(storage)
-    trials = optuna.load_study(study_name=summary.study_name, storage=storage).get_trials()
-    scores = {t.params["optimizer.lr"]: t.value for t in trials}
+def test_a_learning_rate_sweep_ranks_the_sensible_rate_best(lr_sweep):
+    done, scores, _ = lr_sweep
     assert len(scores) == 3
     # a grid point that failed for good (the absurd rate's NaN loss) makes the sweep exit 1, naming it
     assert done.returncode == (1 if scores[ABSURD_LR] is None else 0), done.stderr[-3000:]

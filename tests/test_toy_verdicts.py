@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from tests.conftest import run_cli
+from tests.conftest import run_main
 from tests.test_sweep_faults import study_of
 
 TOY_SHORT = [
@@ -21,7 +21,7 @@ TOY_SHORT = [
 @pytest.mark.slow
 def test_an_aa_sweep_on_the_toy_world_finds_no_difference(tmp_path):
     # one setting, four labels: each copy trains on 3 seeds of its own (README: How sure is the verdict?)
-    done = run_cli("-m", *TOY_SHORT, "sweep.label=a,b,c,d", cwd=tmp_path)
+    done = run_main("-m", *TOY_SHORT, "sweep.label=a,b,c,d", cwd=tmp_path)
     assert done.returncode == 0, done.stderr[-3000:]
     assert "Holm over all 6 pairs of settings" in done.stdout, done.stdout[-3000:]
     assert "worse than the best" not in done.stdout and "significantly different" not in done.stdout
@@ -30,7 +30,7 @@ def test_an_aa_sweep_on_the_toy_world_finds_no_difference(tmp_path):
 
 @pytest.mark.slow
 def test_a_learning_rate_ten_times_too_high_is_found_worse_over_seeds(tmp_path):
-    done = run_cli("-m", *TOY_SHORT, "optimizer.lr=1e-3,1e-2", cwd=tmp_path)
+    done = run_main("-m", *TOY_SHORT, "optimizer.lr=1e-3,1e-2", cwd=tmp_path)
     assert done.returncode == 0, done.stderr[-3000:]
     best = next(t for t in study_of(tmp_path).get_trials() if t.params["optimizer.lr"] == 1e-3)
     assert f"best: trial {best.number} optimizer.lr=0.001" in done.stdout, done.stdout[-3000:]
