@@ -16,8 +16,9 @@ from sweeper import reproduce
 from sweeper.fingerprint import file_sha256
 from sweeper.replicates import replicate_seeds
 from sweeper.search.settings_verdict import CELLS_ATTR
-from tests.conftest import run_cli, run_main
-from tests.test_sweep_faults import QUICK, Sweep, mlflow_runs, study_of
+from tests.conftest import run_main
+from tests.test_sweep_faults import QUICK, Sweep, hold_run, mlflow_runs, study_of
+from training.fault_hold import HOLD_LINE
 from training.network.file import lora_identity
 
 
@@ -168,13 +169,14 @@ def test_a_one_seed_sweep_makes_no_claim_between_settings(tmp_path):
 def test_an_interrupted_setting_resumes_without_retraining_its_finished_seeds(tmp_path):
     args = [
         *QUICK,
-        "train.max_steps=200",
+        "train.max_steps=4",
         "eval.prompts=[a red circle]",
         "network.dim=4,8",
         "hydra.sweeper.replicates=2",
     ]
-    first = Sweep(tmp_path, *args)
+    first = Sweep(tmp_path, *args, env=hold_run(2))  # held in the first setting's second seed
     first.wait_for("replicate 2/2")
+    first.wait_for(HOLD_LINE)
     first.process.send_signal(signal.SIGINT)
     assert first.finish() == 130, first.output[-3000:]
     interrupted = study_of(tmp_path).get_trials()[0]

@@ -21,6 +21,7 @@ from optuna.trial import TrialState
 
 from sweeper.search.study import open_storage
 from tests.conftest import REPO
+from training.fault_hold import HOLD_ENV, HOLD_LINE
 
 # a tiny model, trials of a few seconds: long enough to be killed in the middle of one
 QUICK = [
@@ -31,7 +32,14 @@ QUICK = [
     "eval.images_per_prompt=1",
     "eval.prompts=[a red circle]",
 ]
-SLOW_TRIAL = [*QUICK, "train.max_steps=150"]
+SHORT_TRIAL = [*QUICK, "train.max_steps=4"]
+
+
+def hold_run(n: int) -> dict[str, str]:
+    """The environment that holds this process's n-th training run mid-training (training/fault_hold.py)."""
+    return {HOLD_ENV: str(n)}
+
+
 GRID = "network.dim=4,8,16"
 
 
@@ -122,9 +130,9 @@ def assert_nothing_left_running(runs: list) -> None:
     ],
 )
 def test_a_trial_stopped_by_a_signal_runs_again_when_the_sweep_resumes(tmp_path, sent, status, reason):
-    first = Sweep(tmp_path, *SLOW_TRIAL, GRID)
+    first = Sweep(tmp_path, *SHORT_TRIAL, GRID, env=hold_run(2))
     first.wait_for("[trial 1] network.dim=8")
-    time.sleep(2)  # inside trial 1's training
+    first.wait_for(HOLD_LINE)  # inside trial 1's training
     first.process.send_signal(sent)
     assert first.finish() == status, first.output[-3000:]
     if sent != signal.SIGKILL:  # the worker's own clean-up: FAIL with the reason, MLflow run KILLED
@@ -134,7 +142,7 @@ def test_a_trial_stopped_by_a_signal_runs_again_when_the_sweep_resumes(tmp_path,
         assert [r.info.status for r in trial_runs] == ["KILLED"]
         assert reason in trial_runs[0].data.tags["error"]
 
-    again = Sweep(tmp_path, *SLOW_TRIAL, GRID)
+    again = Sweep(tmp_path, *SHORT_TRIAL, GRID)
     assert again.finish() == 0, again.output[-3000:]
     assert "2 trial(s) to run" in again.output  # the stopped trial's re-run and the last point
     study = study_of(tmp_path)
@@ -169,17 +177,17 @@ def test_a_deterministic_failure_is_reported_not_retried_and_the_sweep_exits_non
 @pytest.mark.slow
 def test_a_journal_file_serves_one_worker_and_its_dead_trials_are_rerun(tmp_path):
     journal = f"hydra.sweeper.storage={tmp_path / 'study.log'}"
-    first = Sweep(tmp_path, *SLOW_TRIAL, GRID, journal)
+    first = Sweep(tmp_path, *SHORT_TRIAL, GRID, journal, env=hold_run(2))
     first.wait_for("[trial 0] network.dim=4")
-    second = Sweep(tmp_path, *SLOW_TRIAL, GRID, journal)
+    second = Sweep(tmp_path, *SHORT_TRIAL, GRID, journal)
     assert second.finish() != 0
     assert "journal storage has no heartbeat, so it serves one worker at a time" in second.output
     first.wait_for("[trial 1] network.dim=8")
-    time.sleep(2)
+    first.wait_for(HOLD_LINE)
     first.process.kill()
     first.finish()
 
-    again = Sweep(tmp_path, *SLOW_TRIAL, GRID, journal)
+    again = Sweep(tmp_path, *SHORT_TRIAL, GRID, journal)
     assert again.finish() == 0, again.output[-3000:]
     study = study_of(tmp_path, f"{tmp_path / 'study.log'}")
     assert_every_point_complete_once(study, "network.dim", [4, 8, 16])
@@ -214,14 +222,14 @@ def tpe_lrs(study: optuna.Study) -> list[float]:
 
 @pytest.mark.slow
 def test_an_interrupted_tpe_sweep_resumes_with_the_proposals_of_an_uninterrupted_one(tmp_path):
-    args = [*QUICK, "train.max_steps=40", "optimizer.lr=tag(log, interval(1e-4,1e-2))", "hydra.sweeper.n_trials=4"]
+    args = [*SHORT_TRIAL, "optimizer.lr=tag(log, interval(1e-4,1e-2))", "hydra.sweeper.n_trials=4"]
     straight, broken = tmp_path / "straight", tmp_path / "broken"
     straight.mkdir(), broken.mkdir()
     assert Sweep(straight, *args).finish() == 0
 
-    first = Sweep(broken, *args)
+    first = Sweep(broken, *args, env=hold_run(2))
     first.wait_for("[trial 1] optimizer.lr=")
-    time.sleep(1)
+    first.wait_for(HOLD_LINE)
     first.process.send_signal(signal.SIGINT)
     assert first.finish() == 130, first.output[-3000:]
     assert "other worker(s) still run trials" not in first.output  # it was the only worker

@@ -5,7 +5,6 @@ and ``hydra.sweeper.n_workers`` starting them from one command. Real PostgreSQL,
 from __future__ import annotations
 
 import signal
-import time
 from pathlib import Path
 
 import optuna
@@ -14,7 +13,8 @@ from mlflow.tracking import MlflowClient
 from optuna.trial import TrialState
 
 from tests.servers import create_postgres_database, drop_postgres_database
-from tests.test_sweep_faults import QUICK, SLOW_TRIAL, Sweep, assert_every_point_complete_once, study_of
+from tests.test_sweep_faults import QUICK, SHORT_TRIAL, Sweep, assert_every_point_complete_once, hold_run, study_of
+from training.fault_hold import HOLD_LINE
 
 GRID4 = "network.dim=2,4,8,16"
 STEADY_TRIAL = [*QUICK, "train.max_steps=40"]  # a few seconds each: both workers get a share
@@ -84,10 +84,10 @@ def test_two_tpe_workers_end_with_exactly_n_trials_all_distinct(tmp_path, mariad
 @pytest.mark.slow
 def test_a_frozen_workers_trial_is_rerun_by_the_survivor_after_the_heartbeat_grace(tmp_path):
     """SIGSTOP: the process lives but its heartbeat stops, as for a hung or partitioned machine."""
-    args = [*SLOW_TRIAL, "network.dim=4,8", "hydra.sweeper.heartbeat_seconds=1", "hydra.sweeper.grace_seconds=5"]
-    frozen = Sweep(tmp_path, *args)
+    args = [*SHORT_TRIAL, "network.dim=4,8", "hydra.sweeper.heartbeat_seconds=1", "hydra.sweeper.grace_seconds=5"]
+    frozen = Sweep(tmp_path, *args, env=hold_run(1))
     frozen.wait_for("[trial 0] network.dim=4")
-    time.sleep(2)
+    frozen.wait_for(HOLD_LINE)  # alive, mid-training, heartbeat running
     frozen.process.send_signal(signal.SIGSTOP)
     try:
         survivor = Sweep(tmp_path, *args)

@@ -41,6 +41,7 @@ from training.data.validation import ValidationLoss
 from training.families import Conditioning, ImageGeometry, batch_geometry
 from training.families.loading import BaseModel
 from training.families.vae_precision import run_in_own_precision, vae_dtype
+from training.fault_hold import hold_if_asked
 from training.network.file import apply_init_weights
 from training.network.lora import LoraNetwork, add_lora
 from training.noise import min_snr_weights, offset_noise, sample_timesteps, timestep_bounds
@@ -321,6 +322,7 @@ class Trainer:
             torch.manual_seed(train.seed)
         if self.latent_store is not None:
             self.latent_keys(show_progress)  # fills the latent cache (outside train_seconds) before any batch loads
+        hold_if_asked()  # fault tests only (LORA_SWEEPER_HOLD_RUN): a trial held alive mid-training
         position = self.position
         result = TrainResult(steps=position.step, epochs=position.epoch)
         progress = tqdm(
