@@ -9,8 +9,9 @@ import shutil
 import signal
 import subprocess
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 from hydra import compose, initialize_config_dir
@@ -43,6 +44,30 @@ def tiny_model_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
     cache = tmp_path_factory.mktemp("model-cache")
     os.environ["LORA_SWEEPER_CACHE"] = str(cache)
     return cache
+
+
+_started: list[Any] = []  # processes a test started: none may outlive it (a failed assertion included)
+
+
+def ended_at_teardown(process: Any) -> Any:
+    """``process`` (a ``subprocess.Popen`` or ``multiprocessing.Process``), killed when its test ends if still alive."""
+    _started.append(process)
+    return process
+
+
+@pytest.fixture(autouse=True)
+def _no_process_outlives_its_test() -> Iterator[None]:
+    yield
+    while _started:
+        process = _started.pop()
+        if isinstance(process, subprocess.Popen):
+            if process.poll() is None:
+                process.kill()
+            process.wait(30)
+        else:
+            if process.is_alive():
+                process.kill()
+            process.join(30)
 
 
 def seed_mlflow_store(path: Path) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import time
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
@@ -218,6 +219,9 @@ def test_flip_and_no_cache_are_compatible():
     assert incompatible_with_cache(data_cfg(cache_latents="none", color_aug=True, random_crop=True)) == []
 
 
+READER_LIMIT_S = 300
+
+
 def _write_many(folder: str, value: float, rounds: int) -> None:
     """A worker process writing the same entries over and over (as workers sharing a cache do)."""
     store = LatentStore("disk", folder)
@@ -233,7 +237,8 @@ def _read_until(folder: str, stop: Any, seen: Any) -> None:
     from safetensors.torch import load_file
 
     found: list = []
-    while not stop.is_set():
+    deadline = time.monotonic() + READER_LIMIT_S  # never outlives a test that died without stopping it
+    while not stop.is_set() and time.monotonic() < deadline:
         for key in ("shared-a", "shared-b"):
             path = Path(folder) / f"{key}.safetensors"
             if path.exists():
@@ -251,14 +256,22 @@ def test_workers_writing_one_disk_cache_at_once_never_leave_a_partial_entry(tmp_
     folder = str(tmp_path / "cache")
     writers = [context.Process(target=_write_many, args=(folder, float(v), 600)) for v in (1, 2)]
     reader = context.Process(target=_read_until, args=(folder, stop, seen))
-    for process in [reader, *writers]:
-        process.start()
-    for process in writers:
-        process.join(120)
-        assert process.exitcode == 0
-    stop.set()
-    values = seen.get(timeout=60)
-    reader.join(60)
-    assert reader.exitcode == 0  # a partial file would have made the reader raise
+    processes = [reader, *writers]
+    try:
+        for process in processes:
+            process.start()
+        for process in writers:
+            process.join(120)
+            assert process.exitcode == 0
+        stop.set()
+        values = seen.get(timeout=60)
+        reader.join(60)
+        assert reader.exitcode == 0  # a partial file would have made the reader raise
+    finally:  # a failed assertion must not leave a reader spinning or a writer writing
+        stop.set()
+        for process in processes:
+            if process.is_alive():
+                process.kill()
+            process.join(10)
     assert len(values) > 10 and set(values) <= {1.0, 2.0}, set(values)
     assert not list(Path(folder).glob(".*.tmp"))  # no temporary file left behind

@@ -15,6 +15,7 @@ from sweeper.process_identity import is_gone, this_process
 from sweeper.search.lock import study_lock
 from sweeper.search.planner import finished_twin, plan_grid, trials_to_sample
 from sweeper.search.space import SearchSpace, parse_search_space, points_to_check
+from tests.conftest import ended_at_teardown
 
 SPACE = SearchSpace(
     distributions={"network.dim": CategoricalDistribution([4, 8, 16])}, grid_values={"network.dim": [4, 8, 16]}
@@ -100,7 +101,7 @@ def test_points_to_check_cover_every_value_and_bound():
 
 
 def test_a_process_is_gone_once_it_ended_and_not_while_it_runs():
-    child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    child = ended_at_teardown(subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"]))
     identity = {**this_process(), "worker.pid": str(child.pid), "worker.started": ""}
     from sweeper.process_identity import _start_ticks
 
@@ -132,11 +133,11 @@ def test_the_study_lock_excludes_another_process(tmp_path, backend, request):
     url = f"sqlite:///{tmp_path / 'optuna.db'}" if backend == "sqlite" else request.getfixturevalue("postgres_url")
     context = multiprocessing.get_context("spawn")
     entered, release = context.Event(), context.Event()
-    holder = context.Process(target=_hold, args=(url, "study", entered, release))
+    holder = ended_at_teardown(context.Process(target=_hold, args=(url, "study", entered, release)))
     holder.start()
     assert entered.wait(60)
     trying, got = context.Event(), context.Event()
-    other = context.Process(target=_take, args=(url, "study", trying, got))
+    other = ended_at_teardown(context.Process(target=_take, args=(url, "study", trying, got)))
     other.start()
     assert trying.wait(120)
     assert not got.wait(3)  # blocked while the first holds the lock

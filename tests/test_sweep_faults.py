@@ -20,7 +20,7 @@ from mlflow.tracking import MlflowClient
 from optuna.trial import TrialState
 
 from sweeper.search.study import open_storage
-from tests.conftest import REPO
+from tests.conftest import REPO, ended_at_teardown
 from training.fault_hold import HOLD_ENV, HOLD_LINE
 
 # a tiny model, trials of a few seconds: long enough to be killed in the middle of one
@@ -55,13 +55,15 @@ class Sweep:
             "OMP_NUM_THREADS": "1",  # several torch processes on 2 cores
             **(env or {}),
         }
-        self.process = subprocess.Popen(
-            [sys.executable, "-m", "sweeper", "-m", *args],
-            cwd=cwd,
-            env=environment,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            text=True,
+        self.process = ended_at_teardown(
+            subprocess.Popen(
+                [sys.executable, "-m", "sweeper", "-m", *args],
+                cwd=cwd,
+                env=environment,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.STDOUT,
+                text=True,
+            )
         )
         self.lines: list[str] = []
         self._reader = threading.Thread(target=self._read, daemon=True)

@@ -21,7 +21,7 @@ from PIL import Image
 
 from sweeper.tracking import NOT_UPLOADED, start_run
 from sweeper.tracking_store import TrackingUnavailableError
-from tests.conftest import REPO
+from tests.conftest import REPO, ended_at_teardown
 from tests.servers import free_port
 
 WORKERS = 4
@@ -59,13 +59,15 @@ def start_together(uri: str, tmp_path: Path, count: int = WORKERS) -> list[dict]
     """``count`` real processes that open ``uri`` at the same instant, once all have imported MLflow."""
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     processes = [
-        subprocess.Popen(
-            [sys.executable, "-c", WORKER, uri, str(tmp_path), str(index)],
-            env=env,
-            cwd=tmp_path,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
+        ended_at_teardown(
+            subprocess.Popen(
+                [sys.executable, "-c", WORKER, uri, str(tmp_path), str(index)],
+                env=env,
+                cwd=tmp_path,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+                text=True,
+            )
         )
         for index in range(count)
     ]
@@ -213,8 +215,13 @@ def test_a_run_whose_process_was_killed_is_closed_as_killed_when_the_next_run_st
             time.sleep(600)
         """
     )
-    process = subprocess.Popen(
-        [sys.executable, "-c", holder], env={**os.environ, "PYTHONPATH": str(REPO)}, stdout=subprocess.PIPE, text=True
+    process = ended_at_teardown(
+        subprocess.Popen(
+            [sys.executable, "-c", holder],
+            env={**os.environ, "PYTHONPATH": str(REPO)},
+            stdout=subprocess.PIPE,
+            text=True,
+        )
     )
     killed_run = process.stdout.readline().strip()
     os.kill(process.pid, signal.SIGKILL)
