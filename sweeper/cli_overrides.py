@@ -15,7 +15,7 @@ import typing
 from collections.abc import Iterable
 from typing import Any
 
-from sweeper.config import ADDED_GROUPS, Config, group_options
+from sweeper.config import Config, added_groups, group_options
 
 _SKIPPED_ROOT_FIELDS = ("defaults",)  # the root's Hydra defaults list: not a key to set
 
@@ -65,6 +65,7 @@ def override_problems(
 
     schema = schema if schema is not None else schema_keys()
     groups = groups if groups is not None else group_options()
+    added = added_groups() if groups else []
     parser = OverridesParser.create()
     problems = []
     for line in overrides:
@@ -76,7 +77,7 @@ def override_problems(
         if name == "hydra" or override.is_hydra_override():
             continue
         if name in groups or name.split("/")[0] in groups:
-            problems += _option_problems(override, line, name, groups)
+            problems += _option_problems(override, line, name, groups, added)
         elif not schema.known(name):
             close = nearest_keys(name, schema)
             hint = f"did you mean {' or '.join(close)}?" if close else "--help lists every key"
@@ -110,13 +111,13 @@ def unknown_names_message(problems: list[str]) -> str:
     )
 
 
-def _option_problems(override: Any, line: str, group: str, groups: dict[str, list[str]]) -> list[str]:
+def _option_problems(override: Any, line: str, group: str, groups: dict[str, list[str]], added: list[str]) -> list[str]:
     """``optimizer=adamm``: an option the group does not have; ``experiment=x``: a preset without its +."""
     options = groups.get(group)
     if options is None or override.is_delete() or override.package is not None:
         return []
     problems = []
-    if group in ADDED_GROUPS and not (override.is_add() or override.is_force_add()):
+    if group in added and not (override.is_add() or override.is_force_add()):
         problems.append(f"{line}: {group} is a preset outside the defaults list, added with a + (+{group}=...)")
     for value in _choices(override):
         if value not in options and value != "null":

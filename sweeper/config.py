@@ -298,21 +298,27 @@ def register_configs() -> None:
         store.store(name=f"base_{group}", node=schema)
 
 
-# Groups outside the defaults list: presets added with a + (``+experiment=example``, ``+search=lr_grid``).
-ADDED_GROUPS = ("experiment", "search")
-
-
 def group_options(conf: Path = PROJECT_ROOT / "conf") -> dict[str, list[str]]:
     """Each option group under conf/ and its options (the YAML files), sorted."""
     groups = {group.name: sorted(f.stem for f in group.glob("*.yaml")) for group in conf.iterdir() if group.is_dir()}
     return {name: options for name, options in sorted(groups.items()) if options}
 
 
+def added_groups(conf: Path = PROJECT_ROOT / "conf") -> list[str]:
+    """The groups outside conf/config.yaml's defaults list: presets added with a + (``+experiment=example``,
+    ``+search=lr_grid``, ``+debug=fast``)."""
+    import yaml  # Hydra's own dependency
+
+    defaults = yaml.safe_load((conf / "config.yaml").read_text(encoding="utf-8")).get("defaults", [])
+    chosen = {next(iter(entry)).split()[-1].lstrip("/") for entry in defaults if isinstance(entry, dict)}
+    return [group for group in group_options(conf) if group not in chosen]
+
+
 def option_groups() -> str:
     """``--help``'s list of option groups and their options, the presets added with a +."""
+    added = added_groups()
     return "\n".join(
-        f"  {'+' if group in ADDED_GROUPS else ''}{group}: {', '.join(options)}"
-        for group, options in group_options().items()
+        f"  {'+' if group in added else ''}{group}: {', '.join(options)}" for group, options in group_options().items()
     )
 
 

@@ -80,6 +80,7 @@ def test_every_unknown_key_and_option_is_reported_at_once_without_suggesting_a_p
         ("scheduler=cosin", "scheduler has no option cosin (did you mean cosine?"),
         ("+experiment=exampel", "experiment has no option exampel (did you mean example?"),
         ("experiment=example", "experiment is a preset outside the defaults list, added with a + (+experiment=...)"),
+        ("debug=fast", "debug is a preset outside the defaults list, added with a + (+debug=...)"),
         ("optimizer=base_optimizer", "optimizer has no option base_optimizer"),  # a schema, not an option
     ],
 )
@@ -96,6 +97,7 @@ def test_an_unknown_group_option_names_the_nearest_option(override, problem):
         "optimizer=adamw,lion",
         "+experiment=example",
         "+search=lr_grid",
+        "+debug=fast",
         "network.dim=range(4,9,4)",
         "network.scale=tag(log, interval(0.25, 2.0))",
         "train.denoise_range=[0.2,1.0]",
