@@ -94,6 +94,8 @@ def main(cfg: DictConfig) -> dict[str, Any]:
         )
     for line in result.summary:
         print(f"  {line}")
+    if result.note:
+        print(f"note: {result.note}")
     print(f"LoRA file:  {result.lora_path.resolve()}")
     if result.replicates:
         print("            (the seed whose score is nearest the setting's mean; every seed's file is in seed-*/)")
@@ -107,13 +109,16 @@ def command_line_problems(args: Any) -> list[str]:
     """Unknown keys and group options among the overrides, before Hydra composes (sweeper/cli_overrides.py).
 
     Left to Hydra: shell completion (it queries half-typed words) and another primary config
-    (``--config-name``, ``--config-path``), which the schema does not describe.
+    (``--config-name``, ``--config-path``), which the schema does not describe. Group options are
+    not checked where other config folders add options (``--config-dir``, ``hydra.searchpath``: an
+    imported ``+experiment=...`` written elsewhere).
     """
     from sweeper.cli_overrides import override_problems
 
     if args is None or args.shell_completion or args.config_name or args.config_path or args.experimental_rerun:
         return []
-    return override_problems(args.overrides, groups={} if args.config_dir else None)
+    searched = any(o.lstrip("+~").startswith("hydra.searchpath") for o in args.overrides)
+    return override_problems(args.overrides, check_options=not (args.config_dir or searched))
 
 
 def _parsed_args(argv: list[str]) -> Any:

@@ -55,11 +55,13 @@ def override_problems(
     overrides: Iterable[str],
     schema: SchemaKeys | None = None,
     groups: dict[str, list[str]] | None = None,
+    check_options: bool = True,
 ) -> list[str]:
     """One line per unknown key or group option among ``overrides``, each with the nearest real one.
 
-    ``groups=None`` reads conf/; pass ``{}`` to skip the option check (``--config-dir`` adds options).
-    Overrides the Hydra grammar refuses, and ``hydra.*`` ones, are left to Hydra's own messages.
+    ``groups=None`` reads conf/; ``check_options=False`` takes any option of a known group (other
+    config folders add options: ``--config-dir``, ``hydra.searchpath``). Overrides the Hydra grammar
+    refuses, and ``hydra.*`` ones, are left to Hydra's own messages.
     """
     from hydra.core.override_parser.overrides_parser import OverridesParser
 
@@ -77,7 +79,8 @@ def override_problems(
         if name == "hydra" or override.is_hydra_override():
             continue
         if name in groups or name.split("/")[0] in groups:
-            problems += _option_problems(override, line, name, groups, added)
+            if check_options:
+                problems += _option_problems(override, line, name, groups, added)
         elif not schema.known(name):
             close = nearest_keys(name, schema)
             hint = f"did you mean {' or '.join(close)}?" if close else "--help lists every key"

@@ -89,6 +89,17 @@ def test_an_unknown_group_option_names_the_nearest_option(override, problem):
     assert found.startswith(f"{override}: {problem}")
 
 
+def test_presets_from_another_config_folder_are_left_to_hydra():
+    """An imported experiment written outside conf/ comes in through hydra.searchpath or --config-dir."""
+    from sweeper.__main__ import _parsed_args, command_line_problems
+
+    elsewhere = ["+experiment=easy", "hydra.searchpath=[file:///somewhere/conf]"]
+    assert command_line_problems(_parsed_args(elsewhere)) == []
+    assert command_line_problems(_parsed_args(["--config-dir", "/somewhere/conf", "+experiment=easy"])) == []
+    (problem,) = command_line_problems(_parsed_args(["+experiment=easy"]))
+    assert "experiment has no option easy" in problem
+
+
 @pytest.mark.parametrize(
     "override",
     [
