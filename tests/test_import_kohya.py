@@ -17,7 +17,7 @@ from omegaconf import OmegaConf
 from sweeper.import_kohya import ImportResult, import_config, main, write_experiment, yaml_value
 from sweeper.kohya_import.machine import check_here
 from sweeper.validate import validate
-from tests.conftest import CONF_DIR, REPO, compose_config, run_cli
+from tests.conftest import CONF_DIR, REPO, compose_config, run_main
 
 DATA = Path(__file__).parent / "data"
 KOHYA_TOML = DATA / "kohya_lora.toml"
@@ -695,11 +695,11 @@ def test_an_imported_experiment_runs_on_the_bundled_data(tmp_path):
     machine = [o for o in result.here if o.override and not o.override.startswith(("model=", "data.train_dir="))]
 
     if machine:  # without them, startup stops with the reasons the import gave
-        refused = run_cli(*given, *short, cwd=tmp_path, timeout=300)
+        refused = run_main(*given, *short, cwd=tmp_path)
         assert refused.returncode != 0
         assert all(o.reason.split(";")[0] in refused.stderr for o in machine)
 
-    done = run_cli(*given, *[o.override for o in machine], *short, cwd=tmp_path, timeout=600)
+    done = run_main(*given, *[o.override for o in machine], *short, cwd=tmp_path)
     assert done.returncode == 0, done.stderr[-3000:]
     assert "Buckets (resolution 64" in done.stdout + done.stderr, "the tiny model's own size, not 512"
     assert list((tmp_path / "outputs" / "runs").glob("*/*/test.safetensors")), "output.name from the file"

@@ -26,7 +26,7 @@ import pytest
 from mlflow.tracking import MlflowClient
 
 from sweeper.tracking import runs_page
-from tests.conftest import REPO, run_cli
+from tests.conftest import REPO, run_main
 
 CHROMIUM = Path("/usr/bin/chromium")
 if not CHROMIUM.exists():
@@ -68,7 +68,7 @@ class Sweep:
 def sweep(tmp_path: Path) -> Sweep:
     cwd = tmp_path / "work"
     cwd.mkdir()
-    done = run_cli("-m", "network.dim=4,8", *FAST_TRIAL, cwd=cwd)
+    done = run_main("-m", "network.dim=4,8", *FAST_TRIAL, cwd=cwd)
     assert done.returncode == 0, done.stderr[-3000:]
 
     client = MlflowClient(f"sqlite:///{cwd / 'outputs' / 'mlflow.db'}")

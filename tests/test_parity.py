@@ -11,6 +11,7 @@ from safetensors.torch import load_file
 from sweeper.task import run
 from sweeper.tracking import NullTracker
 from sweeper.validate import ConfigError, validate
+from tests.test_training import FAMILIES
 from training.checkpoint import load_training_state
 from training.data.dataset import scan_dataset
 from training.families.loading import load_base_model
@@ -105,8 +106,10 @@ def test_regularisation_images_are_weighted(make_cfg, tmp_path):
     assert losses[0.0] == 0.0 and losses[1.0] > 0.0
 
 
-def test_resume_from_a_saved_state_equals_an_uninterrupted_run(make_cfg, tmp_path):
+@pytest.mark.parametrize("family", FAMILIES)
+def test_resume_from_a_saved_state_equals_an_uninterrupted_run(make_cfg, tmp_path, family):
     options = [
+        *FAMILIES[family],
         "train.max_steps=8",
         "train.batch_size=2",
         "train.grad_accum_steps=2",
@@ -115,6 +118,7 @@ def test_resume_from_a_saved_state_equals_an_uninterrupted_run(make_cfg, tmp_pat
         "data.flip_aug=true",
         "data.random_crop=true",
         "dropout.caption_rate=0.5",
+        "network.train_text_encoder=true",
         "scheduler=cosine",
     ]
     whole = run(make_cfg(*options, f"output.dir={tmp_path / 'whole'}"), show_progress=False)
@@ -124,6 +128,7 @@ def test_resume_from_a_saved_state_equals_an_uninterrupted_run(make_cfg, tmp_pat
         make_cfg(*options, f"output.dir={tmp_path / 'resumed'}", f"train.resume={state}"), show_progress=False
     )
     a, b = load_file(whole.lora_path), load_file(resumed.lora_path)
+    assert any(k.startswith("lora_te2_" if family == "sdxl" else "lora_te_") for k in a)  # text encoders resume too
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     assert (tmp_path / "whole" / "lora-step000006.safetensors").is_file()
     history = MlflowClient(resumed.tracking_uri).get_metric_history(resumed.run_id, "train/loss")

@@ -17,7 +17,7 @@ from mlflow.tracking import MlflowClient
 from sweeper import reproduce
 from sweeper.fingerprint import file_sha256
 from sweeper.task import run
-from tests.conftest import FAST, REPO, compose_config, run_cli
+from tests.conftest import FAST, REPO, compose_config, run_main
 from training.network.file import lora_identity, tensors_sha256
 
 
@@ -172,7 +172,7 @@ def test_the_command_prints_no_torchvision_warnings(tmp_path):
 @pytest.mark.slow
 def test_a_run_folder_and_a_sweep_trial_reproduce_from_the_command_line(tmp_path):
     fast = ["train.max_steps=4", "train.batch_size=2", "eval.num_inference_steps=2", "eval.images_per_prompt=1"]
-    single = run_cli(*fast, cwd=tmp_path)
+    single = run_main(*fast, cwd=tmp_path)
     assert single.returncode == 0, single.stderr[-2000:]
     folder = next((tmp_path / "outputs" / "runs").glob("*/*"))
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(REPO)}
@@ -182,7 +182,7 @@ def test_a_run_folder_and_a_sweep_trial_reproduce_from_the_command_line(tmp_path
     assert again.returncode == 0, again.stdout[-2000:] + again.stderr[-2000:]
     assert "bit-identical LoRA tensors" in again.stdout
 
-    sweep = run_cli("-m", *fast, "network.dim=4,8", cwd=tmp_path)
+    sweep = run_main("-m", *fast, "network.dim=4,8", cwd=tmp_path)
     assert sweep.returncode == 0, sweep.stderr[-2000:]
     trial_dir = next((tmp_path / "outputs" / "multirun").glob("*/*/1"))
     record = json.loads((trial_dir / "run.json").read_text())

@@ -14,14 +14,13 @@ from diffusers import StableDiffusionXLPipeline
 from mlflow.tracking import MlflowClient
 from PIL import Image
 from safetensors import safe_open
-from safetensors.torch import load_file
 
 import training.loop
 from sweeper import reproduce
 from sweeper.task import run
 from sweeper.tracking import NullTracker
 from sweeper.validate import ConfigError, validate
-from tests.conftest import run_cli
+from tests.conftest import run_main
 from tests.helpers_checkpoint import copy_configs, write_sdxl_checkpoint
 from training.data.dataset import scan_dataset
 from training.families.loading import load_base_model
@@ -129,36 +128,8 @@ def test_sdxl_loss_falls_only_lora_changes_and_both_text_encoders_train(make_cfg
     remove_lora(trainer.network)
 
 
-def test_the_same_seed_gives_a_bit_identical_sdxl_lora(make_cfg):
-    cfg = make_cfg(
-        *SDXL_TINY, "train.max_steps=8", "data.random_crop=true", "data.flip_aug=true", "network.dropout=0.1"
-    )
-    weights = []
-    for _ in range(2):
-        _, _, trainer, _, _ = train(cfg)
-        weights.append(trainer.network.kohya_state_dict())
-        remove_lora(trainer.network)
-    assert weights[0].keys() == weights[1].keys()
-    assert all(torch.equal(weights[0][k], weights[1][k]) for k in weights[0])
-
-
-def test_sdxl_resume_from_a_saved_state_equals_an_uninterrupted_run(make_cfg, tmp_path):
-    options = [
-        *SDXL_TINY,
-        "train.max_steps=6",
-        "train.save_every_n_steps=3",
-        "train.save_state=true",
-        "data.flip_aug=true",
-        "network.train_text_encoder=true",
-        "scheduler=cosine",
-    ]
-    whole = run(make_cfg(*options, f"output.dir={tmp_path / 'whole'}"), show_progress=False)
-    state = tmp_path / "whole" / "state-step000003"
-    resumed_cfg = make_cfg(*options, f"output.dir={tmp_path / 'resumed'}", f"train.resume={state}")
-    resumed = run(resumed_cfg, show_progress=False)
-    a, b = load_file(whole.lora_path), load_file(resumed.lora_path)
-    assert any(k.startswith("lora_te2_") for k in a)
-    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+# (the same seed's bit-identical LoRA and resume for SDXL: tests/test_training.py and tests/test_parity.py,
+# parametrised over the families)
 
 
 # --- time ids
@@ -320,7 +291,7 @@ def cfg_overrides(cfg) -> list[str]:
 
 @pytest.mark.slow
 def test_a_two_trial_sdxl_sweep(tmp_path):
-    done = run_cli(
+    done = run_main(
         "-m",
         "model=tiny",
         "model.kind=sdxl",

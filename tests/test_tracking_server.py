@@ -19,7 +19,7 @@ import pytest
 from mlflow.tracking import MlflowClient
 
 from sweeper.tracking import NOT_UPLOADED
-from tests.conftest import REPO, run_cli
+from tests.conftest import REPO, run_cli, run_main
 from tests.servers import create_postgres_database, drop_postgres_database, free_port
 
 TINY = [
@@ -39,7 +39,7 @@ def runs(client: MlflowClient, experiment: str = "lora-sweeper"):
 
 @pytest.mark.slow
 def test_on_a_server_the_lora_lands_in_the_servers_artifacts_destination(tmp_path, mlflow_server):
-    done = run_cli(*TINY, "train.max_steps=4", f"tracking.uri={mlflow_server.url}", cwd=tmp_path)
+    done = run_main(*TINY, "train.max_steps=4", f"tracking.uri={mlflow_server.url}", cwd=tmp_path)
     assert done.returncode == 0, done.stderr[-3000:]
 
     [run] = runs(MlflowClient(mlflow_server.url))
@@ -80,7 +80,7 @@ def test_the_server_dying_mid_run_does_not_stop_training_and_the_run_says_what_d
     watcher = threading.Thread(target=stop_at_first_metrics, daemon=True)
     watcher.start()
     out = tmp_path / "run"
-    done = run_cli(
+    done = run_main(
         *TINY,
         "train.max_steps=400",
         "eval.every_n_steps=200",
@@ -159,7 +159,7 @@ def test_a_run_that_ended_offline_is_delivered_not_marked_killed_by_the_next_run
 
 def test_a_server_down_at_the_start_stops_the_run_at_once_with_the_fixes(tmp_path):
     uri = f"http://127.0.0.1:{free_port()}"  # nothing listens there
-    done = run_cli(*TINY, "train.max_steps=4", f"tracking.uri={uri}", cwd=tmp_path)
+    done = run_main(*TINY, "train.max_steps=4", f"tracking.uri={uri}", cwd=tmp_path)
     assert done.returncode == 2, done.stderr[-3000:]
     assert (
         f"MLflow tracking server {uri} (tracking.uri) is not reachable: [Errno 111] Connection refused" in done.stderr
@@ -195,7 +195,7 @@ def test_a_run_killed_with_sigkill_is_marked_killed_when_the_next_run_starts(tmp
     assert store.get_run(killed.info.run_id).info.status == "RUNNING"
     assert killed.data.tags["worker.pid"] == str(process.pid)
 
-    done = run_cli(*TINY, "train.max_steps=4", cwd=tmp_path)
+    done = run_main(*TINY, "train.max_steps=4", cwd=tmp_path)
     assert done.returncode == 0, done.stderr[-3000:]
     assert f"marked KILLED: {killed.info.run_id}" in done.stdout
     run = store.get_run(killed.info.run_id)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from sweeper.tracking import NullTracker
@@ -9,6 +10,10 @@ from training.data.dataset import scan_dataset
 from training.families.loading import load_base_model
 from training.loop import Trainer
 from training.network.lora import remove_lora
+
+# The tiny model of each family (model=tiny from the tests' +debug=fast): a test of the shared loop
+# runs once per family, so SDXL's two text encoders and time ids take the same path as SD1.
+FAMILIES = {"sd1": [], "sdxl": ["model.kind=sdxl"]}
 
 
 def train(cfg):
@@ -35,8 +40,10 @@ def test_loss_falls_and_only_lora_weights_change(make_cfg):
     assert all(torch.equal(before[k], after[k]) for k in before)
 
 
-def test_same_config_and_seed_give_bit_identical_lora(make_cfg):
-    cfg = make_cfg("train.max_steps=15", "network.dropout=0.1", "data.random_crop=true")
+@pytest.mark.parametrize("family", FAMILIES)
+def test_same_config_and_seed_give_bit_identical_lora(make_cfg, family):
+    options = ["train.max_steps=8", "network.dropout=0.1", "data.random_crop=true", "data.flip_aug=true"]
+    cfg = make_cfg(*FAMILIES[family], *options)
     weights = []
     for _ in range(2):
         _, _, trainer, _, _ = train(cfg)
