@@ -1,4 +1,5 @@
-"""The metrics a run reports and which way is better: light, so the sweeper can import it at start-up."""
+"""The metrics a run reports and which way is better, and the sampler names: light, so the sweeper and
+startup validation can import them before the model libraries."""
 
 from __future__ import annotations
 
@@ -14,6 +15,8 @@ DIRECTIONS = {
 }
 ALIASES = {"clip_score": "clip_t"}
 SELECTIONS = ("best", "last")  # eval.select: which evaluated checkpoint is the run's result
+# eval.sampler's names (evaluation/sampling.py maps each to its diffusers scheduler; a test checks they agree)
+SAMPLER_NAMES = ("ddim", "euler", "dpm++", "ddpm")
 
 
 def metric_name(name: str) -> str:

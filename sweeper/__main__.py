@@ -48,6 +48,8 @@ def quiet_libraries() -> None:
 @hydra.main(version_base="1.3", config_path=str(PROJECT_ROOT / "conf"), config_name="config")
 def main(cfg: DictConfig) -> dict[str, Any]:
     """One run. In a sweep (``-m``) each trial is this same function; errors then fail the trial only."""
+    if HydraConfig.get().mode != RunMode.MULTIRUN:  # a sweep checks every grid point before its first trial
+        _exit_on_early_problems(cfg)
     quiet_libraries()  # heavy imports only once the config composed, and silenced before they load
     from sweeper.task import run
     from sweeper.tracking_store import TrackingUnavailableError
@@ -103,6 +105,17 @@ def main(cfg: DictConfig) -> dict[str, Any]:
         print(f"MLflow run: {result.run_id}")
         print(f"MLflow UI:  {result.ui_command}")
     return returned
+
+
+def _exit_on_early_problems(cfg: DictConfig) -> None:
+    """The config's own values and data folders, checked before the model libraries load (seconds, not
+    ~15 s); the model, network file and speed checks follow in the run, with everything else."""
+    from sweeper.validate import ConfigError, early_problems
+
+    if problems := early_problems(cfg):
+        print(ConfigError(problems), file=sys.stderr)
+        print("(the model, network-file and speed options are checked once these are fixed)", file=sys.stderr)
+        sys.exit(2)
 
 
 def command_line_problems(args: Any) -> list[str]:

@@ -1,7 +1,10 @@
 """Check a whole config before anything heavy is loaded, and report every problem at once.
 
 A sweep must not spend an hour before learning that an option is impossible, and a user fixing a
-config wants the full list, not one error per attempt.
+config wants the full list, not one error per attempt. The checks come in two parts: the config's
+own values and the data folders (``early_problems``: torch at most, so the command line reports
+them in a second or two, before the model libraries load), then the model, network file and speed
+options, whose checks live beside the code that uses diffusers, transformers and peft.
 """
 
 from __future__ import annotations
@@ -11,8 +14,7 @@ from typing import Any
 
 import torch
 
-from evaluation.metric_names import DIRECTIONS, SELECTIONS, evaluated_metric, metric_name
-from evaluation.sampling import SAMPLERS
+from evaluation.metric_names import DIRECTIONS, SAMPLER_NAMES, SELECTIONS, evaluated_metric, metric_name
 from sweeper.eval_prompts import EvalPrompts, resolve_eval_prompts
 from sweeper.schema_check import schema_problems
 from training.cache.latents import incompatible_with_cache
@@ -20,12 +22,8 @@ from training.checkpoint import resume_problem
 from training.data.buckets import bucket_problems, resolve_bucket_settings
 from training.data.dataset import DatasetScan, scan_dataset, scan_folders
 from training.data.missing_captions import MISSING_CAPTION_CHOICES, apply_missing_captions
-from training.families.loading import model_problems
-from training.network.file import init_weights_problems, output_problems
-from training.optim import optimizer_problems, scheduler_problems
 from training.output_dir import estimated_lora_bytes, output_dir_problems
 from training.speed.compile import compile_problems
-from training.speed.cuda_graph import cuda_graph_problems
 from training.text.encoding import max_token_length_problem
 
 PRECISIONS = ("fp32", "fp16", "bf16", "auto")
@@ -52,6 +50,20 @@ class Validated:
 
 def validate(cfg: Any) -> Validated:
     """Raise ``ConfigError`` naming every problem; return the dataset scan when all is well."""
+    problems, validated = _config_and_data_problems(cfg)
+    problems += _model_network_and_speed_problems(cfg)
+    if problems:
+        raise ConfigError(problems)
+    return validated
+
+
+def early_problems(cfg: Any) -> list[str]:
+    """The problems of the config's values and data folders, found without loading the model libraries:
+    what the command line reports before importing them (``validate`` repeats them with the rest)."""
+    return _config_and_data_problems(cfg)[0]
+
+
+def _config_and_data_problems(cfg: Any) -> tuple[list[str], Validated]:
     problems: list[str] = schema_problems(cfg)  # unknown keys (``+network.dimm=8``), nan / inf
     problems += _network_problems(cfg.network)
     problems += _optimizer_problems(cfg)
@@ -60,21 +72,10 @@ def validate(cfg: Any) -> Validated:
     problems += _concept_problems(cfg)
     problems += _data_problems(cfg)
     problems += _embedding_problems(cfg)
-    problems += model_problems(cfg.model, cfg.network)
-    problems += optimizer_problems(cfg.optimizer, torch.cuda.is_available())
-    problems += scheduler_problems(cfg.scheduler, cfg.train.max_steps, cfg.eval.every_n_steps)
-    problems += output_problems(cfg.output)
     expected = estimated_lora_bytes(cfg.network.dim, cfg.model.source, cfg.output.precision)
     problems += output_dir_problems(cfg.output, expected)
-    problems += init_weights_problems(cfg.network, allow_pickle=cfg.output.allow_pickle)
     problems += incompatible_with_cache(cfg.data)
     problems += compile_problems(cfg.train.compile, cfg.train.compile_mode)
-    problems += cuda_graph_problems(
-        cfg.train.cuda_graphs,
-        grad_accum_steps=cfg.train.grad_accum_steps,
-        compile_mode=cfg.train.compile_mode,
-        checkpointing=cfg.model.gradient_checkpointing,
-    )
     scan = _scan(cfg, cfg.data.train_dir, "data.train_dir")
     problems += scan.problems
     regularisation = None
@@ -89,9 +90,28 @@ def validate(cfg: Any) -> Validated:
     if not scan.problems:  # prompts derived from captions need the captions
         eval_prompts, prompt_problems = resolve_eval_prompts(cfg, scan.records)
         problems += prompt_problems
-    if problems:
-        raise ConfigError(problems)
-    return Validated(dataset=scan, regularisation=regularisation, held_out=held_out, eval_prompts=eval_prompts)
+    return problems, Validated(scan, regularisation, held_out, eval_prompts)
+
+
+def _model_network_and_speed_problems(cfg: Any) -> list[str]:
+    """The checks that live beside diffusers / transformers / peft code: imported only here."""
+    from training.families.loading import model_problems
+    from training.network.file import init_weights_problems, output_problems
+    from training.optim import optimizer_problems, scheduler_problems
+    from training.speed.cuda_graph import cuda_graph_problems
+
+    problems = model_problems(cfg.model, cfg.network)
+    problems += optimizer_problems(cfg.optimizer, torch.cuda.is_available())
+    problems += scheduler_problems(cfg.scheduler, cfg.train.max_steps, cfg.eval.every_n_steps)
+    problems += output_problems(cfg.output)
+    problems += init_weights_problems(cfg.network, allow_pickle=cfg.output.allow_pickle)
+    problems += cuda_graph_problems(
+        cfg.train.cuda_graphs,
+        grad_accum_steps=cfg.train.grad_accum_steps,
+        compile_mode=cfg.train.compile_mode,
+        checkpointing=cfg.model.gradient_checkpointing,
+    )
+    return problems
 
 
 def _scan(cfg: Any, folder: str | None, key: str) -> DatasetScan:
@@ -259,8 +279,8 @@ def _eval_problems(eval_cfg: Any) -> list[str]:
             problems.append(f"eval.{key} must be >= 1 (got {getattr(eval_cfg, key)})")
     if eval_cfg.every_n_steps < 0:
         problems.append("eval.every_n_steps must be >= 0 (0 = only at the end)")
-    if eval_cfg.sampler not in SAMPLERS:
-        problems.append(f"eval.sampler: unknown sampler '{eval_cfg.sampler}'; use one of {', '.join(SAMPLERS)}")
+    if eval_cfg.sampler not in SAMPLER_NAMES:
+        problems.append(f"eval.sampler: unknown sampler '{eval_cfg.sampler}'; use one of {', '.join(SAMPLER_NAMES)}")
     if eval_cfg.select not in SELECTIONS:
         problems.append(f"eval.select: {eval_cfg.select!r} is not one of {', '.join(SELECTIONS)}")
     if metric_name(eval_cfg.objective) not in DIRECTIONS:

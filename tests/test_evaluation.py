@@ -28,7 +28,8 @@ from transformers import CLIPModel, CLIPProcessor
 from evaluation.clip_score import ClipScorer, clip_score_from_embeddings
 from evaluation.evaluate import EvalResult, evaluate
 from evaluation.grid import image_grid, label_height
-from evaluation.sampling import generate_samples, sampling_scheduler
+from evaluation.metric_names import SAMPLER_NAMES
+from evaluation.sampling import SAMPLERS, generate_samples, sampling_scheduler
 from evaluation.tiny_clip import TINY_CLIP_NAME, build_tiny_clip, ensure_tiny_clip
 from training.cache.folders import CACHE_ENV
 from training.families.tiny_sd import build_tiny_pipeline
@@ -343,6 +344,10 @@ def test_sampling_scheduler_keeps_the_training_schedule(name: str, cls: type) ->
         assert scheduler.config.beta_schedule == "scaled_linear"
         assert scheduler.config.beta_end == pytest.approx(0.012)
         assert scheduler is not train
+
+
+def test_the_light_sampler_names_are_the_samplers() -> None:
+    assert tuple(SAMPLERS) == SAMPLER_NAMES  # what startup validation accepts is what sampling can build
 
 
 def test_unknown_sampler_names_the_config_key() -> None:

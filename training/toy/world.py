@@ -12,12 +12,13 @@ import random
 from collections.abc import Sequence
 from dataclasses import dataclass
 from functools import lru_cache
+from typing import TYPE_CHECKING
 
 import numpy as np
 from PIL import Image, ImageDraw
-from transformers import CLIPTokenizer
 
-from training.text.tokenizer import BASE_WORDS, build_word_tokenizer
+if TYPE_CHECKING:  # the world's shapes and words are read at startup (sweeper/eval_concept.py): no transformers
+    from transformers import CLIPTokenizer
 
 SHAPES: tuple[str, ...] = ("circle", "square", "triangle", "star", "diamond", "cross", "hexagon", "ring")
 HELD_OUT_SHAPE = "star"  # the concept the base model never sees; a LoRA teaches it
@@ -200,4 +201,6 @@ def tag_caption(scene: Scene) -> str:
 
 def world_tokenizer() -> CLIPTokenizer:
     """The word tokenizer over the base and world words: every world word is a single token."""
+    from training.text.tokenizer import BASE_WORDS, build_word_tokenizer
+
     return build_word_tokenizer(BASE_WORDS + list(WORLD_WORDS))
