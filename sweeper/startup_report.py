@@ -13,7 +13,7 @@ from typing import Any
 from sweeper.eval_concept import choose_concept
 from training.data.buckets import bucket_summary, generate_buckets, resolve_bucket_settings
 from training.data.dataset import oriented_size
-from training.data.missing_captions import missing_captions_table, missing_captions_warning
+from training.data.missing_captions import class_tokens_notice, missing_captions_table, missing_captions_warning
 from training.data.resolution import resolution_warnings
 from training.families import family_of
 from training.families.embedded import embedded_model_note
@@ -28,14 +28,18 @@ def report_data(tracker: Any, cfg: Any, validated: Any) -> None:
             ("data.reg_dir", validated.regularisation),
             ("data.val_dir", validated.held_out),
         )
-        if scan is not None and scan.uncaptioned
+        if scan is not None and (scan.uncaptioned or scan.by_class_tokens)
     ]
     for key, scan in scans:
         if warning := missing_captions_warning(scan, cfg.data.missing_captions, cfg.data.caption_extension, key):
             print(warning)
+        if notice := class_tokens_notice(scan):
+            print(notice)
     if scans:
         tracker.log_text(missing_captions_table([scan for _, scan in scans]), "data/missing_captions.tsv")
         tracker.set_tags({"data.uncaptioned_images": str(sum(len(scan.uncaptioned) for _, scan in scans))})
+        if by_class_tokens := sum(len(scan.by_class_tokens) for _, scan in scans):
+            tracker.set_tags({"data.class_token_captions": str(by_class_tokens)})
     chosen = validated.eval_prompts
     if chosen.source == "your captions":
         listed = "; ".join(chosen.prompts)

@@ -13,6 +13,7 @@ from sweeper.fingerprint import dataset_fingerprint
 from sweeper.tracking import NullTracker
 from sweeper.validate import ConfigError, validate
 from training.data.dataset import scan_folders
+from training.data.missing_captions import class_tokens_notice, missing_captions_table
 from training.families.loading import load_base_model
 from training.loop import Trainer
 
@@ -69,6 +70,11 @@ def test_each_folder_keeps_its_repeats_captions_and_class_tokens(make_cfg, folde
     }
     assert validated.dataset.num_samples == 3 * 10 + 2 * 3
     assert validated.dataset.uncaptioned == [], "captioned by class tokens, not a missing caption"
+    # ... and said at startup and in the run's data/missing_captions.tsv (as sd-scripts captions them)
+    assert [u.path.name for u in validated.dataset.by_class_tokens] == ["p3.png"]
+    notice = class_tokens_notice(validated.dataset)
+    assert notice.startswith("1 image(s) of data.subsets") and "'chara girl'" in notice and "p3.png" in notice
+    assert f"{folders['portraits'] / 'p3.png'}\tchara girl" in missing_captions_table([validated.dataset])
     regularisation = {r.path.name: (r.caption, r.repeats) for r in validated.regularisation.records}
     assert regularisation == {"r1.png": ("girl", 1), "r2.png": ("girl", 1)}
 

@@ -87,6 +87,8 @@ class DatasetScan:
     skipped: list[tuple[Path, str]] = field(default_factory=list)  # (file, reason)
     problems: list[str] = field(default_factory=list)
     uncaptioned: list[Uncaptioned] = field(default_factory=list)  # records whose caption file is missing
+    # images of a data.subsets entry without a caption file, captioned with the entry's class_tokens
+    by_class_tokens: list[Uncaptioned] = field(default_factory=list)
 
     @property
     def num_samples(self) -> int:
@@ -298,6 +300,7 @@ def _scan_subset(subset: Any, data: Any, key: str) -> DatasetScan:
         scan.problems.insert(0, f"{key}.keep_tokens must be >= 0 (got {subset.keep_tokens}); null = data.keep_tokens")
     class_tokens = (subset.class_tokens or "").strip()
     captioned = {u.path for u in scan.uncaptioned} if class_tokens else set()
+    scan.by_class_tokens = [u for u in scan.uncaptioned if u.path in captioned]
     scan.uncaptioned = [u for u in scan.uncaptioned if u.path not in captioned]
     scan.records = [
         dataclasses.replace(

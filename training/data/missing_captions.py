@@ -88,12 +88,26 @@ def missing_captions_warning(scan: DatasetScan, policy: str, caption_extension: 
 
 
 def missing_captions_table(scans: Sequence[DatasetScan]) -> str:
-    """TSV ``image, caption``: every image without a caption file and the caption it trains on."""
+    """TSV ``image, caption``: every image without a caption file and the caption it trains on (a
+    subset's class_tokens included)."""
     rows = ["image\tcaption"]
     for scan in scans:
         captions = {r.path: r.caption for r in scan.records}
-        rows += [f"{u.path}\t{captions.get(u.path, '')}" for u in scan.uncaptioned]
+        rows += [f"{u.path}\t{captions.get(u.path, '')}" for u in [*scan.uncaptioned, *scan.by_class_tokens]]
     return "\n".join(rows) + "\n"
+
+
+def class_tokens_notice(scan: DatasetScan) -> str | None:
+    """The startup line for images a ``data.subsets`` entry captions with its ``class_tokens`` (as sd-scripts does)."""
+    if not scan.by_class_tokens:
+        return None
+    captions = {r.path: r.caption for r in scan.records}
+    used = sorted({captions.get(u.path, "") for u in scan.by_class_tokens})
+    listed = ", ".join(f"'{c}'" for c in used)
+    return (
+        f"{len(scan.by_class_tokens)} image(s) of data.subsets have no caption file and train on their subset's "
+        f"class_tokens ({listed}): {_file_list(scan.by_class_tokens)}"
+    )
 
 
 def _file_list(uncaptioned: list[Uncaptioned]) -> str:
