@@ -22,7 +22,9 @@ from training.checkpoint import resume_problem
 from training.data.buckets import bucket_problems, resolve_bucket_settings
 from training.data.dataset import DatasetScan, scan_dataset, scan_folders
 from training.data.missing_captions import MISSING_CAPTION_CHOICES, apply_missing_captions
+from training.optim import optimizer_problems, scheduler_problems
 from training.output_dir import estimated_lora_bytes, output_dir_problems
+from training.speed.attention import attention_problem
 from training.speed.compile import compile_problems
 from training.text.encoding import max_token_length_problem
 
@@ -76,6 +78,7 @@ def _config_and_data_problems(cfg: Any) -> tuple[list[str], Validated]:
     problems += output_dir_problems(cfg.output, expected)
     problems += incompatible_with_cache(cfg.data)
     problems += compile_problems(cfg.train.compile, cfg.train.compile_mode)
+    problems += _machine_problems(cfg)
     scan = _scan(cfg, cfg.data.train_dir, "data.train_dir")
     problems += scan.problems
     regularisation = None
@@ -93,16 +96,24 @@ def _config_and_data_problems(cfg: Any) -> tuple[list[str], Validated]:
     return problems, Validated(scan, regularisation, held_out, eval_prompts)
 
 
+def _machine_problems(cfg: Any) -> list[str]:
+    """What this machine cannot run (a CUDA-only optimizer or attention kernel) and the schedule's values:
+    with the early checks, so the command line names them with the rest (an imported config's fixes)."""
+    cuda = torch.cuda.is_available()
+    problems = optimizer_problems(cfg.optimizer, cuda)
+    problems += scheduler_problems(cfg.scheduler, cfg.train.max_steps, cfg.eval.every_n_steps)
+    if problem := attention_problem(cfg.model.attention, cuda):
+        problems.append(problem)
+    return problems
+
+
 def _model_network_and_speed_problems(cfg: Any) -> list[str]:
     """The checks that live beside diffusers / transformers / peft code: imported only here."""
     from training.families.loading import model_problems
     from training.network.file import init_weights_problems, output_problems
-    from training.optim import optimizer_problems, scheduler_problems
     from training.speed.cuda_graph import cuda_graph_problems
 
     problems = model_problems(cfg.model, cfg.network)
-    problems += optimizer_problems(cfg.optimizer, torch.cuda.is_available())
-    problems += scheduler_problems(cfg.scheduler, cfg.train.max_steps, cfg.eval.every_n_steps)
     problems += output_problems(cfg.output)
     problems += init_weights_problems(cfg.network, allow_pickle=cfg.output.allow_pickle)
     problems += cuda_graph_problems(

@@ -13,7 +13,6 @@ from collections.abc import Callable
 from typing import Any
 
 import torch
-from diffusers.optimization import get_scheduler
 
 OPTIMIZERS = ("adamw", "adamw8bit", "lion", "sgd", "adafactor", "prodigy")
 SCHEDULERS = ("constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts", "polynomial", "plateau")
@@ -345,6 +344,8 @@ def build_lr_scheduler(optimizer: torch.optim.Optimizer, scheduler_cfg: Any, tot
     behaves as ``constant_with_warmup`` and ``plateau`` warms up before it starts watching the
     metric. Each group's lr follows the curve scaled to its own initial lr.
     """
+    from diffusers.optimization import get_scheduler  # here: the checks above run at startup, before diffusers loads
+
     problems = scheduler_problems(scheduler_cfg)
     if problems:
         raise ValueError("; ".join(problems))

@@ -22,7 +22,6 @@ from training.families.checked_loading import load_checked
 from training.families.detect import checkpoint_kind, folder_kind, kind_mismatch, loaded_kind
 from training.families.embedded import EMBEDDED_MODEL_NOTES
 from training.families.sd import SD1
-from training.speed.attention import attention_problem
 from training.text.encoding import clip_skip_problem
 from training.toy.shipped import shipped_folder
 
@@ -143,7 +142,8 @@ def resolved_kind(model_cfg: Any) -> str | None:
 
 
 def model_problems(model_cfg: Any, network_cfg: Any | None = None) -> list[str]:
-    """Every reason ``model`` cannot be loaded or run, checked before anything heavy happens."""
+    """Every reason ``model`` cannot be loaded or run, checked before anything heavy happens (``model.attention``
+    is checked with the other machine-dependent options: sweeper/validate.py)."""
     problems: list[str] = []
     if model_cfg.source not in MODEL_SOURCES:
         problems.append(f"model.source: unknown source '{model_cfg.source}'; use one of {', '.join(MODEL_SOURCES)}")
@@ -162,8 +162,6 @@ def model_problems(model_cfg: Any, network_cfg: Any | None = None) -> list[str]:
             f"model.prediction_type: unknown '{model_cfg.prediction_type}'; use epsilon, v_prediction, "
             "or null to keep the model's scheduler config"
         )
-    if problem := attention_problem(model_cfg.attention, torch.cuda.is_available()):
-        problems.append(problem)
     if problem := clip_skip_problem(model_cfg.clip_skip):
         problems.append(problem)
     if model_cfg.source == "toy":

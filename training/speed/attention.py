@@ -10,7 +10,6 @@ import importlib.util
 from typing import Any
 
 import torch
-from diffusers.models.attention_processor import AttnProcessor, AttnProcessor2_0
 
 ATTENTION_KINDS = ("sdpa", "xformers", "eager")
 
@@ -49,6 +48,8 @@ def configure_attention(unet: Any, kind: str, device: torch.device | str) -> Non
     cuda_available = torch.device(device).type == "cuda" and torch.cuda.is_available()
     if problem := attention_problem(kind, cuda_available):
         raise RuntimeError(problem)
+    from diffusers.models.attention_processor import AttnProcessor, AttnProcessor2_0  # attention_problem stays light
+
     if kind == "xformers":
         unet.enable_xformers_memory_efficient_attention()
     elif kind == "eager":
