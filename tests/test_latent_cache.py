@@ -247,6 +247,7 @@ def _read_until(folder: str, stop: Any, seen: Any) -> None:
     seen.put(found)
 
 
+@pytest.mark.slow
 def test_workers_writing_one_disk_cache_at_once_never_leave_a_partial_entry(tmp_path):
     """Two writer processes and a reader on the same entries: every read is one writer's whole tensor."""
     import multiprocessing

@@ -97,6 +97,7 @@ def test_a_single_file_sdxl_checkpoint_loads_offline_with_its_own_weights(make_c
 # --- training
 
 
+@pytest.mark.slow
 def test_sdxl_loss_falls_only_lora_changes_and_both_text_encoders_train(make_cfg):
     cfg = make_cfg(
         *SDXL_TINY,

@@ -25,6 +25,7 @@ def train(cfg):
     return base, before, trainer, lora_before, result
 
 
+@pytest.mark.slow
 def test_loss_falls_and_only_lora_weights_change(make_cfg):
     cfg = make_cfg("train.max_steps=80", "train.batch_size=4", "optimizer.lr=2e-3")
     base, before, trainer, lora_before, result = train(cfg)

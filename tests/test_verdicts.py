@@ -135,6 +135,7 @@ AA_CONFIGS = [
 ]
 
 
+@pytest.mark.slow
 def test_aa_family_wise_rate() -> None:
     """A/A sweeps (identical settings): any "significantly different" at most 5% of the time."""
     rates = {}
