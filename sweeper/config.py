@@ -168,7 +168,8 @@ class DataConfig:
 
 @dataclass
 class ConceptConfig:
-    """Zero-shot concept check of every sample (concept_acc); null = the toy world's shapes with the toy model."""
+    """Zero-shot concept check of every sample (concept_acc); null = the toy world's shapes with the toy model on
+    the bundled sample, off otherwise (sweeper/eval_concept.py)."""
 
     labels: list[str] | None = None  # candidate labels, e.g. [a circle, a square, a star]; [] = off
     target: str | None = None  # the label the LoRA's samples should get, e.g. a star
