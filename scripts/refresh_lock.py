@@ -1,10 +1,12 @@
 """Refresh ``requirements.lock``: the newest versions pyproject.toml allows, kept only if the suite passes.
 
-    python scripts/refresh_lock.py [--torch 2.13.0] [--keep-venv] [-- pytest args]
+    python scripts/refresh_lock.py [--torch 2.13.0] [--keep-pins] [--keep-venv] [-- pytest args]
 
 1. a fresh virtual environment (``.lock-venv/``), torch first (the build you name: the lock never
    pins torch, which users install for their own CUDA or CPU);
-2. ``pip install -e '.[test]'`` with no constraints, so pip resolves the newest allowed releases;
+2. ``pip install -e '.[test]'`` with no constraints, so pip resolves the newest allowed releases
+   (``--keep-pins``: with the current lock as constraints, so only a dependency new to pyproject.toml
+   is resolved and every pinned version stays: adding one package does not upgrade the rest);
 3. the README's test command (``python -m pytest``) in that environment;
 4. only when it passes, ``pip freeze`` (minus torch and its CUDA wheels, minus the project itself)
    replaces ``requirements.lock``, written under a temporary name and renamed.
@@ -60,6 +62,9 @@ def changes(old: dict[str, str], new: dict[str, str]) -> list[str]:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--torch", default="2.13.0", help="torch version to test with (default: CI's 2.13.0)")
+    parser.add_argument(
+        "--keep-pins", action="store_true", help="keep every locked version; resolve only dependencies new to the lock"
+    )
     parser.add_argument("--keep-venv", action="store_true", help=f"keep {VENV.name}/ afterwards")
     parser.add_argument("pytest_args", nargs="*", help="extra pytest arguments (after --)")
     args = parser.parse_args(argv)
@@ -71,7 +76,7 @@ def main(argv: list[str] | None = None) -> int:
         [sys.executable, "-m", "venv", str(VENV)],
         [*pip, "--upgrade", "pip"],
         [*pip, f"torch=={args.torch}"],
-        [*pip, "-e", f"{ROOT}[test]"],
+        [*pip, *(["-c", str(LOCK)] if args.keep_pins else []), "-e", f"{ROOT}[test]"],
     ]
     for step in steps:
         print("+", " ".join(step), flush=True)

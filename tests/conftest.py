@@ -18,6 +18,10 @@ from hydra import compose, initialize_config_dir
 from omegaconf import DictConfig
 
 os.environ["HF_HUB_OFFLINE"] = "1"
+# One thread per test process (and every process it starts): pytest-xdist runs a worker per core, and
+# two torch processes with a thread per core each spin-wait on each other's cores (OpenMP): measured on
+# 2 cores beside one other process, a 60-step toy run took 62 CPU-s with 2 threads and 31 with 1.
+os.environ["OMP_NUM_THREADS"] = os.environ["MKL_NUM_THREADS"] = "1"
 from sweeper.config import register_configs, register_resolvers
 from tests.servers import (  # noqa: F401  (fixtures: a fresh database per test, a real mlflow server)
     mariadb_db,
@@ -44,6 +48,16 @@ def tiny_model_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
     cache = tmp_path_factory.mktemp("model-cache")
     os.environ["LORA_SWEEPER_CACHE"] = str(cache)
     return cache
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Files with the most slow tests first (order kept inside a file). pytest-xdist hands out whole
+    files (``--dist loadfile``) in this order, so the long ones start early and the short ones fill the
+    end instead of one worker finishing a long file alone."""
+    slow_tests: dict[Path, int] = {}
+    for item in items:
+        slow_tests[item.path] = slow_tests.get(item.path, 0) + (item.get_closest_marker("slow") is not None)
+    items.sort(key=lambda item: -slow_tests[item.path])  # stable: a file's own order is kept
 
 
 _started: list[Any] = []  # processes a test started: none may outlive it (a failed assertion included)

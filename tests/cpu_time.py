@@ -2,6 +2,9 @@
 
 Wall time on a 2-core machine says as much about what else ran as about the test; CPU seconds are
 what CI pays. ``LORA_SWEEPER_CPU_REPORT=path`` also writes every test's seconds as TSV there.
+
+Each test's seconds travel in its teardown report (``user_properties``), so the summary is the same
+whether the tests ran in this process or in pytest-xdist's workers.
 """
 
 from __future__ import annotations
@@ -14,6 +17,8 @@ from pathlib import Path
 import pytest
 
 SHOWN = 20
+PROPERTY = "cpu_seconds"
+_started: dict[str, float] = {}
 _seconds: dict[str, float] = {}
 
 
@@ -22,11 +27,22 @@ def _cpu() -> float:
     return own.ru_utime + own.ru_stime + children.ru_utime + children.ru_stime
 
 
+@pytest.hookimpl(tryfirst=True)
+def pytest_runtest_setup(item: pytest.Item) -> None:
+    _started[item.nodeid] = _cpu()  # setup counts: the fixtures this test was first to need
+
+
 @pytest.hookimpl(hookwrapper=True)
-def pytest_runtest_protocol(item: pytest.Item, nextitem: pytest.Item | None) -> Iterator[None]:
-    started = _cpu()
-    yield
-    _seconds[item.nodeid] = _cpu() - started  # setup (fixtures it was first to need), call, teardown
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo) -> Iterator[None]:
+    outcome = yield
+    if call.when == "teardown" and item.nodeid in _started:
+        outcome.get_result().user_properties.append((PROPERTY, _cpu() - _started.pop(item.nodeid)))
+
+
+def pytest_runtest_logreport(report: pytest.TestReport) -> None:
+    for name, value in report.user_properties:
+        if name == PROPERTY and report.when == "teardown":
+            _seconds[report.nodeid] = value
 
 
 def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
