@@ -18,7 +18,6 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 import torch
-import torch.nn.functional as F
 from accelerate import Accelerator
 from diffusers import DiffusionPipeline
 from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
@@ -44,7 +43,6 @@ from training.families.vae_precision import run_in_own_precision, vae_dtype
 from training.fault_hold import hold_if_asked
 from training.network.file import apply_init_weights
 from training.network.lora import LoraNetwork, add_lora
-from training.noise import min_snr_weights, offset_noise, sample_timesteps, timestep_bounds
 from training.optim import build_lr_scheduler, build_optimizer
 from training.speed.attention import configure_attention, configure_gradient_checkpointing, configure_memory_format
 from training.speed.compile import configure_compile
@@ -291,13 +289,7 @@ class Trainer:
         optimizer = build_optimizer(groups, cfg.optimizer, train.grad_accum_steps)
         self.lr_schedule = build_lr_scheduler(optimizer, cfg.scheduler, self.total_steps)
         self.optimizer = self.accelerator.prepare(optimizer)  # the schedule counts real optimizer steps itself
-        scheduler_config = base.noise_scheduler.config
-        self.alphas_cumprod = base.noise_scheduler.alphas_cumprod.to(self.device)  # for min-SNR, once
-        self.timesteps = timestep_bounds(
-            scheduler_config.num_train_timesteps,
-            list(train.denoise_range) if train.denoise_range is not None else None,
-            list(train.timestep_range) if train.timestep_range is not None else None,
-        )
+        self.objective = self.family.objective(base.noise_scheduler, base.vae.config, train, self.device)
 
         # --- RNGs the loop draws from (all saved in a training state)
         self.noise_rng = torch.Generator(self.device).manual_seed(train.seed)
@@ -446,9 +438,8 @@ class Trainer:
             on_epoch_end(position.epoch)
 
     def _loss(self, batch: dict[str, Any]) -> torch.Tensor:
-        """Denoising loss of one micro-batch: noise, timesteps and target follow the scheduler config."""
+        """Denoising loss of one micro-batch: latents, noise, timesteps, target and weights from the objective."""
         base, cfg, rng = self.base, self.cfg, self.noise_rng
-        scheduler_config = base.noise_scheduler.config
         records = self.dataset.records  # a data.subsets folder may keep its own number of tags in place
         captions = [
             self._caption(c, records[i].keep_tokens) for c, i in zip(batch["caption"], batch["index"], strict=True)
@@ -461,7 +452,7 @@ class Trainer:
                 key_of = self.latent_keys()
                 keys = [key_of[crop] for crop in zip(batch["index"], batch["flipped"], strict=True)]
                 distribution = DiagonalGaussianDistribution(stacked_latent_params(self.latent_store, keys, self.device))
-            latents = distribution.sample(generator=rng) * base.vae.config.scaling_factor
+            latents = self.objective.latents(distribution, rng)
         with torch.set_grad_enabled(self._text_encoder_trains()), self.accelerator.autocast(), stage("text_encoder"):
             cond = self._encode_captions(captions)
         # per-image conditioning beyond the text (SDXL's size/crop time ids): with cached latents from
@@ -473,28 +464,17 @@ class Trainer:
                 for crop, g in zip(zip(batch["index"], batch["flipped"], strict=True), geometry, strict=True)
             ]
         cond.update(self.family.batch_extras(geometry, self.device))
-        # offset noise (Guttenberg 2023, "Diffusion with Offset Noise")
-        noise = offset_noise(latents.shape, cfg.train.noise_offset, rng, self.device, latents.dtype)
-        timesteps = sample_timesteps(latents.shape[0], *self.timesteps, rng, self.device)
-        noisy = base.noise_scheduler.add_noise(latents, noise, timesteps)
-        target = self.family.training_target(base.noise_scheduler, latents, noise, timesteps)
+        draw = self.objective.draw(latents, rng)
         with self.accelerator.autocast(), stage("unet_forward"):
             if self.graphed_unet is not None:
-                prediction = self.graphed_unet(noisy, timesteps, cond)
+                prediction = self.graphed_unet(draw.noisy, draw.timesteps, cond)
             else:
                 with self.lora_without_input_casts(base.unet):
-                    prediction = self.family.predict(base.unet, noisy, timesteps, cond)
-        per_sample = F.mse_loss(prediction.float(), target.float(), reduction="none").mean(dim=(1, 2, 3))
-        weights = torch.ones_like(per_sample)
-        if cfg.train.min_snr_gamma is not None:
-            # Min-SNR weighting (Hang et al. 2023, arXiv:2303.09556)
-            weights = weights * min_snr_weights(
-                timesteps, self.alphas_cumprod, cfg.train.min_snr_gamma, scheduler_config.prediction_type
-            )
+                    prediction = self.family.predict(base.unet, draw.noisy, draw.timesteps, cond)
         if "is_reg" in batch and any(batch["is_reg"]):
             is_reg = torch.tensor(batch["is_reg"], device=self.device)
-            weights = torch.where(is_reg, weights * cfg.data.prior_loss_weight, weights)
-        return (per_sample * weights).mean()
+            draw.weights = torch.where(is_reg, draw.weights * cfg.data.prior_loss_weight, draw.weights)
+        return self.objective.loss(prediction, draw).mean()
 
     @contextlib.contextmanager
     def lora_without_input_casts(self, *models: torch.nn.Module) -> Iterator[None]:
@@ -581,12 +561,11 @@ class Trainer:
         return ValidationLoss(
             records,
             vae=self.base.vae,
-            noise_scheduler=self.base.noise_scheduler,
+            objective=self.objective,  # the training steps' own latents, noising and target
             resolution=self.resolution,
             device=self.device,
             dtype=self.vae_dtype,
             caption=self.prompt,
-            training_target=self.family.training_target,  # the loss target the training steps use
         )
 
     def held_out_loss(self, validation: ValidationLoss) -> list[float]:

@@ -3,7 +3,7 @@
 The shared loop, evaluation, the caches, tracking and sweeps call a ``ModelFamily`` and never
 branch on the kind (DESIGN.md, "Model families"). A family owns loading the parts, prompt encoding
 (one or two text encoders, pooled embeddings, clip skip), per-image extra conditioning (SDXL's
-size/crop time ids), the noise target, the denoiser call, the sampling pipeline, which parts carry
+size/crop time ids), the objective (``training/objective``), the denoiser call, the sampling pipeline, which parts carry
 a LoRA under which kohya prefix and module names, and the kohya/modelspec file metadata.
 
 SD1/SD2 (``training.families.sd``) and SDXL (``training.families.sdxl``) are DDPM families with a
@@ -18,6 +18,9 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
+
+from training.objective.base import Objective
+from training.objective.ddpm import NoisePrediction
 
 # A named bundle of conditioning tensors, batch first: "hidden" (the denoiser's cross-attention
 # context) plus whatever else the family's denoiser takes ("text_embeds", "time_ids" for SDXL).
@@ -85,14 +88,9 @@ class ModelFamily:
         return {}
 
     # --- the objective and the denoiser
-    def training_target(
-        self, scheduler: Any, latents: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor
-    ) -> torch.Tensor:
-        """What the denoiser learns to predict at ``timesteps``: the noise, or v under v-prediction."""
-        if scheduler.config.prediction_type == "v_prediction":
-            # v-prediction (Salimans & Ho 2022, "Progressive Distillation", arXiv:2202.00512)
-            return scheduler.get_velocity(latents, noise, timesteps)
-        return noise
+    def objective(self, scheduler: Any, vae_config: Any, train_cfg: Any, device: torch.device | str) -> Objective:
+        """How this family trains: the DDPM noise-prediction objective (``training/objective``)."""
+        return NoisePrediction(scheduler, vae_config, train_cfg, device)
 
     def predict(self, unet: Any, noisy: torch.Tensor, timesteps: torch.Tensor, cond: Conditioning) -> torch.Tensor:
         """The denoiser's prediction for ``noisy`` under ``cond`` (text and batch extras)."""
