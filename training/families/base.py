@@ -15,6 +15,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -64,6 +65,21 @@ class ModelFamily:
     text_parts: tuple[TextPart, ...] = ()
     unet_prefix = "lora_unet_"
     vae_overflows_in_fp16 = False  # the VAE needs fp32 when training in fp16 (model.vae_precision=auto)
+    # --- how its files look (training/families/detect.py asks the lower ranks first: the more specific)
+    detection_rank = 100
+    pipeline_classes: tuple[str, ...] = ()  # model_index.json's _class_name values of this family
+    checkpoint_markers: tuple[tuple[str, str], ...] = ()  # (tensor-name prefix, evidence) of an original-layout file
+
+    def folder_evidence(self, folder: Path, index: dict[str, Any]) -> str | None:
+        """Why ``folder`` (its ``model_index.json`` read into ``index``) is of this family; None if it is not."""
+        name = index.get("_class_name")
+        return (
+            f"{self.article} {self.label} model (model_index.json: {name})" if name in self.pipeline_classes else None
+        )
+
+    @property
+    def article(self) -> str:
+        return "an" if self.label.startswith("S") else "a"  # "an SD1.x", "an SDXL"
 
     # --- before anything loads
     def problems(self, model_cfg: Any, network_cfg: Any) -> list[str]:
