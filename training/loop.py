@@ -168,9 +168,18 @@ class Trainer:
         sink: MetricSink,
         reg_records: list[ImageRecord] | None = None,
     ) -> None:
-        # --- setup: devices and precision
         self.cfg, self.base, self.sink = cfg, base, sink
-        train = cfg.train
+        self._setup_precision()
+        self._setup_denoiser()
+        self._setup_network()
+        self._setup_data(records, reg_records)
+        self._setup_optimizer()
+        self._setup_objective()
+        self._setup_rngs()
+
+    def _setup_precision(self) -> None:
+        """The accelerator, device and dtypes; the frozen parts moved there in their own precision."""
+        cfg, base, train = self.cfg, self.base, self.cfg.train
         self.accelerator = Accelerator(
             mixed_precision=resolve_mixed_precision(cfg.precision.mixed),
             gradient_accumulation_steps=train.grad_accum_steps,
@@ -178,6 +187,7 @@ class Trainer:
         self.device = self.accelerator.device
         half = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(self.accelerator.mixed_precision)
         self.weight_dtype = half or torch.float32  # frozen weights; LoRA stays fp32
+        self.autocast_dtype = half  # the dtype autocast computes in; None without mixed precision
         self.family = base.family
         self.vae_dtype = vae_dtype(cfg.model.vae_precision, self.family.vae_overflows_in_fp16, self.weight_dtype)
         for module, dtype in (
@@ -190,6 +200,9 @@ class Trainer:
                 module.to(dtype=dtype)
         run_in_own_precision(base.vae)
 
+    def _setup_denoiser(self) -> None:
+        """The denoiser's attention kernel, and what CUDA graphs need, checked before LoRA layers exist."""
+        cfg, base, train = self.cfg, self.base, self.cfg.train
         configure_attention(base.unet, cfg.model.attention, self.device)
         if problems := cuda_graph_problems(  # before LoRA layers are added to the shared base model
             train.cuda_graphs,
@@ -200,7 +213,10 @@ class Trainer:
         ):
             raise RuntimeError("; ".join(problems))
 
-        # --- LoRA (seeded: the initial weights depend only on train.seed) and the optional embedding
+    def _setup_network(self) -> None:
+        """The LoRA layers (seeded: the initial weights depend only on train.seed), the speed paths
+        that wrap them, and the optional embedding."""
+        cfg, base, train = self.cfg, self.base, self.cfg.train
         torch.manual_seed(train.seed)
         self.network: LoraNetwork = add_lora(base, cfg.network, cfg.optimizer.lr)
         configure_gradient_checkpointing(  # set every run: the base model is shared across trials
@@ -212,8 +228,7 @@ class Trainer:
         # after the LoRA layers exist, so the compiled blocks contain them
         configure_compile(base.unet, train.compile, train.compile_mode)
         configure_memory_format(base.unet, cfg.model.channels_last and self.device.type == "cuda")
-        self.autocast_dtype = half  # the dtype autocast computes in; None without mixed precision
-        self.graphed_unet = GraphedUNet(base.unet, self.family, half) if train.cuda_graphs else None
+        self.graphed_unet = GraphedUNet(base.unet, self.family, self.autocast_dtype) if train.cuda_graphs else None
         if cfg.network.init_weights:
             self.init_report = apply_init_weights(
                 self.network, cfg.network.init_weights, allow_pickle=cfg.output.allow_pickle
@@ -224,7 +239,10 @@ class Trainer:
                 base.tokenizer, base.text_encoder, cfg.network.embedding, cfg.data.trigger_word
             )
 
-        # --- data: training images (+ regularisation images matched to their count), one bucket per batch
+    def _setup_data(self, records: list[ImageRecord], reg_records: list[ImageRecord] | None) -> None:
+        """Training images (+ regularisation images matched to their count), one bucket per batch;
+        the latent and text caches."""
+        cfg, base, train = self.cfg, self.base, self.cfg.train
         native = base.native_resolution
         self.resolution = cfg.bucket.resolution or native
         if reg_records:
@@ -275,7 +293,9 @@ class Trainer:
         )
         self.total_steps = total_steps(train.max_steps, train.epochs, len(self.batches), train.grad_accum_steps)
 
-        # --- optimizer and schedule
+    def _setup_optimizer(self) -> None:
+        """The optimizer over the LoRA's (and embedding's) parameter groups, and its schedule."""
+        cfg, train = self.cfg, self.cfg.train
         groups = list(self.network.param_groups)
         if self.embedding is not None:
             groups.append(
@@ -289,9 +309,15 @@ class Trainer:
         optimizer = build_optimizer(groups, cfg.optimizer, train.grad_accum_steps)
         self.lr_schedule = build_lr_scheduler(optimizer, cfg.scheduler, self.total_steps)
         self.optimizer = self.accelerator.prepare(optimizer)  # the schedule counts real optimizer steps itself
+
+    def _setup_objective(self) -> None:
+        """What each step learns: the family's objective (training/objective/)."""
+        base, train = self.base, self.cfg.train
         self.objective = self.family.objective(base.noise_scheduler, base.vae.config, train, self.device)
 
-        # --- RNGs the loop draws from (all saved in a training state)
+    def _setup_rngs(self) -> None:
+        """The RNGs the loop draws from (all saved in a training state), and a resumed run's state."""
+        train = self.cfg.train
         self.noise_rng = torch.Generator(self.device).manual_seed(train.seed)
         self.caption_rng = random.Random(train.seed)
         self.position = _Position()

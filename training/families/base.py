@@ -129,10 +129,6 @@ class ModelFamily:
         hidden = cond["hidden"]
         return {"prompt_embeds": hidden[:1], "negative_prompt_embeds": hidden[1:]}
 
-    def sampling_conditioning(self, height: int, width: int) -> dict[str, Any]:
-        """Extra pipeline arguments for sampling at ``height`` x ``width`` (none for SD1/SD2)."""
-        return {}
-
     # --- the LoRA file
     def kohya_unet_names(self, unet: torch.nn.Module) -> dict[str, str]:
         """Module path -> kohya's flattened name (without ``lora_unet_``) for every UNet module."""
