@@ -202,6 +202,17 @@ class TrackingConfig:
 
 
 @dataclass
+class FlowConfig:
+    """The flow-matching objective of SD3/FLUX (training/objective/flow.py); unused by the DDPM families."""
+
+    weighting_scheme: str = "logit_normal"  # none | logit_normal | mode | sigma_sqrt | cosmap (Esser et al. 2024)
+    logit_mean: float = 0.0  # logit-normal density of the noise level: mean and std of its logit
+    logit_std: float = 1.0
+    mode_scale: float = 1.29  # the mode density's scale (the paper's 1.29)
+    shift: float | None = None  # null = the model scheduler's (SD3: 3.0; FLUX: by image size)
+
+
+@dataclass
 class TrainConfig:
     max_steps: int | None = 200  # optimizer steps; with epochs, whichever comes first
     epochs: int | None = None
@@ -215,6 +226,7 @@ class TrainConfig:
     denoise_range: list[float] | None = None  # [start, end] of denoising, 0 = pure noise .. 1 = clean
     timestep_range: list[int] | None = None  # [min, max) raw timesteps; give this or denoise_range
     min_snr_gamma: float | None = None  # Min-SNR loss weighting (Hang et al. 2023)
+    flow: FlowConfig = field(default_factory=FlowConfig)  # SD3/FLUX: noise-level density, loss weights, shift
     save_every_n_steps: int = 0  # intermediate LoRA files; 0 = off
     save_every_n_epochs: int = 0
     save_state: bool = False  # also save the full training state (resumable) with each save

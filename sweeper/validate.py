@@ -22,6 +22,7 @@ from training.checkpoint import resume_problem
 from training.data.buckets import bucket_problems, resolve_bucket_settings
 from training.data.dataset import DatasetScan, scan_dataset, scan_folders
 from training.data.missing_captions import MISSING_CAPTION_CHOICES, apply_missing_captions
+from training.objective.flow_options import flow_problems
 from training.optim import optimizer_problems, scheduler_problems
 from training.output_dir import estimated_lora_bytes, output_dir_problems
 from training.speed.attention import attention_problem
@@ -184,6 +185,7 @@ def _train_problems(cfg: Any) -> list[str]:
     elif train.replicates > 1 and train.resume:
         problems.append("train.resume continues one run; it cannot be combined with train.replicates > 1")
     problems += _loss_problems(train)
+    problems += flow_problems(train.flow)
     if train.max_grad_norm < 0:
         problems.append(f"train.max_grad_norm must be >= 0 (0 disables clipping; got {train.max_grad_norm})")
     precision = cfg.precision.mixed

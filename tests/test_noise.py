@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from training.noise import (
+from training.objective.ddpm import (
     compute_snr,
     min_snr_weights,
     offset_noise,

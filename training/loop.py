@@ -18,7 +18,6 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 import torch
-import torch.nn.functional as F
 from accelerate import Accelerator
 from diffusers import DiffusionPipeline
 from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
@@ -44,7 +43,6 @@ from training.families.vae_precision import run_in_own_precision, vae_dtype
 from training.fault_hold import hold_if_asked
 from training.network.file import apply_init_weights
 from training.network.lora import LoraNetwork, add_lora
-from training.noise import min_snr_weights, offset_noise, sample_timesteps, timestep_bounds
 from training.optim import build_lr_scheduler, build_optimizer
 from training.speed.attention import configure_attention, configure_gradient_checkpointing, configure_memory_format
 from training.speed.compile import configure_compile
@@ -170,9 +168,18 @@ class Trainer:
         sink: MetricSink,
         reg_records: list[ImageRecord] | None = None,
     ) -> None:
-        # --- setup: devices and precision
         self.cfg, self.base, self.sink = cfg, base, sink
-        train = cfg.train
+        self._setup_precision()
+        self._setup_denoiser()
+        self._setup_network()
+        self._setup_data(records, reg_records)
+        self._setup_optimizer()
+        self._setup_objective()
+        self._setup_rngs()
+
+    def _setup_precision(self) -> None:
+        """The accelerator, device and dtypes; the frozen parts moved there in their own precision."""
+        cfg, base, train = self.cfg, self.base, self.cfg.train
         self.accelerator = Accelerator(
             mixed_precision=resolve_mixed_precision(cfg.precision.mixed),
             gradient_accumulation_steps=train.grad_accum_steps,
@@ -180,6 +187,7 @@ class Trainer:
         self.device = self.accelerator.device
         half = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(self.accelerator.mixed_precision)
         self.weight_dtype = half or torch.float32  # frozen weights; LoRA stays fp32
+        self.autocast_dtype = half  # the dtype autocast computes in; None without mixed precision
         self.family = base.family
         self.vae_dtype = vae_dtype(cfg.model.vae_precision, self.family.vae_overflows_in_fp16, self.weight_dtype)
         for module, dtype in (
@@ -192,6 +200,9 @@ class Trainer:
                 module.to(dtype=dtype)
         run_in_own_precision(base.vae)
 
+    def _setup_denoiser(self) -> None:
+        """The denoiser's attention kernel, and what CUDA graphs need, checked before LoRA layers exist."""
+        cfg, base, train = self.cfg, self.base, self.cfg.train
         configure_attention(base.unet, cfg.model.attention, self.device)
         if problems := cuda_graph_problems(  # before LoRA layers are added to the shared base model
             train.cuda_graphs,
@@ -202,7 +213,10 @@ class Trainer:
         ):
             raise RuntimeError("; ".join(problems))
 
-        # --- LoRA (seeded: the initial weights depend only on train.seed) and the optional embedding
+    def _setup_network(self) -> None:
+        """The LoRA layers (seeded: the initial weights depend only on train.seed), the speed paths
+        that wrap them, and the optional embedding."""
+        cfg, base, train = self.cfg, self.base, self.cfg.train
         torch.manual_seed(train.seed)
         self.network: LoraNetwork = add_lora(base, cfg.network, cfg.optimizer.lr)
         configure_gradient_checkpointing(  # set every run: the base model is shared across trials
@@ -214,8 +228,7 @@ class Trainer:
         # after the LoRA layers exist, so the compiled blocks contain them
         configure_compile(base.unet, train.compile, train.compile_mode)
         configure_memory_format(base.unet, cfg.model.channels_last and self.device.type == "cuda")
-        self.autocast_dtype = half  # the dtype autocast computes in; None without mixed precision
-        self.graphed_unet = GraphedUNet(base.unet, self.family, half) if train.cuda_graphs else None
+        self.graphed_unet = GraphedUNet(base.unet, self.family, self.autocast_dtype) if train.cuda_graphs else None
         if cfg.network.init_weights:
             self.init_report = apply_init_weights(
                 self.network, cfg.network.init_weights, allow_pickle=cfg.output.allow_pickle
@@ -226,7 +239,10 @@ class Trainer:
                 base.tokenizer, base.text_encoder, cfg.network.embedding, cfg.data.trigger_word
             )
 
-        # --- data: training images (+ regularisation images matched to their count), one bucket per batch
+    def _setup_data(self, records: list[ImageRecord], reg_records: list[ImageRecord] | None) -> None:
+        """Training images (+ regularisation images matched to their count), one bucket per batch;
+        the latent and text caches."""
+        cfg, base, train = self.cfg, self.base, self.cfg.train
         native = base.native_resolution
         self.resolution = cfg.bucket.resolution or native
         if reg_records:
@@ -277,7 +293,9 @@ class Trainer:
         )
         self.total_steps = total_steps(train.max_steps, train.epochs, len(self.batches), train.grad_accum_steps)
 
-        # --- optimizer and schedule
+    def _setup_optimizer(self) -> None:
+        """The optimizer over the LoRA's (and embedding's) parameter groups, and its schedule."""
+        cfg, train = self.cfg, self.cfg.train
         groups = list(self.network.param_groups)
         if self.embedding is not None:
             groups.append(
@@ -291,15 +309,15 @@ class Trainer:
         optimizer = build_optimizer(groups, cfg.optimizer, train.grad_accum_steps)
         self.lr_schedule = build_lr_scheduler(optimizer, cfg.scheduler, self.total_steps)
         self.optimizer = self.accelerator.prepare(optimizer)  # the schedule counts real optimizer steps itself
-        scheduler_config = base.noise_scheduler.config
-        self.alphas_cumprod = base.noise_scheduler.alphas_cumprod.to(self.device)  # for min-SNR, once
-        self.timesteps = timestep_bounds(
-            scheduler_config.num_train_timesteps,
-            list(train.denoise_range) if train.denoise_range is not None else None,
-            list(train.timestep_range) if train.timestep_range is not None else None,
-        )
 
-        # --- RNGs the loop draws from (all saved in a training state)
+    def _setup_objective(self) -> None:
+        """What each step learns: the family's objective (training/objective/)."""
+        base, train = self.base, self.cfg.train
+        self.objective = self.family.objective(base.noise_scheduler, base.vae.config, train, self.device)
+
+    def _setup_rngs(self) -> None:
+        """The RNGs the loop draws from (all saved in a training state), and a resumed run's state."""
+        train = self.cfg.train
         self.noise_rng = torch.Generator(self.device).manual_seed(train.seed)
         self.caption_rng = random.Random(train.seed)
         self.position = _Position()
@@ -446,9 +464,8 @@ class Trainer:
             on_epoch_end(position.epoch)
 
     def _loss(self, batch: dict[str, Any]) -> torch.Tensor:
-        """Denoising loss of one micro-batch: noise, timesteps and target follow the scheduler config."""
+        """Denoising loss of one micro-batch: latents, noise, timesteps, target and weights from the objective."""
         base, cfg, rng = self.base, self.cfg, self.noise_rng
-        scheduler_config = base.noise_scheduler.config
         records = self.dataset.records  # a data.subsets folder may keep its own number of tags in place
         captions = [
             self._caption(c, records[i].keep_tokens) for c, i in zip(batch["caption"], batch["index"], strict=True)
@@ -461,7 +478,7 @@ class Trainer:
                 key_of = self.latent_keys()
                 keys = [key_of[crop] for crop in zip(batch["index"], batch["flipped"], strict=True)]
                 distribution = DiagonalGaussianDistribution(stacked_latent_params(self.latent_store, keys, self.device))
-            latents = distribution.sample(generator=rng) * base.vae.config.scaling_factor
+            latents = self.objective.latents(distribution, rng)
         with torch.set_grad_enabled(self._text_encoder_trains()), self.accelerator.autocast(), stage("text_encoder"):
             cond = self._encode_captions(captions)
         # per-image conditioning beyond the text (SDXL's size/crop time ids): with cached latents from
@@ -473,28 +490,17 @@ class Trainer:
                 for crop, g in zip(zip(batch["index"], batch["flipped"], strict=True), geometry, strict=True)
             ]
         cond.update(self.family.batch_extras(geometry, self.device))
-        # offset noise (Guttenberg 2023, "Diffusion with Offset Noise")
-        noise = offset_noise(latents.shape, cfg.train.noise_offset, rng, self.device, latents.dtype)
-        timesteps = sample_timesteps(latents.shape[0], *self.timesteps, rng, self.device)
-        noisy = base.noise_scheduler.add_noise(latents, noise, timesteps)
-        target = self.family.training_target(base.noise_scheduler, latents, noise, timesteps)
+        draw = self.objective.draw(latents, rng)
         with self.accelerator.autocast(), stage("unet_forward"):
             if self.graphed_unet is not None:
-                prediction = self.graphed_unet(noisy, timesteps, cond)
+                prediction = self.graphed_unet(draw.noisy, draw.timesteps, cond)
             else:
                 with self.lora_without_input_casts(base.unet):
-                    prediction = self.family.predict(base.unet, noisy, timesteps, cond)
-        per_sample = F.mse_loss(prediction.float(), target.float(), reduction="none").mean(dim=(1, 2, 3))
-        weights = torch.ones_like(per_sample)
-        if cfg.train.min_snr_gamma is not None:
-            # Min-SNR weighting (Hang et al. 2023, arXiv:2303.09556)
-            weights = weights * min_snr_weights(
-                timesteps, self.alphas_cumprod, cfg.train.min_snr_gamma, scheduler_config.prediction_type
-            )
+                    prediction = self.family.predict(base.unet, draw.noisy, draw.timesteps, cond)
         if "is_reg" in batch and any(batch["is_reg"]):
             is_reg = torch.tensor(batch["is_reg"], device=self.device)
-            weights = torch.where(is_reg, weights * cfg.data.prior_loss_weight, weights)
-        return (per_sample * weights).mean()
+            draw.weights = torch.where(is_reg, draw.weights * cfg.data.prior_loss_weight, draw.weights)
+        return self.objective.loss(prediction, draw).mean()
 
     @contextlib.contextmanager
     def lora_without_input_casts(self, *models: torch.nn.Module) -> Iterator[None]:
@@ -581,12 +587,11 @@ class Trainer:
         return ValidationLoss(
             records,
             vae=self.base.vae,
-            noise_scheduler=self.base.noise_scheduler,
+            objective=self.objective,  # the training steps' own latents, noising and target
             resolution=self.resolution,
             device=self.device,
             dtype=self.vae_dtype,
             caption=self.prompt,
-            training_target=self.family.training_target,  # the loss target the training steps use
         )
 
     def held_out_loss(self, validation: ValidationLoss) -> list[float]:

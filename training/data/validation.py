@@ -19,13 +19,13 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 
 from training.data.dataset import CaptionedImageDataset, ImageRecord, collate_captioned
 from training.families.base import Conditioning, ImageGeometry, batch_geometry
+from training.objective.base import Objective
 
 VAL_SEED = 20_231_130  # the held-out noise; fixed so every run and trial uses the same
-VAL_TIMESTEPS = 8  # evenly spaced over the whole schedule
+VAL_TIMESTEPS = 8  # evenly spaced over the whole schedule (the objective's held_out_timesteps)
 MIN_TRAINING_IMAGES = 2  # a split that would leave fewer is refused
 
 
@@ -59,11 +59,6 @@ def split_held_out(records: Sequence[ImageRecord], fraction: float, seed: int) -
     )
 
 
-def fixed_timesteps(num_train_timesteps: int, count: int = VAL_TIMESTEPS) -> list[int]:
-    """``count`` timesteps at the centres of equal parts of [0, T)."""
-    return [int((k + 0.5) * num_train_timesteps / count) for k in range(count)]
-
-
 class ValidationLoss:
     """Per held-out image, the mean denoising MSE over the fixed timesteps (the loop's plain loss).
 
@@ -77,15 +72,14 @@ class ValidationLoss:
         records: Sequence[ImageRecord],
         *,
         vae: torch.nn.Module,
-        noise_scheduler: object,
+        objective: Objective,
         resolution: int,
         device: torch.device,
         dtype: torch.dtype,
         caption: Callable[[str], str],
-        training_target: Callable[..., torch.Tensor],
     ) -> None:
         self.records = list(records)
-        self.scheduler = noise_scheduler
+        self.objective = objective
         dataset = CaptionedImageDataset(self.records, resolution)  # centre crop, no augmentation
         latents = []
         self.geometry: list[ImageGeometry] = []
@@ -94,16 +88,14 @@ class ValidationLoss:
                 item = collate_captioned([dataset[index]])
                 self.geometry += batch_geometry(item)  # the held-out crop's size/crop conditioning (SDXL)
                 pixels = item["pixel_values"].to(device, dtype)
-                latents.append(vae.encode(pixels).latent_dist.mean * vae.config.scaling_factor)
+                latents.append(objective.latents(vae.encode(pixels).latent_dist))  # the mean: no sampling
         self.latents = torch.cat(latents).float()
         self.captions = [caption(r.caption) for r in self.records]
-        config = noise_scheduler.config
-        self.timesteps = torch.tensor(fixed_timesteps(config.num_train_timesteps), device=device)
+        self.timesteps = objective.held_out_timesteps(VAL_TIMESTEPS, device)
         generator = torch.Generator().manual_seed(VAL_SEED)
         shape = (len(self.timesteps), *self.latents.shape[1:])
         # one noise tensor per (image, timestep), drawn on the CPU so every device sees the same numbers
         self.noise = torch.stack([torch.randn(shape, generator=generator) for _ in self.records]).to(device)
-        self.training_target = training_target
 
     @torch.no_grad()
     def per_image(
@@ -118,10 +110,9 @@ class ValidationLoss:
         for index, caption in enumerate(self.captions):
             latents = self.latents[index : index + 1].expand(steps, -1, -1, -1)
             noise = self.noise[index]
-            noisy = self.scheduler.add_noise(latents, noise, self.timesteps)
-            target = self.training_target(self.scheduler, latents, noise, self.timesteps)
+            draw = self.objective.at(latents, noise, self.timesteps)
             cond = {key: value.expand(steps, *value.shape[1:]) for key, value in encode([caption]).items()}
             cond.update(extras([self.geometry[index]] * steps))
-            prediction = predict(noisy, self.timesteps, cond)
-            values.append(float(F.mse_loss(prediction.float(), target.float())))
+            prediction = predict(draw.noisy, draw.timesteps, cond)
+            values.append(float(self.objective.loss(prediction, draw).mean()))
         return values

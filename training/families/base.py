@@ -3,7 +3,7 @@
 The shared loop, evaluation, the caches, tracking and sweeps call a ``ModelFamily`` and never
 branch on the kind (DESIGN.md, "Model families"). A family owns loading the parts, prompt encoding
 (one or two text encoders, pooled embeddings, clip skip), per-image extra conditioning (SDXL's
-size/crop time ids), the noise target, the denoiser call, the sampling pipeline, which parts carry
+size/crop time ids), the objective (``training/objective``), the denoiser call, the sampling pipeline, which parts carry
 a LoRA under which kohya prefix and module names, and the kohya/modelspec file metadata.
 
 SD1/SD2 (``training.families.sd``) and SDXL (``training.families.sdxl``) are DDPM families with a
@@ -15,9 +15,13 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
+
+from training.objective.base import Objective
+from training.objective.ddpm import NoisePrediction
 
 # A named bundle of conditioning tensors, batch first: "hidden" (the denoiser's cross-attention
 # context) plus whatever else the family's denoiser takes ("text_embeds", "time_ids" for SDXL).
@@ -61,6 +65,21 @@ class ModelFamily:
     text_parts: tuple[TextPart, ...] = ()
     unet_prefix = "lora_unet_"
     vae_overflows_in_fp16 = False  # the VAE needs fp32 when training in fp16 (model.vae_precision=auto)
+    # --- how its files look (training/families/detect.py asks the lower ranks first: the more specific)
+    detection_rank = 100
+    pipeline_classes: tuple[str, ...] = ()  # model_index.json's _class_name values of this family
+    checkpoint_markers: tuple[tuple[str, str], ...] = ()  # (tensor-name prefix, evidence) of an original-layout file
+
+    def folder_evidence(self, folder: Path, index: dict[str, Any]) -> str | None:
+        """Why ``folder`` (its ``model_index.json`` read into ``index``) is of this family; None if it is not."""
+        name = index.get("_class_name")
+        return (
+            f"{self.article} {self.label} model (model_index.json: {name})" if name in self.pipeline_classes else None
+        )
+
+    @property
+    def article(self) -> str:
+        return "an" if self.label.startswith("S") else "a"  # "an SD1.x", "an SDXL"
 
     # --- before anything loads
     def problems(self, model_cfg: Any, network_cfg: Any) -> list[str]:
@@ -85,14 +104,9 @@ class ModelFamily:
         return {}
 
     # --- the objective and the denoiser
-    def training_target(
-        self, scheduler: Any, latents: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor
-    ) -> torch.Tensor:
-        """What the denoiser learns to predict at ``timesteps``: the noise, or v under v-prediction."""
-        if scheduler.config.prediction_type == "v_prediction":
-            # v-prediction (Salimans & Ho 2022, "Progressive Distillation", arXiv:2202.00512)
-            return scheduler.get_velocity(latents, noise, timesteps)
-        return noise
+    def objective(self, scheduler: Any, vae_config: Any, train_cfg: Any, device: torch.device | str) -> Objective:
+        """How this family trains: the DDPM noise-prediction objective (``training/objective``)."""
+        return NoisePrediction(scheduler, vae_config, train_cfg, device)
 
     def predict(self, unet: Any, noisy: torch.Tensor, timesteps: torch.Tensor, cond: Conditioning) -> torch.Tensor:
         """The denoiser's prediction for ``noisy`` under ``cond`` (text and batch extras)."""
@@ -114,10 +128,6 @@ class ModelFamily:
         """The pipeline's embedding arguments for a (prompt, negative prompt) pair encoded together."""
         hidden = cond["hidden"]
         return {"prompt_embeds": hidden[:1], "negative_prompt_embeds": hidden[1:]}
-
-    def sampling_conditioning(self, height: int, width: int) -> dict[str, Any]:
-        """Extra pipeline arguments for sampling at ``height`` x ``width`` (none for SD1/SD2)."""
-        return {}
 
     # --- the LoRA file
     def kohya_unet_names(self, unet: torch.nn.Module) -> dict[str, str]:

@@ -19,7 +19,7 @@ from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
 
 from training.families import MODEL_KINDS, ModelFamily, family_of
 from training.families.checked_loading import load_checked
-from training.families.detect import checkpoint_kind, folder_kind, kind_mismatch, loaded_kind
+from training.families.detect import checkpoint_kind, folder_kind, kind_mismatch, loaded_kind, not_trained_yet
 from training.families.embedded import EMBEDDED_MODEL_NOTES
 from training.families.sd import SD1
 from training.text.encoding import clip_skip_problem
@@ -180,7 +180,13 @@ def model_problems(model_cfg: Any, network_cfg: Any | None = None) -> list[str]:
         path_problems = _path_problems(model_cfg)
         problems += path_problems
         found = detected_kind(model_cfg) if not path_problems else None
-        if found and model_cfg.kind in MODEL_KINDS and found[0] != model_cfg.kind:
+        if found and not_trained_yet(found[0]):
+            problems.append(
+                f"model.path: '{model_cfg.path}' is {found[1]}; this version trains "
+                f"{', '.join(MODEL_KINDS)} models only (SD3 and FLUX.1 are recognised, their training is not "
+                "built yet): give an SD1, SD2 or SDXL model"
+            )
+        elif found and model_cfg.kind in MODEL_KINDS and found[0] != model_cfg.kind:
             problems.append(kind_mismatch(model_cfg.kind, found[0], found[1], model_cfg.path))
         if not path_problems and not found and not model_cfg.kind and Path(model_cfg.path).expanduser().exists():
             problems.append(

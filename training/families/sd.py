@@ -7,7 +7,9 @@ reads, and in its names in a LoRA file (``ss_v2``, the modelspec architecture); 
 
 from __future__ import annotations
 
+import json
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -19,15 +21,38 @@ from training.families.checked_loading import load_checked
 from training.families.pipeline import sd_pipeline
 from training.text.encoding import encode_prompts
 
+SD2_TEXT_HIDDEN_SIZE = 1024  # OpenCLIP ViT-H/14; SD1's CLIP ViT-L/14 is 768
+
 
 class StableDiffusion(ModelFamily):
     """SD1.x (CLIP ViT-L) and SD2.x (OpenCLIP ViT-H): the same code, two names in files."""
 
     text_parts = (TextPart("text_encoder", "tokenizer", "lora_te_", "text_encoder_lr"),)
 
-    def __init__(self, kind: str, label: str, architectures: dict[bool, str]) -> None:
+    def __init__(
+        self,
+        kind: str,
+        label: str,
+        architectures: dict[bool, str],
+        detection_rank: int,
+        checkpoint_markers: tuple[tuple[str, str], ...],
+    ) -> None:
         self.kind, self.label = kind, label
         self._architectures = architectures  # v_prediction -> modelspec architecture
+        self.detection_rank, self.checkpoint_markers = detection_rank, checkpoint_markers
+
+    def folder_evidence(self, folder: Path, index: dict[str, Any]) -> str | None:
+        """SD1 and SD2 share a pipeline class: the text encoder's width tells them apart (SD2's is 1024).
+        Asked after the families with a second text encoder, so any folder with one CLIP text encoder is SD."""
+        try:
+            hidden_size = json.loads((folder / "text_encoder" / "config.json").read_text())["hidden_size"]
+        except (OSError, ValueError, KeyError):
+            return None
+        if (hidden_size == SD2_TEXT_HIDDEN_SIZE) != (self.kind == "sd2"):
+            return None
+        if self.kind == "sd2":
+            return f"an SD2 model (text encoder hidden size {hidden_size}: OpenCLIP ViT-H)"
+        return f"an SD1 model (text encoder hidden size {hidden_size}, not SD2's 1024)"
 
     def encode_text(
         self,
@@ -101,5 +126,19 @@ class StableDiffusion(ModelFamily):
         return str(ensure_tiny_model(cache_root))
 
 
-SD1 = StableDiffusion("sd1", "SD1.x", {False: "stable-diffusion-v1", True: "stable-diffusion-v1"})
-SD2 = StableDiffusion("sd2", "SD2.x", {False: "stable-diffusion-v2-512", True: "stable-diffusion-v2-768-v"})
+SD1 = StableDiffusion(
+    "sd1",
+    "SD1.x",
+    {False: "stable-diffusion-v1", True: "stable-diffusion-v1"},
+    detection_rank=30,  # after SD2: any width but 1024 is SD1
+    checkpoint_markers=(
+        ("cond_stage_model.transformer.", "an SD1 checkpoint (cond_stage_model.transformer: CLIP ViT-L)"),
+    ),
+)
+SD2 = StableDiffusion(
+    "sd2",
+    "SD2.x",
+    {False: "stable-diffusion-v2-512", True: "stable-diffusion-v2-768-v"},
+    detection_rank=20,
+    checkpoint_markers=(("cond_stage_model.model.", "an SD2 checkpoint (cond_stage_model.model: OpenCLIP ViT-H)"),),
+)

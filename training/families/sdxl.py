@@ -10,6 +10,7 @@ along the features as the 2048-wide context; the pooled, projected output of the
 from __future__ import annotations
 
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -32,6 +33,16 @@ class StableDiffusionXL(ModelFamily):
         TextPart("text_encoder_2", "tokenizer_2", "lora_te2_", "text_encoder_2_lr"),
     )
     vae_overflows_in_fp16 = True  # kohya's --no_half_vae; diffusers ships SDXL's VAE with force_upcast
+    detection_rank = 10  # before SD1/SD2; after SD3 and FLUX, which have a second text encoder too
+    pipeline_classes = ("StableDiffusionXLPipeline", "StableDiffusionXLImg2ImgPipeline")
+    checkpoint_markers = (("conditioner.embedders.1.", "an SDXL checkpoint (conditioner.embedders.1: OpenCLIP bigG)"),)
+
+    def folder_evidence(self, folder: Path, index: dict[str, Any]) -> str | None:
+        if evidence := super().folder_evidence(folder, index):
+            return evidence
+        if "text_encoder_2" in index or (folder / "text_encoder_2").is_dir():
+            return "an SDXL model (it has text_encoder_2)"
+        return None
 
     def problems(self, model_cfg: Any, network_cfg: Any) -> list[str]:
         problems = []

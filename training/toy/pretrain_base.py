@@ -46,7 +46,7 @@ from transformers import CLIPModel, CLIPTextModel, CLIPTokenizer
 from evaluation.clip_score import ClipScorer
 from evaluation.sampling import generate_samples, sampling_scheduler
 from training.families.pipeline import sd_pipeline
-from training.noise import min_snr_weights
+from training.objective.ddpm import min_snr_weights
 from training.text.encoding import encode_prompts
 from training.toy.pretrain_clip import resolve_device
 from training.toy.world import HELD_OUT_SHAPE, SHAPES, Scene, render, scenes, sentence_caption, tag_caption

@@ -1,4 +1,5 @@
-"""Noise, timesteps and loss weights of the denoising objective: pure functions of their inputs.
+"""The DDPM objective of SD1/SD2/SDXL (Ho et al. 2020, arXiv:2006.11239): Gaussian noise added at a
+discrete timestep, the noise (or v) as the target; timestep ranges, offset noise and Min-SNR weights.
 
 Randomness comes only from the ``torch.Generator`` passed in, so a run is reproducible from
 ``train.seed`` alone.
@@ -7,8 +8,11 @@ Randomness comes only from the ``torch.Generator`` passed in, so a run is reprod
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 import torch
+
+from training.objective.base import Draw, Objective
 
 
 def timestep_problems(
@@ -134,3 +138,52 @@ def min_snr_weights(
     if prediction_type == "sample":
         return clipped
     raise ValueError(f"min-SNR weighting: unknown prediction_type '{prediction_type}'; use epsilon or v_prediction")
+
+
+class NoisePrediction(Objective):
+    """DDPM training as SD1/SD2/SDXL were trained: ``scheduler.add_noise`` at a uniform timestep in the
+    configured range, epsilon or v-prediction by the scheduler's ``prediction_type``."""
+
+    samplers = ("ddim", "euler", "dpm++", "ddpm")
+
+    def __init__(self, scheduler: Any, vae_config: Any, train_cfg: Any, device: torch.device | str) -> None:
+        super().__init__(vae_config)
+        self.scheduler = scheduler
+        config = scheduler.config
+        self.prediction_type = config.prediction_type
+        self.bounds = timestep_bounds(
+            config.num_train_timesteps,
+            list(train_cfg.denoise_range) if train_cfg.denoise_range is not None else None,
+            list(train_cfg.timestep_range) if train_cfg.timestep_range is not None else None,
+        )
+        self.noise_offset = train_cfg.noise_offset
+        self.min_snr_gamma = train_cfg.min_snr_gamma
+        self.alphas_cumprod = scheduler.alphas_cumprod.to(device)  # for min-SNR, moved once
+
+    def draw(self, latents: torch.Tensor, generator: torch.Generator) -> Draw:
+        # offset noise (Guttenberg 2023, "Diffusion with Offset Noise"); noise first, then timesteps:
+        # the order of the run's noise stream, which a resumed run continues
+        noise = offset_noise(latents.shape, self.noise_offset, generator, latents.device, latents.dtype)
+        timesteps = sample_timesteps(latents.shape[0], *self.bounds, generator, latents.device)
+        draw = self.at(latents, noise, timesteps)
+        if self.min_snr_gamma is not None:
+            # Min-SNR weighting (Hang et al. 2023, arXiv:2303.09556)
+            draw.weights = draw.weights * min_snr_weights(
+                timesteps, self.alphas_cumprod, self.min_snr_gamma, self.prediction_type
+            )
+        return draw
+
+    def at(self, latents: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor) -> Draw:
+        noisy = self.scheduler.add_noise(latents, noise, timesteps)
+        if self.prediction_type == "v_prediction":
+            # v-prediction (Salimans & Ho 2022, "Progressive Distillation", arXiv:2202.00512)
+            target = self.scheduler.get_velocity(latents, noise, timesteps)
+        else:
+            target = noise
+        weights = torch.ones(latents.shape[0], device=latents.device, dtype=torch.float32)
+        return Draw(noisy, timesteps, target, weights)
+
+    def held_out_timesteps(self, count: int, device: torch.device | str) -> torch.Tensor:
+        """The centres of ``count`` equal parts of [0, T)."""
+        total = self.scheduler.config.num_train_timesteps
+        return torch.tensor([int((k + 0.5) * total / count) for k in range(count)], device=device)
