@@ -13,10 +13,10 @@ import re
 import resource
 import shutil
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from omegaconf import DictConfig, OmegaConf
@@ -44,8 +44,8 @@ from training.network.lora import remove_leftover_adapters, remove_lora
 from training.network.metadata import DatasetSummary, kohya_metadata, summarize_dataset, training_metadata
 from training.text.tag_stats import tag_frequencies, tag_frequencies_by_folder, tag_table
 
-# (step, objective mean, its per-image values) -> True to stop training early; sweeps hook their pruner in here
-EvalReporter = Callable[[int, float, list[float]], bool]
+if TYPE_CHECKING:  # the sweep's pruner hook; sweeper.search imports Optuna, which a single run does not need
+    from sweeper.search.trial import EvalReporter
 
 
 @dataclass
