@@ -51,7 +51,7 @@ from transformers import CLIPTextConfig, CLIPTextModel
 import training.loop
 from sweeper.config import Config
 from training.cache.text import clear_text_caches
-from training.data.dataset import scan_dataset
+from training.data.scan import scan_dataset
 from training.families.loading import BaseModel
 from training.loop import Trainer
 from training.network.lora import remove_leftover_adapters, remove_lora

@@ -27,7 +27,7 @@ import torch
 
 from benchmarks.bench_training import StepClock, config, sd15_base_model, synthetic_dataset, tiny_base_model
 from benchmarks.sdxl_model import sdxl_base_model, tiny_sdxl_base_model
-from training.data.dataset import scan_dataset
+from training.data.scan import scan_dataset
 from training.loop import Trainer
 from training.network.lora import remove_lora
 

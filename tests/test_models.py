@@ -13,7 +13,7 @@ from peft import LoraConfig
 from safetensors.torch import load_file, save_file
 from transformers import CLIPTextConfig, CLIPTextModel
 
-import training.speed.attention
+import training.speed.attention_options
 from sweeper.validate import ConfigError, validate
 from tests.helpers_checkpoint import copy_configs, write_ldm_checkpoint, write_ldm_vae
 from training.families.checked_loading import IncompleteWeightsError
@@ -21,11 +21,11 @@ from training.families.loading import load_base_model, model_problems
 from training.families.tiny_sd import build_tiny_pipeline
 from training.network.adapters import attach_lora
 from training.speed.attention import (
-    attention_problem,
     configure_attention,
     configure_gradient_checkpointing,
     gradient_checkpointing_enabled,
 )
+from training.speed.attention_options import attention_problem
 
 
 @pytest.fixture(scope="module")
@@ -333,9 +333,9 @@ def test_attention_problems(monkeypatch):
     assert attention_problem("eager", cuda_available=False) is None
     assert "model.attention: unknown kind 'flash'" in attention_problem("flash", cuda_available=True)
     assert "CUDA" in attention_problem("xformers", cuda_available=False)
-    monkeypatch.setattr(training.speed.attention, "xformers_installed", lambda: False)
+    monkeypatch.setattr(training.speed.attention_options, "xformers_installed", lambda: False)
     assert "not installed" in attention_problem("xformers", cuda_available=True)
-    monkeypatch.setattr(training.speed.attention, "xformers_installed", lambda: True)
+    monkeypatch.setattr(training.speed.attention_options, "xformers_installed", lambda: True)
     assert attention_problem("xformers", cuda_available=True) is None
 
 

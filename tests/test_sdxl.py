@@ -22,7 +22,7 @@ from sweeper.tracking import NullTracker
 from sweeper.validate import ConfigError, validate
 from tests.conftest import run_main
 from tests.helpers_checkpoint import copy_configs, write_sdxl_checkpoint
-from training.data.dataset import scan_dataset
+from training.data.scan import scan_dataset
 from training.families.loading import load_base_model
 from training.families.sdxl import SDXL
 from training.families.tiny_sd import build_tiny_pipeline

@@ -8,7 +8,7 @@ import torch
 from sweeper.tracking import NullTracker
 from sweeper.validate import ConfigError, validate
 from training.cache.text import TextEmbeddingCache, clear_text_caches
-from training.data.dataset import scan_dataset
+from training.data.scan import scan_dataset
 from training.families.loading import BaseModel, load_base_model
 from training.families.tiny_sd import build_tiny_pipeline
 from training.loop import Trainer

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from sweeper.tracking import NullTracker
-from training.data.dataset import scan_dataset
+from training.data.scan import scan_dataset
 from training.families.loading import load_base_model
 from training.loop import Trainer
 from training.network.lora import remove_lora

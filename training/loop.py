@@ -34,8 +34,10 @@ from training.cache.latents import (
 )
 from training.cache.text import TextEmbeddingCache, shared_text_cache, text_cache_key
 from training.checkpoint import TrainingState, load_training_state
-from training.data.buckets import BucketBatchSampler, generate_buckets, resolve_bucket_settings
-from training.data.dataset import CaptionedImageDataset, ImageRecord, collate_captioned, match_reg_records
+from training.data.bucket_sampler import BucketBatchSampler
+from training.data.buckets import generate_buckets, resolve_bucket_settings
+from training.data.dataset import CaptionedImageDataset, collate_captioned
+from training.data.scan import ImageRecord, match_reg_records
 from training.data.validation import ValidationLoss
 from training.families import Conditioning, ImageGeometry, batch_geometry
 from training.families.loading import BaseModel

@@ -22,7 +22,7 @@ from training.families.checked_loading import load_checked
 from training.families.detect import checkpoint_kind, folder_kind, kind_mismatch, loaded_kind, not_trained_yet
 from training.families.embedded import EMBEDDED_MODEL_NOTES
 from training.families.sd import SD1
-from training.text.encoding import clip_skip_problem
+from training.text.encoding_options import clip_skip_problem
 from training.toy.shipped import shipped_folder
 
 MODEL_SOURCES = ("toy", "tiny", "diffusers")
