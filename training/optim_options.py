@@ -8,15 +8,9 @@ import math
 from typing import Any
 
 OPTIMIZERS = ("adamw", "adamw8bit", "lion", "sgd", "adafactor", "prodigy")
-
-
 SCHEDULERS = ("constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts", "polynomial", "plateau")
-
-
 # Optimizers that read optimizer.betas (adafactor and sgd ignore them).
 _USES_BETAS = ("adamw", "adamw8bit", "lion", "prodigy")
-
-
 # Optional packages: optimizer -> (import name, pip name).
 _PACKAGES = {
     "adamw8bit": ("bitsandbytes", "bitsandbytes"),

@@ -5,11 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 WEIGHTS = "trainable.safetensors"
-
-
 STATE = "trainer_state.pt"  # optimizer/scheduler/RNG states: tensors and plain values (weights_only)
-
-
 PROGRESS = "progress.json"
 
 

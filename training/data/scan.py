@@ -17,21 +17,11 @@ import numpy as np
 from PIL import Image
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
-
-
 ON_BAD_IMAGE_CHOICES = ("error", "skip")
-
-
 # Files beside an image that are not captions under another extension: latent caches, other pictures.
 NOT_CAPTION_EXTENSIONS = (".npz", ".npy", ".safetensors", ".pt", ".gif", ".tif", ".tiff", ".psd", ".avif", ".heic")
-
-
 SHOWN_FOLDERS = 5  # folders named in a message before "and N more"
-
-
 WALK_LIMIT = 1000  # folders looked into when searching for images a scan does not read
-
-
 # kohya's layout: a subfolder "10_shapes" repeats its images 10 times per epoch.
 _REPEATS_FOLDER = re.compile(r"^(\d+)_(.+)$")
 

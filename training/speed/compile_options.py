@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 COMPILE_KINDS = ("none", "blocks")
-
-
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 
 

@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 CHUNK_TOKENS = 75  # caption tokens per chunk: CLIP's 77-token context minus BOS and EOS
-
-
 MAX_TOKEN_LENGTHS = (75, 150, 225)
 
 
