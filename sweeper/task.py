@@ -254,7 +254,7 @@ class _Run:
     def _evaluate_now(self, what: str) -> EvalResult:
         """The current network's (or, disabled, the base model's) samples and scores; ``what`` names the bar."""
         cfg, trainer, base = self.cfg, self.trainer, self.base
-        with trainer.accelerator.autocast(), trainer.lora_without_input_casts(base.unet, *base.text_encoders):
+        with trainer.accelerator.autocast(), trainer.lora_without_input_casts(base.denoiser, *base.text_encoders):
             result = evaluate(
                 self.pipeline,
                 self.scorers,
@@ -573,7 +573,7 @@ class _WorkerCache:
             self._models[key] = load_base_model(model_cfg)
             self.model_loads += 1
         base = self._models[key]
-        remove_leftover_adapters(base.unet, *base.text_encoders)
+        remove_leftover_adapters(base.denoiser, *base.text_encoders)
         return base
 
     def discard(self, model_cfg: Any) -> None:
