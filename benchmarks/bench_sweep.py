@@ -73,7 +73,7 @@ def write_model(folder: Path, family: str = "sd15", tiny: bool = False) -> int:
         return base.native_resolution
     base = sdxl_base_model("cuda")
     resolution = base.native_resolution
-    for part in (base.unet, base.vae, *base.text_encoders):
+    for part in (base.denoiser, base.vae, *base.text_encoders):
         part.to("cpu")  # safetensors writes from host memory
     write_folder(base, folder, torch.bfloat16)
     del base
@@ -97,7 +97,7 @@ def check_load(folder: Path) -> dict:
     base = load_base_model(OmegaConf.structured(ModelConfig(source="diffusers", path=str(folder))))
     seconds = time.perf_counter() - started
     parts = {
-        "unet": base.unet,
+        "unet": base.denoiser,
         "vae": base.vae,
         **{f"text_encoder_{i + 1}": m for i, m in enumerate(base.text_encoders)},
     }

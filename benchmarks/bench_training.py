@@ -51,7 +51,7 @@ from transformers import CLIPTextConfig, CLIPTextModel
 import training.loop
 from sweeper.config import Config
 from training.cache.text import clear_text_caches
-from training.data.dataset import scan_dataset
+from training.data.scan import scan_dataset
 from training.families.loading import BaseModel
 from training.loop import Trainer
 from training.network.lora import remove_leftover_adapters, remove_lora
@@ -261,8 +261,8 @@ def count_step_flops(trainer: Trainer) -> dict[str, float]:
     totals."""
     from torch.utils.flop_counter import FlopCounterMode
 
-    configure_compile(trainer.base.unet, "none", "default")  # count the eager operators
-    trainer.graphed_unet = None  # a replayed graph runs no operators the counter could see
+    configure_compile(trainer.base.denoiser, "none", "default")  # count the eager operators
+    trainer.graphed_denoiser = None  # a replayed graph runs no operators the counter could see
     trainer.position.epoch = 1
     batch = next(iter(trainer.loader))
     with FlopCounterMode(display=False) as counter:
@@ -270,7 +270,7 @@ def count_step_flops(trainer: Trainer) -> dict[str, float]:
         loss.backward()
     trainer.optimizer.zero_grad(set_to_none=True)
     images = len(batch["caption"])
-    unet = sum(counter.get_flop_counts().get(type(trainer.base.unet).__name__, {}).values())
+    unet = sum(counter.get_flop_counts().get(type(trainer.base.denoiser).__name__, {}).values())
     return {"total": counter.get_total_flops() / images, "unet": unet / images}
 
 
@@ -550,8 +550,8 @@ def run_row(index: int, spec: dict, session: Session) -> dict:
         if trainer is not None:
             remove_lora(trainer.network)
         else:  # the trainer failed while being built, perhaps after adding its LoRA to the shared model
-            remove_leftover_adapters(base.unet, *base.text_encoders)
-        configure_compile(base.unet, "none", "default")
+            remove_leftover_adapters(base.denoiser, *base.text_encoders)
+        configure_compile(base.denoiser, "none", "default")
         del trainer
         training.loop.disable_input_dtype_casting = disable_input_dtype_casting
         if sdxl:
@@ -707,7 +707,7 @@ def main() -> None:
         except Exception as error:
             if not sdxl:
                 raise
-            remove_leftover_adapters(base.unet, *base.text_encoders)
+            remove_leftover_adapters(base.denoiser, *base.text_encoders)
             split = {"error": f"{type(error).__name__}: {str(error)[:200]}"}
         splits[f"batch{batch}-{cache}"] = split
         shown = {k: round(v, 2) if isinstance(v, float) else v for k, v in split.items()}

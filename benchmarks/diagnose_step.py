@@ -27,7 +27,7 @@ import torch
 
 from benchmarks.bench_training import StepClock, config, sd15_base_model, synthetic_dataset, tiny_base_model
 from benchmarks.sdxl_model import sdxl_base_model, tiny_sdxl_base_model
-from training.data.dataset import scan_dataset
+from training.data.scan import scan_dataset
 from training.loop import Trainer
 from training.network.lora import remove_lora
 
@@ -97,7 +97,7 @@ def grad_check(base, records, data_dir: Path, out_dir: Path) -> dict[str, float]
     """Max relative LoRA-gradient difference of whole-UNet compile backends against eager (fp32)."""
     cfg = config(data_dir, out_dir, batch=1, rank=4, cache="memory", steps=1, warmup=1, text_cache=True)
     cfg.precision.mixed = "fp32"
-    for part in (base.unet, base.vae, *base.text_encoders):
+    for part in (base.denoiser, base.vae, *base.text_encoders):
         part.to(torch.float32)  # earlier bf16 runs converted the shared model
     trainer = Trainer(cfg, base, records, StepClock())
     batch = next(iter(trainer.loader))
@@ -106,14 +106,14 @@ def grad_check(base, records, data_dir: Path, out_dir: Path) -> dict[str, float]
         trainer.noise_rng.manual_seed(0)
         trainer.optimizer.zero_grad(set_to_none=True)
         trainer._loss(batch).backward()
-        return {n: p.grad.detach().clone() for n, p in base.unet.named_parameters() if p.grad is not None}
+        return {n: p.grad.detach().clone() for n, p in base.denoiser.named_parameters() if p.grad is not None}
 
     trainer.position.epoch = 1
     eager = grads()
     report = {"lora_tensors_with_grad": len(eager)}
     for backend in ("inductor", "aot_eager", "cudagraphs"):
         torch._dynamo.reset()
-        base.unet.compile(backend=backend)
+        base.denoiser.compile(backend=backend)
         try:
             compiled = grads()
             worst = max(((compiled[n] - g).norm() / (g.norm() + 1e-12)).item() for n, g in eager.items())
@@ -122,9 +122,9 @@ def grad_check(base, records, data_dir: Path, out_dir: Path) -> dict[str, float]
         except Exception as error:  # a backend that fails is a finding, not the end of the run
             report[backend] = f"{type(error).__name__}: {str(error)[:200]}"
         finally:
-            base.unet._compiled_call_impl = None
+            base.denoiser._compiled_call_impl = None
     remove_lora(trainer.network)
-    base.unet.to(torch.float32)
+    base.denoiser.to(torch.float32)
     return report
 
 
@@ -147,9 +147,9 @@ def variant_speed(base, records, data_dir: Path, out_dir: Path, batch: int, name
     torch._dynamo.reset()
     trainer = Trainer(cfg, base, records, StepClock())
     if options.get("channels_last"):
-        base.unet.to(memory_format=torch.channels_last)
+        base.denoiser.to(memory_format=torch.channels_last)
     if "backend" in options:
-        base.unet.compile(backend=options["backend"], mode=options.get("mode"))
+        base.denoiser.compile(backend=options["backend"], mode=options.get("mode"))
     try:
         started = time.perf_counter()
         trainer.total_steps = -(-len(records) // batch) + 3
@@ -164,8 +164,8 @@ def variant_speed(base, records, data_dir: Path, out_dir: Path, batch: int, name
     except Exception as error:
         return {"error": f"{type(error).__name__}: {str(error)[:300]}"}
     finally:
-        base.unet._compiled_call_impl = None
-        base.unet.to(memory_format=torch.contiguous_format)
+        base.denoiser._compiled_call_impl = None
+        base.denoiser.to(memory_format=torch.contiguous_format)
         remove_lora(trainer.network)
 
 

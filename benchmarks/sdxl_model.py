@@ -147,7 +147,7 @@ def tiny_sdxl_base_model() -> BaseModel:
 def write_folder(base: BaseModel, folder, dtype: torch.dtype = torch.bfloat16) -> float:
     """``base`` as a diffusers folder (safetensors in ``dtype``, SDXL's Euler scheduler); returns seconds."""
     started = time.perf_counter()
-    for part in (base.unet, base.vae, *base.text_encoders):
+    for part in (base.denoiser, base.vae, *base.text_encoders):
         part.to(dtype)
     SDXL.pipeline(base, EulerDiscreteScheduler(**SCHEDULER)).save_pretrained(folder, safe_serialization=True)
     return time.perf_counter() - started

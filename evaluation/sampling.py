@@ -52,6 +52,14 @@ def sampling_scheduler(train_scheduler_config: Mapping[str, Any] | SchedulerMixi
 DETERMINISTIC_SAMPLERS = (DDIMScheduler, EulerDiscreteScheduler, DPMSolverMultistepScheduler)
 
 
+def pipeline_denoiser(pipeline: DiffusionPipeline) -> torch.nn.Module:
+    """The pipeline's denoising network, whatever its class: ``unet`` (SD1/SD2/SDXL) or ``transformer`` (SD3, FLUX)."""
+    denoiser = getattr(pipeline, "unet", None) or getattr(pipeline, "transformer", None)
+    if denoiser is None:
+        raise ValueError(f"{type(pipeline).__name__} has neither a unet nor a transformer to sample with")
+    return denoiser
+
+
 def generate_samples(
     pipeline: DiffusionPipeline,
     prompts: list[str],
@@ -87,14 +95,15 @@ def generate_samples(
     pipeline.set_progress_bar_config(disable=not show_progress)
     # The execution device differs from pipeline.device under CPU offload; the latents are drawn there.
     device = getattr(pipeline, "_execution_device", None) or pipeline.device
-    height = height or pipeline.unet.config.sample_size * pipeline.vae_scale_factor
-    width = width or pipeline.unet.config.sample_size * pipeline.vae_scale_factor
+    denoiser = pipeline_denoiser(pipeline)
+    height = height or denoiser.config.sample_size * pipeline.vae_scale_factor
+    width = width or denoiser.config.sample_size * pipeline.vae_scale_factor
     texts = [_prompt_inputs(prompt, negative_prompt, encode_prompt) for prompt in prompts]
     latents = [
         randn_tensor(
             (
                 images_per_prompt,
-                pipeline.unet.config.in_channels,
+                denoiser.config.in_channels,
                 height // pipeline.vae_scale_factor,
                 width // pipeline.vae_scale_factor,
             ),

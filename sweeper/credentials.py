@@ -70,3 +70,11 @@ def with_credentials(url: str, environ: MutableMapping[str, str] | None = None) 
     if not password:
         return url
     return f"{scheme}://{user}:{password}@{host}{url[match.end() :]}"
+
+
+_URL_PASSWORD = re.compile(r"(?P<head>[a-zA-Z][\w+.-]*://[^:/@\s]+:)[^@\s]+@")
+
+
+def redact_password(text: str) -> str:
+    """``postgresql://user:secret@host/db`` -> ``postgresql://user:***@host/db``."""
+    return _URL_PASSWORD.sub(lambda m: m.group("head") + "***@", text)

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from sweeper.config import PROJECT_ROOT
-from training.data.dataset import ImageRecord
+from training.data.scan import ImageRecord
 
 SAMPLE_DIR = PROJECT_ROOT / "data" / "sample"
 # The star prompts of the bundled sample (data/sample/README.md); the README's scores are measured on them.

@@ -13,7 +13,7 @@ from typing import Any
 
 from sweeper.config import PROJECT_ROOT
 from training.cache.folders import file_sha256
-from training.data.dataset import ImageRecord
+from training.data.scan import ImageRecord
 
 PACKAGES = ("torch", "diffusers", "transformers", "peft", "accelerate", "safetensors", "hydra-core", "optuna", "mlflow")
 # keys of the resolved config that say where a run was written or tracked, not what it trained

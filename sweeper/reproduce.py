@@ -202,7 +202,7 @@ def has_final_result(source: Source) -> bool:
 def environment_warnings(source: Source, cfg: DictConfig) -> list[str]:
     """What differs from the original run besides the config: data files, code, packages."""
     from sweeper.fingerprint import PACKAGES, changed_files, code_version, dataset_fingerprint
-    from training.data.dataset import scan_dataset
+    from training.data.scan import scan_dataset
 
     warnings = []
     if source.fingerprint is not None:

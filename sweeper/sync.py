@@ -15,11 +15,14 @@ from __future__ import annotations
 
 import argparse
 import json
+import socket
 import sys
 import time
 from pathlib import Path
 from typing import Any
 
+from sweeper.process_identity import HOST, PID, is_gone
+from sweeper.tracking_store import check_reachable, is_http, mark_killed, use_short_http_retries
 from training.atomic_file import write_text_atomically
 
 NOT_UPLOADED = "tracking-not-uploaded"
@@ -56,7 +59,6 @@ def deliver(manifest_path: Path, tracking_uri: str | None = None) -> str:
     from mlflow.tracking import MlflowClient
 
     from sweeper.credentials import with_credentials
-    from sweeper.tracking_store import check_reachable, is_http, use_short_http_retries
 
     folder = manifest_path.parent
     manifest = json.loads(manifest_path.read_text())
@@ -170,3 +172,46 @@ def main(argv: list[str] | None = None) -> int:
 
 if __name__ == "__main__":
     sys.exit(main())
+
+
+def _delivered_from_its_folder(run: Any) -> bool:
+    """A run whose process finished offline left its end in ``<output.dir>/tracking-not-uploaded``:
+    deliver it (FINISHED with everything) rather than call it killed."""
+    folder = run.data.tags.get("output.dir")
+    for manifest in pending(Path(folder), recursive=False) if folder else []:
+        if json.loads(manifest.read_text()).get("run_id") == run.info.run_id:
+            try:
+                print(f"MLflow sync: {deliver(manifest)}")
+                return True
+            except Exception as error:  # cannot send it now: still not a killed run
+                print(f"MLflow sync: {manifest.parent}: not sent yet ({type(error).__name__}: {error})")
+                return True
+    return False
+
+
+def close_dead_runs(client: Any, experiment_id: str) -> list[str]:
+    """Runs of this experiment still RUNNING whose process on this host has ended -> KILLED with the reason."""
+    host = socket.gethostname()
+    quoted = host.replace("'", "\\'")
+    runs = client.search_runs(
+        [experiment_id], filter_string=f"attributes.status = 'RUNNING' and tags.`{HOST}` = '{quoted}'", max_results=1000
+    )
+    closed = []
+    for run in runs:
+        if run.data.tags.get("sweep.role") == "parent":  # shared by a sweep's workers: the sweep reconciles it
+            continue
+        if is_gone(run.data.tags) is not True:
+            continue
+        if _delivered_from_its_folder(run):  # it ended, but its end never reached the store: sent now
+            continue
+        when = time.strftime("%Y-%m-%d %H:%M:%S")
+        reason = (
+            f"the process that ran this run (host {host}, pid {run.data.tags.get(PID)}) ended without closing it "
+            f"(killed: kill -9, out of memory, power loss); marked KILLED at {when} when the next run started"
+        )
+        mark_killed(client, run.info.run_id, reason)
+        closed.append(run.info.run_id)
+    if closed:
+        print(f"MLflow: {len(closed)} run(s) left RUNNING by ended processes marked KILLED: {', '.join(closed)}")
+        sys.stdout.flush()
+    return closed

@@ -5,6 +5,7 @@ A single run and every sweep trial call ``run``; a trial only adds its bookkeepi
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -12,10 +13,10 @@ import re
 import resource
 import shutil
 import time
-from collections.abc import Callable
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from omegaconf import DictConfig, OmegaConf
@@ -43,8 +44,8 @@ from training.network.lora import remove_leftover_adapters, remove_lora
 from training.network.metadata import DatasetSummary, kohya_metadata, summarize_dataset, training_metadata
 from training.text.tag_stats import tag_frequencies, tag_frequencies_by_folder, tag_table
 
-# (step, objective mean, its per-image values) -> True to stop training early; sweeps hook their pruner in here
-EvalReporter = Callable[[int, float, list[float]], bool]
+if TYPE_CHECKING:  # the sweep's pruner hook; sweeper.search imports Optuna, which a single run does not need
+    from sweeper.search.trial import EvalReporter
 
 
 @dataclass
@@ -110,42 +111,84 @@ def run_once(
     In a sweep trial ``cfg.sweep`` names the trial: the run nests under the sweep's parent run and
     its periodic CLIP scores go to the trial's pruner (unless ``report`` is given explicitly).
     """
-    started, started_at = time.perf_counter(), time.time()
-    if torch.cuda.is_available():
-        torch.cuda.reset_peak_memory_stats()  # peak_memory_mb is this run's, not the worker's so far
-    validated = validate(cfg)  # every problem at once, before any model is loaded
-    # eval.prompts=null made concrete, so params, the baseline cache and a reproduction all see the same prompts
-    cfg.eval.prompts = validated.eval_prompts.prompts
-    resolved = OmegaConf.to_container(cfg, resolve=True)
-    output_dir = Path(cfg.output.dir)
-    trial = cfg.sweep.trial_number
-    if report is None and trial is not None and cfg.sweep.report_objective:
-        from sweeper.search.trial import trial_reporter
+    run = _Run(cfg, overrides, report, show_progress)
+    run.validate()
+    with run.tracked(name, extra_tags):
+        try:
+            run.setup()
+            run.fit()
+            run.evaluate()
+            run.save()
+        finally:
+            run.release()
+        return run.record()
 
-        report = trial_reporter(cfg.sweep)
-    with start_run(
-        cfg.tracking,
-        Path.cwd() / "outputs",
-        run_name=name or run_name(cfg, overrides),
-        description=cfg.output.comment,
-        parent_run_id=cfg.sweep.parent_run_id,
-        tags=None if trial is None else {"sweep.trial_number": str(trial), "sweep.study_name": cfg.sweep.study_name},
-        local_dir=output_dir,  # what does not reach the tracking store is listed and kept here
-    ) as tracker:
-        log_config(tracker, cfg, resolved, overrides, extra_tags)
-        fingerprint = dataset_fingerprint(validated.dataset.records, cfg.data.caption_extension)
-        tracker.set_tags({"data.fingerprint": fingerprint_digest(fingerprint)})
-        tracker.log_text(json.dumps(fingerprint, indent=1), "data/fingerprint.json")
-        for skipped, reason in validated.dataset.skipped:
-            print(f"skipped unreadable image {skipped}: {reason}")
-        if validated.dataset.skipped:
-            tracker.log_text("\n".join(f"{p}\t{r}" for p, r in validated.dataset.skipped) + "\n", "data/skipped.tsv")
-        report_data(tracker, cfg, validated)  # images without captions, eval prompts taken from captions
 
-        # --- setup (the base model and the CLIP scorer are reused by later runs in this process)
-        phases = {"start_s": time.perf_counter() - started}  # validation + run start; where a trial's time went
-        mark = time.perf_counter()
-        base = _worker.base_model(cfg.model)
+class _Run:
+    """One run's stages: validate -> setup -> fit -> evaluate -> save, then what is recorded of it.
+    Each stage leaves on ``self`` what the later ones read."""
+
+    def __init__(
+        self, cfg: DictConfig, overrides: list[str] | None, report: EvalReporter | None, show_progress: bool
+    ) -> None:
+        self.cfg, self.overrides, self.report, self.show_progress = cfg, overrides, report, show_progress
+        self.started, self.started_at = time.perf_counter(), time.time()
+        self.checkpoints: list[Checkpoint] = []
+        self.phases: dict[str, float] = {}
+
+    # --- validate
+    def validate(self) -> None:
+        """Every problem at once, before any model is loaded; the resolved config the run records."""
+        cfg = self.cfg
+        if torch.cuda.is_available():
+            torch.cuda.reset_peak_memory_stats()  # peak_memory_mb is this run's, not the worker's so far
+        self.validated = validate(cfg)
+        # eval.prompts=null made concrete, so params, the baseline cache and a reproduction all see the same prompts
+        cfg.eval.prompts = self.validated.eval_prompts.prompts
+        self.resolved = OmegaConf.to_container(cfg, resolve=True)
+        self.output_dir = Path(cfg.output.dir)
+        trial = cfg.sweep.trial_number
+        if self.report is None and trial is not None and cfg.sweep.report_objective:
+            from sweeper.search.trial import trial_reporter
+
+            self.report = trial_reporter(cfg.sweep)
+
+    @contextlib.contextmanager
+    def tracked(self, name: str | None, extra_tags: dict[str, str] | None) -> Iterator[Any]:
+        """The run's MLflow run, with its config and what the data check found logged first."""
+        cfg, validated, trial = self.cfg, self.validated, self.cfg.sweep.trial_number
+        trial_tags = (
+            None if trial is None else {"sweep.trial_number": str(trial), "sweep.study_name": cfg.sweep.study_name}
+        )
+        with start_run(
+            cfg.tracking,
+            Path.cwd() / "outputs",
+            run_name=name or run_name(cfg, self.overrides),
+            description=cfg.output.comment,
+            parent_run_id=cfg.sweep.parent_run_id,
+            tags=trial_tags,
+            local_dir=self.output_dir,  # what does not reach the tracking store is listed and kept here
+        ) as tracker:
+            self.tracker = tracker
+            log_config(tracker, cfg, self.resolved, self.overrides, extra_tags)
+            fingerprint = dataset_fingerprint(validated.dataset.records, cfg.data.caption_extension)
+            tracker.set_tags({"data.fingerprint": fingerprint_digest(fingerprint)})
+            tracker.log_text(json.dumps(fingerprint, indent=1), "data/fingerprint.json")
+            for skipped, reason in validated.dataset.skipped:
+                print(f"skipped unreadable image {skipped}: {reason}")
+            if validated.dataset.skipped:
+                skipped_rows = "\n".join(f"{p}\t{r}" for p, r in validated.dataset.skipped) + "\n"
+                tracker.log_text(skipped_rows, "data/skipped.tsv")
+            report_data(tracker, cfg, validated)  # images without captions, eval prompts taken from captions
+            yield tracker
+
+    # --- setup (the base model and the CLIP scorer are reused by later runs in this process)
+    def setup(self) -> None:
+        """The base model, the trainer (LoRA, data, optimizer), the scorers, the sampling pipeline."""
+        cfg, validated, tracker = self.cfg, self.validated, self.tracker
+        self.phases["start_s"] = time.perf_counter() - self.started  # validation + run start
+        self.mark = time.perf_counter()
+        self.base = base = _worker.base_model(cfg.model)
         tracker.set_tags({f"model.{k}": v for k, v in base.identity.items()})
         regularisation = validated.regularisation.records if validated.regularisation else None
         if cfg.network.embedding.enabled:
@@ -154,7 +197,7 @@ def run_once(
         if held_out.note:
             print(held_out.note)
             tracker.set_tags({"val_loss": held_out.note})
-        trainer = Trainer(cfg, base, held_out.train, tracker, reg_records=regularisation)
+        self.trainer = trainer = Trainer(cfg, base, held_out.train, tracker, reg_records=regularisation)
         _log_data_tables(tracker, cfg, trainer)
         report_sizes(tracker, cfg, trainer, base.native_resolution)  # buckets in use, resolution far too large
         small = small_images(trainer.dataset.records, trainer.resolution)
@@ -162,105 +205,127 @@ def run_once(
             print(f"warning: image {path} is {width}x{height}, under 1/4 of resolution {trainer.resolution}: upscaled")
         if small:
             tracker.log_text("".join(f"{p}\t{w}x{h}\n" for p, (w, h) in small), "data/small_images.tsv")
+        self.scorers = _worker.scorers(cfg, trainer.device, [r for r in held_out.train if not r.is_reg])
+        self.pipeline = trainer.sampling_pipeline(sampling_scheduler(base.noise_scheduler.config, cfg.eval.sampler))
+        self.validation = trainer.validation_loss(held_out.held_out) if held_out.held_out else None
+        self.objective, self.maximize = selection_objective(cfg)
+        self.summary = _dataset_summary(trainer, validated)
+
+    # --- fit
+    def fit(self) -> None:
+        """Training, with the periodic evaluations (and their pruning) and intermediate saves."""
+        self.phases["setup_s"], self.mark = time.perf_counter() - self.mark, time.perf_counter()
+        self.fitted = self.trainer.fit(
+            on_eval=self._periodic_eval, on_save=self._save_file, show_progress=self.show_progress
+        )
+        self.trainer.drop_graphs()  # the final evaluation samples without them
+        self.phases["fit_s"], self.mark = time.perf_counter() - self.mark, time.perf_counter()
+
+    def _periodic_eval(self, step: int) -> tuple[float, bool]:
+        """Metrics of the LoRA at this step; with eval.select=best its file too, to pick the best later."""
+        cfg, tracker, objective = self.cfg, self.tracker, self.objective
+        result = self._evaluate_now(f"step {step}")
+        if objective not in result.values:
+            raise ValueError(_missing_objective(objective, result))
+        path = self._save_file(step, self.trainer.position.epoch) if cfg.eval.select == "best" else None
+        self.checkpoints.append(Checkpoint(step, result, path))
+        tracker.log_metrics(_eval_metrics(result), step)
+        tracker.log_image(result.grid, f"samples/step_{step:06d}.png")
+        value = result.mean(objective)
+        stop = bool(self.report and self.report(step, value, result.values[objective]))
+        return (value if self.maximize else -value), stop  # the plateau schedule wants higher = better
+
+    # --- evaluate: the LoRA at its last step (a pruned run has just been), then the base model
+    def evaluate(self) -> None:
+        cfg, trainer, fit = self.cfg, self.trainer, self.fitted
+        if not fit.stopped_early:
+            self.checkpoints.append(Checkpoint(fit.steps, self._evaluate_now(f"step {fit.steps} (last)"), None))
+        # choose on one half of each prompt's images, report on the other: no double use (README)
+        self.split = cfg.eval.select == "best" and all(c.result.splittable for c in self.checkpoints)
+        self.selected = _select(self.checkpoints, self.objective, self.maximize, cfg.eval.select, self.split)
+        baseline_key = _baseline_key(cfg, trainer.resolution)
+        self.baseline = _worker.baselines.get(baseline_key)
+        if self.baseline is None:
+            trainer.network.set_enabled(False)
+            self.baseline = _worker.baselines[baseline_key] = self._evaluate_now("the base model")
+            trainer.network.set_enabled(True)
+        self.phases["eval_s"], self.mark = time.perf_counter() - self.mark, time.perf_counter()
+
+    def _evaluate_now(self, what: str) -> EvalResult:
+        """The current network's (or, disabled, the base model's) samples and scores; ``what`` names the bar."""
+        cfg, trainer, base = self.cfg, self.trainer, self.base
+        with trainer.accelerator.autocast(), trainer.lora_without_input_casts(base.denoiser, *base.text_encoders):
+            result = evaluate(
+                self.pipeline,
+                self.scorers,
+                list(cfg.eval.prompts),
+                test_seed=cfg.eval.test_seed,
+                seeds=list(cfg.eval.seeds),
+                images_per_prompt=cfg.eval.images_per_prompt,
+                batch_size=cfg.eval.batch_size,
+                num_inference_steps=cfg.eval.num_inference_steps,
+                guidance_scale=cfg.eval.guidance_scale,
+                height=trainer.resolution,
+                width=trainer.resolution,
+                encode_prompt=trainer.encode_prompt,
+                generation_prompts=[trainer.prompt(p) for p in cfg.eval.prompts],
+                progress=f"evaluating {what}" if self.show_progress else None,
+            )
+        if self.validation is not None:
+            result = result.with_values({"val_loss": trainer.held_out_loss(self.validation)})
+        return result
+
+    # --- save: the last step's file, then the selected checkpoint's under the run's name
+    def save(self) -> None:
+        fit, selected = self.fitted, self.selected
+        self.lora_path = lora_path = self._save_file(fit.steps, fit.epochs, final=True)
+        self.last_path = None
+        if selected.path is not None and selected.step != fit.steps:
+            self.last_path = lora_path.with_name(f"{self.cfg.output.name}-last{lora_path.suffix}")
+            os.replace(lora_path, self.last_path)
+            write_atomically(lora_path, lambda tmp: shutil.copyfile(selected.path, tmp))
+        self.phases["save_s"] = time.perf_counter() - self.mark
+
+    def _save_file(self, step: int, epoch: int, final: bool = False) -> Path:
+        """The LoRA file (and, with train.save_state, the resumable training state) at this point."""
+        cfg, trainer = self.cfg, self.trainer
+        stem = None if final else f"{cfg.output.name}-step{step:06d}"
         try:
-            scorers = _worker.scorers(cfg, trainer.device, [r for r in held_out.train if not r.is_reg])
-            pipeline = trainer.sampling_pipeline(sampling_scheduler(base.noise_scheduler.config, cfg.eval.sampler))
-            validation = trainer.validation_loss(held_out.held_out) if held_out.held_out else None
-            objective, maximize = selection_objective(cfg)
+            path = _save_lora(cfg, trainer, self.base, self.resolved, step, stem, self._provenance(epoch))
+        except LoraNotSavedError as error:  # output.dir failed after startup; the file may be kept
+            self.tracker.set_tags({"lora.rescued_to": str(error.rescued)})
+            raise
+        if cfg.train.save_state:
+            save_training_state(self.output_dir / f"state-step{step:06d}", trainer.training_state())
+        if not final:
+            self.tracker.log_artifact(path, "lora/intermediate")
+        return path
 
-            def evaluate_now(what: str) -> EvalResult:
-                """The current network's (or, disabled, the base model's) samples and scores; ``what`` names the bar."""
-                with trainer.accelerator.autocast(), trainer.lora_without_input_casts(base.unet, *base.text_encoders):
-                    result = evaluate(
-                        pipeline,
-                        scorers,
-                        list(cfg.eval.prompts),
-                        test_seed=cfg.eval.test_seed,
-                        seeds=list(cfg.eval.seeds),
-                        images_per_prompt=cfg.eval.images_per_prompt,
-                        batch_size=cfg.eval.batch_size,
-                        num_inference_steps=cfg.eval.num_inference_steps,
-                        guidance_scale=cfg.eval.guidance_scale,
-                        height=trainer.resolution,
-                        width=trainer.resolution,
-                        encode_prompt=trainer.encode_prompt,
-                        generation_prompts=[trainer.prompt(p) for p in cfg.eval.prompts],
-                        progress=f"evaluating {what}" if show_progress else None,
-                    )
-                if validation is not None:
-                    result = result.with_values({"val_loss": trainer.held_out_loss(validation)})
-                return result
+    def _provenance(self, epoch: int) -> dict[str, str]:
+        """The run-level metadata of a LoRA file saved now (when, from what data, by which run)."""
+        return training_metadata(
+            self.cfg,
+            self.trainer,
+            self.base,
+            summary=self.summary,
+            epoch=epoch,
+            started_at=self.started_at,
+            run_id=self.tracker.run_id,
+        )
 
-            checkpoints: list[Checkpoint] = []
+    def release(self) -> None:
+        """The base model is shared with later runs: its LoRA layers go, and what the trainer held."""
+        if hasattr(self, "trainer"):
+            remove_lora(self.trainer.network)
+            self.trainer.release()  # CUDA graphs, optimizer state, compiled code: not carried into the next trial
 
-            def periodic_eval(step: int) -> tuple[float, bool]:
-                """Metrics of the LoRA at this step; with eval.select=best its file too, to pick the best later."""
-                result = evaluate_now(f"step {step}")
-                if objective not in result.values:
-                    raise ValueError(_missing_objective(objective, result))
-                path = save(step, trainer.position.epoch) if cfg.eval.select == "best" else None
-                checkpoints.append(Checkpoint(step, result, path))
-                tracker.log_metrics(_eval_metrics(result), step)
-                tracker.log_image(result.grid, f"samples/step_{step:06d}.png")
-                value = result.mean(objective)
-                stop = bool(report and report(step, value, result.values[objective]))
-                return (value if maximize else -value), stop  # the plateau schedule wants higher = better
-
-            def save(step: int, epoch: int, final: bool = False) -> Path:
-                """The LoRA file (and, with train.save_state, the resumable training state) at this point."""
-                stem = None if final else f"{cfg.output.name}-step{step:06d}"
-                try:
-                    path = _save_lora(cfg, trainer, base, resolved, step, stem, provenance(epoch))
-                except LoraNotSavedError as error:  # output.dir failed after startup; the file may be kept
-                    tracker.set_tags({"lora.rescued_to": str(error.rescued)})
-                    raise
-                if cfg.train.save_state:
-                    save_training_state(output_dir / f"state-step{step:06d}", trainer.training_state())
-                if not final:
-                    tracker.log_artifact(path, "lora/intermediate")
-                return path
-
-            summary = _dataset_summary(trainer, validated)
-
-            def provenance(epoch: int) -> dict[str, str]:
-                """The run-level metadata of a LoRA file saved now (when, from what data, by which run)."""
-                return training_metadata(
-                    cfg, trainer, base, summary=summary, epoch=epoch, started_at=started_at, run_id=tracker.run_id
-                )
-
-            # --- train
-            phases["setup_s"], mark = time.perf_counter() - mark, time.perf_counter()
-            fit = trainer.fit(on_eval=periodic_eval, on_save=save, show_progress=show_progress)
-            trainer.drop_graphs()  # the final evaluation samples without them
-            phases["fit_s"], mark = time.perf_counter() - mark, time.perf_counter()
-
-            # --- evaluate: the LoRA at its last step (a pruned run has just been), then the base model
-            if not fit.stopped_early:
-                checkpoints.append(Checkpoint(fit.steps, evaluate_now(f"step {fit.steps} (last)"), None))
-            # choose on one half of each prompt's images, report on the other: no double use (README)
-            split = cfg.eval.select == "best" and all(c.result.splittable for c in checkpoints)
-            selected = _select(checkpoints, objective, maximize, cfg.eval.select, split)
-            baseline_key = _baseline_key(cfg, trainer.resolution)
-            baseline = _worker.baselines.get(baseline_key)
-            if baseline is None:
-                trainer.network.set_enabled(False)
-                baseline = _worker.baselines[baseline_key] = evaluate_now("the base model")
-                trainer.network.set_enabled(True)
-
-            phases["eval_s"], mark = time.perf_counter() - mark, time.perf_counter()
-
-            # --- save: the last step's file, then the selected checkpoint's under the run's name
-            lora_path = save(fit.steps, fit.epochs, final=True)
-            last_path = None
-            if selected.path is not None and selected.step != fit.steps:
-                last_path = lora_path.with_name(f"{cfg.output.name}-last{lora_path.suffix}")
-                os.replace(lora_path, last_path)
-                write_atomically(lora_path, lambda tmp: shutil.copyfile(selected.path, tmp))
-            phases["save_s"] = time.perf_counter() - mark
-        finally:
-            remove_lora(trainer.network)
-            trainer.release()  # CUDA graphs, optimizer state, compiled code: not carried into the next trial
-
+    # --- what is recorded of it
+    def record(self) -> RunResult:
+        """Metrics, tags, sample grids, tables and the file to MLflow and the run folder; the result."""
+        cfg, tracker, fit, selected, split = self.cfg, self.tracker, self.fitted, self.selected, self.split
+        baseline, checkpoints, objective, maximize = self.baseline, self.checkpoints, self.objective, self.maximize
+        trainer, lora_path, last_path, output_dir = self.trainer, self.lora_path, self.last_path, self.output_dir
+        phases, started = self.phases, self.started
         final = selected.result.half(1) if split else selected.result
         if split:
             baseline = baseline.half(1)
@@ -508,7 +573,7 @@ class _WorkerCache:
             self._models[key] = load_base_model(model_cfg)
             self.model_loads += 1
         base = self._models[key]
-        remove_leftover_adapters(base.unet, *base.text_encoders)
+        remove_leftover_adapters(base.denoiser, *base.text_encoders)
         return base
 
     def discard(self, model_cfg: Any) -> None:

@@ -7,7 +7,6 @@ decided once, here (the null-object pattern).
 from __future__ import annotations
 
 import json
-import re
 import shutil
 import sys
 import tempfile
@@ -18,14 +17,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from sweeper.credentials import with_credentials
+from sweeper.credentials import redact_password, with_credentials
 from sweeper.process_identity import this_process
-from sweeper.sync import NOT_UPLOADED, deliver_quietly, write_manifest
+from sweeper.sync import NOT_UPLOADED, close_dead_runs, deliver_quietly, write_manifest
 from sweeper.tracking_store import (
     TrackingUnavailableError,
     artifact_location,
     check_reachable,
-    close_dead_runs,
     experiment_id,
     is_http,
     is_unreachable,
@@ -351,14 +349,6 @@ def _not_uploaded_lines(kept: list[_Item], folder: Path) -> tuple[list[str], lis
         if item.kind == "status":
             lines.append(f"  the run's end (status {item.payload}): the store still shows it RUNNING")
     return lines, artifacts
-
-
-_URL_PASSWORD = re.compile(r"(?P<head>[a-zA-Z][\w+.-]*://[^:/@\s]+:)[^@\s]+@")
-
-
-def redact_password(text: str) -> str:
-    """``postgresql://user:secret@host/db`` -> ``postgresql://user:***@host/db``."""
-    return _URL_PASSWORD.sub(lambda m: m.group("head") + "***@", text)
 
 
 def _find_run(client: Any, experiment_id: str, tags: Mapping[str, str]) -> Any | None:

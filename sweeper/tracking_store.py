@@ -15,17 +15,14 @@
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 import re
-import socket
-import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from sweeper.process_identity import HOST, PID, is_gone
+from sweeper.credentials import redact_password
 from sweeper.search.storage_url import sqlite_path
 
 STARTUP_CHECK_TIMEOUT_S = 5  # the one request that says whether an http(s) server is there
@@ -44,8 +41,6 @@ class TrackingUnavailableError(RuntimeError):
     """The tracking store cannot be reached at the start of a run; the message says how to go on."""
 
     def __init__(self, uri: str, reason: str, answered: bool = False) -> None:
-        from sweeper.tracking import redact_password
-
         shown = redact_password(uri)
         what = "MLflow tracking server" if is_http(uri) else "MLflow tracking store"
         failed = "is not reachable" if is_http(uri) and not answered else "cannot be used"
@@ -157,48 +152,3 @@ def mark_killed(client: Any, run_id: str, reason: str) -> None:
     """A run whose process died: KILLED, with the reason as its ``error`` tag."""
     client.set_tag(run_id, "error", reason)
     client.set_terminated(run_id, status="KILLED")
-
-
-def _delivered_from_its_folder(run: Any) -> bool:
-    """A run whose process finished offline left its end in ``<output.dir>/tracking-not-uploaded``:
-    deliver it (FINISHED with everything) rather than call it killed."""
-    from sweeper.sync import deliver, pending
-
-    folder = run.data.tags.get("output.dir")
-    for manifest in pending(Path(folder), recursive=False) if folder else []:
-        if json.loads(manifest.read_text()).get("run_id") == run.info.run_id:
-            try:
-                print(f"MLflow sync: {deliver(manifest)}")
-                return True
-            except Exception as error:  # cannot send it now: still not a killed run
-                print(f"MLflow sync: {manifest.parent}: not sent yet ({type(error).__name__}: {error})")
-                return True
-    return False
-
-
-def close_dead_runs(client: Any, experiment_id: str) -> list[str]:
-    """Runs of this experiment still RUNNING whose process on this host has ended -> KILLED with the reason."""
-    host = socket.gethostname()
-    quoted = host.replace("'", "\\'")
-    runs = client.search_runs(
-        [experiment_id], filter_string=f"attributes.status = 'RUNNING' and tags.`{HOST}` = '{quoted}'", max_results=1000
-    )
-    closed = []
-    for run in runs:
-        if run.data.tags.get("sweep.role") == "parent":  # shared by a sweep's workers: the sweep reconciles it
-            continue
-        if is_gone(run.data.tags) is not True:
-            continue
-        if _delivered_from_its_folder(run):  # it ended, but its end never reached the store: sent now
-            continue
-        when = time.strftime("%Y-%m-%d %H:%M:%S")
-        reason = (
-            f"the process that ran this run (host {host}, pid {run.data.tags.get(PID)}) ended without closing it "
-            f"(killed: kill -9, out of memory, power loss); marked KILLED at {when} when the next run started"
-        )
-        mark_killed(client, run.info.run_id, reason)
-        closed.append(run.info.run_id)
-    if closed:
-        print(f"MLflow: {len(closed)} run(s) left RUNNING by ended processes marked KILLED: {', '.join(closed)}")
-        sys.stdout.flush()
-    return closed

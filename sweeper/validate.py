@@ -2,9 +2,10 @@
 
 A sweep must not spend an hour before learning that an option is impossible, and a user fixing a
 config wants the full list, not one error per attempt. The checks come in two parts: the config's
-own values and the data folders (``early_problems``: torch at most, so the command line reports
-them in a second or two, before the model libraries load), then the model, network file and speed
-options, whose checks live beside the code that uses diffusers, transformers and peft.
+own values and the data folders (``early_problems``: no torch, diffusers or transformers, so the
+command line reports them in about a second; torch is asked only when a check needs to know whether
+a CUDA GPU is here), then the model, network file and speed options, whose checks live beside the
+code that uses diffusers, transformers and peft.
 """
 
 from __future__ import annotations
@@ -12,22 +13,20 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-import torch
-
 from evaluation.metric_names import DIRECTIONS, SAMPLER_NAMES, SELECTIONS, evaluated_metric, metric_name
 from sweeper.eval_prompts import EvalPrompts, resolve_eval_prompts
 from sweeper.schema_check import schema_problems
-from training.cache.latents import incompatible_with_cache
-from training.checkpoint import resume_problem
+from training.cache.latent_options import incompatible_with_cache
 from training.data.buckets import bucket_problems, resolve_bucket_settings
-from training.data.dataset import DatasetScan, scan_dataset, scan_folders
 from training.data.missing_captions import MISSING_CAPTION_CHOICES, apply_missing_captions
+from training.data.scan import DatasetScan, scan_dataset, scan_folders
 from training.objective.flow_options import flow_problems
-from training.optim import optimizer_problems, scheduler_problems
+from training.optim_options import optimizer_problems, scheduler_problems
 from training.output_dir import estimated_lora_bytes, output_dir_problems
-from training.speed.attention import attention_problem
-from training.speed.compile import compile_problems
-from training.text.encoding import max_token_length_problem
+from training.speed.attention_options import attention_problem
+from training.speed.compile_options import compile_problems
+from training.state_files import resume_problem
+from training.text.encoding_options import max_token_length_problem
 
 PRECISIONS = ("fp32", "fp16", "bf16", "auto")
 
@@ -58,6 +57,16 @@ def validate(cfg: Any) -> Validated:
     if problems:
         raise ConfigError(problems)
     return validated
+
+
+class CudaHere:
+    """Truthy when torch sees a CUDA GPU. Only the checks of CUDA-only options ask (``if not cuda``
+    after their option matched), so a config without one is checked without importing torch (~2 s)."""
+
+    def __bool__(self) -> bool:
+        import torch
+
+        return torch.cuda.is_available()
 
 
 def early_problems(cfg: Any) -> list[str]:
@@ -100,7 +109,7 @@ def _config_and_data_problems(cfg: Any) -> tuple[list[str], Validated]:
 def _machine_problems(cfg: Any) -> list[str]:
     """What this machine cannot run (a CUDA-only optimizer or attention kernel) and the schedule's values:
     with the early checks, so the command line names them with the rest (an imported config's fixes)."""
-    cuda = torch.cuda.is_available()
+    cuda = CudaHere()
     problems = optimizer_problems(cfg.optimizer, cuda)
     problems += scheduler_problems(cfg.scheduler, cfg.train.max_steps, cfg.eval.every_n_steps)
     if problem := attention_problem(cfg.model.attention, cuda):
@@ -191,7 +200,7 @@ def _train_problems(cfg: Any) -> list[str]:
     precision = cfg.precision.mixed
     if precision not in PRECISIONS:
         problems.append(f"precision.mixed: unknown value '{precision}'; use one of {', '.join(PRECISIONS)}")
-    elif precision == "fp16" and not torch.cuda.is_available():
+    elif precision == "fp16" and not CudaHere():
         problems.append("precision=fp16 needs a CUDA GPU (loss scaling); use precision=fp32 or bf16 on the CPU")
     resolution = cfg.bucket.resolution
     if resolution is not None and (resolution < 8 or resolution % 8):

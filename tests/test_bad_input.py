@@ -302,7 +302,7 @@ def test_grayscale_of_unknown_scale_is_rejected_naming_the_file(make_cfg, tmp_pa
 
 
 def test_sixteen_bit_png_passes_the_startup_scan(tmp_path):
-    from training.data.dataset import scan_dataset
+    from training.data.scan import scan_dataset
 
     root = image_folder(tmp_path / "data")
     plant(root / "5_things" / "deep.png", Image.fromarray(SIXTEEN_BIT))
@@ -314,7 +314,8 @@ def test_sixteen_bit_png_passes_the_startup_scan(tmp_path):
 
 
 def test_images_far_below_the_resolution_are_found(tmp_path):
-    from training.data.dataset import scan_dataset, small_images
+    from training.data.dataset import small_images
+    from training.data.scan import scan_dataset
 
     root = image_folder(tmp_path / "data")  # 32x32 images
     plant(root / "5_things" / "dot.png", Image.new("RGB", (1, 1), (255, 0, 0)))

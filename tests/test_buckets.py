@@ -8,8 +8,8 @@ from types import SimpleNamespace
 import pytest
 import torch
 
+from training.data.bucket_sampler import BucketBatchSampler
 from training.data.buckets import (
-    BucketBatchSampler,
     assign_bucket,
     auto_step,
     bucket_problems,

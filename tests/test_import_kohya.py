@@ -649,7 +649,7 @@ def test_captions_from_class_tokens_are_printed_and_written_with_the_experiment(
 def test_a_warm_up_fraction_is_read_as_one_and_its_problem_says_so(tmp_path):
     """kohya's lr_warmup_steps < 1 is a ratio, as scheduler.warmup_steps < 1 is: a warm-up that covers the run
     is not told to 'give a fraction' when it is one."""
-    from training.optim import scheduler_problems
+    from training.optim_options import scheduler_problems
 
     config = tmp_path / "warm.toml"
     config.write_text("lr_scheduler = 'cosine'\nlr_warmup_steps = 0.5\nmax_train_steps = 1\n")

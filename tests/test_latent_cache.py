@@ -13,16 +13,17 @@ import torch
 from PIL import Image
 
 import training.cache.latents as latent_cache
+from training.cache.latent_options import incompatible_with_cache
 from training.cache.latents import (
     LatentStore,
     clear_memory_stores,
     fill_latent_cache,
-    incompatible_with_cache,
     latent_cache_key,
     model_fingerprint,
     stacked_latent_params,
 )
-from training.data.dataset import CaptionedImageDataset, ImageRecord
+from training.data.dataset import CaptionedImageDataset
+from training.data.scan import ImageRecord
 
 FINGERPRINT = model_fingerprint({"source": "tiny", "weights_sha256": "abc"}, torch.float32)
 

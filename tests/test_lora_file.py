@@ -287,7 +287,7 @@ def make_network(base):
         return add_lora(base, cfg.network, 1e-3)
 
     yield make
-    remove_leftover_adapters(base.unet, *base.text_encoders)
+    remove_leftover_adapters(base.denoiser, *base.text_encoders)
 
 
 def randomise(network, seed: int) -> None:
@@ -321,7 +321,7 @@ def test_init_weights_round_trip_restores_every_tensor(tmp_path, make_network):
 
 def test_a_hand_made_kohya_file_with_another_alpha_loads_with_a_report(tmp_path, make_network, base):
     network = make_network("network.alpha=4", "network.unet_targets=[to_q,to_k,to_v,to_out.0]")  # proj_in: no adapter
-    unet_q = base.unet.get_submodule("down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q")
+    unet_q = base.denoiser.get_submodule("down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q")
     te_q = base.text_encoder.get_submodule("encoder.layers.0.self_attn.q_proj")
     g = torch.Generator().manual_seed(3)
     tensors = {

@@ -13,7 +13,7 @@ from peft import LoraConfig
 from safetensors.torch import load_file, save_file
 from transformers import CLIPTextConfig, CLIPTextModel
 
-import training.speed.attention
+import training.speed.attention_options
 from sweeper.validate import ConfigError, validate
 from tests.helpers_checkpoint import copy_configs, write_ldm_checkpoint, write_ldm_vae
 from training.families.checked_loading import IncompleteWeightsError
@@ -21,11 +21,11 @@ from training.families.loading import load_base_model, model_problems
 from training.families.tiny_sd import build_tiny_pipeline
 from training.network.adapters import attach_lora
 from training.speed.attention import (
-    attention_problem,
     configure_attention,
     configure_gradient_checkpointing,
     gradient_checkpointing_enabled,
 )
+from training.speed.attention_options import attention_problem
 
 
 @pytest.fixture(scope="module")
@@ -44,10 +44,10 @@ def test_a_diffusers_folder_loads_with_its_own_weights(make_cfg, diffusers_folde
     base = load_base_model(cfg.model)
     assert base.location == str(folder)
     expected = pipeline.unet.state_dict()
-    assert all(torch.equal(v, expected[k]) for k, v in base.unet.state_dict().items())
+    assert all(torch.equal(v, expected[k]) for k, v in base.denoiser.state_dict().items())
     assert base.native_resolution == 64
     assert base.identity["weights_sha256"]
-    assert not any(p.requires_grad for p in base.unet.parameters())
+    assert not any(p.requires_grad for p in base.denoiser.parameters())
 
 
 def test_a_diffusers_folder_trains_end_to_end(make_cfg, diffusers_folder):
@@ -156,8 +156,8 @@ def test_a_single_file_checkpoint_loads_offline_with_its_own_weights(make_cfg, s
     validate(cfg)
     base = load_base_model(cfg.model)
     assert base.location == str(checkpoint)
-    for part in ("unet", "vae", "text_encoder"):
-        assert _same_weights(getattr(base, part), getattr(pipeline, part)), part
+    for ours, theirs in (("denoiser", "unet"), ("vae", "vae"), ("text_encoder", "text_encoder")):
+        assert _same_weights(getattr(base, ours), getattr(pipeline, theirs)), ours
     assert base.tokenizer("a red circle").input_ids == pipeline.tokenizer("a red circle").input_ids
     assert isinstance(base.noise_scheduler, DDPMScheduler)
     assert base.identity["config_dir"] == str(config_dir)
@@ -218,7 +218,7 @@ def test_a_replacement_vae_is_loaded_instead_of_the_models(make_cfg, diffusers_f
     base = load_base_model(cfg.model)
     assert _same_weights(base.vae, vae)
     assert not _same_weights(base.vae, pipeline.vae)
-    assert _same_weights(base.unet, pipeline.unet)  # only the VAE changes
+    assert _same_weights(base.denoiser, pipeline.unet)  # only the VAE changes
     assert base.identity["vae"] == str(root / form)
 
 
@@ -333,9 +333,9 @@ def test_attention_problems(monkeypatch):
     assert attention_problem("eager", cuda_available=False) is None
     assert "model.attention: unknown kind 'flash'" in attention_problem("flash", cuda_available=True)
     assert "CUDA" in attention_problem("xformers", cuda_available=False)
-    monkeypatch.setattr(training.speed.attention, "xformers_installed", lambda: False)
+    monkeypatch.setattr(training.speed.attention_options, "xformers_installed", lambda: False)
     assert "not installed" in attention_problem("xformers", cuda_available=True)
-    monkeypatch.setattr(training.speed.attention, "xformers_installed", lambda: True)
+    monkeypatch.setattr(training.speed.attention_options, "xformers_installed", lambda: True)
     assert attention_problem("xformers", cuda_available=True) is None
 
 

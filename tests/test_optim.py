@@ -12,17 +12,8 @@ from omegaconf import OmegaConf
 
 from sweeper.config import OptimizerConfig, SchedulerConfig
 from tests.conftest import CONF_DIR, compose_config
-from training.optim import (
-    OPTIMIZERS,
-    SCHEDULERS,
-    LrSchedule,
-    OptimizerUnavailable,
-    build_lr_scheduler,
-    build_optimizer,
-    optimizer_problems,
-    resolve_warmup_steps,
-    scheduler_problems,
-)
+from training.optim import LrSchedule, OptimizerUnavailable, build_lr_scheduler, build_optimizer
+from training.optim_options import OPTIMIZERS, SCHEDULERS, optimizer_problems, resolve_warmup_steps, scheduler_problems
 
 
 def optimizer_cfg(**values):

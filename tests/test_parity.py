@@ -13,7 +13,7 @@ from sweeper.tracking import NullTracker
 from sweeper.validate import ConfigError, validate
 from tests.test_training import FAMILIES
 from training.checkpoint import load_training_state
-from training.data.dataset import scan_dataset
+from training.data.scan import scan_dataset
 from training.families.loading import load_base_model
 from training.loop import Trainer
 from training.network.file import read_bundled_embeddings

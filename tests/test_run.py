@@ -181,7 +181,7 @@ def test_null_eval_prompts_mean_the_samples_prompts_or_your_captions_or_a_proble
     from types import SimpleNamespace
 
     from sweeper.eval_prompts import SAMPLE_DIR, SAMPLE_PROMPTS, resolve_eval_prompts
-    from training.data.dataset import ImageRecord
+    from training.data.scan import ImageRecord
 
     def cfg(train_dir, prompts=None):
         return SimpleNamespace(

@@ -22,7 +22,7 @@ from sweeper.tracking import NullTracker
 from sweeper.validate import ConfigError, validate
 from tests.conftest import run_main
 from tests.helpers_checkpoint import copy_configs, write_sdxl_checkpoint
-from training.data.dataset import scan_dataset
+from training.data.scan import scan_dataset
 from training.families.loading import load_base_model
 from training.families.sdxl import SDXL
 from training.families.tiny_sd import build_tiny_pipeline
@@ -45,7 +45,7 @@ def train(cfg, records=None):
     base = load_base_model(cfg.model)
     frozen = {
         name: {k: v.clone() for k, v in module.state_dict().items()}
-        for name, module in (("unet", base.unet), ("te1", base.text_encoders[0]), ("te2", base.text_encoders[1]))
+        for name, module in (("unet", base.denoiser), ("te1", base.text_encoders[0]), ("te2", base.text_encoders[1]))
     }
     trainer = Trainer(cfg, base, records or scan_dataset(cfg.data.train_dir).records, NullTracker())
     lora_before = {id(p): p.detach().clone() for p in trainer.network.parameters()}
@@ -81,7 +81,7 @@ def test_a_single_file_sdxl_checkpoint_loads_offline_with_its_own_weights(make_c
     base = load_base_model(cfg.model)
     assert base.kind == "sdxl" and base.identity["config_dir"] == str(config_dir)
     for mine, theirs in (
-        (base.unet, pipeline.unet),
+        (base.denoiser, pipeline.unet),
         (base.vae, pipeline.vae),
         (base.text_encoders[0], pipeline.text_encoder),
         (base.text_encoders[1], pipeline.text_encoder_2),
@@ -121,7 +121,7 @@ def test_sdxl_loss_falls_only_lora_changes_and_both_text_encoders_train(make_cfg
             if "lora_" in name:
                 unused = part.label == "text_encoder" and name.startswith(last)
                 assert torch.equal(param.detach(), lora_before[id(param)]) == unused, (part.label, name)
-    for name, module in (("unet", base.unet), ("te1", base.text_encoders[0]), ("te2", base.text_encoders[1])):
+    for name, module in (("unet", base.denoiser), ("te1", base.text_encoders[0]), ("te2", base.text_encoders[1])):
         after = {k.replace(".base_layer", ""): v for k, v in module.state_dict().items() if "lora_" not in k}
         assert after.keys() == frozen[name].keys() and all(torch.equal(frozen[name][k], after[k]) for k in after)
     prefixes = {key.split("_", 2)[1] for key in trainer.network.kohya_state_dict()}

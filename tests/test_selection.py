@@ -102,7 +102,7 @@ def test_the_held_out_images_are_not_in_any_training_batch(make_cfg):
 
 
 def test_a_dataset_too_small_to_hold_out_says_so():
-    from training.data.dataset import ImageRecord
+    from training.data.scan import ImageRecord
     from training.data.validation import split_held_out
 
     records = [ImageRecord(f"/d/{i}.png", "", 1) for i in range(2)]

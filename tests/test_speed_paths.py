@@ -8,7 +8,7 @@ import torch
 from sweeper.tracking import NullTracker
 from sweeper.validate import ConfigError, validate
 from training.cache.text import TextEmbeddingCache, clear_text_caches
-from training.data.dataset import scan_dataset
+from training.data.scan import scan_dataset
 from training.families.loading import BaseModel, load_base_model
 from training.families.tiny_sd import build_tiny_pipeline
 from training.loop import Trainer
@@ -162,7 +162,7 @@ def test_cuda_graph_steps_give_the_eager_losses_and_lora(make_cfg, kind):
         cfg = make_cfg("train.max_steps=6", f"train.cuda_graphs={graphs}", f"model.kind={kind}")
         trainer = Trainer(cfg, load_base_model(cfg.model), scan_dataset(cfg.data.train_dir).records, NullTracker())
         try:
-            assert (trainer.graphed_unet is not None) == graphs
+            assert (trainer.graphed_denoiser is not None) == graphs
             results[graphs] = trainer.fit(show_progress=False).losses, trainer.network.kohya_state_dict()
         finally:
             remove_lora(trainer.network)

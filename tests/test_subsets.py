@@ -12,8 +12,8 @@ from sweeper.config import DataConfig, SubsetConfig
 from sweeper.fingerprint import dataset_fingerprint
 from sweeper.tracking import NullTracker
 from sweeper.validate import ConfigError, validate
-from training.data.dataset import scan_folders
 from training.data.missing_captions import class_tokens_notice, missing_captions_table
+from training.data.scan import scan_folders
 from training.families.loading import load_base_model
 from training.loop import Trainer
 

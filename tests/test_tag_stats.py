@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from training.data.dataset import ImageRecord
+from training.data.scan import ImageRecord
 from training.network.metadata import tag_frequency_json
 from training.text.tag_stats import tag_frequencies, tag_frequencies_by_folder, tag_table
 

@@ -8,13 +8,8 @@ from transformers import CLIPTextConfig, CLIPTextModel
 
 from training.families.sd import SD1
 from training.families.tiny_sd import build_tiny_pipeline
-from training.text.encoding import (
-    encode_prompts,
-    final_layer_norm,
-    max_token_length_problem,
-    pipeline_clip_skip,
-    tokenize_chunks,
-)
+from training.text.encoding import encode_prompts, final_layer_norm, pipeline_clip_skip, tokenize_chunks
+from training.text.encoding_options import max_token_length_problem
 from training.text.tokenizer import BASE_WORDS
 
 COLORS = ["red", "green", "blue", "yellow", "orange", "purple", "pink", "white", "black", "gray"]

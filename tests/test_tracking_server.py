@@ -130,8 +130,7 @@ def test_the_server_dying_mid_run_does_not_stop_training_and_the_run_says_what_d
 def test_a_run_that_ended_offline_is_delivered_not_marked_killed_by_the_next_run(tmp_path):
     """The stale-run check finds a RUNNING run whose process is gone but left its end in its folder."""
     from sweeper.sync import NOT_UPLOADED as KEPT
-    from sweeper.sync import write_manifest
-    from sweeper.tracking_store import close_dead_runs
+    from sweeper.sync import close_dead_runs, write_manifest
 
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     client = MlflowClient(uri)

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from sweeper.tracking import NullTracker
-from training.data.dataset import scan_dataset
+from training.data.scan import scan_dataset
 from training.families.loading import load_base_model
 from training.loop import Trainer
 from training.network.lora import remove_lora
@@ -18,7 +18,7 @@ FAMILIES = {"sd1": [], "sdxl": ["model.kind=sdxl"]}
 
 def train(cfg):
     base = load_base_model(cfg.model)
-    before = {k: v.clone() for k, v in base.unet.state_dict().items()}
+    before = {k: v.clone() for k, v in base.denoiser.state_dict().items()}
     trainer = Trainer(cfg, base, scan_dataset(cfg.data.train_dir).records, NullTracker())
     lora_before = {id(p): p.detach().clone() for p in trainer.network.parameters()}
     result = trainer.fit(show_progress=False)
@@ -36,7 +36,7 @@ def test_loss_falls_and_only_lora_weights_change(make_cfg):
 
     changed = [not torch.equal(p.detach(), lora_before[id(p)]) for p in trainer.network.parameters()]
     assert all(changed), "every LoRA tensor should have been updated"
-    after = {k.replace(".base_layer", ""): v for k, v in base.unet.state_dict().items() if "lora_" not in k}
+    after = {k.replace(".base_layer", ""): v for k, v in base.denoiser.state_dict().items() if "lora_" not in k}
     assert after.keys() == before.keys()
     assert all(torch.equal(before[k], after[k]) for k in before)
 

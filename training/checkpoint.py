@@ -19,9 +19,7 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 
-WEIGHTS = "trainable.safetensors"
-STATE = "trainer_state.pt"  # optimizer/scheduler/RNG states: tensors and plain values (weights_only)
-PROGRESS = "progress.json"
+from training.state_files import PROGRESS, STATE, WEIGHTS
 
 
 class ResumeError(ValueError):
@@ -70,15 +68,3 @@ def load_training_state(folder: str | Path) -> TrainingState:
         rng=blob["rng"],
         progress=json.loads((folder / PROGRESS).read_text()),
     )
-
-
-def resume_problem(path: str | None) -> str | None:
-    """Startup check for ``train.resume``."""
-    if path is None:
-        return None
-    folder = Path(path).expanduser()
-    if not folder.is_dir():
-        return f"train.resume: folder '{path}' does not exist; give a state-step* folder of an earlier run"
-    if not (folder / PROGRESS).is_file():
-        return f"train.resume: '{path}' is not a saved training state (no {PROGRESS})"
-    return None

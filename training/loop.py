@@ -34,8 +34,10 @@ from training.cache.latents import (
 )
 from training.cache.text import TextEmbeddingCache, shared_text_cache, text_cache_key
 from training.checkpoint import TrainingState, load_training_state
-from training.data.buckets import BucketBatchSampler, generate_buckets, resolve_bucket_settings
-from training.data.dataset import CaptionedImageDataset, ImageRecord, collate_captioned, match_reg_records
+from training.data.bucket_sampler import BucketBatchSampler
+from training.data.buckets import generate_buckets, resolve_bucket_settings
+from training.data.dataset import CaptionedImageDataset, collate_captioned
+from training.data.scan import ImageRecord, match_reg_records
 from training.data.validation import ValidationLoss
 from training.families import Conditioning, ImageGeometry, batch_geometry
 from training.families.loading import BaseModel
@@ -46,7 +48,7 @@ from training.network.lora import LoraNetwork, add_lora
 from training.optim import build_lr_scheduler, build_optimizer
 from training.speed.attention import configure_attention, configure_gradient_checkpointing, configure_memory_format
 from training.speed.compile import configure_compile
-from training.speed.cuda_graph import GraphedUNet, cuda_graph_problems
+from training.speed.cuda_graph import GraphedDenoiser, cuda_graph_problems
 from training.speed.memory import release_accelerator_memory
 from training.text.captions import transform_caption, with_trigger
 from training.text.embedding import TrainedEmbedding, add_embedding
@@ -191,7 +193,7 @@ class Trainer:
         self.family = base.family
         self.vae_dtype = vae_dtype(cfg.model.vae_precision, self.family.vae_overflows_in_fp16, self.weight_dtype)
         for module, dtype in (
-            (base.unet, self.weight_dtype),
+            (base.denoiser, self.weight_dtype),
             (base.vae, self.vae_dtype),
             *((encoder, self.weight_dtype) for encoder in base.text_encoders),
         ):
@@ -203,7 +205,7 @@ class Trainer:
     def _setup_denoiser(self) -> None:
         """The denoiser's attention kernel, and what CUDA graphs need, checked before LoRA layers exist."""
         cfg, base, train = self.cfg, self.base, self.cfg.train
-        configure_attention(base.unet, cfg.model.attention, self.device)
+        configure_attention(base.denoiser, cfg.model.attention, self.device)
         if problems := cuda_graph_problems(  # before LoRA layers are added to the shared base model
             train.cuda_graphs,
             grad_accum_steps=train.grad_accum_steps,
@@ -220,15 +222,16 @@ class Trainer:
         torch.manual_seed(train.seed)
         self.network: LoraNetwork = add_lora(base, cfg.network, cfg.optimizer.lr)
         configure_gradient_checkpointing(  # set every run: the base model is shared across trials
-            base.unet,
+            base.denoiser,
             base.text_encoders,
             enabled=cfg.model.gradient_checkpointing,
             train_text_encoder=self.network.trains_text_encoder,
         )
         # after the LoRA layers exist, so the compiled blocks contain them
-        configure_compile(base.unet, train.compile, train.compile_mode)
-        configure_memory_format(base.unet, cfg.model.channels_last and self.device.type == "cuda")
-        self.graphed_unet = GraphedUNet(base.unet, self.family, self.autocast_dtype) if train.cuda_graphs else None
+        configure_compile(base.denoiser, train.compile, train.compile_mode)
+        configure_memory_format(base.denoiser, cfg.model.channels_last and self.device.type == "cuda")
+        graphs = train.cuda_graphs
+        self.graphed_denoiser = GraphedDenoiser(base.denoiser, self.family, self.autocast_dtype) if graphs else None
         if cfg.network.init_weights:
             self.init_report = apply_init_weights(
                 self.network, cfg.network.init_weights, allow_pickle=cfg.output.allow_pickle
@@ -492,11 +495,11 @@ class Trainer:
         cond.update(self.family.batch_extras(geometry, self.device))
         draw = self.objective.draw(latents, rng)
         with self.accelerator.autocast(), stage("unet_forward"):
-            if self.graphed_unet is not None:
-                prediction = self.graphed_unet(draw.noisy, draw.timesteps, cond)
+            if self.graphed_denoiser is not None:
+                prediction = self.graphed_denoiser(draw.noisy, draw.timesteps, cond)
             else:
-                with self.lora_without_input_casts(base.unet):
-                    prediction = self.family.predict(base.unet, draw.noisy, draw.timesteps, cond)
+                with self.lora_without_input_casts(base.denoiser):
+                    prediction = self.family.predict(base.denoiser, draw.noisy, draw.timesteps, cond)
         if "is_reg" in batch and any(batch["is_reg"]):
             is_reg = torch.tensor(batch["is_reg"], device=self.device)
             draw.weights = torch.where(is_reg, draw.weights * cfg.data.prior_loss_weight, draw.weights)
@@ -599,12 +602,12 @@ class Trainer:
         base = self.base
 
         def predict(noisy: torch.Tensor, timesteps: torch.Tensor, cond: Conditioning) -> torch.Tensor:
-            return self.family.predict(base.unet, noisy, timesteps, cond)
+            return self.family.predict(base.denoiser, noisy, timesteps, cond)
 
         def extras(geometry: list[ImageGeometry]) -> Conditioning:
             return self.family.batch_extras(geometry, self.device)
 
-        with self.accelerator.autocast(), self.lora_without_input_casts(base.unet, *base.text_encoders):
+        with self.accelerator.autocast(), self.lora_without_input_casts(base.denoiser, *base.text_encoders):
             return validation.per_image(self._encode_captions, predict, extras)
 
     def encode_prompt(self, prompt: str, negative_prompt: str | None) -> dict[str, torch.Tensor]:
@@ -702,9 +705,9 @@ class Trainer:
     # --- cleanup
     def drop_graphs(self) -> None:
         """Training is over: its CUDA graphs' private pools need not sit under the evaluation's memory."""
-        if self.graphed_unet is not None:
-            self.graphed_unet.graphs.clear()
-            self.graphed_unet = None
+        if self.graphed_denoiser is not None:
+            self.graphed_denoiser.graphs.clear()
+            self.graphed_denoiser = None
             release_accelerator_memory()
 
     def release(self) -> None:

@@ -61,8 +61,8 @@ def check_here(result: ImportResult, cuda: bool | None = None) -> None:
     """Append to ``result.here`` what cannot apply on this machine, each with its override."""
     import torch
 
-    from training.optim import optimizer_problems
-    from training.speed.attention import attention_problem
+    from training.optim_options import optimizer_problems
+    from training.speed.attention_options import attention_problem
 
     cuda = torch.cuda.is_available() if cuda is None else cuda
     here, values = result.here, result.values

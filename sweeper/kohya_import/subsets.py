@@ -22,6 +22,7 @@ from sweeper.kohya_import.convert import Unfit, as_extension, as_int, as_path, a
 from sweeper.kohya_import.reading import Collector, Subset
 from sweeper.kohya_import.result import Mapped, NotMapped
 from sweeper.kohya_import.tables import ALIASES, FOLDER_KEYS, NO_EQUIVALENT, SUBSET_DEFAULTS
+from training.data.scan import is_image_file  # PIL and numpy only: the importer stays light
 
 _REPEATS_FOLDER = re.compile(r"^(\d+)_(.+)$")
 # where a shared setting goes, for the message when subsets disagree
@@ -135,8 +136,6 @@ def _plain_folder(s: Subset) -> tuple[str, str] | None:
     note = f"{repeats} repeats recognised from the folder name {name}/: its parent is given, kohya's layout"
     local = Path(parent).expanduser()
     if local.is_dir():
-        from training.data.dataset import is_image_file  # only when the folder exists here (keeps the import light)
-
         beside = [p for p in local.iterdir() if p.name != name and not p.name.startswith(".")]
         if any(p.is_dir() or is_image_file(p) for p in beside):
             return None  # the parent holds more than this folder: a subset entry keeps to it
@@ -226,8 +225,6 @@ def uncaptioned_images(folder: str, caption_extension: str) -> int | None:
     root = Path(folder).expanduser()
     if not root.is_dir():
         return None
-    from training.data.dataset import is_image_file  # only when the folder exists here (keeps the import light)
-
     images = [
         p for p in root.rglob("*") if is_image_file(p) and not any(s.startswith(".") for s in p.relative_to(root).parts)
     ]

@@ -34,6 +34,7 @@ from optuna.trial import FrozenTrial, TrialState
 
 from evaluation.metric_names import evaluated_metric
 from evaluation.stats import THIS_FILE, this_setting
+from sweeper.credentials import redact_password
 from sweeper.process_identity import HOST, PID, is_gone, this_process
 from sweeper.search.lock import JournalBusyError, JournalWorkerLock, study_lock
 from sweeper.search.planner import (
@@ -81,7 +82,7 @@ from sweeper.search.study import (
 )
 from sweeper.search.workers import resolve_n_workers, run_workers
 from sweeper.signals import interruption_reason
-from sweeper.tracking import default_tracking_uri, redact_password, start_run, ui_command
+from sweeper.tracking import default_tracking_uri, start_run, ui_command
 
 
 class SweepFailedError(RuntimeError):

@@ -5,7 +5,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from sweeper.tracking import default_tracking_uri, redact_password
+from sweeper.credentials import redact_password
+from sweeper.tracking import default_tracking_uri
 
 
 def close_trial_runs(tracking_cfg: Any, outputs: Path, study_name: str, trial_number: int, reason: str) -> int:

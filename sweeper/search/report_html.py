@@ -32,10 +32,9 @@ from typing import Any
 
 from optuna.trial import FrozenTrial, TrialState
 
-from sweeper.credentials import with_credentials
+from sweeper.credentials import redact_password, with_credentials
 from sweeper.search.report import SweepSummary, sweep_figures
 from sweeper.search.space import describe_params
-from sweeper.tracking import redact_password
 from training.atomic_file import write_text_atomically
 
 REPORT_NAME = "report.html"  # in the sweep folder

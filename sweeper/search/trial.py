@@ -7,12 +7,15 @@ whatever launcher runs the job: in the sweeper's process, another process, or an
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from typing import Any
 
 import optuna
 
 from sweeper.search.study import build_pruner, open_storage
-from sweeper.task import EvalReporter
+
+# (step, objective mean, its per-image values) -> True to stop training early: a pruner's hook into the run
+EvalReporter = Callable[[int, float, list[float]], bool]
 
 
 def load_trial(sweep_cfg: Any) -> optuna.trial.Trial:

@@ -22,7 +22,7 @@ import hashlib
 import json
 from collections.abc import Callable, Hashable, Mapping, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import torch
 from safetensors import SafetensorError, safe_open
@@ -32,9 +32,8 @@ from tqdm.auto import tqdm
 from training.atomic_file import write_atomically
 
 if TYPE_CHECKING:
-    from training.data.dataset import ImageRecord
+    from training.data.scan import ImageRecord
 
-LATENT_CACHE_MODES = ("none", "memory", "disk")
 _TENSOR_NAME = "latent_params"
 
 # name -> {key: tensor}; lives as long as the process, so sweep trials in one worker share it.
@@ -74,29 +73,6 @@ def latent_cache_key(
         crop_mode,
     ]
     return hashlib.sha256(json.dumps(fields).encode()).hexdigest()
-
-
-def incompatible_with_cache(data_cfg: Any) -> list[str]:
-    """Problems with caching latents under this ``data`` config, each naming both keys at fault.
-
-    A cached latent is one fixed crop of one image; ``color_aug`` and ``random_crop`` make a new
-    one each time, so caching would silently turn them off. ``flip_aug`` is fine: both
-    orientations are cached.
-    """
-    mode = data_cfg.cache_latents
-    if mode in (None, "none"):
-        return []
-    problems = []
-    for key, enabled, why in (
-        ("data.color_aug", data_cfg.color_aug, "a hue jitter that changes every time"),
-        ("data.random_crop", data_cfg.random_crop, "a crop that moves every time"),
-    ):
-        if enabled:
-            problems.append(
-                f"data.cache_latents={mode} cannot be combined with {key}=true: a cached latent is encoded "
-                f"once, which would freeze {why}; set {key}=false or data.cache_latents=none"
-            )
-    return problems
 
 
 class LatentStore:

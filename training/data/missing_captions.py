@@ -19,7 +19,7 @@ import dataclasses
 from collections import Counter
 from collections.abc import Sequence
 
-from training.data.dataset import DatasetScan, Uncaptioned
+from training.data.scan import DatasetScan, Uncaptioned
 
 MISSING_CAPTION_CHOICES = ("error", "warn", "class_tokens")
 SHOWN_FILES = 5  # files named in a message; the run's data/missing_captions.tsv lists all

@@ -20,7 +20,8 @@ from dataclasses import dataclass
 
 import torch
 
-from training.data.dataset import CaptionedImageDataset, ImageRecord, collate_captioned
+from training.data.dataset import CaptionedImageDataset, collate_captioned
+from training.data.scan import ImageRecord
 from training.families.base import Conditioning, ImageGeometry, batch_geometry
 from training.objective.base import Objective
 

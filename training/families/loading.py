@@ -22,7 +22,7 @@ from training.families.checked_loading import load_checked
 from training.families.detect import checkpoint_kind, folder_kind, kind_mismatch, loaded_kind, not_trained_yet
 from training.families.embedded import EMBEDDED_MODEL_NOTES
 from training.families.sd import SD1
-from training.text.encoding import clip_skip_problem
+from training.text.encoding_options import clip_skip_problem
 from training.toy.shipped import shipped_folder
 
 MODEL_SOURCES = ("toy", "tiny", "diffusers")
@@ -48,7 +48,7 @@ RUNTIME_MODEL_KEYS = ("clip_skip", "attention", "gradient_checkpointing")
 class BaseModel:
     """The parts of a base model that LoRA training needs, and the family that knows how to use them."""
 
-    unet: UNet2DConditionModel
+    denoiser: UNet2DConditionModel  # the part that predicts noise: a UNet here, a transformer in SD3/FLUX
     vae: AutoencoderKL
     text_encoders: list[torch.nn.Module]  # one per family text part (SDXL: CLIP ViT-L, OpenCLIP bigG)
     tokenizers: list[Any]
@@ -76,8 +76,8 @@ class BaseModel:
 
     @property
     def native_resolution(self) -> int:
-        """The image side the UNet was built for (64 for tiny, 512 for SD1.5, 1024 for SDXL)."""
-        sample_size = self.unet.config.sample_size
+        """The image side the denoiser was built for (64 for tiny, 512 for SD1.5, 1024 for SDXL)."""
+        sample_size = self.denoiser.config.sample_size
         side = sample_size if isinstance(sample_size, int) else sample_size[0]
         return side * self.vae_scale_factor
 

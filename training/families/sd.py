@@ -74,7 +74,7 @@ class StableDiffusion(ModelFamily):
             vae=base.vae,
             text_encoder=base.text_encoders[0],
             tokenizer=base.tokenizers[0],
-            unet=base.unet,
+            unet=base.denoiser,
             scheduler=scheduler,
         )
 

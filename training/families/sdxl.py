@@ -109,7 +109,7 @@ class StableDiffusionXL(ModelFamily):
             text_encoder_2=base.text_encoders[1],
             tokenizer=base.tokenizers[0],
             tokenizer_2=base.tokenizers[1],
-            unet=base.unet,
+            unet=base.denoiser,
             scheduler=scheduler,
             add_watermarker=False,
         )

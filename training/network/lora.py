@@ -150,12 +150,12 @@ def lora_parts(base: Any, network_cfg: Any, base_lr: float) -> list[tuple[LoraPa
     """
     family = base.family
     unet_lr = base_lr if network_cfg.unet_lr is None else network_cfg.unet_lr
-    unet_names = {module: [flat] for module, flat in family.kohya_unet_names(base.unet).items()}
+    unet_names = {module: [flat] for module, flat in family.kohya_unet_names(base.denoiser).items()}
     parts = [
         (
             LoraPart(
                 "unet",
-                base.unet,
+                base.denoiser,
                 family.unet_prefix,
                 network_cfg.train_unet and (unet_lr > 0 or network_cfg.unet_lr is None),
                 "network.train_unet=false or network.unet_lr=0",

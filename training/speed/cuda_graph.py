@@ -60,28 +60,28 @@ def cuda_graph_problems(
 class _Prediction(torch.nn.Module):
     """The family's denoiser call as a function of positional tensors (what ``make_graphed_callables`` takes)."""
 
-    def __init__(self, unet: torch.nn.Module, family: Any, mixed: bool) -> None:
+    def __init__(self, denoiser: torch.nn.Module, family: Any, mixed: bool) -> None:
         super().__init__()
-        self.unet, self.family, self.mixed = unet, family, mixed
+        self.denoiser, self.family, self.mixed = denoiser, family, mixed
 
     def forward(self, noisy: torch.Tensor, timesteps: torch.Tensor, *cond: torch.Tensor) -> torch.Tensor:
         # as in the eager loop: under autocast, peft's cast of LoRA inputs to fp32 is wasted work
-        with disable_input_dtype_casting(self.unet, active=self.mixed):
-            return self.family.predict(self.unet, noisy, timesteps, self.family.from_graph_inputs(cond))
+        with disable_input_dtype_casting(self.denoiser, active=self.mixed):
+            return self.family.predict(self.denoiser, noisy, timesteps, self.family.from_graph_inputs(cond))
 
 
-class GraphedUNet:
-    """``unet(noisy, timesteps, hidden).sample`` for training, replayed from one CUDA graph per shape.
+class GraphedDenoiser:
+    """The denoiser's training call (``family.predict``), replayed from one CUDA graph per shape.
 
     Capture happens on the first call with a new shape (under the loop's autocast dtype, as
     ``make_graphed_callables`` requires autocast's weight cache off). A trainer owns one: new
     LoRA weights (a new trial) need a new capture, which takes a few steps' time.
     """
 
-    def __init__(self, unet: Any, family: Any, autocast_dtype: torch.dtype | None, warmup_steps: int = 3) -> None:
-        if next(unet.parameters()).device.type != "cuda":
+    def __init__(self, denoiser: Any, family: Any, autocast_dtype: torch.dtype | None, warmup_steps: int = 3) -> None:
+        if next(denoiser.parameters()).device.type != "cuda":
             raise RuntimeError("train.cuda_graphs=true needs the model on a CUDA GPU; set train.cuda_graphs=false")
-        self.prediction = _Prediction(unet, family, mixed=autocast_dtype is not None)
+        self.prediction = _Prediction(denoiser, family, mixed=autocast_dtype is not None)
         self.family = family
         self.autocast_dtype = autocast_dtype
         self.warmup_steps = warmup_steps

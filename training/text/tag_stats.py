@@ -13,7 +13,7 @@ from collections import Counter
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 
-from training.data.dataset import ImageRecord
+from training.data.scan import ImageRecord
 from training.text.captions import split_tags
 
 TAG_SORTS = ("count", "alpha")
