@@ -10,6 +10,8 @@ code that uses diffusers, transformers and peft.
 
 from __future__ import annotations
 
+import ctypes
+import sys
 from dataclasses import dataclass
 from typing import Any
 
@@ -61,12 +63,31 @@ def validate(cfg: Any) -> Validated:
 
 class CudaHere:
     """Truthy when torch sees a CUDA GPU. Only the checks of CUDA-only options ask (``if not cuda``
-    after their option matched), so a config without one is checked without importing torch (~2 s)."""
+    after their option matched), so a config without one is checked without importing torch (~2 s);
+    where no GPU driver library can be loaded, torch could not see a GPU either, and is not asked."""
 
     def __bool__(self) -> bool:
+        if not _gpu_driver_loadable():
+            return False
         import torch
 
         return torch.cuda.is_available()
+
+
+def _gpu_driver_loadable() -> bool:
+    """Whether the library torch reaches a GPU through loads here: CUDA's driver (``libcuda``,
+    ``nvcuda.dll``) or ROCm's HIP runtime (torch's ROCm builds answer ``torch.cuda`` through it)."""
+    names = {
+        "linux": ("libcuda.so.1", "libcuda.so", "libamdhip64.so"),
+        "win32": ("nvcuda.dll", "amdhip64.dll"),
+    }.get(sys.platform, ())
+    for name in names:
+        try:
+            ctypes.CDLL(name)
+        except OSError:
+            continue
+        return True
+    return False
 
 
 def early_problems(cfg: Any) -> list[str]:

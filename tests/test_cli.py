@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import re
 import subprocess
 import sys
@@ -69,13 +70,28 @@ def test_a_missing_folder_stops_before_training(tmp_path):
 
 
 def test_the_configs_values_and_data_are_checked_without_the_model_libraries():
-    """What the command line reports in a second or two: the model libraries are not imported for it."""
-    code = (
-        "import sys; from sweeper.validate import early_problems; "
-        "print(sorted(m for m in ('diffusers', 'transformers', 'peft', 'mlflow') if m in sys.modules))"
-    )
+    """What the command line reports in about a second: neither torch nor the model libraries are imported
+    for it; torch only to ask whether a CUDA GPU is here, when a CUDA-only option is set and a GPU driver
+    library exists (none on a CPU machine: then the answer is no without torch)."""
+    code = """
+import json, sys
+from tests.conftest import compose_config
+from sweeper.validate import _gpu_driver_loadable, early_problems
+loaded = lambda: sorted(m for m in ('torch', 'diffusers', 'transformers', 'peft', 'mlflow') if m in sys.modules)
+plain = early_problems(compose_config(['network.dim=-3', 'data.train_dir=/absent']))
+after_plain = loaded()
+cuda_only = early_problems(compose_config(['optimizer=adamw8bit', 'precision=fp16']))
+print(json.dumps([plain, after_plain, cuda_only, loaded(), _gpu_driver_loadable()]))
+"""
     done = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120)
-    assert done.stdout.strip() == "[]", done.stdout + done.stderr[-2000:]
+    assert done.returncode == 0, done.stderr[-2000:]
+    plain, after_plain, cuda_only, after_cuda_only, driver = json.loads(done.stdout.strip().splitlines()[-1])
+    assert any("network.dim must be >= 1" in p for p in plain) and any("data.train_dir" in p for p in plain)
+    assert after_plain == []
+    assert after_cuda_only == (["torch"] if driver else [])
+    if not driver:  # this machine has no GPU: both CUDA-only options are refused, all at once
+        assert any(p.startswith("precision=fp16 needs a CUDA GPU") for p in cuda_only), cuda_only
+        assert any(p.startswith("optimizer=adamw8bit needs a CUDA GPU") for p in cuda_only), cuda_only
 
 
 def test_help_lists_the_option_groups_without_the_internal_schemas(tmp_path):
