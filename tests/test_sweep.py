@@ -178,7 +178,6 @@ def test_running_the_same_sweep_again_resumes_it(tmp_path):
     assert len(parents) == 1 and len(children) == 3
 
 
-@pytest.mark.slow
 def test_the_pruner_stops_a_bad_trial_early(tmp_path):
     """A study whose finished trial scored 100 at every step: any real trial is worse, and is pruned."""
     name = "pruning"
@@ -218,7 +217,6 @@ def test_the_pruner_stops_a_bad_trial_early(tmp_path):
     assert re.search(r"\n1\s+PRUNED@2\s+\S+\s+[\d.]+ \(pruned at step 2\)", done.stdout)
 
 
-@pytest.mark.slow
 def test_a_failing_trial_is_fail_and_the_sweep_goes_on(tmp_path):
     """lr=1e30 passes the startup checks but makes the loss NaN: that trial fails, the other runs,
     and the sweep ends non-zero because a grid point has no result."""
@@ -250,7 +248,6 @@ def test_a_failing_trial_is_fail_and_the_sweep_goes_on(tmp_path):
     assert f"-m sweeper.reproduce {ok.user_attrs['mlflow_run_id']}" in report
 
 
-@pytest.mark.slow
 def test_too_many_failures_stop_the_sweep_with_the_first_error(tmp_path):
     done = sweep(tmp_path, "optimizer.lr=1e30,2e30,3e30,4e30", "hydra.sweeper.max_failure_rate=0.5")
     assert done.returncode != 0
@@ -258,7 +255,6 @@ def test_too_many_failures_stop_the_sweep_with_the_first_error(tmp_path):
     assert len(only_study(tmp_path).get_trials()) == 2  # stopped after 2 of 4
 
 
-@pytest.mark.slow
 def test_two_objectives_give_a_pareto_front(tmp_path):
     done = sweep(
         tmp_path,

@@ -196,7 +196,6 @@ def test_a_journal_file_serves_one_worker_and_its_dead_trials_are_rerun(tmp_path
     assert "killed" in study.get_trials()[1].user_attrs["error"]
 
 
-@pytest.mark.slow
 def test_every_grid_point_is_checked_before_the_first_trial(tmp_path):
     done = Sweep(tmp_path, *QUICK, "network.dim=4,-3", "optimizer.lr=1e-3,nan")
     assert done.finish() != 0
