@@ -51,7 +51,7 @@ def main(cfg: DictConfig) -> dict[str, Any]:
     if HydraConfig.get().mode != RunMode.MULTIRUN:  # a sweep checks every grid point before its first trial
         _exit_on_early_problems(cfg)
     quiet_libraries()  # heavy imports only once the config composed, and silenced before they load
-    from sweeper.task import run
+    from sweeper.setting import run
     from sweeper.tracking_store import TrackingUnavailableError
     from sweeper.validate import ConfigError
     from training.network.file import LoraNotSavedError

@@ -306,7 +306,7 @@ def main(argv: list[str] | None = None) -> int:
         + (f" with {args.overrides}" if variation else "")
     )
 
-    from sweeper.task import run
+    from sweeper.setting import run
 
     tags = {"reproduces": source.label, "reproduce.variation": str(variation).lower()}
     try:

@@ -1,6 +1,7 @@
-"""The task: one complete LoRA run (validate, train, evaluate, save, track) -> its metrics.
+"""The task: one complete LoRA run (validate, setup, fit, evaluate, save, record) -> its metrics.
 
-A single run and every sweep trial call ``run``; a trial only adds its bookkeeping around it.
+A single run and every sweep trial reach ``run_once`` through ``sweeper.setting.run`` (which trains
+one seed, or several with ``train.replicates``); a trial only adds its bookkeeping around it.
 """
 
 from __future__ import annotations
@@ -74,27 +75,6 @@ class RunResult:
         if not self.tracking_uri:
             return None
         return ui_command(self.tracking_uri, self.experiment_id, self.objective, self.higher_is_better)
-
-
-def run(
-    cfg: DictConfig,
-    *,
-    overrides: list[str] | None = None,
-    report: EvalReporter | None = None,
-    show_progress: bool = True,
-    extra_tags: dict[str, str] | None = None,
-) -> RunResult:
-    """One setting: one training run, or with ``train.replicates=K`` K runs on derived seeds and
-    their aggregate (``sweeper.replicates``)."""
-    if cfg.train.replicates > 1 or cfg.sweep.label is not None:
-        from sweeper.replicates import replicate_seeds, run_replicates
-
-        if cfg.train.replicates == 1:  # an A/A label: this copy of the setting trains on a seed of its own
-            cfg.train.seed = replicate_seeds(cfg.train.seed, 1, cfg.sweep.label)[0]
-            return run_once(cfg, overrides=overrides, report=report, show_progress=show_progress, extra_tags=extra_tags)
-
-        return run_replicates(cfg, overrides=overrides, report=report, show_progress=show_progress)
-    return run_once(cfg, overrides=overrides, report=report, show_progress=show_progress, extra_tags=extra_tags)
 
 
 def run_once(

@@ -10,7 +10,7 @@ import pytest
 from PIL import Image
 
 import sweeper.task
-from sweeper.task import run
+from sweeper.setting import run
 from sweeper.validate import ConfigError
 
 

@@ -8,7 +8,7 @@ from mlflow.tracking import MlflowClient
 from PIL import Image
 from safetensors.torch import load_file
 
-from sweeper.task import run
+from sweeper.setting import run
 from sweeper.tracking import NullTracker
 from sweeper.validate import ConfigError, validate
 from tests.test_training import FAMILIES

@@ -36,6 +36,7 @@ def test_seeds_are_derived_from_train_seed_and_the_first_is_train_seed_itself():
 def replicated(tmp_path_factory):
     """One setting trained on 2 seeds, in-process (shared by the tests below)."""
     from sweeper import task
+    from sweeper.setting import run
     from tests.conftest import FAST, compose_config
 
     tmp = tmp_path_factory.mktemp("replicated")
@@ -49,7 +50,7 @@ def replicated(tmp_path_factory):
         "train.replicates=2",
     ]
     loads = task._worker.model_loads
-    result = task.run(compose_config(overrides), show_progress=False)
+    result = run(compose_config(overrides), show_progress=False)
     return tmp, result, task._worker.model_loads - loads
 
 
@@ -92,7 +93,7 @@ def test_one_replicate_reproduces_bit_identically(replicated, tmp_path, capsys, 
 
 
 def test_a_run_on_one_seed_labels_its_intervals_as_this_file(make_cfg):
-    from sweeper.task import run
+    from sweeper.setting import run
 
     result = run(make_cfg("train.max_steps=2"), show_progress=False)
     assert result.summary and all("[this file]" in line for line in result.summary)
@@ -111,7 +112,8 @@ def test_replicates_below_one_and_replicates_with_resume_are_refused_before_trai
 
 
 def test_checkpoints_are_chosen_on_one_half_of_the_images_and_scored_on_the_other(make_cfg):
-    from sweeper.task import SCORED_ON_HALF, run
+    from sweeper.setting import run
+    from sweeper.task import SCORED_ON_HALF
 
     result = run(make_cfg("train.max_steps=4", "eval.every_n_steps=2", "eval.images_per_prompt=2"), show_progress=False)
     client = MlflowClient(result.tracking_uri)

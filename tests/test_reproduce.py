@@ -16,7 +16,7 @@ from mlflow.tracking import MlflowClient
 
 from sweeper import reproduce
 from sweeper.fingerprint import file_sha256
-from sweeper.task import run
+from sweeper.setting import run
 from tests.conftest import FAST, REPO, compose_config, run_main
 from training.network.file import lora_identity, tensors_sha256
 

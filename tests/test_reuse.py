@@ -6,7 +6,7 @@ import torch
 from safetensors.torch import load_file
 
 from sweeper import task
-from sweeper.task import run
+from sweeper.setting import run
 
 
 def test_runs_share_the_base_model_and_start_from_fresh_lora(make_cfg):

@@ -13,7 +13,7 @@ from mlflow.tracking import MlflowClient
 from safetensors import safe_open
 
 from evaluation.sampling import generate_samples, sampling_scheduler
-from sweeper.task import run
+from sweeper.setting import run
 from training.families.loading import resolve_model_location
 
 

@@ -17,7 +17,7 @@ from safetensors import safe_open
 
 import training.loop
 from sweeper import reproduce
-from sweeper.task import run
+from sweeper.setting import run
 from sweeper.tracking import NullTracker
 from sweeper.validate import ConfigError, validate
 from tests.conftest import run_main

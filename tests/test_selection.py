@@ -18,7 +18,7 @@ from sweeper.search.settings_verdict import CELLS_ATTR
 from sweeper.search.space import SearchSpace
 from sweeper.search.study import build_pruner
 from sweeper.search.trial import trial_reporter
-from sweeper.task import run
+from sweeper.setting import run
 from training.network.file import tensors_sha256
 
 

@@ -1,6 +1,6 @@
 """The sweep: ask Optuna for a trial, run it as an ordinary job through Hydra's launcher, tell.
 
-Every trial is the normal task (``sweeper.task.run``) plus bookkeeping: its overrides carry the
+Every trial is the normal task (``sweeper.setting.run``) plus bookkeeping: its overrides carry the
 sampled values and ``sweep.*`` (study, storage, trial number, parent run) so the task can report to
 its pruner and nest its MLflow run under the sweep's parent run.
 
