@@ -13,10 +13,12 @@ from mlflow.tracking import MlflowClient
 from safetensors.torch import load_file
 from transformers import CLIPModel, CLIPProcessor
 
+from sweeper.eval_concept import choose_concept
 from sweeper.validate import validate
 from tests.conftest import run_main
 from training.toy.pretrain_clip import zero_shot_accuracy
 from training.toy.shipped import BASE_DIR, CLIP_DIR, MANIFEST, SIZE_LIMIT_MB, manifest_problems
+from training.toy.world import HELD_OUT_SHAPES, SHAPES
 
 ACCURACY_MARGIN = 0.03  # the test scores a 500-scene subset; the recorded figure is over 2000
 SENSIBLE_LR, ABSURD_LR = 1e-3, 0.5
@@ -69,6 +71,21 @@ def test_toy_is_the_default_model_and_clip(make_cfg):
     assert cfg.model.source == "toy" and cfg.eval.clip_model == "toy"
     prompts = validate(cfg).eval_prompts.prompts  # eval.prompts=null: the bundled sample's own prompts
     assert len(prompts) == 6 and all("star" in p for p in prompts)  # the held-out concept
+
+
+@pytest.mark.parametrize("shape", HELD_OUT_SHAPES)
+def test_each_concept_preset_teaches_and_counts_its_own_shape(make_cfg, shape):
+    cfg = make_cfg(f"data=toy_{shape}", fast=False)
+    validated = validate(cfg)
+    prompts = validated.eval_prompts.prompts
+    assert len(prompts) == 6 and all(f" {shape} on " in p for p in prompts)
+    assert {r.caption.split()[3] for r in validated.dataset.records} == {shape}  # "a small red <shape> on ..."
+    choice = choose_concept(cfg)
+    assert choice.target == f"a {shape}" and sorted(choice.labels) == sorted(f"a {s}" for s in SHAPES)
+
+
+def test_the_default_data_is_the_star_preset(make_cfg):
+    assert make_cfg(fast=False).data.train_dir == make_cfg("data=toy_star", fast=False).data.train_dir
 
 
 @pytest.fixture(scope="module")
