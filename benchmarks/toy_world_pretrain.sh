@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The toy world's weights in one GPU call (issue 24): the toy CLIP, then the base model (VAE + UNet,
-# capped at 200 s of training), both seeded, installed with their manifest; then, until $UNTIL
+# capped at $BASE_SECONDS, default 200 s, of training), both seeded, installed with their manifest; then, until $UNTIL
 # seconds into the call, the default run of each bundled concept on the GPU in fp32 (training seeds
 # 42-46, one process per concept) and how often the base model draws each shape. Run from the
 # repository root with python3 and the project's dependencies importable; logs, weights and results
@@ -16,7 +16,7 @@ python3 -m training.toy.pretrain_clip --out /tmp/toy/clip --seed 0 --device cuda
     >"$OUT/pretrain-clip.log" 2>&1 || { tail -c 3000 "$OUT/pretrain-clip.log"; exit 1; }
 tail -n 1 "$OUT/pretrain-clip.log"; echo "[clip done at ${SECONDS} s]"
 python3 -m training.toy.pretrain_base --clip /tmp/toy/clip --out /tmp/toy/base --seed 0 --device cuda \
-    --max-train-seconds 200 >"$OUT/pretrain-base.log" 2>&1 || { tail -c 3000 "$OUT/pretrain-base.log"; exit 1; }
+    --max-train-seconds "${BASE_SECONDS:-200}" >"$OUT/pretrain-base.log" 2>&1 || { tail -c 3000 "$OUT/pretrain-base.log"; exit 1; }
 grep -a "it/s ->\|^\[" "$OUT/pretrain-base.log"; echo "[base done at ${SECONDS} s]"
 python3 -m training.toy.shipped install --clip /tmp/toy/clip --base /tmp/toy/base || exit 1
 tar -C training/toy -cf "$OUT/weights-clip.tar" weights/clip weights/manifest.json
