@@ -12,7 +12,7 @@ export HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1
 SECONDS=0
 { nvidia-smi -L; python3 -c "import torch, transformers, diffusers; print(torch.__version__, transformers.__version__, diffusers.__version__)"; } | tee "$OUT/device.txt"
 rm -rf /tmp/toy && mkdir -p /tmp/toy
-python3 -m training.toy.pretrain_clip --out /tmp/toy/clip --seed 0 --device cuda --steps 3000 --pool-size 24000 \
+python3 -m training.toy.pretrain_clip --out /tmp/toy/clip --seed 0 --device cuda --steps "${CLIP_STEPS:-3000}" --pool-size 24000 \
     >"$OUT/pretrain-clip.log" 2>&1 || { tail -c 3000 "$OUT/pretrain-clip.log"; exit 1; }
 tail -n 1 "$OUT/pretrain-clip.log"; echo "[clip done at ${SECONDS} s]"
 python3 -m training.toy.pretrain_base --clip /tmp/toy/clip --out /tmp/toy/base --seed 0 --device cuda \
@@ -25,6 +25,7 @@ rm -rf /tmp/toy-weights && cp -r training/toy/weights /tmp/toy-weights
 cp /tmp/toy/base/samples.png "$OUT/base-samples.png"
 python3 -c "import json; m=json.load(open('/tmp/toy/base/metrics.json')); print(json.dumps({k: m[k] for k in ('prompt_alignment', 'reference_alignment_real_renders', 'conditioning_loss', 'stage_seconds')}))"
 echo "[weights done at ${SECONDS} s]"
+[ "${UNTIL:-565}" -gt "$((SECONDS + 60))" ] || exit 0  # too little time left to measure anything
 set -m  # each background job in its own process group, so the deadline can stop it
 rm -rf /tmp/measure && mkdir -p /tmp/measure
 python3 benchmarks/toy_base_shapes.py --per-prompt 4 --device cuda --out "$OUT/base-shapes.json" >/tmp/measure/shapes.log 2>&1 &
