@@ -1,6 +1,6 @@
 """How often the toy base model draws the shape it is asked for, per shape, as the toy CLIP judges it.
 
-For each of the world's shapes, ``--per-prompt`` samples of each of the six eval prompts' colour
+For each shape the toy CLIP knows, ``--per-prompt`` samples of each of the six eval prompts' colour
 combinations (``sweeper.eval_prompts.concept_prompts``), sampled as the default eval does (DDIM,
 10 steps, guidance 7.5), classified zero-shot over ``a {shape}`` for every shape. For the trained
 shapes this is the ceiling a LoRA's ``concept_acc`` can reach with this base and judge; for the
@@ -27,8 +27,8 @@ def main() -> None:
     from sweeper.eval_prompts import concept_prompts
     from training.toy.pretrain_base import generate
     from training.toy.pretrain_clip import resolve_device
-    from training.toy.shipped import BASE_DIR, CLIP_DIR
-    from training.toy.world import HELD_OUT_SHAPES, SHAPES
+    from training.toy.shipped import BASE_DIR, CLIP_DIR, MANIFEST, clip_shapes
+    from training.toy.world import HELD_OUT_SHAPES
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--base", default=str(BASE_DIR))
@@ -37,24 +37,26 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=1234)
     parser.add_argument("--device", default="auto")
     parser.add_argument("--out", default=None, help="write the table as JSON here too")
+    parser.add_argument("--manifest", default=str(MANIFEST), help="whose CLIP shapes to classify over")
     args = parser.parse_args()
+    shapes = clip_shapes(Path(args.manifest))  # a label the CLIP never saw would be noise
 
     device = resolve_device(args.device)
     pipeline = StableDiffusionPipeline.from_pretrained(args.base).to(device)
     pipeline.set_progress_bar_config(disable=True)
     scorer = ClipScorer(args.clip, device=str(device))
-    labels = scorer.embed_texts([f"a {shape}" for shape in SHAPES])
+    labels = scorer.embed_texts([f"a {shape}" for shape in shapes])
     table = {}
-    for shape in SHAPES:
+    for shape in shapes:
         prompts = [p for p in concept_prompts(shape) for _ in range(args.per_prompt)]
         with torch.no_grad():
             images = generate(pipeline, prompts, args.seed, 10, 7.5)
             picks = (scorer.embed_images(images) @ labels.T).argmax(1).tolist()
-        named = [SHAPES[i] for i in picks]
+        named = [shapes[i] for i in picks]
         table[shape] = {
             "held_out": shape in HELD_OUT_SHAPES,
             "accuracy": round(sum(p == shape for p in named) / len(named), 4),
-            "most_common_other": max((s for s in SHAPES if s != shape), key=named.count),
+            "most_common_other": max((s for s in shapes if s != shape), key=named.count),
             "samples": len(named),
         }
         print(json.dumps({"shape": shape, **table[shape]}), flush=True)

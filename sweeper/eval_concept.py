@@ -14,7 +14,8 @@ from dataclasses import dataclass
 from typing import Any
 
 from sweeper.eval_prompts import bundled_concept
-from training.toy.world import HELD_OUT_SHAPES, SHAPES
+from training.toy.shipped import clip_shapes, held_out_shapes
+from training.toy.world import HELD_OUT_SHAPES
 
 
 @dataclass(frozen=True)
@@ -43,8 +44,14 @@ def choose_concept(cfg: Any) -> ConceptChoice:
         return ConceptChoice(list(concept.labels), concept.target, "eval.concept")
     shape = bundled_concept(cfg.data.train_dir)
     if cfg.model.source == "toy" and shape is not None:
+        if shape not in held_out_shapes():
+            why = (
+                f"the shipped toy weights predate the {shape} (their CLIP does not know it, or their base model "
+                "saw it); regenerate them (README: The toy world) to measure it"
+            )
+            return ConceptChoice([], None, why)
         target = concept.target or f"a {shape}"
-        return ConceptChoice([f"a {s}" for s in SHAPES], target, "the bundled sample's held-out shape")
+        return ConceptChoice([f"a {s}" for s in clip_shapes()], target, "the bundled sample's held-out shape")
     if cfg.model.source == "toy":
         why = (
             f"the toy world's concepts ({', '.join(HELD_OUT_SHAPES)}) are the bundled samples'; "

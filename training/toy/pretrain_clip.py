@@ -378,17 +378,24 @@ class CaptionedBatches(torch.utils.data.IterableDataset):
 
 @torch.no_grad()
 def zero_shot_predictions(
-    model: CLIPModel, processor: CLIPProcessor, seed: int, count: int, device: str | torch.device
+    model: CLIPModel,
+    processor: CLIPProcessor,
+    seed: int,
+    count: int,
+    device: str | torch.device,
+    shapes: Sequence[str] = SHAPES,
 ) -> tuple[list[Scene], list[str], list[str]]:
     """Held-out scenes of ``seed`` and the shape and colour the model picks for each, zero-shot.
 
-    Prompts: ``a {shape}`` among every shape, ``a {colour} shape`` among every colour. Images go
-    through ``processor`` exactly as ``ClipScorer`` sends them.
+    Prompts: ``a {shape}`` among ``shapes`` (the world's, or those a CLIP made before the world grew
+    was trained on), ``a {colour} shape`` among every colour. Images go through ``processor`` exactly
+    as ``ClipScorer`` sends them.
     """
+    shapes = list(shapes)
     device = torch.device(device)
     was_training = model.training
     model.eval()
-    evaluated = scenes(seed, count, SHAPES)
+    evaluated = scenes(seed, count, shapes)
     colours = list(COLOURS)
 
     def text_embeds(prompts: list[str]) -> torch.Tensor:
@@ -396,7 +403,7 @@ def zero_shot_predictions(
         out = model.text_model(input_ids=tokens["input_ids"], attention_mask=tokens["attention_mask"])
         return F.normalize(model.text_projection(out.pooler_output).float(), dim=-1)
 
-    shape_text = text_embeds([SHAPE_PROMPT.format(shape=s) for s in SHAPES])
+    shape_text = text_embeds([SHAPE_PROMPT.format(shape=s) for s in shapes])
     colour_text = text_embeds([COLOUR_PROMPT.format(colour=c) for c in colours])
     shape_picks: list[str] = []
     colour_picks: list[str] = []
@@ -405,17 +412,22 @@ def zero_shot_predictions(
         pixels = processor.image_processor(images=images, return_tensors="pt")["pixel_values"].to(device)
         pooled = model.vision_model(pixel_values=pixels.to(model.dtype)).pooler_output
         image = F.normalize(model.visual_projection(pooled).float(), dim=-1)
-        shape_picks += [SHAPES[i] for i in (image @ shape_text.T).argmax(1).tolist()]
+        shape_picks += [shapes[i] for i in (image @ shape_text.T).argmax(1).tolist()]
         colour_picks += [colours[i] for i in (image @ colour_text.T).argmax(1).tolist()]
     model.train(was_training)
     return evaluated, shape_picks, colour_picks
 
 
 def zero_shot_accuracy(
-    model: CLIPModel, processor: CLIPProcessor, seed: int, count: int, device: str | torch.device
+    model: CLIPModel,
+    processor: CLIPProcessor,
+    seed: int,
+    count: int,
+    device: str | torch.device,
+    shapes: Sequence[str] = SHAPES,
 ) -> dict[str, float]:
-    """Zero-shot shape and shape-colour accuracy on ``count`` scenes of ``seed`` (chance: 1/8 each)."""
-    return _accuracies(*zero_shot_predictions(model, processor, seed, count, device))
+    """Zero-shot shape and colour accuracy on ``count`` scenes of ``seed`` (chance: 1/len(shapes), 1/8)."""
+    return _accuracies(*zero_shot_predictions(model, processor, seed, count, device, shapes))
 
 
 def _accuracies(
@@ -431,7 +443,8 @@ def _accuracies(
 def per_shape_accuracy(evaluated: Sequence[Scene], shape_picks: Sequence[str]) -> dict[str, float]:
     """Zero-shot shape accuracy of each shape: a weak held-out shape would hide in the average."""
     result = {}
-    for shape in SHAPES:
+    present = {s.shape for s in evaluated}
+    for shape in (s for s in SHAPES if s in present):
         picks = [p for s, p in zip(evaluated, shape_picks, strict=True) if s.shape == shape]
         result[shape] = sum(p == shape for p in picks) / max(len(picks), 1)
     return result
@@ -673,6 +686,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
     metrics = {
         **_accuracies(evaluated, shape_picks, colour_picks),
         "per_shape_accuracy": per_shape_accuracy(evaluated, shape_picks),
+        "shapes": list(SHAPES),
         "shape_prompt": SHAPE_PROMPT,
         "colour_prompt": COLOUR_PROMPT,
         "eval_seed": EVAL_SEED_OFFSET + args.seed,
