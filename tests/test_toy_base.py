@@ -125,6 +125,30 @@ def test_a_few_unet_steps_lower_the_diffusion_loss() -> None:
     assert ema_unet is not unet  # the saved UNet is the average, not the last step's weights
 
 
+def test_pretraining_is_seeded_the_same_seed_gives_the_same_weights(images: torch.Tensor) -> None:
+    """Tiny VAE and UNet stages twice with one seed: identical weights; another seed: different ones."""
+
+    def pretrain(seed: int) -> list[torch.Tensor]:
+        vae = pb.build_vae(SMALL_VAE, seed=seed)
+        pb.train_vae(
+            vae, images, steps=3, batch_size=4, lr=3e-3, kl_weight=1e-5, warmup_fraction=0.1,
+            device=torch.device("cpu"), seed=seed,
+        )  # fmt: skip
+        mean, std = pb.encode_pool(vae, images, torch.device("cpu"))
+        embeddings = torch.randn(33, 77, 32, generator=torch.Generator().manual_seed(seed))
+        pairs = torch.arange(1, 33).view(16, 2)
+        unet, _ = pb.train_unet(
+            pb.build_unet(32, SMALL_UNET, seed=seed + 1), pb.build_scheduler(), mean, std, 1.0, embeddings, pairs,
+            steps=3, batch_size=4, lr=2e-3, warmup_fraction=0.1, empty_caption_prob=0.1, min_snr_gamma=5.0,
+            ema_decay=0.9, grad_clip=1.0, device=torch.device("cpu"), seed=seed + 2,
+        )  # fmt: skip
+        return [t.detach().clone() for t in (*vae.parameters(), *unet.parameters())]
+
+    first, again, other = pretrain(0), pretrain(0), pretrain(1)
+    assert all(torch.equal(a, b) for a, b in zip(first, again, strict=True))
+    assert not all(torch.equal(a, b) for a, b in zip(first, other, strict=True))
+
+
 # --- the saved folder
 
 
