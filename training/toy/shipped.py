@@ -57,9 +57,16 @@ def file_table(folder: Path) -> dict[str, dict[str, Any]]:
     }
 
 
-@lru_cache(maxsize=8)
 def _manifest_parts(manifest_path: Path) -> dict[str, Any]:
-    return json.loads(manifest_path.read_text())["parts"] if manifest_path.exists() else {}
+    """The manifest's ``parts``, read once per version of the file (keyed by its modification time)."""
+    if not manifest_path.exists():
+        return {}
+    return _read_parts(manifest_path, manifest_path.stat().st_mtime_ns)
+
+
+@lru_cache(maxsize=8)
+def _read_parts(manifest_path: Path, mtime_ns: int) -> dict[str, Any]:
+    return json.loads(manifest_path.read_text())["parts"]
 
 
 def clip_shapes(manifest_path: Path = MANIFEST) -> tuple[str, ...]:
