@@ -1,4 +1,4 @@
-"""Pretrain the toy world's base model: a tiny SD-architecture pipeline that never saw HELD_OUT_SHAPE.
+"""Pretrain the toy world's base model: a tiny SD-architecture pipeline that never saw a held-out shape.
 
 ``python -m training.toy.pretrain_base --clip CLIP_DIR --out DIR``
 
@@ -148,7 +148,7 @@ def autocast(device: torch.device) -> AbstractContextManager:
 
 
 def training_scenes(seed: int, count: int) -> list[Scene]:
-    """The scenes the VAE and UNet learn from: every shape but HELD_OUT_SHAPE, which a LoRA must teach."""
+    """The scenes the VAE and UNet learn from: every shape but HELD_OUT_SHAPES, which LoRAs must teach."""
     return scenes(seed, count, shapes=TRAIN_SHAPES)
 
 
@@ -703,7 +703,7 @@ def prompt_alignment(
 ) -> dict[str, Any]:
     """Does the base model follow prompts? Generated images scored against their own vs shuffled prompts.
 
-    ``prompts`` must be in-world and free of HELD_OUT_SHAPE (the base model never saw it, so it says
+    ``prompts`` must be in-world and free of HELD_OUT_SHAPES (the base model never saw them, so they say
     nothing about alignment). Pass ``images`` to score images already generated from these prompts.
     """
     held_out = [p for p in prompts if set(HELD_OUT_SHAPES) & set(p.lower().replace(",", " ").split())]
