@@ -47,6 +47,8 @@ VARIANTS: dict[str, list[str]] = {
     "dim16_te_images4": ["network.dim=16", "network.train_text_encoder=true", "eval.images_per_prompt=4"],
     "dim16_minsnr_images4": ["network.dim=16", "train.min_snr_gamma=5", "eval.images_per_prompt=4"],
     "dim32_images4": ["network.dim=32", "eval.images_per_prompt=4"],
+    "moon": ["data=toy_moon"],
+    "arrow": ["data=toy_arrow"],
 }
 # Shorter training with the best of two evaluated checkpoints and 8 images per prompt (48 in all).
 for seed in (42, 7):

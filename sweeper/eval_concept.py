@@ -1,10 +1,11 @@
 """Which concept ``concept_acc`` counts, or why it is off.
 
 ``concept_acc`` is the share of samples a zero-shot CLIP classifier labels as the target concept.
-It means something only where the concept is the one the LoRA was taught: the toy world's star on
-the bundled sample, or labels the user gives (``eval.concept``). On any other data the star count
-is noise that can look like a gain (a LoRA of moons "gained" +0.19 stars), so it is switched off
-and the run says why. The target is named wherever the metric is shown: ``concept_acc[star]`` (``shown_name``).
+It means something only where the concept is the one the LoRA was taught: the toy world's held-out
+shape on its bundled dataset (star, moon or arrow: ``data=toy_star`` ...), or labels the user gives
+(``eval.concept``). On any other data the count is noise that can look like a gain (a LoRA of
+moons once "gained" +0.19 stars), so it is switched off and the run says why. The target is named
+wherever the metric is shown: ``concept_acc[star]`` (``shown_name``).
 """
 
 from __future__ import annotations
@@ -12,8 +13,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from sweeper.eval_prompts import is_bundled_sample
-from training.toy.world import HELD_OUT_SHAPE, SHAPES
+from sweeper.eval_prompts import bundled_concept
+from training.toy.shipped import clip_shapes, held_out_shapes
+from training.toy.world import HELD_OUT_SHAPES
 
 
 @dataclass(frozen=True)
@@ -40,12 +42,20 @@ def choose_concept(cfg: Any) -> ConceptChoice:
         if not concept.labels:
             return ConceptChoice([], None, "eval.concept.labels=[]")
         return ConceptChoice(list(concept.labels), concept.target, "eval.concept")
-    if cfg.model.source == "toy" and is_bundled_sample(cfg.data.train_dir):
-        target = concept.target or f"a {HELD_OUT_SHAPE}"
-        return ConceptChoice([f"a {shape}" for shape in SHAPES], target, "the bundled sample's held-out shape")
+    shape = bundled_concept(cfg.data.train_dir)
+    if cfg.model.source == "toy" and shape is not None:
+        if shape not in held_out_shapes():
+            why = (
+                f"the shipped toy weights predate the {shape} (their CLIP does not know it, or their base model "
+                "saw it); regenerate them (README: The toy world) to measure it"
+            )
+            return ConceptChoice([], None, why)
+        target = concept.target or f"a {shape}"
+        return ConceptChoice([f"a {s}" for s in clip_shapes()], target, "the bundled sample's held-out shape")
     if cfg.model.source == "toy":
         why = (
-            f"the toy world's concept ({HELD_OUT_SHAPE}) is the bundled sample's; data.train_dir is your own data. "
+            f"the toy world's concepts ({', '.join(HELD_OUT_SHAPES)}) are the bundled samples'; "
+            "data.train_dir is your own data. "
             "To count your concept, set eval.concept.labels='[a moon,a star,a circle]' eval.concept.target='a moon'"
         )
     else:

@@ -17,18 +17,37 @@ from typing import Any
 
 from sweeper.config import PROJECT_ROOT
 from training.data.scan import ImageRecord
+from training.toy.world import article
 
-SAMPLE_DIR = PROJECT_ROOT / "data" / "sample"
-# The star prompts of the bundled sample (data/sample/README.md); the README's scores are measured on them.
-SAMPLE_PROMPTS = (
-    "a blue star on a white background",
-    "a yellow star on a red background",
-    "an orange star on a blue background",
-    "a white star on a black background",
-    "a green star on a purple background",
-    "a red star on a yellow background",
+SAMPLE_DIR = PROJECT_ROOT / "data" / "sample"  # the default run's dataset: the star
+# Every bundled dataset of the toy world: one held-out shape each (scripts/make_sample_dataset.py).
+BUNDLED_SAMPLES: dict[str, Path] = {
+    "star": SAMPLE_DIR,
+    "moon": PROJECT_ROOT / "data" / "sample_moon",
+    "arrow": PROJECT_ROOT / "data" / "sample_arrow",
+}
+# (shape colour, background) of the eval prompts: combinations the bundled images do not have.
+PROMPT_COLOURS = (
+    ("blue", "white"),
+    ("yellow", "red"),
+    ("orange", "blue"),
+    ("white", "black"),
+    ("green", "purple"),
+    ("red", "yellow"),
 )
 MAX_DERIVED = 6  # as many as the sample's prompts: the same sampling cost
+
+
+def concept_prompts(shape: str) -> tuple[str, ...]:
+    """The six eval prompts of a bundled dataset: ``a blue star on a white background``, ..."""
+    return tuple(
+        f"{article(colour)} {colour} {shape} on {article(background)} {background} background"
+        for colour, background in PROMPT_COLOURS
+    )
+
+
+# The star prompts of the bundled sample (data/sample/README.md); the README's scores are measured on them.
+SAMPLE_PROMPTS = concept_prompts("star")
 
 
 @dataclass(frozen=True)
@@ -39,11 +58,17 @@ class EvalPrompts:
     source: str  # "eval.prompts" | "the bundled sample" | "your captions"
 
 
-def is_bundled_sample(train_dir: str | Path | None) -> bool:
-    """Whether ``data.train_dir`` is this checkout's ``data/sample`` (however the path is written)."""
+def bundled_concept(train_dir: str | Path | None) -> str | None:
+    """The held-out shape whose bundled dataset ``data.train_dir`` is (however the path is written), or None."""
     if not train_dir:
-        return False
-    return Path(train_dir).expanduser().resolve() == SAMPLE_DIR.resolve()
+        return None
+    resolved = Path(train_dir).expanduser().resolve()
+    return next((shape for shape, folder in BUNDLED_SAMPLES.items() if resolved == folder.resolve()), None)
+
+
+def is_bundled_sample(train_dir: str | Path | None) -> bool:
+    """Whether ``data.train_dir`` is one of this checkout's bundled toy-world datasets."""
+    return bundled_concept(train_dir) is not None
 
 
 def prompts_from_captions(captions: Sequence[str], seed: int, count: int = MAX_DERIVED) -> list[str]:
@@ -61,8 +86,8 @@ def resolve_eval_prompts(cfg: Any, records: Sequence[ImageRecord]) -> tuple[Eval
     """``(prompts, [])``, or ``(None, [problem])`` when none are given and the captions offer none."""
     if cfg.eval.prompts is not None:
         return EvalPrompts(list(cfg.eval.prompts), "eval.prompts"), []
-    if is_bundled_sample(cfg.data.train_dir):
-        return EvalPrompts(list(SAMPLE_PROMPTS), "the bundled sample"), []
+    if (shape := bundled_concept(cfg.data.train_dir)) is not None:
+        return EvalPrompts(list(concept_prompts(shape)), "the bundled sample"), []
     prompts = prompts_from_captions([r.caption for r in records if not r.is_reg], cfg.eval.test_seed)
     if not prompts:
         return None, [

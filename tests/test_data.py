@@ -700,6 +700,13 @@ def test_committed_sample_data_matches_the_script(tmp_path):
     assert read_tree(tmp_path / "fresh") == read_tree(REPO / "data" / "sample")
 
 
+@pytest.mark.parametrize("shape", ["moon", "arrow"])
+def test_committed_concept_data_match_the_script(tmp_path, shape):
+    run_script(tmp_path / "fresh", "--shape", shape)
+    assert read_tree(tmp_path / "fresh") == read_tree(REPO / "data" / f"sample_{shape}")
+    assert {p.name for p in (tmp_path / "fresh").iterdir()} == {"README.md", f"10_{shape}"}
+
+
 def test_sample_dataset_is_small_and_scans_cleanly(tmp_path):
     run_script(tmp_path)
     assert sum(p.stat().st_size for p in tmp_path.rglob("*") if p.is_file()) <= 200_000

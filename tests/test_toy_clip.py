@@ -73,6 +73,24 @@ def test_training_normalisation_matches_the_processor() -> None:
     assert torch.allclose(pc.Normaliser(processor, torch.device("cpu"))(pixels), expected, atol=1e-5)
 
 
+def test_degrade_blurs_and_noises_the_chosen_share_reproducibly() -> None:
+    pixels = torch.from_numpy(np.stack([np.asarray(render(s)) for s in scenes(5, 64)])).permute(0, 3, 1, 2) / 255.0
+    assert torch.equal(pc.degrade(pixels, 0.0, torch.Generator().manual_seed(0)), pixels)  # share 0: untouched
+    once = pc.degrade(pixels, 0.5, torch.Generator().manual_seed(0))
+    assert torch.equal(once, pc.degrade(pixels, 0.5, torch.Generator().manual_seed(0)))
+    assert once.shape == pixels.shape and once.min() >= 0 and once.max() <= 1
+    changed = (once - pixels).abs().flatten(1).amax(1) > 1e-6
+    assert 16 <= changed.sum() <= 48  # about half the images
+    assert torch.equal(once[~changed], pixels[~changed])
+    assert (once - pixels)[changed].abs().mean() < 0.05  # softened and grainy, not a different picture
+
+
+def test_render_pool_is_the_same_with_worker_processes() -> None:
+    serial, parallel = pc.render_pool(3, 600, workers=1), pc.render_pool(3, 600, workers=2)
+    assert serial[0] == parallel[0] and np.array_equal(serial[1], parallel[1])
+    assert serial[1].shape == (600, 64, 64, 3) and serial[1].dtype == np.uint8
+
+
 def test_a_few_training_steps_lower_the_contrastive_loss() -> None:
     model, processor = pc.build_clip(**TINY)
     batch = _first_batch()

@@ -11,6 +11,7 @@ from training.toy.world import (
     COLOURS,
     FILLED_SHAPES,
     HELD_OUT_SHAPE,
+    HELD_OUT_SHAPES,
     MARGIN,
     MAX_ROTATION,
     PATTERNS,
@@ -120,3 +121,14 @@ def test_every_caption_word_is_one_token_of_the_world_tokenizer() -> None:
     caption = tag_caption(scenes(5, 1)[0])
     ids = tokenizer(caption, add_special_tokens=False)["input_ids"]
     assert len(ids) == len(_words(caption)) + caption.count(",")
+
+
+def test_held_out_shapes_are_world_shapes_and_the_moon_is_bitten() -> None:
+    assert set(HELD_OUT_SHAPES) <= set(SHAPES) and HELD_OUT_SHAPE == HELD_OUT_SHAPES[0] == "star"
+    moon = Scene("moon", "red", "large", 0.5, 0.5, "blue", "plain", 0.0)  # bite towards +x
+    pixels = np.asarray(render(moon), dtype=np.int64)
+    radius = SIZE_RADIUS["large"] * 64
+    assert np.abs(pixels[32, 32] - COLOURS["blue"]).max() <= 2  # the centre lies in the bite
+    assert np.abs(pixels[32, round(32 - 0.7 * radius)] - COLOURS["red"]).max() <= 2  # the crescent's thick side
+    drawn = {render(Scene(shape, "red", "large", 0.5, 0.5, "blue", "plain", 0.0)).tobytes() for shape in SHAPES}
+    assert len(drawn) == len(SHAPES)  # every shape draws differently

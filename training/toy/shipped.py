@@ -18,10 +18,12 @@ import shutil
 import sys
 import tempfile
 from collections.abc import Sequence
+from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
 from training.cache.folders import file_sha256
+from training.toy.world import HELD_OUT_SHAPES, SHAPES
 
 WEIGHTS_DIR = Path(__file__).resolve().parent / "weights"
 CLIP_DIR = WEIGHTS_DIR / "clip"
@@ -53,6 +55,43 @@ def file_table(folder: Path) -> dict[str, dict[str, Any]]:
         for path in sorted(folder.rglob("*"))
         if path.is_file()
     }
+
+
+def _manifest_parts(manifest_path: Path) -> dict[str, Any]:
+    """The manifest's ``parts``, read once per version of the file (keyed by its modification time)."""
+    if not manifest_path.exists():
+        return {}
+    return _read_parts(manifest_path, manifest_path.stat().st_mtime_ns)
+
+
+@lru_cache(maxsize=8)
+def _read_parts(manifest_path: Path, mtime_ns: int) -> dict[str, Any]:
+    return json.loads(manifest_path.read_text())["parts"]
+
+
+def clip_shapes(manifest_path: Path = MANIFEST) -> tuple[str, ...]:
+    """The shapes the shipped toy CLIP was trained on, in the world's order: what it can tell apart.
+
+    Weights made before the world grew know fewer shapes than ``world.SHAPES``; a zero-shot label
+    the CLIP never saw would be noise. Read from the manifest (``shapes``, or the keys of
+    ``per_shape_accuracy`` in older ones); without a manifest, every shape of the world.
+    """
+    metrics = _manifest_parts(manifest_path).get("clip", {}).get("metrics", {})
+    known = metrics.get("shapes") or list(metrics.get("per_shape_accuracy", {})) or SHAPES
+    return tuple(s for s in SHAPES if s in known)
+
+
+def held_out_shapes(manifest_path: Path = MANIFEST) -> tuple[str, ...]:
+    """The world's held-out shapes that the shipped base model never saw and the shipped CLIP knows.
+
+    These are the concepts a LoRA can be taught and judged on with the shipped weights: all of
+    ``world.HELD_OUT_SHAPES`` once the weights are made by this version's pretraining, only the star
+    with weights from before the world had a moon and an arrow.
+    """
+    base = _manifest_parts(manifest_path).get("base", {}).get("metrics", {})
+    trained = set(base.get("train_shapes", ()))
+    known = clip_shapes(manifest_path)
+    return tuple(s for s in HELD_OUT_SHAPES if s in known and s not in trained)
 
 
 def manifest_problems(manifest_path: Path = MANIFEST) -> list[str]:

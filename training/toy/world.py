@@ -20,8 +20,15 @@ from PIL import Image, ImageDraw
 if TYPE_CHECKING:  # the world's shapes and words are read at startup (sweeper/eval_concept.py): no transformers
     from transformers import CLIPTokenizer
 
-SHAPES: tuple[str, ...] = ("circle", "square", "triangle", "star", "diamond", "cross", "hexagon", "ring")
-HELD_OUT_SHAPE = "star"  # the concept the base model never sees; a LoRA teaches it
+SHAPES: tuple[str, ...] = (
+    "circle", "square", "triangle", "star", "diamond", "cross", "hexagon", "ring",
+    "semicircle", "rectangle", "moon", "arrow",
+)  # fmt: skip
+# The concepts the base model never sees; a LoRA teaches each (one bundled dataset per shape). Each
+# shares parts with shapes the base model knows: the star's points (triangle, diamond), the moon's
+# arc (circle, ring, semicircle), the arrow's head and shaft (triangle, rectangle).
+HELD_OUT_SHAPES: tuple[str, ...] = ("star", "moon", "arrow")
+HELD_OUT_SHAPE = "star"  # the default run's concept (data/sample)
 # Saturated, far-apart colours: neighbours (red/orange/yellow, blue/purple) must stay apart after blending.
 COLOURS: dict[str, tuple[int, int, int]] = {
     "red": (220, 30, 30),
@@ -35,7 +42,7 @@ COLOURS: dict[str, tuple[int, int, int]] = {
 }
 SIZES = ("small", "medium", "large")
 PATTERNS = ("plain", "striped", "dotted", "checkered")
-FILLED_SHAPES = tuple(s for s in SHAPES if s != "ring")  # the centre pixel has the shape's colour
+FILLED_SHAPES = tuple(s for s in SHAPES if s not in ("ring", "moon"))  # the centre pixel has the shape's colour
 
 # Circumradius as a fraction of the image side: small is 18 px across at 64 px, large 40 px.
 SIZE_RADIUS = {"small": 9 / 64, "medium": 14 / 64, "large": 20 / 64}
@@ -142,7 +149,14 @@ def _polygon(shape: str) -> list[tuple[float, float]] | None:
         ]  # fmt: skip
     if shape == "hexagon":
         return ring_of(6, 1.0)
-    if shape in ("circle", "ring"):
+    if shape == "semicircle":  # flat side down; shifted so its bounding box is centred
+        arc = [math.radians(180.0 + 180.0 * i / 24) for i in range(25)]
+        return [(0.92 * math.cos(a), 0.37 + 0.92 * math.sin(a)) for a in arc]
+    if shape == "rectangle":  # 2:1, so it is never a square
+        return [(-0.89, -0.445), (0.89, -0.445), (0.89, 0.445), (-0.89, 0.445)]
+    if shape == "arrow":  # pointing up: a triangle's head on a rectangle's shaft
+        return [(0.0, -1.0), (0.6, -0.2), (0.22, -0.2), (0.22, 0.95), (-0.22, 0.95), (-0.22, -0.2), (-0.6, -0.2)]
+    if shape in ("circle", "ring", "moon"):
         return None
     raise ValueError(f"unknown shape {shape!r}; known: {list(SHAPES)}")
 
@@ -162,10 +176,14 @@ def render(scene: Scene, size: int = 64) -> Image.Image:
     if outline is None:
         outer = 0.9 * radius
         draw.ellipse([cx - outer, cy - outer, cx + outer, cy + outer], fill=fill)
-        if scene.shape == "ring":  # the hole shows the background, pattern included
-            inner = 0.5 * radius
+        if scene.shape in ("ring", "moon"):  # the hole (or the moon's bite) shows the background, pattern included
+            if scene.shape == "ring":
+                inner, hx, hy = 0.5 * radius, cx, cy
+            else:  # a disc bitten by an offset one: a crescent opening towards the rotation's direction
+                turn = math.radians(scene.rotation)
+                inner, hx, hy = 0.72 * radius, cx + 0.42 * radius * math.cos(turn), cy + 0.42 * radius * math.sin(turn)
             hole = Image.new("L", (side, side), 0)
-            ImageDraw.Draw(hole).ellipse([cx - inner, cy - inner, cx + inner, cy + inner], fill=255)
+            ImageDraw.Draw(hole).ellipse([hx - inner, hy - inner, hx + inner, hy + inner], fill=255)
             image.paste(Image.fromarray(backdrop), (0, 0), hole)
     else:
         turn = math.radians(scene.rotation)
