@@ -25,10 +25,10 @@ def main() -> None:
 
     from evaluation.clip_score import ClipScorer
     from sweeper.eval_prompts import concept_prompts
-    from training.toy.pretrain_base import generate
-    from training.toy.pretrain_clip import resolve_device
-    from training.toy.shipped import BASE_DIR, CLIP_DIR, MANIFEST, clip_shapes
-    from training.toy.world import HELD_OUT_SHAPES
+    from toy_world.pretrain_base import generate
+    from toy_world.pretrain_clip import resolve_device
+    from toy_world.shipped import BASE_DIR, CLIP_DIR, MANIFEST, clip_shapes
+    from toy_world.world import HELD_OUT_SHAPES
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--base", default=str(BASE_DIR))

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Issue 24's targets in one device call, on the weights in training/toy/weights: the default run
+# Issue 24's targets in one device call, on the weights in toy_world/weights: the default run
 # (200 steps, 48 samples) of the star on the CPU, one process per training seed (5 seeds, 2 threads
 # each, as the 2-core CI machine); the moon and arrow presets on the GPU in fp32 (5 seeds each, one
 # process per concept); the sweeps `-m optimizer.lr=1e-4,1e-3,1e-2` and `-m network.dim=1,4,16` with
@@ -13,7 +13,7 @@ export HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1
 ROOT=$PWD
 SECONDS=0
 { nvidia-smi -L; nproc; python3 -c "import torch; print(torch.__version__)"; } | tee "$OUT/device.txt"
-python3 -m training.toy.shipped check || exit 1
+python3 -m toy_world.shipped check || exit 1
 python3 benchmarks/toy_base_shapes.py --per-prompt 4 --device cuda --out "$OUT/base-shapes.json" >/tmp/measure/shapes.log 2>&1 &
 for seed in 42 43 44 45 46; do
     CUDA_VISIBLE_DEVICES= OMP_NUM_THREADS=2 MKL_NUM_THREADS=2 \

@@ -12,16 +12,16 @@ export HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1
 SECONDS=0
 { nvidia-smi -L; python3 -c "import torch, transformers, diffusers; print(torch.__version__, transformers.__version__, diffusers.__version__)"; } | tee "$OUT/device.txt"
 rm -rf /tmp/toy && mkdir -p /tmp/toy
-python3 -m training.toy.pretrain_clip --out /tmp/toy/clip --seed 0 --device cuda --steps "${CLIP_STEPS:-3000}" --pool-size 24000 \
+python3 -m toy_world.pretrain_clip --out /tmp/toy/clip --seed 0 --device cuda --steps "${CLIP_STEPS:-3000}" --pool-size 24000 \
     >"$OUT/pretrain-clip.log" 2>&1 || { tail -c 3000 "$OUT/pretrain-clip.log"; exit 1; }
 tail -n 1 "$OUT/pretrain-clip.log"; echo "[clip done at ${SECONDS} s]"
-python3 -m training.toy.pretrain_base --clip /tmp/toy/clip --out /tmp/toy/base --seed 0 --device cuda \
+python3 -m toy_world.pretrain_base --clip /tmp/toy/clip --out /tmp/toy/base --seed 0 --device cuda \
     --max-train-seconds "${BASE_SECONDS:-200}" >"$OUT/pretrain-base.log" 2>&1 || { tail -c 3000 "$OUT/pretrain-base.log"; exit 1; }
 grep -a "it/s ->\|^\[" "$OUT/pretrain-base.log"; echo "[base done at ${SECONDS} s]"
-python3 -m training.toy.shipped install --clip /tmp/toy/clip --base /tmp/toy/base || exit 1
-tar -C training/toy -cf "$OUT/weights-clip.tar" weights/clip weights/manifest.json
-tar -C training/toy -cf "$OUT/weights-base.tar" weights/base
-rm -rf /tmp/toy-weights && cp -r training/toy/weights /tmp/toy-weights
+python3 -m toy_world.shipped install --clip /tmp/toy/clip --base /tmp/toy/base || exit 1
+tar -C toy_world -cf "$OUT/weights-clip.tar" weights/clip weights/manifest.json
+tar -C toy_world -cf "$OUT/weights-base.tar" weights/base
+rm -rf /tmp/toy-weights && cp -r toy_world/weights /tmp/toy-weights
 cp /tmp/toy/base/samples.png "$OUT/base-samples.png"
 python3 -c "import json; m=json.load(open('/tmp/toy/base/metrics.json')); print(json.dumps({k: m[k] for k in ('prompt_alignment', 'reference_alignment_real_renders', 'conditioning_loss', 'stage_seconds')}))"
 echo "[weights done at ${SECONDS} s]"

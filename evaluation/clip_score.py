@@ -16,8 +16,8 @@ from PIL import Image
 from transformers import CLIPModel, CLIPProcessor
 
 from evaluation.tiny_clip import ensure_tiny_clip
+from toy_world.shipped import shipped_folder
 from training.families.checked_loading import load_checked
-from training.toy.shipped import shipped_folder
 
 TINY = "tiny"
 TOY = "toy"

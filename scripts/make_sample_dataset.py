@@ -4,7 +4,7 @@
 
 The toy base model was trained on every shape of the world but the held-out ones (star, moon,
 arrow), so these images teach it something it does not know, and the toy CLIP (which knows every
-shape) can tell whether it learned. Scenes come from ``training.toy.world`` with the one shape;
+shape) can tell whether it learned. Scenes come from ``toy_world.world`` with the one shape;
 each image has its sentence caption in a same-name ``.txt``. ``--out`` defaults to the folder
 ``sweeper.eval_prompts.BUNDLED_SAMPLES`` names for the shape (``data/sample`` for the star, the
 default run's; ``data/sample_moon``, ``data/sample_arrow``).
@@ -17,7 +17,7 @@ import argparse
 from pathlib import Path
 
 from sweeper.eval_prompts import BUNDLED_SAMPLES
-from training.toy.world import HELD_OUT_SHAPE, HELD_OUT_SHAPES, render, scenes, sentence_caption
+from toy_world.world import HELD_OUT_SHAPE, HELD_OUT_SHAPES, render, scenes, sentence_caption
 
 REPEATS = 10  # kohya layout: <repeats>_<name>/, 10 repeats per epoch
 DEFAULT_COUNT = 16
@@ -25,7 +25,7 @@ DEFAULT_COUNT = 16
 README = """\
 # Sample dataset
 
-{count} images of one of the toy world's held-out concepts, the {shape} (64x64, from `training.toy.world`):
+{count} images of one of the toy world's held-out concepts, the {shape} (64x64, from `toy_world.world`):
 a {shape} of some colour and size on a plain or patterned background, each with a sentence caption
 in a same-name `.txt`; `{folder}/` is the kohya layout for 10 repeats per epoch. The toy base model
 never saw a {shape}; `python -m sweeper data={preset}` teaches it one. Made, byte for byte, by

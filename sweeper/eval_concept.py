@@ -14,8 +14,8 @@ from dataclasses import dataclass
 from typing import Any
 
 from sweeper.eval_prompts import bundled_concept
-from training.toy.shipped import clip_shapes, held_out_shapes
-from training.toy.world import HELD_OUT_SHAPES
+from toy_world.shipped import clip_shapes, held_out_shapes
+from toy_world.world import HELD_OUT_SHAPES
 
 
 @dataclass(frozen=True)

@@ -16,8 +16,8 @@ from pathlib import Path
 from typing import Any
 
 from sweeper.config import PROJECT_ROOT
+from toy_world.world import article
 from training.data.scan import ImageRecord
-from training.toy.world import article
 
 SAMPLE_DIR = PROJECT_ROOT / "data" / "sample"  # the default run's dataset: the star
 # Every bundled dataset of the toy world: one held-out shape each (scripts/make_sample_dataset.py).

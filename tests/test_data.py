@@ -12,12 +12,12 @@ import pytest
 import torch
 from PIL import Image
 
+from toy_world.world import HELD_OUT_SHAPE, render, scenes, sentence_caption
 from training.data.bucket_sampler import BucketBatchSampler
 from training.data.buckets import generate_buckets
 from training.data.dataset import CaptionedImageDataset, collate_captioned
 from training.data.missing_captions import apply_missing_captions, missing_captions_table, missing_captions_warning
 from training.data.scan import IMAGE_EXTENSIONS, ImageRecord, match_reg_records, scan_dataset
-from training.toy.world import HELD_OUT_SHAPE, render, scenes, sentence_caption
 
 REPO = Path(__file__).resolve().parents[1]
 SCRIPT = REPO / "scripts" / "make_sample_dataset.py"

@@ -119,7 +119,7 @@ def test_missing_or_renamed_weights_fail_naming_file_and_keys(
 
 def test_a_clip_model_with_a_renamed_weight_names_eval_clip_model(tmp_path):
     from evaluation.clip_score import ClipScorer
-    from training.toy.shipped import shipped_folder
+    from toy_world.shipped import shipped_folder
 
     clip = tmp_path / "clip"
     shutil.copytree(shipped_folder("clip"), clip)

@@ -12,8 +12,8 @@ from diffusers import StableDiffusionPipeline
 from transformers import CLIPModel
 
 from evaluation.tiny_clip import build_tiny_clip
-from training.toy import pretrain_base as pb
-from training.toy.world import HELD_OUT_SHAPE, HELD_OUT_SHAPES, SHAPES, scenes, sentence_caption
+from toy_world import pretrain_base as pb
+from toy_world.world import HELD_OUT_SHAPE, HELD_OUT_SHAPES, SHAPES, scenes, sentence_caption
 
 # Narrow stand-ins for the default widths: the same code paths, a fraction of the CPU time.
 SMALL_VAE = (16, 16, 32)
@@ -195,7 +195,7 @@ def test_saved_folder_is_a_loadable_sd_pipeline_with_the_clip_text_tower(
     for key in ("matched_clip_score", "shuffled_clip_score", "margin"):
         assert isinstance(written["prompt_alignment"][key], float)
     assert written["seed"] == 0 and written["torch_version"] == torch.__version__
-    assert written["command"].startswith("python -m training.toy.pretrain_base --clip")
+    assert written["command"].startswith("python -m toy_world.pretrain_base --clip")
     assert written["unet"]["steps_done"] == 2 and written["vae"]["steps_done"] == 2
     assert (out / "samples.png").is_file()
 

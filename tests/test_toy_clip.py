@@ -13,8 +13,8 @@ import torch.nn.functional as F
 from transformers import CLIPModel, CLIPProcessor
 
 from evaluation.clip_score import ClipScorer
-from training.toy import pretrain_clip as pc
-from training.toy.world import COLOURS, SHAPES, render, scenes, sentence_caption
+from toy_world import pretrain_clip as pc
+from toy_world.world import COLOURS, SHAPES, render, scenes, sentence_caption
 
 # Models small enough for CPU tests; the shipped defaults are built by ``build_clip()`` with no arguments.
 TINY = {"width": 32, "text_layers": 1, "vision_layers": 2}

@@ -16,8 +16,8 @@ from transformers import CLIPModel, CLIPProcessor
 from sweeper.eval_concept import choose_concept
 from sweeper.validate import validate
 from tests.conftest import run_main
-from training.toy.pretrain_clip import zero_shot_accuracy
-from training.toy.shipped import (
+from toy_world.pretrain_clip import zero_shot_accuracy
+from toy_world.shipped import (
     BASE_DIR,
     CLIP_DIR,
     MANIFEST,
@@ -26,7 +26,7 @@ from training.toy.shipped import (
     held_out_shapes,
     manifest_problems,
 )
-from training.toy.world import HELD_OUT_SHAPES, SHAPES
+from toy_world.world import HELD_OUT_SHAPES, SHAPES
 
 ACCURACY_MARGIN = 0.03  # the test scores a 500-scene subset; the recorded figure is over 2000
 SENSIBLE_LR, ABSURD_LR = 1e-3, 0.5

@@ -7,7 +7,7 @@ import random
 import numpy as np
 import pytest
 
-from training.toy.world import (
+from toy_world.world import (
     COLOURS,
     FILLED_SHAPES,
     HELD_OUT_SHAPE,

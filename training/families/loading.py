@@ -17,13 +17,13 @@ from typing import Any
 import torch
 from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
 
+from toy_world.shipped import shipped_folder
 from training.families import MODEL_KINDS, ModelFamily, family_of
 from training.families.checked_loading import load_checked
 from training.families.detect import checkpoint_kind, folder_kind, kind_mismatch, loaded_kind, not_trained_yet
 from training.families.embedded import EMBEDDED_MODEL_NOTES
 from training.families.sd import SD1
 from training.text.encoding_options import clip_skip_problem
-from training.toy.shipped import shipped_folder
 
 MODEL_SOURCES = ("toy", "tiny", "diffusers")
 EMBEDDED_SOURCES = ("toy", "tiny")  # models that ship with (or are built by) the project

@@ -1,6 +1,6 @@
 """Pre-train a tiny CLIP on the toy world, so evaluation of the embedded model has a real judge.
 
-``python -m training.toy.pretrain_clip --out DIR`` trains a ~0.9 M-parameter ``CLIPModel`` (a
+``python -m toy_world.pretrain_clip --out DIR`` trains a ~0.9 M-parameter ``CLIPModel`` (a
 4-layer ViT with 8 px patches on 64 px images, a 3-layer text transformer over
 ``world_tokenizer()``) with CLIP's symmetric contrastive loss on generated scenes of every shape,
 the held-out one included, and writes a ``save_pretrained`` folder that ``ClipScorer`` and
@@ -37,9 +37,7 @@ from tqdm import tqdm
 from transformers import CLIPConfig, CLIPModel, CLIPProcessor, CLIPTextModel, CLIPTokenizer
 
 from evaluation.tiny_clip import _ImageProcessor
-from training.families.checked_loading import load_checked
-from training.text.tokenizer import MAX_LENGTH
-from training.toy.world import (
+from toy_world.world import (
     COLOURS,
     PATTERNS,
     SHAPES,
@@ -52,6 +50,8 @@ from training.toy.world import (
     tag_caption,
     world_tokenizer,
 )
+from training.families.checked_loading import load_checked
+from training.text.tokenizer import MAX_LENGTH
 
 IMAGE_SIZE = 64
 # 3000 x 512 = 1.5 M (image, caption) pairs: the fewest measured to reach >= 95 % zero-shot shape accuracy
@@ -703,7 +703,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
         "wall_seconds": round(time.perf_counter() - started, 1),
         "device": str(device),
         "torch_num_threads": torch.get_num_threads(),
-        "command": [sys.executable, "-m", "training.toy.pretrain_clip", *(sys.argv[1:] if argv is None else argv)],
+        "command": [sys.executable, "-m", "toy_world.pretrain_clip", *(sys.argv[1:] if argv is None else argv)],
         "torch_version": torch.__version__,
     }
     save_atomically(model, processor, metrics, args.out)

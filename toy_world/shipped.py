@@ -6,8 +6,8 @@ sha256 and size of every file, the command and seed that made each part, and its
 changed or missing file is caught by ``manifest_problems`` (and by the tests) rather than silently
 scoring with other weights.
 
-    python -m training.toy.shipped install --clip CLIP_DIR --base BASE_DIR   # copy in, write the manifest
-    python -m training.toy.shipped check                                     # verify files against it
+    python -m toy_world.shipped install --clip CLIP_DIR --base BASE_DIR   # copy in, write the manifest
+    python -m toy_world.shipped check                                     # verify files against it
 """
 
 from __future__ import annotations
@@ -22,8 +22,8 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
+from toy_world.world import HELD_OUT_SHAPES, SHAPES
 from training.cache.folders import file_sha256
-from training.toy.world import HELD_OUT_SHAPES, SHAPES
 
 WEIGHTS_DIR = Path(__file__).resolve().parent / "weights"
 CLIP_DIR = WEIGHTS_DIR / "clip"
@@ -32,9 +32,9 @@ MANIFEST = WEIGHTS_DIR / "manifest.json"
 PARTS = {"clip": CLIP_DIR, "base": BASE_DIR}
 SIZE_LIMIT_MB = 20.0
 REGENERATE = (
-    "regenerate them with `python -m training.toy.pretrain_clip --out CLIP` and "
-    "`python -m training.toy.pretrain_base --clip CLIP --out BASE`, then "
-    "`python -m training.toy.shipped install --clip CLIP --base BASE` (README: The toy world)"
+    "regenerate them with `python -m toy_world.pretrain_clip --out CLIP` and "
+    "`python -m toy_world.pretrain_base --clip CLIP --out BASE`, then "
+    "`python -m toy_world.shipped install --clip CLIP --base BASE` (README: The toy world)"
 )
 # what pretraining writes beside the weights that need not ship (the metrics go into the manifest)
 NOT_SHIPPED = {"metrics.json", "samples.png"}

@@ -1,6 +1,6 @@
 """Pretrain the toy world's base model: a tiny SD-architecture pipeline that never saw a held-out shape.
 
-``python -m training.toy.pretrain_base --clip CLIP_DIR --out DIR``
+``python -m toy_world.pretrain_base --clip CLIP_DIR --out DIR``
 
 Stages, as SD1.x was built, only small: the text encoder is the toy CLIP's text tower, frozen; an
 ``AutoencoderKL`` (64 px -> 16x16x4 latents) is trained on world images, and its latent scale set
@@ -45,11 +45,11 @@ from transformers import CLIPModel, CLIPTextModel, CLIPTokenizer
 
 from evaluation.clip_score import ClipScorer
 from evaluation.sampling import generate_samples, sampling_scheduler
+from toy_world.pretrain_clip import resolve_device
+from toy_world.world import HELD_OUT_SHAPES, SHAPES, Scene, render, scenes, sentence_caption, tag_caption
 from training.families.pipeline import sd_pipeline
 from training.objective.ddpm import min_snr_weights
 from training.text.encoding import encode_prompts
-from training.toy.pretrain_clip import resolve_device
-from training.toy.world import HELD_OUT_SHAPES, SHAPES, Scene, render, scenes, sentence_caption, tag_caption
 
 RESOLUTION = 64
 LATENT_SIZE = RESOLUTION // 4  # three VAE blocks downsample twice
@@ -987,7 +987,7 @@ def pretrain(cfg: PretrainConfig, command: Sequence[str] = ()) -> dict[str, Any]
 
         metrics = {
             "config": {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(cfg).items()},
-            "command": shlex.join(["python", "-m", "training.toy.pretrain_base", *command]),
+            "command": shlex.join(["python", "-m", "toy_world.pretrain_base", *command]),
             "device": str(device),
             "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor(),
             "torch_version": torch.__version__,
