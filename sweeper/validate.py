@@ -11,6 +11,7 @@ code that uses diffusers, transformers and peft.
 from __future__ import annotations
 
 import ctypes
+import functools
 import sys
 from dataclasses import dataclass
 from typing import Any
@@ -74,6 +75,7 @@ class CudaHere:
         return torch.cuda.is_available()
 
 
+@functools.cache
 def _gpu_driver_loadable() -> bool:
     """Whether the library torch reaches a GPU through loads here: CUDA's driver (``libcuda``,
     ``nvcuda.dll``) or ROCm's HIP runtime (torch's ROCm builds answer ``torch.cuda`` through it)."""

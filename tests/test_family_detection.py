@@ -7,7 +7,6 @@ from __future__ import annotations
 import pytest
 import torch
 from diffusers import (
-    AutoencoderKL,
     FlowMatchEulerDiscreteScheduler,
     FluxPipeline,
     FluxTransformer2DModel,
@@ -26,7 +25,7 @@ from transformers import (
 
 from sweeper.validate import ConfigError, validate
 from training.families.detect import checkpoint_kind, folder_kind
-from training.families.tiny_sd import build_tiny_pipeline
+from training.families.tiny_sd import build_tiny_pipeline, build_tiny_vae
 
 CLIP = {
     "hidden_size": 32,
@@ -36,10 +35,6 @@ CLIP = {
     "vocab_size": 1000,
     "projection_dim": 32,
 }
-
-
-def _vae(latent_channels: int) -> AutoencoderKL:
-    return AutoencoderKL(block_out_channels=(8,), latent_channels=latent_channels, norm_num_groups=8, sample_size=32)
 
 
 def _t5() -> T5EncoderModel:
@@ -66,7 +61,7 @@ def tiny_flow_folders(tmp_path_factory):
             out_channels=4,
         ),
         scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0),
-        vae=_vae(4),
+        vae=build_tiny_vae(),
         text_encoder=CLIPTextModelWithProjection(CLIPTextConfig(**CLIP)),
         tokenizer=tokenizer,
         text_encoder_2=CLIPTextModelWithProjection(CLIPTextConfig(**CLIP)),
@@ -88,7 +83,7 @@ def tiny_flow_folders(tmp_path_factory):
             axes_dims_rope=(2, 2, 4),
         ),
         scheduler=FlowMatchEulerDiscreteScheduler(use_dynamic_shifting=True),
-        vae=_vae(4),
+        vae=build_tiny_vae(),
         text_encoder=CLIPTextModel(CLIPTextConfig(**CLIP)),
         tokenizer=tokenizer,
         text_encoder_2=_t5(),

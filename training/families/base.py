@@ -20,6 +20,7 @@ from typing import Any
 
 import torch
 
+from training.families.labels import article_for
 from training.objective.base import Objective
 from training.objective.ddpm import NoisePrediction
 
@@ -79,7 +80,7 @@ class ModelFamily:
 
     @property
     def article(self) -> str:
-        return "an" if self.label.startswith("S") else "a"  # "an SD1.x", "an SDXL"
+        return article_for(self.label)
 
     # --- before anything loads
     def problems(self, model_cfg: Any, network_cfg: Any) -> list[str]:

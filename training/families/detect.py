@@ -106,14 +106,11 @@ def checkpoint_kind(file: Path) -> tuple[str, str] | None:
 
 def loaded_kind(text_encoders: list) -> tuple[str, str]:
     """(kind, evidence) of loaded parts: two text encoders = SDXL, OpenCLIP ViT-H width = SD2."""
-    from training.families.sd import SD2_TEXT_HIDDEN_SIZE
+    from training.families.sd import kind_of_text_width
 
     if len(text_encoders) == 2:
         return "sdxl", "an SDXL model (two text encoders)"
-    hidden_size = text_encoders[0].config.hidden_size
-    if hidden_size == SD2_TEXT_HIDDEN_SIZE:
-        return "sd2", f"an SD2 model (text encoder hidden size {hidden_size}: OpenCLIP ViT-H)"
-    return "sd1", f"an SD1 model (text encoder hidden size {hidden_size}, not SD2's 1024)"
+    return kind_of_text_width(text_encoders[0].config.hidden_size)
 
 
 def not_trained_yet(kind: str) -> Recognised | None:

@@ -24,6 +24,13 @@ from training.text.encoding import encode_prompts
 SD2_TEXT_HIDDEN_SIZE = 1024  # OpenCLIP ViT-H/14; SD1's CLIP ViT-L/14 is 768
 
 
+def kind_of_text_width(hidden_size: int) -> tuple[str, str]:
+    """(kind, evidence) of a one-text-encoder model from its encoder's width: SD2's is 1024."""
+    if hidden_size == SD2_TEXT_HIDDEN_SIZE:
+        return "sd2", f"an SD2 model (text encoder hidden size {hidden_size}: OpenCLIP ViT-H)"
+    return "sd1", f"an SD1 model (text encoder hidden size {hidden_size}, not SD2's 1024)"
+
+
 class StableDiffusion(ModelFamily):
     """SD1.x (CLIP ViT-L) and SD2.x (OpenCLIP ViT-H): the same code, two names in files."""
 
@@ -48,11 +55,8 @@ class StableDiffusion(ModelFamily):
             hidden_size = json.loads((folder / "text_encoder" / "config.json").read_text())["hidden_size"]
         except (OSError, ValueError, KeyError):
             return None
-        if (hidden_size == SD2_TEXT_HIDDEN_SIZE) != (self.kind == "sd2"):
-            return None
-        if self.kind == "sd2":
-            return f"an SD2 model (text encoder hidden size {hidden_size}: OpenCLIP ViT-H)"
-        return f"an SD1 model (text encoder hidden size {hidden_size}, not SD2's 1024)"
+        kind, evidence = kind_of_text_width(hidden_size)
+        return evidence if kind == self.kind else None
 
     def encode_text(
         self,
