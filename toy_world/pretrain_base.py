@@ -48,6 +48,7 @@ from evaluation.sampling import generate_samples, sampling_scheduler
 from toy_world.pretrain_clip import resolve_device
 from toy_world.world import HELD_OUT_SHAPES, SHAPES, Scene, render, scenes, sentence_caption, tag_caption
 from training.families.pipeline import sd_pipeline
+from training.families.tiny_sd import sd1_noise_scheduler
 from training.objective.ddpm import min_snr_weights
 from training.text.encoding import encode_prompts
 
@@ -279,16 +280,8 @@ def build_unet(cross_attention_dim: int, channels: Sequence[int] = (48, 96), see
 
 
 def build_scheduler() -> DDPMScheduler:
-    """The SD1.x noise schedule, as in training/families/tiny_sd.py."""
-    return DDPMScheduler(
-        num_train_timesteps=1000,
-        beta_schedule="scaled_linear",
-        beta_start=0.00085,
-        beta_end=0.012,
-        prediction_type="epsilon",
-        clip_sample=False,
-        steps_offset=1,
-    )
+    """The SD1.x noise schedule the toy base model trains with (the tiny model's too)."""
+    return sd1_noise_scheduler()
 
 
 def fp32_megabytes(*modules: torch.nn.Module) -> float:

@@ -38,6 +38,20 @@ def build_tiny_vae(**config: object) -> AutoencoderKL:
     )
 
 
+def sd1_noise_scheduler() -> DDPMScheduler:
+    """The SD1.x noise schedule (scaled-linear betas 0.00085-0.012 over 1000 steps, epsilon), as the
+    SD1.x scheduler configs give it: the tiny model's and the toy base model's."""
+    return DDPMScheduler(
+        num_train_timesteps=1000,
+        beta_schedule="scaled_linear",
+        beta_start=0.00085,
+        beta_end=0.012,
+        prediction_type="epsilon",
+        clip_sample=False,
+        steps_offset=1,
+    )
+
+
 def build_tiny_pipeline(seed: int = TINY_SEED) -> StableDiffusionPipeline:
     """Random but fixed weights: the same seed gives the same model on every CPU."""
     generator_state = torch.random.get_rng_state()
@@ -71,15 +85,7 @@ def build_tiny_pipeline(seed: int = TINY_SEED) -> StableDiffusionPipeline:
             norm_num_groups=8,
         )
         vae = build_tiny_vae()
-        scheduler = DDPMScheduler(
-            num_train_timesteps=1000,
-            beta_schedule="scaled_linear",
-            beta_start=0.00085,
-            beta_end=0.012,
-            prediction_type="epsilon",
-            clip_sample=False,
-            steps_offset=1,  # as in the SD1.x scheduler configs
-        )
+        scheduler = sd1_noise_scheduler()
     finally:
         torch.random.set_rng_state(generator_state)
     return sd_pipeline(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet, scheduler=scheduler)
