@@ -74,7 +74,9 @@ def test_a_flow_folder_loads_as_its_family_and_a_wrong_kind_names_both(make_cfg,
 def test_sd3_runs_without_t5_where_flux_cannot(make_cfg, tiny_flow_folders):
     without = load_base_model(make_cfg("model=diffusers", f"model.path={tiny_flow_folders / 'sd3-no-t5'}").model)
     assert without.kind == "sd3" and without.t5 is None
-    off = load_base_model(make_cfg("model=diffusers", f"model.path={tiny_flow_folders / 'sd3'}", "model.t5=false").model)
+    off = load_base_model(
+        make_cfg("model=diffusers", f"model.path={tiny_flow_folders / 'sd3'}", "model.t5=false").model
+    )
     assert off.t5 is None and off.identity.get("t5") is None
     with pytest.raises(ConfigError, match=r"model.t5=false: FLUX.1 conditions on T5"):
         validate(make_cfg("model=diffusers", f"model.path={tiny_flow_folders / 'flux'}", "model.t5=false"))

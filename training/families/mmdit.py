@@ -122,10 +122,10 @@ class MMDiTFamily(ModelFamily):
         return chosen
 
     def kohya_unet_names(self, unet: torch.nn.Module) -> dict[str, str]:
-        return self.kohya_names(unet).single
+        return self.kohya_names(unet).flat().single
 
     def kohya_fused_names(self, denoiser: torch.nn.Module) -> dict[str, list[str]]:
-        return self.kohya_names(denoiser).fused
+        return self.kohya_names(denoiser).flat().fused
 
     def modelspec_prediction_type(self, v_prediction: bool) -> str | None:
         return None  # kohya writes none for flow models

@@ -21,8 +21,8 @@ import torch
 
 @dataclass
 class KohyaNames:
-    """``single``: diffusers module -> kohya's flat name (no ``lora_unet_``); ``fused``: kohya's flat
-    name -> its diffusers modules in stacking order."""
+    """``single``: diffusers module -> the original layer's name; ``fused``: an original layer's name ->
+    its diffusers modules in stacking order. kohya's flat name is the original's with ``_`` for dots."""
 
     single: dict[str, str] = field(default_factory=dict)
     fused: dict[str, list[str]] = field(default_factory=dict)
@@ -30,6 +30,13 @@ class KohyaNames:
     def modules(self) -> list[str]:
         """Every diffusers module that has a kohya name (alone or in a fused group)."""
         return [*self.single, *(module for group in self.fused.values() for module in group)]
+
+    def flat(self) -> KohyaNames:
+        """The same names as kohya writes them (``double_blocks_0_img_attn_qkv``; no ``lora_unet_``)."""
+        return KohyaNames(
+            {module: name.replace(".", "_") for module, name in self.single.items()},
+            {name.replace(".", "_"): group for name, group in self.fused.items()},
+        )
 
     def keep_existing(self, model: torch.nn.Module) -> KohyaNames:
         """The names of modules ``model`` has (SD3's last block has no context output layers)."""
@@ -48,26 +55,28 @@ def flux_kohya_names(transformer: torch.nn.Module) -> KohyaNames:
     """BFL's FLUX.1 layout: ``double_blocks`` (image and text streams) and ``single_blocks``."""
     names = KohyaNames()
     for i in range(len(transformer.transformer_blocks)):
-        block, flat = f"transformer_blocks.{i}", f"double_blocks_{i}"
-        names.fused[f"{flat}_img_attn_qkv"] = _qkv(f"{block}.attn")
-        names.fused[f"{flat}_txt_attn_qkv"] = _qkv(f"{block}.attn", "add_q_proj", "add_k_proj", "add_v_proj")
+        block, original = f"transformer_blocks.{i}", f"double_blocks.{i}"
+        names.fused[f"{original}.img_attn.qkv"] = _qkv(f"{block}.attn")
+        names.fused[f"{original}.txt_attn.qkv"] = _qkv(f"{block}.attn", "add_q_proj", "add_k_proj", "add_v_proj")
         names.single.update(
             {
-                f"{block}.attn.to_out.0": f"{flat}_img_attn_proj",
-                f"{block}.attn.to_add_out": f"{flat}_txt_attn_proj",
-                f"{block}.ff.net.0.proj": f"{flat}_img_mlp_0",
-                f"{block}.ff.net.2": f"{flat}_img_mlp_2",
-                f"{block}.ff_context.net.0.proj": f"{flat}_txt_mlp_0",
-                f"{block}.ff_context.net.2": f"{flat}_txt_mlp_2",
-                f"{block}.norm1.linear": f"{flat}_img_mod_lin",
-                f"{block}.norm1_context.linear": f"{flat}_txt_mod_lin",
+                f"{block}.attn.to_out.0": f"{original}.img_attn.proj",
+                f"{block}.attn.to_add_out": f"{original}.txt_attn.proj",
+                f"{block}.ff.net.0.proj": f"{original}.img_mlp.0",
+                f"{block}.ff.net.2": f"{original}.img_mlp.2",
+                f"{block}.ff_context.net.0.proj": f"{original}.txt_mlp.0",
+                f"{block}.ff_context.net.2": f"{original}.txt_mlp.2",
+                f"{block}.norm1.linear": f"{original}.img_mod.lin",
+                f"{block}.norm1_context.linear": f"{original}.txt_mod.lin",
             }
         )
     for i in range(len(transformer.single_transformer_blocks)):
-        block, flat = f"single_transformer_blocks.{i}", f"single_blocks_{i}"
+        block, original = f"single_transformer_blocks.{i}", f"single_blocks.{i}"
         # linear1 computes q, k, v and the MLP's input at once; linear2 reads attention and MLP outputs
-        names.fused[f"{flat}_linear1"] = [*_qkv(f"{block}.attn"), f"{block}.proj_mlp"]
-        names.single.update({f"{block}.proj_out": f"{flat}_linear2", f"{block}.norm.linear": f"{flat}_modulation_lin"})
+        names.fused[f"{original}.linear1"] = [*_qkv(f"{block}.attn"), f"{block}.proj_mlp"]
+        names.single.update(
+            {f"{block}.proj_out": f"{original}.linear2", f"{block}.norm.linear": f"{original}.modulation.lin"}
+        )
     return names.keep_existing(transformer)
 
 
@@ -76,23 +85,23 @@ def sd3_kohya_names(transformer: torch.nn.Module) -> KohyaNames:
     names = KohyaNames()
     last = len(transformer.transformer_blocks) - 1
     for i in range(last + 1):
-        block, flat = f"transformer_blocks.{i}", f"joint_blocks_{i}"
-        x, context = f"{flat}_x_block", f"{flat}_context_block"
-        names.fused[f"{x}_attn_qkv"] = _qkv(f"{block}.attn")
-        names.fused[f"{context}_attn_qkv"] = _qkv(f"{block}.attn", "add_q_proj", "add_k_proj", "add_v_proj")
-        names.fused[f"{x}_attn2_qkv"] = _qkv(f"{block}.attn2")  # SD3.5's second image attention
+        block = f"transformer_blocks.{i}"
+        x, context = f"joint_blocks.{i}.x_block", f"joint_blocks.{i}.context_block"
+        names.fused[f"{x}.attn.qkv"] = _qkv(f"{block}.attn")
+        names.fused[f"{context}.attn.qkv"] = _qkv(f"{block}.attn", "add_q_proj", "add_k_proj", "add_v_proj")
+        names.fused[f"{x}.attn2.qkv"] = _qkv(f"{block}.attn2")  # SD3.5's second image attention
         names.single.update(
             {
-                f"{block}.attn.to_out.0": f"{x}_attn_proj",
-                f"{block}.attn2.to_out.0": f"{x}_attn2_proj",
-                f"{block}.attn.to_add_out": f"{context}_attn_proj",
-                f"{block}.ff.net.0.proj": f"{x}_mlp_fc1",
-                f"{block}.ff.net.2": f"{x}_mlp_fc2",
-                f"{block}.ff_context.net.0.proj": f"{context}_mlp_fc1",
-                f"{block}.ff_context.net.2": f"{context}_mlp_fc2",
-                f"{block}.norm1.linear": f"{x}_adaLN_modulation_1",
+                f"{block}.attn.to_out.0": f"{x}.attn.proj",
+                f"{block}.attn2.to_out.0": f"{x}.attn2.proj",
+                f"{block}.attn.to_add_out": f"{context}.attn.proj",
+                f"{block}.ff.net.0.proj": f"{x}.mlp.fc1",
+                f"{block}.ff.net.2": f"{x}.mlp.fc2",
+                f"{block}.ff_context.net.0.proj": f"{context}.mlp.fc1",
+                f"{block}.ff_context.net.2": f"{context}.mlp.fc2",
+                f"{block}.norm1.linear": f"{x}.adaLN_modulation.1",
             }
         )
         if i != last:  # the last block's is stored (shift, scale) in the original, (scale, shift) in diffusers
-            names.single[f"{block}.norm1_context.linear"] = f"{context}_adaLN_modulation_1"
+            names.single[f"{block}.norm1_context.linear"] = f"{context}.adaLN_modulation.1"
     return names.keep_existing(transformer)

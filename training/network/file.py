@@ -442,7 +442,7 @@ def split_fused(tensors: dict[str, torch.Tensor], part: LoraPart) -> dict[str, t
 
     A block-diagonal up (kohya's ``split_qkv``, and ours) gives each module its own rank slice with
     alpha scaled to keep alpha/rank; a dense up (one down shared by q, k and v) gives every module
-    the whole down, its rows of the up and the same alpha. Modules whose rows are all zero get nothing.
+    the whole down, its rows of the up and the same alpha (modules without rows get nothing).
     """
     tensors = dict(tensors)
     for flat, group in part.fused.items():
@@ -452,22 +452,30 @@ def split_fused(tensors: dict[str, torch.Tensor], part: LoraPart) -> dict[str, t
         down, up = tensors.pop(name + _DOWN), tensors.pop(name + _UP)
         rank = down.shape[0]
         alpha = float(tensors.pop(name + _ALPHA, torch.tensor(float(rank))))
-        rows = up.split([part.out_features(module) for module in group])
-        used = [(module, block) for module, block in zip(group, rows, strict=True) if block.abs().sum() > 0]
-        share = rank // len(used) if used and rank % len(used) == 0 else 0
-        diagonal = share > 0 and all(
-            block[:, : k * share].abs().sum() == 0 and block[:, (k + 1) * share :].abs().sum() == 0
-            for k, (_, block) in enumerate(used)
-        )
-        for k, (module, block) in enumerate(used):
+        rows = list(zip(group, up.split([part.out_features(module) for module in group]), strict=True))
+        used = [(module, block) for module, block in rows if block.abs().sum() > 0]
+        # every module its own rank slice (kohya's split_qkv; ours when all were adapted), else the
+        # modules that have rows (ours for part of a group); a zero block is a module that learned nothing
+        members = next((m for m in (rows, used) if m and rank % len(m) == 0 and _block_diagonal(m, rank)), None)
+        for k, (module, block) in enumerate(members or used):
             own = part.kohya_prefix + module.replace(".", "_")
-            if diagonal:
+            if members:
+                share = rank // len(members)
                 columns = slice(k * share, (k + 1) * share)
                 tensors[own + _DOWN], tensors[own + _UP] = down[columns], block[:, columns]
                 tensors[own + _ALPHA] = torch.tensor(alpha * share / rank)
             else:
                 tensors[own + _DOWN], tensors[own + _UP], tensors[own + _ALPHA] = down, block, torch.tensor(alpha)
     return tensors
+
+
+def _block_diagonal(members: list[tuple[str, torch.Tensor]], rank: int) -> bool:
+    """Whether member k's up rows use only the k-th of len(members) equal rank slices."""
+    share = rank // len(members)
+    return all(
+        block[:, : k * share].abs().sum() == 0 and block[:, (k + 1) * share :].abs().sum() == 0
+        for k, (_, block) in enumerate(members)
+    )
 
 
 @dataclass

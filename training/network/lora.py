@@ -134,25 +134,30 @@ class LoraNetwork:
             ).items():
                 module, _, kind = key.rpartition(".lora_")
                 pairs.setdefault(module, {})["down" if kind.startswith("A") else "up"] = value.detach()
-            in_group = {module for group in part.fused.values() for module in group}
-            for module, pair in pairs.items():
-                if module not in in_group:
-                    self._write(tensors, part.kohya_prefix + part.kohya_name(module), pair, self.alpha, dtype)
-            for flat, group in part.fused.items():
-                present = [module for module in group if module in pairs]
-                if present:
-                    self._write(
-                        tensors, part.kohya_prefix + flat, fuse(part, group, pairs), self.alpha * len(present), dtype
-                    )
+            tensors.update(kohya_tensors(part, pairs, self.alpha, dtype))
         return tensors
 
-    @staticmethod
-    def _write(
-        tensors: dict[str, torch.Tensor], name: str, pair: dict[str, torch.Tensor], alpha: float, dtype: torch.dtype
-    ) -> None:
+
+def kohya_tensors(
+    part: LoraPart, pairs: dict[str, dict[str, torch.Tensor]], alpha: float, dtype: torch.dtype = torch.float32
+) -> dict[str, torch.Tensor]:
+    """``pairs`` (module -> its ``down`` and ``up``) under ``part``'s kohya names, fused groups as one layer."""
+    tensors: dict[str, torch.Tensor] = {}
+
+    def write(name: str, pair: dict[str, torch.Tensor], module_alpha: float) -> None:
         tensors[f"{name}.lora_down.weight"] = pair["down"].to("cpu", dtype).contiguous()
         tensors[f"{name}.lora_up.weight"] = pair["up"].to("cpu", dtype).contiguous()
-        tensors[f"{name}.alpha"] = torch.tensor(alpha, dtype=dtype)
+        tensors[f"{name}.alpha"] = torch.tensor(module_alpha, dtype=dtype)
+
+    in_group = {module for group in part.fused.values() for module in group}
+    for module, pair in pairs.items():
+        if module not in in_group:
+            write(part.kohya_prefix + part.kohya_name(module), pair, alpha)
+    for flat, group in part.fused.items():
+        present = [module for module in group if module in pairs]
+        if present:
+            write(part.kohya_prefix + flat, fuse(part, group, pairs), alpha * len(present))
+    return tensors
 
 
 def fuse(part: LoraPart, group: list[str], pairs: dict[str, dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
