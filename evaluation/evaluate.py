@@ -21,7 +21,7 @@ from evaluation.dino import DinoEmbedder
 from evaluation.grid import image_grid
 from evaluation.metric_names import DIRECTIONS, metric_name, shown_name
 from evaluation.metrics import concept_hits, copy_risk, diversity, fidelity
-from evaluation.sampling import PromptEncoder, generate_samples
+from evaluation.sampling import LatentDraw, PromptEncoder, generate_samples
 from evaluation.stats import THIS_FILE, Estimate, mean_interval, paired_gain
 
 
@@ -155,6 +155,7 @@ def evaluate(
     generation_prompts: list[str] | None = None,
     batch_size: int = 16,
     progress: str | None = None,
+    initial_latents: LatentDraw | None = None,
 ) -> EvalResult:
     """Sample ``images_per_prompt`` images per prompt for each seed (``seeds``, default ``[test_seed]``)
     and compute every metric the scorers allow, per image.
@@ -192,6 +193,7 @@ def evaluate(
             encode_prompt=encode_prompt,
             batch_size=batch_size,
             on_progress=None if progress is None else bar.update,
+            initial_latents=initial_latents,
         )
         for row, images in zip(rows, samples, strict=True):
             row.extend(images)

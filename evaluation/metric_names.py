@@ -16,7 +16,7 @@ DIRECTIONS = {
 ALIASES = {"clip_score": "clip_t"}
 SELECTIONS = ("best", "last")  # eval.select: which evaluated checkpoint is the run's result
 # eval.sampler's names (evaluation/sampling.py maps each to its diffusers scheduler; a test checks they agree)
-SAMPLER_NAMES = ("ddim", "euler", "dpm++", "ddpm")
+SAMPLER_NAMES = ("ddim", "euler", "dpm++", "ddpm", "flow_euler")
 
 
 def metric_name(name: str) -> str:

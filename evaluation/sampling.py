@@ -17,6 +17,7 @@ from diffusers import (
     DiffusionPipeline,
     DPMSolverMultistepScheduler,
     EulerDiscreteScheduler,
+    FlowMatchEulerDiscreteScheduler,
 )
 from diffusers.schedulers.scheduling_utils import SchedulerMixin
 from diffusers.utils.torch_utils import randn_tensor
@@ -25,12 +26,15 @@ from PIL import Image
 # (prompt, negative prompt) -> the pipeline's embedding arguments (prompt_embeds, negative_prompt_embeds,
 # and for SDXL the pooled ones), each with a batch of one
 PromptEncoder = Callable[[str, str | None], dict[str, torch.Tensor]]
+# (count, channels, latent height, latent width, generator, device, dtype) -> the pipeline's ``latents``
+LatentDraw = Callable[[int, int, int, int, torch.Generator, Any, torch.dtype], torch.Tensor]
 
 SAMPLERS: dict[str, type[SchedulerMixin]] = {
     "ddim": DDIMScheduler,
     "euler": EulerDiscreteScheduler,
     "dpm++": DPMSolverMultistepScheduler,  # DPM-Solver++(2M), algorithm_type "dpmsolver++" by default
     "ddpm": DDPMScheduler,
+    "flow_euler": FlowMatchEulerDiscreteScheduler,  # SD3 / FLUX: Euler steps along the learned velocity
 }
 
 
@@ -49,7 +53,12 @@ def sampling_scheduler(train_scheduler_config: Mapping[str, Any] | SchedulerMixi
 
 # samplers whose steps draw no noise that matters (DDIM at eta 0, Euler without churn, DPM-Solver++ 2M):
 # their images are decided by the initial latents alone, so prompts can share one batched call
-DETERMINISTIC_SAMPLERS = (DDIMScheduler, EulerDiscreteScheduler, DPMSolverMultistepScheduler)
+DETERMINISTIC_SAMPLERS = (
+    DDIMScheduler,
+    EulerDiscreteScheduler,
+    DPMSolverMultistepScheduler,
+    FlowMatchEulerDiscreteScheduler,
+)
 
 
 def pipeline_denoiser(pipeline: DiffusionPipeline) -> torch.nn.Module:
@@ -75,6 +84,7 @@ def generate_samples(
     encode_prompt: PromptEncoder | None = None,
     batch_size: int = 16,
     on_progress: Callable[[float], None] | None = None,
+    initial_latents: LatentDraw | None = None,
 ) -> list[list[Image.Image]]:
     """``images_per_prompt`` images for each prompt, one list per prompt, in order.
 
@@ -91,6 +101,8 @@ def generate_samples(
     training loop's exact conditioning); the model family decides which arguments its pipeline takes.
 
     ``on_progress(images)`` is told the (fractional) images finished after every denoising step.
+    ``initial_latents`` draws the starting noise in the layout the pipeline takes (the model family's:
+    FLUX packs it into 2x2 patches); by default (count, channels, h, w) from ``randn_tensor``.
     """
     pipeline.set_progress_bar_config(disable=not show_progress)
     # The execution device differs from pipeline.device under CPU offload; the latents are drawn there.
@@ -99,17 +111,16 @@ def generate_samples(
     height = height or denoiser.config.sample_size * pipeline.vae_scale_factor
     width = width or denoiser.config.sample_size * pipeline.vae_scale_factor
     texts = [_prompt_inputs(prompt, negative_prompt, encode_prompt) for prompt in prompts]
+    draw = initial_latents or _plain_noise
     latents = [
-        randn_tensor(
-            (
-                images_per_prompt,
-                denoiser.config.in_channels,
-                height // pipeline.vae_scale_factor,
-                width // pipeline.vae_scale_factor,
-            ),
-            generator=torch.Generator(device=device).manual_seed(test_seed + index),
-            device=device,
-            dtype=_dtype(text, pipeline),
+        draw(
+            images_per_prompt,
+            denoiser.config.in_channels,
+            height // pipeline.vae_scale_factor,
+            width // pipeline.vae_scale_factor,
+            torch.Generator(device=device).manual_seed(test_seed + index),
+            device,
+            _dtype(text, pipeline),
         )
         for index, text in enumerate(texts)
     ]
@@ -137,6 +148,12 @@ def generate_samples(
         images = list(output.images)
         samples += [images[k * images_per_prompt : (k + 1) * images_per_prompt] for k in range(len(group))]
     return samples
+
+
+def _plain_noise(
+    count: int, channels: int, height: int, width: int, generator: torch.Generator, device: Any, dtype: torch.dtype
+) -> torch.Tensor:
+    return randn_tensor((count, channels, height, width), generator=generator, device=device, dtype=dtype)
 
 
 class _StepProgress:

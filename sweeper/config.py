@@ -29,7 +29,7 @@ class ModelConfig:
     config_dir: str | None = None  # a local diffusers config folder for a single-file checkpoint (offline)
     revision: str | None = None  # hub revision (branch, tag or commit)
     cache_dir: str | None = None  # where the tiny model is built; default $LORA_SWEEPER_CACHE
-    kind: str | None = None  # sd1 | sd2 | sdxl: model family; None = detected from the model files
+    kind: str | None = None  # sd1 | sd2 | sdxl | sd3 | flux: model family; None = detected from the model files
     vae_precision: str = "auto"  # auto | fp32 | half; auto = fp32 where the family's VAE overflows in fp16 (SDXL)
     prediction_type: str | None = None  # epsilon | v_prediction; None = the model's scheduler config
     vae: str | None = None  # replacement VAE (diffusers folder or .safetensors); not saved in the LoRA
@@ -37,6 +37,8 @@ class ModelConfig:
     attention: str = "sdpa"  # sdpa | xformers | eager
     gradient_checkpointing: bool = False
     channels_last: bool = True  # on a GPU, keep the UNet's conv weights channels-last (cuDNN's fast layout)
+    t5: bool = True  # SD3: load and use the T5 encoder (false: SD3 without T5, zeros in its place); FLUX needs it
+    t5_max_length: int | None = None  # T5 tokens per caption; None = the family's (SD3 256, FLUX.1-dev 512)
 
 
 @dataclass
@@ -227,6 +229,7 @@ class TrainConfig:
     timestep_range: list[int] | None = None  # [min, max) raw timesteps; give this or denoise_range
     min_snr_gamma: float | None = None  # Min-SNR loss weighting (Hang et al. 2023)
     flow: FlowConfig = field(default_factory=FlowConfig)  # SD3/FLUX: noise-level density, loss weights, shift
+    guidance: float = 3.5  # FLUX.1-dev: the distilled guidance scale trained (and sampled) with (kohya's default)
     save_every_n_steps: int = 0  # intermediate LoRA files; 0 = off
     save_every_n_epochs: int = 0
     save_state: bool = False  # also save the full training state (resumable) with each save

@@ -186,7 +186,8 @@ class _Run:
         if small:
             tracker.log_text("".join(f"{p}\t{w}x{h}\n" for p, (w, h) in small), "data/small_images.tsv")
         self.scorers = _worker.scorers(cfg, trainer.device, [r for r in held_out.train if not r.is_reg])
-        self.pipeline = trainer.sampling_pipeline(sampling_scheduler(base.noise_scheduler.config, cfg.eval.sampler))
+        sampler = base.family.sampler(cfg.eval.sampler)
+        self.pipeline = trainer.sampling_pipeline(sampling_scheduler(base.noise_scheduler.config, sampler))
         self.validation = trainer.validation_loss(held_out.held_out) if held_out.held_out else None
         self.objective, self.maximize = selection_objective(cfg)
         self.summary = _dataset_summary(trainer, validated)
@@ -244,12 +245,13 @@ class _Run:
                 images_per_prompt=cfg.eval.images_per_prompt,
                 batch_size=cfg.eval.batch_size,
                 num_inference_steps=cfg.eval.num_inference_steps,
-                guidance_scale=cfg.eval.guidance_scale,
+                guidance_scale=base.family.sampling_guidance(cfg.eval, cfg.train),
                 height=trainer.resolution,
                 width=trainer.resolution,
                 encode_prompt=trainer.encode_prompt,
                 generation_prompts=[trainer.prompt(p) for p in cfg.eval.prompts],
                 progress=f"evaluating {what}" if self.show_progress else None,
+                initial_latents=base.family.initial_latents,  # None: the plain draw
             )
         if self.validation is not None:
             result = result.with_values({"val_loss": trainer.held_out_loss(self.validation)})
@@ -502,6 +504,7 @@ def _save_lora(
         steps=step,
         resolved_config=training_config(resolved),
         v2=bool(base.family.file_metadata(base).get("ss_v2")),
+        network_module=base.family.network_module,
         extra=extra,
     )
     return save_lora(cfg.output, tensors, metadata, stem=stem)

@@ -146,7 +146,7 @@ def _model_network_and_speed_problems(cfg: Any) -> list[str]:
     from training.network.file import init_weights_problems, output_problems
     from training.speed.cuda_graph import cuda_graph_problems
 
-    problems = model_problems(cfg.model, cfg.network)
+    problems = model_problems(cfg.model, cfg.network, cfg.train, cfg.eval)
     problems += output_problems(cfg.output)
     problems += init_weights_problems(cfg.network, allow_pickle=cfg.output.allow_pickle)
     problems += cuda_graph_problems(

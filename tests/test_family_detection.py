@@ -1,95 +1,29 @@
 """Each family recognises its own files, most specific first: SD3 and FLUX folders and single files
 (two or three text encoders, a transformer denoiser) are named as what they are, not read as SDXL,
-and refused at startup until their training exists."""
+load as their family, and a contradicting model.kind names both."""
 
 from __future__ import annotations
 
 import pytest
 import torch
-from diffusers import (
-    FlowMatchEulerDiscreteScheduler,
-    FluxPipeline,
-    FluxTransformer2DModel,
-    SD3Transformer2DModel,
-    StableDiffusion3Pipeline,
-)
 from safetensors.torch import save_file
-from transformers import (
-    CLIPTextConfig,
-    CLIPTextModel,
-    CLIPTextModelWithProjection,
-    CLIPTokenizer,
-    T5Config,
-    T5EncoderModel,
-)
 
 from sweeper.validate import ConfigError, validate
 from training.families.detect import checkpoint_kind, folder_kind
-from training.families.tiny_sd import build_tiny_pipeline, build_tiny_vae
-
-CLIP = {
-    "hidden_size": 32,
-    "intermediate_size": 37,
-    "num_attention_heads": 4,
-    "num_hidden_layers": 2,
-    "vocab_size": 1000,
-    "projection_dim": 32,
-}
-
-
-def _t5() -> T5EncoderModel:
-    return T5EncoderModel(T5Config(d_model=32, d_ff=37, d_kv=8, num_heads=4, num_layers=1, vocab_size=1000))
+from training.families.loading import load_base_model
+from training.families.tiny_mmdit import build_tiny_flux_pipeline, build_tiny_sd3_pipeline
 
 
 @pytest.fixture(scope="module")
 def tiny_flow_folders(tmp_path_factory):
-    """A tiny SD3 and a tiny FLUX.1 pipeline, saved with save_pretrained (the real layout)."""
-    torch.manual_seed(0)
+    """The tiny SD3 and FLUX.1 pipelines, saved with save_pretrained (the real layout); SD3 also without T5."""
     root = tmp_path_factory.mktemp("flow-models")
-    tokenizer: CLIPTokenizer = build_tiny_pipeline(0).tokenizer
-    sd3 = StableDiffusion3Pipeline(
-        transformer=SD3Transformer2DModel(
-            sample_size=8,
-            patch_size=2,
-            in_channels=4,
-            num_layers=1,
-            attention_head_dim=8,
-            num_attention_heads=2,
-            joint_attention_dim=32,
-            caption_projection_dim=16,
-            pooled_projection_dim=64,
-            out_channels=4,
-        ),
-        scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0),
-        vae=build_tiny_vae(),
-        text_encoder=CLIPTextModelWithProjection(CLIPTextConfig(**CLIP)),
-        tokenizer=tokenizer,
-        text_encoder_2=CLIPTextModelWithProjection(CLIPTextConfig(**CLIP)),
-        tokenizer_2=tokenizer,
-        text_encoder_3=None,
-        tokenizer_3=None,
-    )
+    sd3 = build_tiny_sd3_pipeline()
     sd3.save_pretrained(root / "sd3")
-    flux = FluxPipeline(
-        transformer=FluxTransformer2DModel(
-            patch_size=1,
-            in_channels=16,
-            num_layers=1,
-            num_single_layers=1,
-            attention_head_dim=8,
-            num_attention_heads=2,
-            joint_attention_dim=32,
-            pooled_projection_dim=32,
-            axes_dims_rope=(2, 2, 4),
-        ),
-        scheduler=FlowMatchEulerDiscreteScheduler(use_dynamic_shifting=True),
-        vae=build_tiny_vae(),
-        text_encoder=CLIPTextModel(CLIPTextConfig(**CLIP)),
-        tokenizer=tokenizer,
-        text_encoder_2=_t5(),
-        tokenizer_2=tokenizer,
-    )
-    flux.save_pretrained(root / "flux")
+    sd3.text_encoder_3 = sd3.tokenizer_3 = None
+    sd3.register_modules(text_encoder_3=None, tokenizer_3=None)
+    sd3.save_pretrained(root / "sd3-no-t5")
+    build_tiny_flux_pipeline().save_pretrained(root / "flux")
     return root
 
 
@@ -126,9 +60,23 @@ def test_original_layout_files_are_named_by_their_denoiser_blocks(tmp_path):
 
 
 @pytest.mark.parametrize("name", ["sd3", "flux"])
-def test_a_flow_model_is_refused_at_startup_by_name(make_cfg, tiny_flow_folders, name):
-    cfg = make_cfg("model=diffusers", f"model.path={tiny_flow_folders / name}")
-    with pytest.raises(
-        ConfigError, match=r"model.path: .* is an? (SD3|FLUX.1) model .*trains sd1, sd2, sdxl models only"
-    ):
-        validate(cfg)
+def test_a_flow_folder_loads_as_its_family_and_a_wrong_kind_names_both(make_cfg, tiny_flow_folders, name):
+    cfg = make_cfg("model=diffusers", f"model.path={tiny_flow_folders / name}")  # model.kind left unset
+    validate(cfg)
+    base = load_base_model(cfg.model)
+    assert base.kind == name and base.t5 is not None
+    assert type(base.noise_scheduler).__name__ == "FlowMatchEulerDiscreteScheduler"
+    label = {"sd3": "SD3", "flux": "FLUX.1"}[name]
+    with pytest.raises(ConfigError, match=rf"model.kind=sdxl but .* is an? {label} model .*set model.kind={name}"):
+        validate(make_cfg("model=diffusers", f"model.path={tiny_flow_folders / name}", "model.kind=sdxl"))
+
+
+def test_sd3_runs_without_t5_where_flux_cannot(make_cfg, tiny_flow_folders):
+    without = load_base_model(make_cfg("model=diffusers", f"model.path={tiny_flow_folders / 'sd3-no-t5'}").model)
+    assert without.kind == "sd3" and without.t5 is None
+    off = load_base_model(
+        make_cfg("model=diffusers", f"model.path={tiny_flow_folders / 'sd3'}", "model.t5=false").model
+    )
+    assert off.t5 is None and off.identity.get("t5") is None
+    with pytest.raises(ConfigError, match=r"model.t5=false: FLUX.1 conditions on T5"):
+        validate(make_cfg("model=diffusers", f"model.path={tiny_flow_folders / 'flux'}", "model.t5=false"))

@@ -941,3 +941,32 @@ def test_kohya_bucket_bounds_are_written_where_ours_differ(tmp_path):
     assert "bucket.min_side" not in result.values and "bucket.max_side" not in result.values
     result = import_config(_write(tmp_path, "resolution = 512\nenable_bucket = true\n"))  # kohya's = ours
     assert "bucket.min_side" not in result.values and "bucket.max_side" not in result.values
+
+
+def test_a_flux_config_maps_its_noise_levels_guidance_and_t5_and_names_what_has_no_equivalent(tmp_path):
+    result = import_config(DATA / "kohya_flux.toml")
+    _, cfg = write_and_compose(result, tmp_path, "flux")
+    assert cfg.model.kind == "flux" and cfg.model.t5_max_length == 512 and cfg.train.guidance == 1.0
+    # timestep_sampling=shift: sigmoid(N(0, sigmoid_scale)) then kohya's shift by discrete_flow_shift
+    flow = cfg.train.flow
+    assert (flow.weighting_scheme, flow.logit_mean, flow.logit_std, flow.shift) == ("logit_normal", 0.0, 1.0, 3.1582)
+    unmapped = {u.source: u.reason for u in result.unmapped}
+    assert {"clip_l", "t5xxl", "ae", "fp8_base", "apply_t5_attn_mask", "network_args.split_qkv"} <= set(unmapped)
+    assert "diffusers" in unmapped["ae"] and "fused qkv" in unmapped["network_args.split_qkv"]
+
+
+@pytest.mark.parametrize(
+    ("lines", "expected"),
+    [
+        ('timestep_sampling = "flux_shift"\nsigmoid_scale = 2.0', ("logit_normal", 2.0, None)),
+        ('timestep_sampling = "uniform"', ("none", 1.0, 1.0)),
+        ('weighting_scheme = "mode"', ("mode", 1.0, 3.0)),  # sigma (the default) over a 3.0-shifted schedule
+    ],
+)
+def test_kohya_noise_level_options_become_train_flow(tmp_path, lines, expected):
+    source = tmp_path / "sd3.toml"
+    source.write_text(f'network_module = "networks.lora_sd3"\n{lines}\n')
+    result = import_config(source)
+    _, cfg = write_and_compose(result, tmp_path, "sd3")
+    flow = cfg.train.flow
+    assert cfg.model.kind == "sd3" and (flow.weighting_scheme, flow.logit_std, flow.shift) == expected

@@ -164,11 +164,11 @@ def test_sd2_and_v_prediction_are_named_as_kohya_names_them():
     assert kohya_metadata(network, base_model_version="sd_v2", v2=True, **common)["ss_v2"] == "True"
     assert kohya_metadata(network, base_model_version="sd_v1", **common)["ss_v2"] == "False"
     spec = dict(title="t", resolution=768, clip_skip=2, timestep_range=(0, 500))
-    v = modelspec(architecture=SD2.architecture(True), v_prediction=True, **spec)
+    v = modelspec(architecture=SD2.architecture(True), prediction_type=SD2.modelspec_prediction_type(True), **spec)
     assert v["modelspec.architecture"] == "stable-diffusion-v2-768-v/lora" and v["modelspec.prediction_type"] == "v"
     assert v["modelspec.encoder_layer"] == "2" and v["modelspec.timestep_range"] == "0,500"
     assert (
-        modelspec(architecture=SD2.architecture(False), v_prediction=False, **spec)["modelspec.architecture"]
+        modelspec(architecture=SD2.architecture(False), prediction_type="epsilon", **spec)["modelspec.architecture"]
         == "stable-diffusion-v2-512/lora"
     )
 

@@ -296,7 +296,7 @@ def test_an_sd2_model_loads_as_kind_sd2(make_cfg, tmp_path, prediction, version)
 
 
 def test_bad_model_values_are_reported_together_naming_each_key(make_cfg):
-    cfg = make_cfg("model.kind=sd3", "model.prediction_type=velocity", "model.attention=flash", "model.clip_skip=0")
+    cfg = make_cfg("model.kind=sd4", "model.prediction_type=velocity", "model.attention=flash", "model.clip_skip=0")
     with pytest.raises(ConfigError) as caught:
         validate(cfg)
     message = str(caught.value)

@@ -128,7 +128,8 @@ def test_resume_from_a_saved_state_equals_an_uninterrupted_run(make_cfg, tmp_pat
         make_cfg(*options, f"output.dir={tmp_path / 'resumed'}", f"train.resume={state}"), show_progress=False
     )
     a, b = load_file(whole.lora_path), load_file(resumed.lora_path)
-    assert any(k.startswith("lora_te2_" if family == "sdxl" else "lora_te_") for k in a)  # text encoders resume too
+    last_text_prefix = {"sdxl": "lora_te2_", "sd3": "lora_te2_", "flux": "lora_te1_"}.get(family, "lora_te_")
+    assert any(k.startswith(last_text_prefix) for k in a)  # text encoders resume too
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     assert (tmp_path / "whole" / "lora-step000006.safetensors").is_file()
     history = MlflowClient(resumed.tracking_uri).get_metric_history(resumed.run_id, "train/loss")

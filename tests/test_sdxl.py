@@ -152,8 +152,8 @@ def _record_time_ids(monkeypatch) -> list[tuple[dict, torch.Tensor]]:
         seen.append((batch, None))
         return geometry_of(batch)
 
-    def recording_extras(geometry, device):
-        cond = extras(geometry, device)
+    def recording_extras(geometry, device, train_cfg=None):
+        cond = extras(geometry, device, train_cfg)
         seen[-1] = (seen[-1][0], cond["time_ids"].cpu())
         return cond
 

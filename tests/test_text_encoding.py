@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from types import SimpleNamespace
+
 import pytest
 import torch
 from transformers import CLIPTextConfig, CLIPTextModel
@@ -156,7 +158,8 @@ def test_max_token_length_must_be_whole_chunks(tiny):
 @torch.no_grad()
 def test_prompt_pair_for_the_pipeline(tiny):
     tokenizer, text_encoder = tiny
-    cond = SD1.encode_text([tokenizer], [text_encoder], [words(100), ""], "cpu", clip_skip=2, max_token_length=150)
+    base = SimpleNamespace(tokenizers=[tokenizer], text_encoders=[text_encoder])
+    cond = SD1.encode_text(base, [words(100), ""], "cpu", clip_skip=2, max_token_length=150)
     inputs = SD1.pipeline_inputs(cond)
     positive, negative = inputs["prompt_embeds"], inputs["negative_prompt_embeds"]
     assert positive.shape == negative.shape == (1, 154, text_encoder.config.hidden_size)

@@ -13,7 +13,12 @@ from training.network.lora import remove_lora
 
 # The tiny model of each family (model=tiny from the tests' +debug=fast): a test of the shared loop
 # runs once per family, so SDXL's two text encoders and time ids take the same path as SD1.
-FAMILIES = {"sd1": [], "sdxl": ["model.kind=sdxl"]}
+FAMILIES = {
+    "sd1": [],
+    "sdxl": ["model.kind=sdxl"],
+    "sd3": ["model.kind=sd3"],
+    "flux": ["model.kind=flux"],
+}
 
 
 def train(cfg):

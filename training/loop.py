@@ -46,7 +46,7 @@ from training.fault_hold import hold_if_asked
 from training.network.file import apply_init_weights
 from training.network.lora import LoraNetwork, add_lora
 from training.optim import build_lr_scheduler, build_optimizer
-from training.speed.attention import configure_attention, configure_gradient_checkpointing, configure_memory_format
+from training.speed.attention import configure_gradient_checkpointing, configure_memory_format
 from training.speed.compile import configure_compile
 from training.speed.cuda_graph import GraphedDenoiser, cuda_graph_problems
 from training.speed.memory import release_accelerator_memory
@@ -192,10 +192,13 @@ class Trainer:
         self.autocast_dtype = half  # the dtype autocast computes in; None without mixed precision
         self.family = base.family
         self.vae_dtype = vae_dtype(cfg.model.vae_precision, self.family.vae_overflows_in_fp16, self.weight_dtype)
+        # T5 overflows in fp16 (its feed-forward activations exceed 65504): it stays fp32 under fp16
+        t5_dtype = torch.float32 if self.weight_dtype == torch.float16 else self.weight_dtype
         for module, dtype in (
             (base.denoiser, self.weight_dtype),
             (base.vae, self.vae_dtype),
             *((encoder, self.weight_dtype) for encoder in base.text_encoders),
+            *(((base.t5, t5_dtype),) if base.t5 is not None else ()),
         ):
             module.to(self.device)
             if next(module.parameters()).dtype != dtype:
@@ -205,7 +208,7 @@ class Trainer:
     def _setup_denoiser(self) -> None:
         """The denoiser's attention kernel, and what CUDA graphs need, checked before LoRA layers exist."""
         cfg, base, train = self.cfg, self.base, self.cfg.train
-        configure_attention(base.denoiser, cfg.model.attention, self.device)
+        self.family.configure_attention(base.denoiser, cfg.model.attention, self.device)
         if problems := cuda_graph_problems(  # before LoRA layers are added to the shared base model
             train.cuda_graphs,
             grad_accum_steps=train.grad_accum_steps,
@@ -279,6 +282,7 @@ class Trainer:
                     device=self.device,
                     clip_skip=cfg.model.clip_skip,
                     max_token_length=cfg.data.max_token_length,
+                    t5_max_length=cfg.model.t5_max_length,
                 )
             )
         self.order_rng = torch.Generator().manual_seed(train.seed)
@@ -492,7 +496,7 @@ class Trainer:
                 ImageGeometry(*self._latent_geometry[crop], g.target_size)
                 for crop, g in zip(zip(batch["index"], batch["flipped"], strict=True), geometry, strict=True)
             ]
-        cond.update(self.family.batch_extras(geometry, self.device))
+        cond.update(self.family.batch_extras(geometry, self.device, self.cfg.train))
         draw = self.objective.draw(latents, rng)
         with self.accelerator.autocast(), stage("unet_forward"):
             if self.graphed_denoiser is not None:
@@ -559,12 +563,12 @@ class Trainer:
 
         def encode(texts: list[str]) -> Conditioning:
             return self.family.encode_text(
-                base.tokenizers,
-                base.text_encoders,
+                base,
                 texts,
                 self.device,
                 clip_skip=cfg.model.clip_skip,
                 max_token_length=cfg.data.max_token_length,
+                t5_max_length=cfg.model.t5_max_length,
             )
 
         return encode(captions) if self.text_cache is None else self.text_cache.encode(captions, encode)
@@ -605,7 +609,7 @@ class Trainer:
             return self.family.predict(base.denoiser, noisy, timesteps, cond)
 
         def extras(geometry: list[ImageGeometry]) -> Conditioning:
-            return self.family.batch_extras(geometry, self.device)
+            return self.family.batch_extras(geometry, self.device, self.cfg.train)
 
         with self.accelerator.autocast(), self.lora_without_input_casts(base.denoiser, *base.text_encoders):
             return validation.per_image(self._encode_captions, predict, extras)
@@ -615,12 +619,12 @@ class Trainer:
         (clip skip, long prompts); the negative prompt (``""`` when None) goes through the same path."""
         cfg, base = self.cfg, self.base
         cond = self.family.encode_text(
-            base.tokenizers,
-            base.text_encoders,
+            base,
             [prompt, negative_prompt or ""],
             self.device,
             clip_skip=cfg.model.clip_skip,
             max_token_length=cfg.data.max_token_length,
+            t5_max_length=cfg.model.t5_max_length,
         )
         return self.family.pipeline_inputs(cond)
 

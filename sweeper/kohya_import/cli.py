@@ -7,6 +7,7 @@ import re
 import sys
 from pathlib import Path
 
+import sweeper.kohya_import.flow_rules
 import sweeper.kohya_import.rules  # noqa: F401  (registers the mapping rules)
 from sweeper.config import PROJECT_ROOT
 from sweeper.kohya_import.convert import Unfit, as_bool

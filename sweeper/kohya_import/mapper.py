@@ -44,6 +44,12 @@ def simple(key: str, target: str, convert: Callable[[Any], Any], note: str = "")
     RULES.append(((key,), apply, False))
 
 
+def _nested(leaf: str, value: Any) -> dict[str, Any]:
+    """``{"flow": {"shift": 3.0}}`` for ``flow.shift``: a sub-section's key (train.flow.*) merges into its schema."""
+    head, _, rest = leaf.partition(".")
+    return {head: _nested(rest, value) if rest else value}
+
+
 class Mapper:
     def __init__(self, result: ImportResult, options: dict[str, Option], conf_dir: Path, plan: SubsetPlan) -> None:
         self.result = result
@@ -69,7 +75,9 @@ class Mapper:
         section, _, leaf = target.partition(".")
         node = OmegaConf.structured(SCHEMAS[section])
         try:
-            stored = OmegaConf.to_container(OmegaConf.merge(node, {leaf: value}), resolve=False)[leaf]
+            stored = OmegaConf.to_container(OmegaConf.merge(node, _nested(leaf, value)), resolve=False)
+            for part in leaf.split("."):
+                stored = stored[part]
             # the schema's type (16 -> 16.0); a list of tables (data.subsets) keeps only the fields given
             value = value if isinstance(value, list) and value and isinstance(value[0], dict) else stored
         except OmegaConfBaseException as error:

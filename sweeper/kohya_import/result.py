@@ -153,9 +153,21 @@ class ImportResult:
         for section in sorted(nested, key=lambda s: SECTIONS.index(s) if s in SECTIONS else len(SECTIONS)):
             out.append("")
             out.append(f"{section}:")
+            heads_written: set[str] = set()
             for leaf, value in nested[section].items():
                 origin = one_line(self.origins.get(f"{section}.{leaf}", ""))
                 comment = f"  # {origin}" if origin else ""
+                head, _, rest = leaf.partition(".")
+                if rest:  # a sub-section's key (train.flow.shift): under its own heading, once
+                    if head not in heads_written:
+                        heads_written.add(head)
+                        out.append(f"  {head}:")
+                        for sub, sub_value in nested[section].items():
+                            if sub.startswith(f"{head}."):
+                                sub_origin = one_line(self.origins.get(f"{section}.{sub}", ""))
+                                note = f"  # {sub_origin}" if sub_origin else ""
+                                out.append(f"    {sub.partition('.')[2]}: {yaml_value(sub_value)}{note}")
+                    continue
                 if value and isinstance(value, list) and all(isinstance(v, dict) for v in value):
                     out.append(f"  {leaf}:")  # a list of tables (data.subsets): one entry a line
                     labels = self.entry_origins.get(f"{section}.{leaf}", [])

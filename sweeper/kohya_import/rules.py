@@ -226,8 +226,12 @@ def _no_metadata(m: Mapper, taken: dict[str, Option]) -> None:
 @rule("network_module")
 def _network_module(m: Mapper, taken: dict[str, Option]) -> None:
     option = taken["network_module"]
-    if not str(option.value).endswith("networks.lora"):
-        raise Unfit(f"only plain LoRA (networks.lora) is trained here, not {option.value!r} (LyCORIS etc.)")
+    module = str(option.value)
+    if module.endswith(("networks.lora_flux", "networks.lora_sd3")):  # sd-scripts' FLUX.1 / SD3 LoRA
+        m.set("model.kind", "flux" if module.endswith("flux") else "sd3", option, "its family's LoRA")
+        return
+    if not module.endswith("networks.lora"):
+        raise Unfit(f"only plain LoRA (networks.lora, lora_sd3, lora_flux) is trained here, not {module!r}")
     m.nothing(option, "LoRA: the only network here")
 
 

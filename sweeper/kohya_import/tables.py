@@ -150,6 +150,24 @@ NO_EQUIVALENT = {
     "block_lr": "no per-block learning rates (sdxl_train.py's full fine-tuning)",
 }
 
+# sd3_train_network.py / flux_train_network.py options with nothing to map to, and why
+NO_EQUIVALENT |= {
+    "clip_l": "separate component files are not read: give a diffusers SD3/FLUX.1 folder as model.path or config_dir",
+    "clip_g": "separate component files are not read: give a diffusers SD3 folder as model.path or config_dir",
+    "t5xxl": "separate component files are not read: give a diffusers SD3/FLUX.1 folder (model.t5 switches T5)",
+    "ae": "separate component files are not read: give a diffusers FLUX.1 folder as model.config_dir",
+    "apply_t5_attn_mask": "T5's padding is attended, as the diffusers pipelines do",
+    "fp8_base": "no fp8 base model; precision=bf16 keeps the frozen transformer in bf16",
+    "fp8_base_unet": "no fp8 base model; precision=bf16 keeps the frozen transformer in bf16",
+    "blocks_to_swap": "no block swapping to the CPU; model.gradient_checkpointing saves memory",
+    "cpu_offload_checkpointing": "no CPU offload of checkpoints",
+    "split_mode": "no split mode",
+    "t5xxl_device": "T5 runs on the training device",
+    "t5xxl_dtype": "T5 runs in the training precision (fp32 under fp16)",
+    "enable_scaled_pos_embed": "the transformer's own position embedding is used",
+    "disable_mmap_load_safetensors": "weights load through diffusers",
+}
+
 # Optimizer names (sd-scripts' optimizer_type, lowercased) -> our optimizer option
 OPTIMIZERS = {
     "adamw": "adamw",
@@ -195,6 +213,13 @@ NETWORK_ARGS = {
     "block_alphas": "one alpha for every layer (network.alpha)",
     "conv_block_dims": "LoRA on conv layers (LoCon) is not offered",
     "conv_block_alphas": "LoRA on conv layers (LoCon) is not offered",
+    "split_qkv": "q, k and v always have LoRAs of their own; the file stores them as kohya's fused qkv either way",
+    "train_blocks": "network.unet_targets names the layers (e.g. single_transformer_blocks modules)",
+    "train_t5xxl": "T5 never gets a LoRA here; network.train_text_encoder trains the CLIP encoders",
+    "in_dims": "no LoRA on the input embedders",
+    "emb_dims": "no LoRA on the embedders",
+    "train_double_block_indices": "no per-block selection; one rank for every layer",
+    "train_single_block_indices": "no per-block selection; one rank for every layer",
 }
 
 # Dataset-config subset options: those a data.subsets entry holds per folder, and sd-scripts'

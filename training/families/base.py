@@ -7,8 +7,9 @@ size/crop time ids), the objective (``training/objective``), the denoiser call, 
 a LoRA under which kohya prefix and module names, and the kohya/modelspec file metadata.
 
 SD1/SD2 (``training.families.sd``) and SDXL (``training.families.sdxl``) are DDPM families with a
-``UNet2DConditionModel``; SD3/Flux (transformer denoisers, flow matching) would override the
-objective and the denoiser call as well.
+``UNet2DConditionModel``; SD3/SD3.5 (``sd3``) and FLUX.1 (``flux``) are flow-matching families with
+an MMDiT transformer (``training.families.mmdit``), which own the objective, the denoiser call and
+the packed or padded conditioning as well.
 """
 
 from __future__ import annotations
@@ -64,12 +65,22 @@ class ModelFamily:
     kind: str = ""
     label: str = ""  # how messages name it ("SD1.x", "SDXL")
     text_parts: tuple[TextPart, ...] = ()
-    unet_prefix = "lora_unet_"
+    unet_prefix = "lora_unet_"  # the denoiser's kohya prefix (kohya keeps it for SD3's and FLUX's transformer)
+    network_module = "networks.lora"  # kohya's ss_network_module
     vae_overflows_in_fp16 = False  # the VAE needs fp32 when training in fp16 (model.vae_precision=auto)
     # --- how its files look (training/families/detect.py asks the lower ranks first: the more specific)
     detection_rank = 100
     pipeline_classes: tuple[str, ...] = ()  # model_index.json's _class_name values of this family
     checkpoint_markers: tuple[tuple[str, str], ...] = ()  # (tensor-name prefix, evidence) of an original-layout file
+    # what model.config_dir must hold for a single-file checkpoint (configs; SD3/FLUX read weights there too)
+    config_dir_files: tuple[str, ...] = (
+        "model_index.json",
+        "unet/config.json",
+        "vae/config.json",
+        "text_encoder/config.json",
+        "tokenizer",
+        "scheduler/scheduler_config.json",
+    )
 
     def folder_evidence(self, folder: Path, index: dict[str, Any]) -> str | None:
         """Why ``folder`` (its ``model_index.json`` read into ``index``) is of this family; None if it is not."""
@@ -83,28 +94,50 @@ class ModelFamily:
         return article_for(self.label)
 
     # --- before anything loads
-    def problems(self, model_cfg: Any, network_cfg: Any) -> list[str]:
+    def problems(
+        self, model_cfg: Any, network_cfg: Any, train_cfg: Any | None = None, eval_cfg: Any | None = None
+    ) -> list[str]:
         """Options this family cannot honour, each naming the key and the fix."""
+        if eval_cfg is not None and eval_cfg.sampler == "flow_euler":
+            return [f"eval.sampler=flow_euler samples flow-matching models (SD3, FLUX.1), not {self.label}; use ddim"]
         return []
 
     # --- text conditioning
     def encode_text(
         self,
-        tokenizers: Sequence[Any],
-        encoders: Sequence[torch.nn.Module],
+        base: Any,
         captions: list[str],
         device: torch.device | str,
         *,
         clip_skip: int,
         max_token_length: int,
+        t5_max_length: int | None = None,
     ) -> Conditioning:
+        """The denoiser's conditioning for ``captions`` from ``base``'s tokenizers and text encoders."""
         raise NotImplementedError
 
-    def batch_extras(self, geometry: Sequence[ImageGeometry], device: torch.device | str) -> Conditioning:
+    def batch_extras(
+        self, geometry: Sequence[ImageGeometry], device: torch.device | str, train_cfg: Any | None = None
+    ) -> Conditioning:
         """Per-image conditioning beyond the text (none for SD1/SD2)."""
         return {}
 
     # --- the objective and the denoiser
+    def configure_attention(self, denoiser: Any, kind: str, device: torch.device | str) -> None:
+        """Every attention layer of the denoiser on the ``model.attention`` kernel (UNet processors)."""
+        from training.speed.attention import configure_attention
+
+        configure_attention(denoiser, kind, device)
+
+    def training_scheduler(self, scheduler: Any, prediction_type: str | None) -> Any:
+        """The scheduler training draws noise with: DDPM's forward process from the model's own config
+        (its betas), whatever sampler that config names; ``model.prediction_type`` replaces the target
+        (v-prediction, Salimans & Ho 2022, arXiv:2202.00512, for SD2-768-v style models)."""
+        from diffusers import DDPMScheduler
+
+        extra = {"prediction_type": prediction_type} if prediction_type else {}
+        return DDPMScheduler.from_config(scheduler.config, **extra)
+
     def objective(self, scheduler: Any, vae_config: Any, train_cfg: Any, device: torch.device | str) -> Objective:
         """How this family trains: the DDPM noise-prediction objective (``training/objective``)."""
         return NoisePrediction(scheduler, vae_config, train_cfg, device)
@@ -121,6 +154,24 @@ class ModelFamily:
         return {"hidden": tensors[0]}
 
     # --- evaluation
+    def native_resolution(self, base: Any) -> int:
+        """The image side the denoiser was built for (64 for tiny, 512 for SD1.5, 1024 for SDXL/SD3)."""
+        sample_size = base.denoiser.config.sample_size
+        side = sample_size if isinstance(sample_size, int) else sample_size[0]
+        return side * base.vae_scale_factor
+
+    def sampling_guidance(self, eval_cfg: Any, train_cfg: Any) -> float:
+        """The pipeline's ``guidance_scale``: classifier-free guidance (``eval.guidance_scale``)."""
+        return float(eval_cfg.guidance_scale)
+
+    # the starting noise in the layout the pipeline takes as ``latents``, where it is not the plain
+    # (count, channels, h, w) draw (FLUX packs it): evaluation.sampling.LatentDraw
+    initial_latents: Callable[..., torch.Tensor] | None = None
+
+    def sampler(self, name: str) -> str:
+        """The ``evaluation.sampling.SAMPLERS`` entry that samples this family for ``eval.sampler``."""
+        return name
+
     def pipeline(self, base: Any, scheduler: Any) -> Any:
         """The diffusers sampling pipeline over ``base``'s live parts (shared, not copied)."""
         raise NotImplementedError
@@ -130,16 +181,27 @@ class ModelFamily:
         hidden = cond["hidden"]
         return {"prompt_embeds": hidden[:1], "negative_prompt_embeds": hidden[1:]}
 
-    # --- the LoRA file
+    # --- the LoRA
+    def lora_targets(self, denoiser: torch.nn.Module, requested: list[str]) -> list[str]:
+        """peft ``target_modules`` for ``network.unet_targets`` (module-name suffixes)."""
+        return list(requested)
+
     def kohya_unet_names(self, unet: torch.nn.Module) -> dict[str, str]:
-        """Module path -> kohya's flattened name (without ``lora_unet_``) for every UNet module."""
+        """Module path -> kohya's flattened name (without ``lora_unet_``) for every denoiser module."""
         return {name: name.replace(".", "_") for name, _ in unet.named_modules() if name}
+
+    def kohya_fused_names(self, denoiser: torch.nn.Module) -> dict[str, list[str]]:
+        """kohya name -> the denoiser modules one original layer holds (SD3/FLUX's qkv); none here."""
+        return {}
+
+    def modelspec_prediction_type(self, v_prediction: bool) -> str | None:
+        return "v" if v_prediction else "epsilon"
 
     def base_model_version(self, base: Any) -> str:
         """kohya's ``ss_base_model_version``."""
         raise NotImplementedError
 
-    def architecture(self, v_prediction: bool) -> str:
+    def architecture(self, v_prediction: bool, base: Any = None) -> str:
         """modelspec's ``architecture`` of the base model (the LoRA appends ``/lora``)."""
         raise NotImplementedError
 
@@ -148,11 +210,14 @@ class ModelFamily:
         return {}
 
     # --- loading
-    def load_folder(self, location: str, revision: str | None, vae: Any | None) -> dict[str, Any]:
-        """The parts of a diffusers folder or hub id, by component name."""
+    def load_folder(self, location: str, revision: str | None, vae: Any | None, with_t5: bool = True) -> dict:
+        """The parts of a diffusers folder or hub id: denoiser, vae, text_encoders (those a LoRA may
+        adapt), tokenizers, scheduler, and t5 / t5_tokenizer where the family has them."""
         raise NotImplementedError
 
-    def load_single_file(self, file: str, config_source: str | None, vae: Any | None, local_only: bool) -> dict:
+    def load_single_file(
+        self, file: str, config_source: str | None, vae: Any | None, local_only: bool, with_t5: bool = True
+    ) -> dict:
         """The parts of an original-layout single-file checkpoint, by component name."""
         raise NotImplementedError
 

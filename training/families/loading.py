@@ -15,12 +15,12 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
+from diffusers import AutoencoderKL
 
 from toy_world.shipped import shipped_folder
 from training.families import MODEL_KINDS, ModelFamily, family_of
 from training.families.checked_loading import load_checked
-from training.families.detect import checkpoint_kind, folder_kind, kind_mismatch, loaded_kind, not_trained_yet
+from training.families.detect import checkpoint_kind, folder_kind, kind_mismatch, loaded_kind
 from training.families.embedded import EMBEDDED_MODEL_NOTES
 from training.families.sd import SD1
 from training.text.encoding_options import clip_skip_problem
@@ -31,15 +31,6 @@ VAE_PRECISIONS = ("auto", "fp32", "half")
 PREDICTION_TYPES = ("epsilon", "v_prediction")
 CHECKPOINT_SUFFIXES = (".safetensors", ".ckpt")  # .ckpt is read with torch.load(weights_only=True)
 VAE_FILE_SUFFIXES = (".safetensors", ".ckpt", ".pt")
-# What a config folder for a single-file checkpoint must hold (configs only; weights are not read).
-CONFIG_DIR_FILES = (
-    "model_index.json",
-    "unet/config.json",
-    "vae/config.json",
-    "text_encoder/config.json",
-    "scheduler/scheduler_config.json",
-)
-SDXL_CONFIG_DIR_FILES = ("text_encoder_2/config.json", "tokenizer_2")
 # Options applied to the loaded model at run time; they do not change what is loaded.
 RUNTIME_MODEL_KEYS = ("clip_skip", "attention", "gradient_checkpointing")
 
@@ -48,14 +39,16 @@ RUNTIME_MODEL_KEYS = ("clip_skip", "attention", "gradient_checkpointing")
 class BaseModel:
     """The parts of a base model that LoRA training needs, and the family that knows how to use them."""
 
-    denoiser: UNet2DConditionModel  # the part that predicts noise: a UNet here, a transformer in SD3/FLUX
+    denoiser: torch.nn.Module  # a UNet2DConditionModel (SD1/SD2/SDXL) or an MMDiT transformer (SD3, FLUX)
     vae: AutoencoderKL
-    text_encoders: list[torch.nn.Module]  # one per family text part (SDXL: CLIP ViT-L, OpenCLIP bigG)
-    tokenizers: list[Any]
-    noise_scheduler: DDPMScheduler
+    text_encoders: list[torch.nn.Module]  # one per family text part, those a LoRA may adapt (the CLIPs)
+    tokenizers: list[Any]  # the text parts' tokenizers
+    noise_scheduler: Any  # what training draws noise with: DDPMScheduler, or FlowMatchEulerDiscreteScheduler
     location: str  # the folder, checkpoint file or hub id it was loaded from
     identity: dict[str, str] = field(default_factory=dict)
     family: ModelFamily = SD1
+    t5: torch.nn.Module | None = None  # SD3's (optional) and FLUX's T5 encoder: frozen, never adapted
+    t5_tokenizer: Any = None
 
     @property
     def kind(self) -> str:
@@ -77,9 +70,12 @@ class BaseModel:
     @property
     def native_resolution(self) -> int:
         """The image side the denoiser was built for (64 for tiny, 512 for SD1.5, 1024 for SDXL)."""
-        sample_size = self.denoiser.config.sample_size
-        side = sample_size if isinstance(sample_size, int) else sample_size[0]
-        return side * self.vae_scale_factor
+        return self.family.native_resolution(self)
+
+    @property
+    def frozen_modules(self) -> list[torch.nn.Module]:
+        """Every part of the model, T5 included where there is one."""
+        return [self.denoiser, self.vae, *self.text_encoders, *([self.t5] if self.t5 is not None else [])]
 
     @property
     def base_model_version(self) -> str:
@@ -141,7 +137,9 @@ def resolved_kind(model_cfg: Any) -> str | None:
 # --- startup validation
 
 
-def model_problems(model_cfg: Any, network_cfg: Any | None = None) -> list[str]:
+def model_problems(
+    model_cfg: Any, network_cfg: Any | None = None, train_cfg: Any | None = None, eval_cfg: Any | None = None
+) -> list[str]:
     """Every reason ``model`` cannot be loaded or run, checked before anything heavy happens (``model.attention``
     is checked with the other machine-dependent options: sweeper/validate.py)."""
     problems: list[str] = []
@@ -171,8 +169,8 @@ def model_problems(model_cfg: Any, network_cfg: Any | None = None) -> list[str]:
             problems.append(f"model.source=toy: {error}")
     if model_cfg.source in EMBEDDED_SOURCES and model_cfg.kind == "sd2":
         problems.append(
-            f"model.kind=sd2 but model.source={model_cfg.source} has no SD2 form (toy: SD1 only; tiny: sd1 or sdxl); "
-            "use model.kind=sd1"
+            f"model.kind=sd2 but model.source={model_cfg.source} has no SD2 form (toy: SD1 only; tiny: sd1, sdxl, "
+            "sd3 or flux); use model.kind=sd1"
         )
     elif model_cfg.source == "toy" and model_cfg.kind not in (None, "sd1"):
         problems.append(f"model.kind={model_cfg.kind} but model.source=toy is an SD1-architecture model; use sd1")
@@ -180,13 +178,7 @@ def model_problems(model_cfg: Any, network_cfg: Any | None = None) -> list[str]:
         path_problems = _path_problems(model_cfg)
         problems += path_problems
         found = detected_kind(model_cfg) if not path_problems else None
-        if found and not_trained_yet(found[0]):
-            problems.append(
-                f"model.path: '{model_cfg.path}' is {found[1]}; this version trains "
-                f"{', '.join(MODEL_KINDS)} models only (SD3 and FLUX.1 are recognised, their training is not "
-                "built yet): give an SD1, SD2 or SDXL model"
-            )
-        elif found and model_cfg.kind in MODEL_KINDS and found[0] != model_cfg.kind:
+        if found and model_cfg.kind in MODEL_KINDS and found[0] != model_cfg.kind:
             problems.append(kind_mismatch(model_cfg.kind, found[0], found[1], model_cfg.path))
         if not path_problems and not found and not model_cfg.kind and Path(model_cfg.path).expanduser().exists():
             problems.append(
@@ -195,7 +187,9 @@ def model_problems(model_cfg: Any, network_cfg: Any | None = None) -> list[str]:
             )
     kind = resolved_kind(model_cfg)
     if kind in MODEL_KINDS and network_cfg is not None:
-        problems += family_of(kind).problems(model_cfg, network_cfg)
+        problems += family_of(kind).problems(model_cfg, network_cfg, train_cfg, eval_cfg)
+    if model_cfg.t5_max_length is not None and model_cfg.t5_max_length < 1:
+        problems.append(f"model.t5_max_length={model_cfg.t5_max_length}: give a token count (e.g. 256, 512) or null")
     if model_cfg.vae:
         problems += _vae_problems(model_cfg.vae)
     return problems
@@ -212,9 +206,11 @@ def _path_problems(model_cfg: Any) -> list[str]:
     if local.is_file():
         return _checkpoint_problems(model_cfg, local)
     if local.is_dir():
-        if not (local / "model_index.json").is_file() and not (local / "unet").is_dir():
+        if not (local / "model_index.json").is_file() and not any(
+            (local / d).is_dir() for d in ("unet", "transformer")
+        ):
             return [
-                f"model.path: '{path}' is not a diffusers folder (no model_index.json or unet/); "
+                f"model.path: '{path}' is not a diffusers folder (no model_index.json, unet/ or transformer/); "
                 "point it at a folder saved with save_pretrained, or at a .safetensors checkpoint"
             ]
         return []
@@ -248,10 +244,8 @@ def _checkpoint_problems(model_cfg: Any, file: Path) -> list[str]:
         if hub_offline() or config_dir.startswith((".", "/", "~")) or config_dir.count("/") != 1:
             return [f"model.config_dir: folder '{config_dir}' does not exist; give a local diffusers config folder"]
         return []  # a hub id, fetched online
-    wanted = [*CONFIG_DIR_FILES, "tokenizer"]
     in_file, in_folder = checkpoint_kind(file), folder_kind(folder)
-    if (in_file or in_folder or ("", ""))[0] == "sdxl":
-        wanted += SDXL_CONFIG_DIR_FILES
+    wanted = family_of((in_file or in_folder or ("sd1", ""))[0]).config_dir_files
     missing = [name for name in wanted if not (folder / name).exists()]
     if missing:
         return [
@@ -302,21 +296,19 @@ def load_base_model(model_cfg: Any) -> BaseModel:
     vae = _load_vae(model_cfg.vae, config_source) if model_cfg.vae else None
     if single_file:
         local_configs = config_source is not None and Path(config_source).is_dir()
-        parts = family.load_single_file(location, config_source, vae, local_configs or hub_offline())
+        parts = family.load_single_file(location, config_source, vae, local_configs or hub_offline(), model_cfg.t5)
     else:
-        parts = family.load_folder(location, model_cfg.revision, vae)
-    # Training draws noise with the DDPM forward process whatever sampler the model's config names.
-    noise_scheduler = DDPMScheduler.from_config(parts["scheduler"].config)
-    if model_cfg.prediction_type:
-        # v-prediction (Salimans & Ho 2022, arXiv:2202.00512) for SD2-768-v style models; the loop
-        # and the samplers read prediction_type from this config.
-        noise_scheduler = DDPMScheduler.from_config(noise_scheduler.config, prediction_type=model_cfg.prediction_type)
-    found, evidence = loaded_kind(parts["text_encoders"])
+        parts = family.load_folder(location, model_cfg.revision, vae, model_cfg.t5)
+    # the loop and the samplers read the prediction type (or the flow shift) from this scheduler's config
+    noise_scheduler = family.training_scheduler(parts["scheduler"], model_cfg.prediction_type)
+    found, evidence = loaded_kind(parts["denoiser"], parts["text_encoders"])
     if found != kind:
         raise ValueError(kind_mismatch(kind, found, evidence, location))
-    named = {"unet": parts["unet"], "vae": parts["vae"]}
+    named = {"denoiser": parts["denoiser"], "vae": parts["vae"]}
     encoders = zip(family.text_parts, parts["text_encoders"], strict=True)
     named.update({part.encoder: encoder for part, encoder in encoders})
+    if parts.get("t5") is not None:
+        named["t5"] = parts["t5"]
     for name, module in named.items():
         _require_loaded(module, name, location)
         module.requires_grad_(False)
@@ -327,15 +319,17 @@ def load_base_model(model_cfg: Any) -> BaseModel:
         "revision": model_cfg.revision or "",
         "weights_sha256": weights_fingerprint(location),
         "kind": kind,
-        "prediction_type": noise_scheduler.config.prediction_type,
+        "prediction_type": getattr(noise_scheduler.config, "prediction_type", "flow"),
     }
+    if parts.get("t5") is not None:
+        identity["t5"] = "on"  # the text conditioning differs with and without it (SD3)
     if single_file:
         identity["config_dir"] = config_source or ""
     if model_cfg.vae:
         identity["vae"] = _local_or_id(model_cfg.vae)
         identity["vae_sha256"] = weights_fingerprint(identity["vae"])
     return BaseModel(
-        parts["unet"],
+        parts["denoiser"],
         parts["vae"],
         parts["text_encoders"],
         parts["tokenizers"],
@@ -343,6 +337,8 @@ def load_base_model(model_cfg: Any) -> BaseModel:
         location,
         identity,
         family=family,
+        t5=parts.get("t5"),
+        t5_tokenizer=parts.get("t5_tokenizer"),
     )
 
 

@@ -8,7 +8,6 @@ reads, and in its names in a LoRA file (``ss_v2``, the modelspec architecture); 
 from __future__ import annotations
 
 import json
-from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -60,16 +59,21 @@ class StableDiffusion(ModelFamily):
 
     def encode_text(
         self,
-        tokenizers: Sequence[Any],
-        encoders: Sequence[torch.nn.Module],
+        base: Any,
         captions: list[str],
         device: torch.device | str,
         *,
         clip_skip: int,
         max_token_length: int,
+        t5_max_length: int | None = None,
     ) -> Conditioning:
         hidden = encode_prompts(
-            tokenizers[0], encoders[0], captions, device, clip_skip=clip_skip, max_token_length=max_token_length
+            base.tokenizers[0],
+            base.text_encoders[0],
+            captions,
+            device,
+            clip_skip=clip_skip,
+            max_token_length=max_token_length,
         )
         return {"hidden": hidden}
 
@@ -88,23 +92,25 @@ class StableDiffusion(ModelFamily):
             return "sd_v2_v" if base.noise_scheduler.config.prediction_type == "v_prediction" else "sd_v2"
         return "sd_v1"
 
-    def architecture(self, v_prediction: bool) -> str:
+    def architecture(self, v_prediction: bool, base: Any = None) -> str:
         return self._architectures[v_prediction]
 
     def file_metadata(self, base: Any) -> dict[str, Any]:
         return {"ss_v2": self.kind == "sd2"}
 
-    def load_folder(self, location: str, revision: str | None, vae: Any | None) -> dict[str, Any]:
+    def load_folder(self, location: str, revision: str | None, vae: Any | None, with_t5: bool = True) -> dict:
         kwargs = {"revision": revision} if revision else {}
         return {
-            "unet": load_checked(UNet2DConditionModel, location, "unet", **kwargs),
+            "denoiser": load_checked(UNet2DConditionModel, location, "unet", **kwargs),
             "vae": vae or load_checked(AutoencoderKL, location, "vae", **kwargs),
             "text_encoders": [load_checked(CLIPTextModel, location, "text_encoder", **kwargs)],
             "tokenizers": [CLIPTokenizer.from_pretrained(location, subfolder="tokenizer", **kwargs)],
             "scheduler": DDPMScheduler.from_pretrained(location, subfolder="scheduler", **kwargs),
         }
 
-    def load_single_file(self, file: str, config_source: str | None, vae: Any | None, local_only: bool) -> dict:
+    def load_single_file(
+        self, file: str, config_source: str | None, vae: Any | None, local_only: bool, with_t5: bool = True
+    ) -> dict:
         """Through diffusers' own converters; the checkpoint's text-encoder layout (CLIP or OpenCLIP)
         is converted by diffusers. The safety checker is never loaded."""
         pipeline = StableDiffusionPipeline.from_single_file(
@@ -117,7 +123,7 @@ class StableDiffusion(ModelFamily):
             **({"vae": vae} if vae is not None else {}),
         )
         return {
-            "unet": pipeline.unet,
+            "denoiser": pipeline.unet,
             "vae": pipeline.vae,
             "text_encoders": [pipeline.text_encoder],
             "tokenizers": [pipeline.tokenizer],

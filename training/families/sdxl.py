@@ -36,6 +36,7 @@ class StableDiffusionXL(ModelFamily):
     detection_rank = 10  # before SD1/SD2; after SD3 and FLUX, which have a second text encoder too
     pipeline_classes = ("StableDiffusionXLPipeline", "StableDiffusionXLImg2ImgPipeline")
     checkpoint_markers = (("conditioner.embedders.1.", "an SDXL checkpoint (conditioner.embedders.1: OpenCLIP bigG)"),)
+    config_dir_files = (*ModelFamily.config_dir_files, "text_encoder_2/config.json", "tokenizer_2")
 
     def folder_evidence(self, folder: Path, index: dict[str, Any]) -> str | None:
         if evidence := super().folder_evidence(folder, index):
@@ -44,8 +45,10 @@ class StableDiffusionXL(ModelFamily):
             return "an SDXL model (it has text_encoder_2)"
         return None
 
-    def problems(self, model_cfg: Any, network_cfg: Any) -> list[str]:
-        problems = []
+    def problems(
+        self, model_cfg: Any, network_cfg: Any, train_cfg: Any | None = None, eval_cfg: Any | None = None
+    ) -> list[str]:
+        problems = super().problems(model_cfg, network_cfg, train_cfg, eval_cfg)
         if network_cfg.embedding.enabled:
             problems.append(
                 "network.embedding.enabled=true: textual-inversion co-training is built for one text encoder "
@@ -56,13 +59,13 @@ class StableDiffusionXL(ModelFamily):
 
     def encode_text(
         self,
-        tokenizers: Sequence[Any],
-        encoders: Sequence[torch.nn.Module],
+        base: Any,
         captions: list[str],
         device: torch.device | str,
         *,
         clip_skip: int,
         max_token_length: int,
+        t5_max_length: int | None = None,
     ) -> Conditioning:
         """``hidden`` (batch, 77 * chunks, 768 + 1280) and ``text_embeds`` (batch, 1280).
 
@@ -71,7 +74,7 @@ class StableDiffusionXL(ModelFamily):
         chunk's, as kohya does.
         """
         hidden, pooled = [], None
-        for tokenizer, encoder in zip(tokenizers, encoders, strict=True):
+        for tokenizer, encoder in zip(base.tokenizers, base.text_encoders, strict=True):
             ids = tokenize_chunks(tokenizer, captions, max_token_length)
             batch, chunks, context = ids.shape
             output = encoder(ids.view(batch * chunks, context).to(device), output_hidden_states=True)
@@ -83,7 +86,9 @@ class StableDiffusionXL(ModelFamily):
             raise ValueError("SDXL needs a text encoder with a projection (CLIPTextModelWithProjection) as its second")
         return {"hidden": torch.cat(hidden, dim=-1), "text_embeds": pooled}
 
-    def batch_extras(self, geometry: Sequence[ImageGeometry], device: torch.device | str) -> Conditioning:
+    def batch_extras(
+        self, geometry: Sequence[ImageGeometry], device: torch.device | str, train_cfg: Any | None = None
+    ) -> Conditioning:
         """SDXL's micro-conditioning: (original h, w, crop top, left, target h, w) per image."""
         rows = torch.tensor(
             [[*g.original_size, *g.crop_top_left, *g.target_size] for g in geometry], dtype=torch.float32
@@ -132,16 +137,16 @@ class StableDiffusionXL(ModelFamily):
     def base_model_version(self, base: Any) -> str:
         return SDXL_BASE_VERSION
 
-    def architecture(self, v_prediction: bool) -> str:
+    def architecture(self, v_prediction: bool, base: Any = None) -> str:
         return SDXL_ARCHITECTURE
 
     def file_metadata(self, base: Any) -> dict[str, Any]:
         return {"ss_v2": False}
 
-    def load_folder(self, location: str, revision: str | None, vae: Any | None) -> dict[str, Any]:
+    def load_folder(self, location: str, revision: str | None, vae: Any | None, with_t5: bool = True) -> dict:
         kwargs = {"revision": revision} if revision else {}
         return {
-            "unet": load_checked(UNet2DConditionModel, location, "unet", **kwargs),
+            "denoiser": load_checked(UNet2DConditionModel, location, "unet", **kwargs),
             "vae": vae or load_checked(AutoencoderKL, location, "vae", **kwargs),
             "text_encoders": [
                 load_checked(CLIPTextModel, location, "text_encoder", **kwargs),
@@ -154,7 +159,9 @@ class StableDiffusionXL(ModelFamily):
             "scheduler": DDPMScheduler.from_pretrained(location, subfolder="scheduler", **kwargs),
         }
 
-    def load_single_file(self, file: str, config_source: str | None, vae: Any | None, local_only: bool) -> dict:
+    def load_single_file(
+        self, file: str, config_source: str | None, vae: Any | None, local_only: bool, with_t5: bool = True
+    ) -> dict:
         """Through diffusers' own SDXL converters (OpenCLIP bigG included)."""
         pipeline = StableDiffusionXLPipeline.from_single_file(
             file,
@@ -164,7 +171,7 @@ class StableDiffusionXL(ModelFamily):
             **({"vae": vae} if vae is not None else {}),
         )
         return {
-            "unet": pipeline.unet,
+            "denoiser": pipeline.unet,
             "vae": pipeline.vae,
             "text_encoders": [pipeline.text_encoder, pipeline.text_encoder_2],
             "tokenizers": [pipeline.tokenizer, pipeline.tokenizer_2],

@@ -363,6 +363,7 @@ def peft_state_from_kohya(tensors: dict[str, torch.Tensor], part: LoraPart, adap
     ignored. Raises ``LoraFileError`` when a tensor's rank (or shape) does not fit the adapter.
     """
     model, prefix = part.model, part.kohya_prefix
+    tensors = split_fused(tensors, part)
     adapted: dict[str, list[str]] = {}
     every: dict[str, list[str]] = {}
     for name, module in model.named_modules():
@@ -433,6 +434,48 @@ def peft_state_from_kohya(tensors: dict[str, torch.Tensor], part: LoraPart, adap
     every_adapted = sorted({name for names in adapted.values() for name in names})
     match.missing = [name for name in every_adapted if name not in loaded_a or name not in loaded_b]
     return match
+
+
+def split_fused(tensors: dict[str, torch.Tensor], part: LoraPart) -> dict[str, torch.Tensor]:
+    """``tensors`` with each fused original layer of ``part`` (SD3/FLUX's qkv) split into its modules,
+    under the modules' own flat names, so they match one adapter each.
+
+    A block-diagonal up (kohya's ``split_qkv``, and ours) gives each module its own rank slice with
+    alpha scaled to keep alpha/rank; a dense up (one down shared by q, k and v) gives every module
+    the whole down, its rows of the up and the same alpha (modules without rows get nothing).
+    """
+    tensors = dict(tensors)
+    for flat, group in part.fused.items():
+        name = part.kohya_prefix + flat
+        if name + _DOWN not in tensors or name + _UP not in tensors:
+            continue
+        down, up = tensors.pop(name + _DOWN), tensors.pop(name + _UP)
+        rank = down.shape[0]
+        alpha = float(tensors.pop(name + _ALPHA, torch.tensor(float(rank))))
+        rows = list(zip(group, up.split([part.out_features(module) for module in group]), strict=True))
+        used = [(module, block) for module, block in rows if block.abs().sum() > 0]
+        # every module its own rank slice (kohya's split_qkv; ours when all were adapted), else the
+        # modules that have rows (ours for part of a group); a zero block is a module that learned nothing
+        members = next((m for m in (rows, used) if m and rank % len(m) == 0 and _block_diagonal(m, rank)), None)
+        for k, (module, block) in enumerate(members or used):
+            own = part.kohya_prefix + module.replace(".", "_")
+            if members:
+                share = rank // len(members)
+                columns = slice(k * share, (k + 1) * share)
+                tensors[own + _DOWN], tensors[own + _UP] = down[columns], block[:, columns]
+                tensors[own + _ALPHA] = torch.tensor(alpha * share / rank)
+            else:
+                tensors[own + _DOWN], tensors[own + _UP], tensors[own + _ALPHA] = down, block, torch.tensor(alpha)
+    return tensors
+
+
+def _block_diagonal(members: list[tuple[str, torch.Tensor]], rank: int) -> bool:
+    """Whether member k's up rows use only the k-th of len(members) equal rank slices."""
+    share = rank // len(members)
+    return all(
+        block[:, : k * share].abs().sum() == 0 and block[:, (k + 1) * share :].abs().sum() == 0
+        for k, (_, block) in enumerate(members)
+    )
 
 
 @dataclass

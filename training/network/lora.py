@@ -42,9 +42,15 @@ class LoraPart:
     why_off: str  # the options that switch it off, for messages
     # module path -> accepted kohya flat names (first = the one written); the family decides them
     kohya_names: dict[str, list[str]] = field(default_factory=dict)
+    # kohya flat name -> the modules one original layer holds, in stacking order (SD3/FLUX's fused qkv)
+    fused: dict[str, list[str]] = field(default_factory=dict)
 
     def kohya_name(self, module: str) -> str:
         return self.kohya_names.get(module, [module.replace(".", "_")])[0]
+
+    def out_features(self, module: str) -> int:
+        layer = self.model.get_submodule(module)
+        return getattr(layer, "base_layer", layer).out_features
 
 
 @dataclass
@@ -114,18 +120,61 @@ class LoraNetwork:
         return {"max_norm/scaled_modules": float(scaled), "max_norm/max": max(norms, default=0.0)}
 
     def kohya_state_dict(self, dtype: torch.dtype = torch.float32) -> dict[str, torch.Tensor]:
-        """kohya names: ``<prefix><module name>.lora_down.weight`` / ``.lora_up.weight`` / ``.alpha``."""
+        """kohya names: ``<prefix><module name>.lora_down.weight`` / ``.lora_up.weight`` / ``.alpha``.
+
+        The modules of a fused group (``part.fused``) are written as the one original layer, as kohya's
+        ``split_qkv`` saves them: the downs stacked, the ups block-diagonal. Loaders scale such a module
+        by alpha / (its stacked rank), so its alpha is this network's times the modules stacked.
+        """
         tensors: dict[str, torch.Tensor] = {}
         for part in self.adapted():
+            pairs: dict[str, dict[str, torch.Tensor]] = {}
             for key, value in get_peft_model_state_dict(
                 part.model, adapter_name=ADAPTER, save_embedding_layers=False
             ).items():
                 module, _, kind = key.rpartition(".lora_")
-                name = part.kohya_prefix + part.kohya_name(module)
-                direction = "lora_down" if kind.startswith("A") else "lora_up"
-                tensors[f"{name}.{direction}.weight"] = value.detach().to("cpu", dtype).contiguous()
-                tensors[f"{name}.alpha"] = torch.tensor(self.alpha, dtype=dtype)
+                pairs.setdefault(module, {})["down" if kind.startswith("A") else "up"] = value.detach()
+            tensors.update(kohya_tensors(part, pairs, self.alpha, dtype))
         return tensors
+
+
+def kohya_tensors(
+    part: LoraPart, pairs: dict[str, dict[str, torch.Tensor]], alpha: float, dtype: torch.dtype = torch.float32
+) -> dict[str, torch.Tensor]:
+    """``pairs`` (module -> its ``down`` and ``up``) under ``part``'s kohya names, fused groups as one layer."""
+    tensors: dict[str, torch.Tensor] = {}
+
+    def write(name: str, pair: dict[str, torch.Tensor], module_alpha: float) -> None:
+        tensors[f"{name}.lora_down.weight"] = pair["down"].to("cpu", dtype).contiguous()
+        tensors[f"{name}.lora_up.weight"] = pair["up"].to("cpu", dtype).contiguous()
+        tensors[f"{name}.alpha"] = torch.tensor(module_alpha, dtype=dtype)
+
+    in_group = {module for group in part.fused.values() for module in group}
+    for module, pair in pairs.items():
+        if module not in in_group:
+            write(part.kohya_prefix + part.kohya_name(module), pair, alpha)
+    for flat, group in part.fused.items():
+        present = [module for module in group if module in pairs]
+        if present:
+            write(part.kohya_prefix + flat, fuse(part, group, pairs), alpha * len(present))
+    return tensors
+
+
+def fuse(part: LoraPart, group: list[str], pairs: dict[str, dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+    """One (down, up) for the original layer of ``group``: the adapted modules' downs stacked along the
+    rank and their ups placed block-diagonally at their output rows (zeros for modules without a LoRA)."""
+    present = [module for module in group if module in pairs]
+    down = torch.cat([pairs[module]["down"] for module in present])
+    rank = pairs[present[0]]["down"].shape[0]
+    sizes = [part.out_features(module) for module in group]
+    up = down.new_zeros(sum(sizes), rank * len(present))
+    row, column = 0, 0
+    for module, size in zip(group, sizes, strict=True):
+        if module in pairs:
+            up[row : row + size, column : column + rank] = pairs[module]["up"]
+            column += rank
+        row += size
+    return {"down": down, "up": up}
 
 
 def text_encoder_kohya_names(model: torch.nn.Module) -> dict[str, list[str]]:
@@ -154,14 +203,15 @@ def lora_parts(base: Any, network_cfg: Any, base_lr: float) -> list[tuple[LoraPa
     parts = [
         (
             LoraPart(
-                "unet",
+                "unet",  # the denoiser's label in training states and messages, whatever its class
                 base.denoiser,
                 family.unet_prefix,
                 network_cfg.train_unet and (unet_lr > 0 or network_cfg.unet_lr is None),
                 "network.train_unet=false or network.unet_lr=0",
                 unet_names,
+                family.kohya_fused_names(base.denoiser),
             ),
-            list(network_cfg.unet_targets),
+            family.lora_targets(base.denoiser, list(network_cfg.unet_targets)),
             unet_lr,
         )
     ]

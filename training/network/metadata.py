@@ -125,7 +125,7 @@ def optimizer_name(optimizer: Any) -> str:
 def modelspec(
     *,
     architecture: str,
-    v_prediction: bool,
+    prediction_type: str | None,
     title: str,
     resolution: int,
     clip_skip: int,
@@ -141,9 +141,10 @@ def modelspec(
         "modelspec.implementation": "diffusers",
         "modelspec.title": title,
         "modelspec.resolution": f"{resolution}x{resolution}",
-        "modelspec.prediction_type": "v" if v_prediction else "epsilon",
         "modelspec.date": datetime.fromtimestamp(int(time.time())).isoformat(),
     }
+    if prediction_type is not None:  # epsilon or v; none for flow-matching models, as kohya writes them
+        spec["modelspec.prediction_type"] = prediction_type
     if timestep_range is not None:
         spec["modelspec.timestep_range"] = f"{timestep_range[0]},{timestep_range[1]}"
     if clip_skip > 1:
@@ -199,7 +200,7 @@ def training_metadata(
     step count) and ``base`` the loaded ``BaseModel``; the network keys come from ``kohya_metadata``.
     """
     train, data, network, optimizer = cfg.train, cfg.data, cfg.network, cfg.optimizer
-    v_prediction = base.noise_scheduler.config.prediction_type == "v_prediction"
+    v_prediction = getattr(base.noise_scheduler.config, "prediction_type", None) == "v_prediction"  # none: flow
     batches = len(trainer.batches)
     timestep_range = None
     if train.denoise_range is not None or train.timestep_range is not None:
@@ -267,8 +268,8 @@ def training_metadata(
         metadata[RUN_ID_KEY] = run_id
     metadata.update(
         modelspec(
-            architecture=base.family.architecture(v_prediction),
-            v_prediction=v_prediction,
+            architecture=base.family.architecture(v_prediction, base),
+            prediction_type=base.family.modelspec_prediction_type(v_prediction),
             title=cfg.output.name,
             resolution=trainer.resolution,
             clip_skip=cfg.model.clip_skip,
@@ -289,6 +290,7 @@ def kohya_metadata(
     steps: int,
     resolved_config: dict[str, Any],
     v2: bool = False,
+    network_module: str = "networks.lora",
     tag_frequency: str | Mapping[str, Mapping[str, int]] | None = None,
     extra: Mapping[str, str] | None = None,
 ) -> dict[str, str]:
@@ -299,7 +301,7 @@ def kohya_metadata(
     the run-level keys of ``training_metadata``.
     """
     metadata = {
-        "ss_network_module": "networks.lora",
+        "ss_network_module": network_module,  # networks.lora_flux / networks.lora_sd3 for those families
         "ss_network_dim": str(network.dim),
         "ss_network_alpha": f"{network.alpha:g}",
         "ss_network_args": json.dumps({}),

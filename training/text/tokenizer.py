@@ -7,15 +7,17 @@ learn them), while the full byte alphabet keeps any other text encodable.
 
 from __future__ import annotations
 
+import string
 from collections import Counter
 from collections.abc import Iterable
 from itertools import pairwise
 
-from tokenizers import pre_tokenizers
-from transformers import CLIPTokenizer
+from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors
+from transformers import CLIPTokenizer, T5TokenizerFast
 
 BOS, EOS = "<|startoftext|>", "<|endoftext|>"
 END_OF_WORD = "</w>"
+METASPACE = "\u2581"  # SentencePiece's word-start mark
 MAX_LENGTH = 77  # SD's text context: 75 tokens + BOS + EOS
 
 # The words of the bundled captions and eval prompts, plus common caption vocabulary.
@@ -69,3 +71,27 @@ def _merge(parts: list[str], pair: tuple[str, str]) -> list[str]:
             merged.append(parts[i])
             i += 1
     return merged
+
+
+def build_word_t5_tokenizer(words: Iterable[str] = BASE_WORDS, max_length: int = 512) -> T5TokenizerFast:
+    """A T5 (SentencePiece-unigram) tokenizer in which each of ``words`` is one ``▁word`` piece.
+
+    The tiny SD3 and FLUX models need their T5 tokenizer without a download; it has T5's special
+    tokens at T5's ids (pad 0, ``</s>`` 1, unk 2) and spells any other lower-case text in characters.
+    """
+    pieces = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0), (METASPACE, -2.0)]
+    pieces += [(METASPACE + word, -1.0) for word in sorted({w.lower() for w in words})]
+    pieces += [(char, -5.0) for char in string.ascii_lowercase + string.digits + string.punctuation]
+    model = Tokenizer(models.Unigram(pieces, unk_id=2))
+    model.normalizer = normalizers.Lowercase()
+    model.pre_tokenizer = pre_tokenizers.Metaspace()
+    model.decoder = decoders.Metaspace()
+    model.post_processor = processors.TemplateProcessing(single="$A </s>", special_tokens=[("</s>", 1)])
+    return T5TokenizerFast(
+        tokenizer_object=model,
+        eos_token="</s>",
+        unk_token="<unk>",
+        pad_token="<pad>",
+        extra_ids=0,
+        model_max_length=max_length,
+    )
