@@ -90,7 +90,7 @@ def check_load(folder: Path) -> dict:
     """``load_base_model`` on the written folder, as a trial does (``model.source=diffusers``): seconds and dtypes."""
     from omegaconf import OmegaConf
 
-    from sweeper.config import ModelConfig
+    from sweeper.config.schema import ModelConfig
     from training.families.loading import load_base_model
 
     started = time.perf_counter()

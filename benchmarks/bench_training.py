@@ -49,7 +49,7 @@ from PIL import Image, ImageDraw
 from transformers import CLIPTextConfig, CLIPTextModel
 
 import training.loop
-from sweeper.config import Config
+from sweeper.config.schema import Config
 from training.cache.text import clear_text_caches
 from training.data.scan import scan_dataset
 from training.families.loading import BaseModel

@@ -3,7 +3,7 @@ each metric, the smallest difference found at K = 1, 3, 5 seeds, and racing's sa
 
     python benchmarks/bench_verdicts.py --out benchmarks/results/toy-verdicts-cpu-2026-12-06.json
 
-Every setting is trained in this process through ``sweeper.setting.run`` with ``train.replicates=K``
+Every setting is trained in this process through ``sweeper.run.setting.run`` with ``train.replicates=K``
 (the model and caches are loaded once), exactly as a sweep trial trains it; tracking is off. The
 A/A sweeps are 4 copies of the default setting (``sweep.label=a..d``: each copy on seeds of its own)
 at two values of ``train.seed``. The racing grid is trained on every seed once; racing is then
@@ -29,7 +29,7 @@ sys.path.insert(0, str(REPO))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 from evaluation.replicates import verdict  # noqa: E402
-from sweeper.replicates import metric_table  # noqa: E402
+from sweeper.run.replicates import metric_table  # noqa: E402
 
 METRICS = ("clip_t", "clip_i", "concept_acc")
 
@@ -38,7 +38,7 @@ def compose(overrides: list[str]):
     from hydra import compose as hydra_compose
     from hydra import initialize_config_dir
 
-    from sweeper.config import register_configs, register_resolvers
+    from sweeper.config.schema import register_configs, register_resolvers
 
     register_resolvers()
     register_configs()
@@ -48,7 +48,7 @@ def compose(overrides: list[str]):
 
 def train(overrides: list[str], seeds: int, out: Path) -> tuple[list[dict], float]:
     """One setting on ``seeds`` seeds: its replicate records and the wall time."""
-    from sweeper.setting import run
+    from sweeper.run.setting import run
 
     cfg = compose([f"output.dir={out}", "tracking.enabled=false", f"train.replicates={seeds}", *overrides])
     start = time.perf_counter()

@@ -163,7 +163,7 @@ def unet_lora_tflop(rank: int = 4, side: int = 1024, batch: int = 1) -> dict[str
     from omegaconf import OmegaConf
     from torch.utils.flop_counter import FlopCounterMode
 
-    from sweeper.config import NetworkConfig
+    from sweeper.config.schema import NetworkConfig
     from training.network.lora import add_lora
 
     unet, vae, text_encoder, text_encoder_2 = sdxl_parts("meta")

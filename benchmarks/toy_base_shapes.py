@@ -1,7 +1,7 @@
 """How often the toy base model draws the shape it is asked for, per shape, as the toy CLIP judges it.
 
 For each shape the toy CLIP knows, ``--per-prompt`` samples of each of the six eval prompts' colour
-combinations (``sweeper.eval_prompts.concept_prompts``), sampled as the default eval does (DDIM,
+combinations (``sweeper.config.eval_prompts.concept_prompts``), sampled as the default eval does (DDIM,
 10 steps, guidance 7.5), classified zero-shot over ``a {shape}`` for every shape. For the trained
 shapes this is the ceiling a LoRA's ``concept_acc`` can reach with this base and judge; for the
 held-out ones it is the base model's own ``concept_acc`` (what the word alone draws).
@@ -24,7 +24,7 @@ def main() -> None:
     from diffusers import StableDiffusionPipeline
 
     from evaluation.clip_score import ClipScorer
-    from sweeper.eval_prompts import concept_prompts
+    from sweeper.config.eval_prompts import concept_prompts
     from toy_world.pretrain_base import generate
     from toy_world.pretrain_clip import resolve_device
     from toy_world.shipped import BASE_DIR, CLIP_DIR, MANIFEST, clip_shapes

@@ -1,6 +1,6 @@
 """How well the toy world's default run teaches its concept, under candidate defaults, with intervals.
 
-Runs ``sweeper.setting.run`` in one process (as a sweep worker does: the base model, CLIP and the
+Runs ``sweeper.run.setting.run`` in one process (as a sweep worker does: the base model, CLIP and the
 baseline are reused) for each variant of overrides on top of the defaults, and records concept_acc,
 the paired concept and clip_t gains with their 95% intervals, and where the time went. Also
 measures the cost of per-checkpoint evaluation (``eval.every_n_steps=100`` of 300 steps) against
@@ -72,8 +72,8 @@ def main() -> None:
 
     from hydra import compose, initialize_config_dir
 
-    from sweeper.config import register_configs, register_resolvers
-    from sweeper.setting import run
+    from sweeper.config.schema import register_configs, register_resolvers
+    from sweeper.run.setting import run
 
     register_resolvers()
     register_configs()

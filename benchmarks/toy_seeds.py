@@ -48,8 +48,8 @@ def run_seeds(data: str, seeds: list[int], overrides: list[str], out: Path) -> N
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     from hydra import compose, initialize_config_dir
 
-    from sweeper.config import register_configs, register_resolvers
-    from sweeper.setting import run
+    from sweeper.config.schema import register_configs, register_resolvers
+    from sweeper.run.setting import run
 
     register_resolvers()
     register_configs()

@@ -6,7 +6,7 @@ The toy base model was trained on every shape of the world but the held-out ones
 arrow), so these images teach it something it does not know, and the toy CLIP (which knows every
 shape) can tell whether it learned. Scenes come from ``toy_world.world`` with the one shape;
 each image has its sentence caption in a same-name ``.txt``. ``--out`` defaults to the folder
-``sweeper.eval_prompts.BUNDLED_SAMPLES`` names for the shape (``data/sample`` for the star, the
+``sweeper.config.eval_prompts.BUNDLED_SAMPLES`` names for the shape (``data/sample`` for the star, the
 default run's; ``data/sample_moon``, ``data/sample_arrow``).
 Output is byte-identical for the same arguments: the world is seeded and PNGs carry no timestamps.
 """
@@ -16,7 +16,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from sweeper.eval_prompts import BUNDLED_SAMPLES
+from sweeper.config.eval_prompts import BUNDLED_SAMPLES
 from toy_world.world import HELD_OUT_SHAPE, HELD_OUT_SHAPES, render, scenes, sentence_caption
 
 REPEATS = 10  # kohya layout: <repeats>_<name>/, 10 repeats per epoch

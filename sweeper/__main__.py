@@ -13,8 +13,8 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig
 
-from sweeper.credentials import move_passwords_to_env
-from sweeper.versions import check_versions_or_exit
+from sweeper.config.versions import check_versions_or_exit
+from sweeper.tracking.credentials import move_passwords_to_env
 
 # Before Hydra sees the command line: a URL's password moves into the environment, so that no
 # .hydra file, multirun.yaml, MLflow param or artifact, log or terminal line can show it.
@@ -24,7 +24,7 @@ sys.argv[:] = move_passwords_to_env(sys.argv)
 # answer in about a second, without torch, diffusers, transformers or mlflow (the task imports those).
 check_versions_or_exit()  # before the libraries it checks are imported
 
-from sweeper.config import PROJECT_ROOT, register_configs, register_resolvers  # noqa: E402
+from sweeper.config.schema import PROJECT_ROOT, register_configs, register_resolvers  # noqa: E402
 
 register_resolvers()
 register_configs()
@@ -51,9 +51,9 @@ def main(cfg: DictConfig) -> dict[str, Any]:
     if HydraConfig.get().mode != RunMode.MULTIRUN:  # a sweep checks every grid point before its first trial
         _exit_on_early_problems(cfg)
     quiet_libraries()  # heavy imports only once the config composed, and silenced before they load
-    from sweeper.setting import run
-    from sweeper.tracking_store import TrackingUnavailableError
-    from sweeper.validate import ConfigError
+    from sweeper.config.validate import ConfigError
+    from sweeper.run.setting import run
+    from sweeper.tracking.store import TrackingUnavailableError
     from training.network.file import LoraNotSavedError
 
     hydra_cfg = HydraConfig.get()
@@ -110,7 +110,7 @@ def main(cfg: DictConfig) -> dict[str, Any]:
 def _exit_on_early_problems(cfg: DictConfig) -> None:
     """The config's own values and data folders, checked before the model libraries load (seconds, not
     ~15 s); the model, network file and speed checks follow in the run, with everything else."""
-    from sweeper.validate import ConfigError, early_problems
+    from sweeper.config.validate import ConfigError, early_problems
 
     if problems := early_problems(cfg):
         print(ConfigError(problems), file=sys.stderr)
@@ -119,14 +119,14 @@ def _exit_on_early_problems(cfg: DictConfig) -> None:
 
 
 def command_line_problems(args: Any) -> list[str]:
-    """Unknown keys and group options among the overrides, before Hydra composes (sweeper/cli_overrides.py).
+    """Unknown keys and group options among the overrides, before Hydra composes (sweeper/config/cli_overrides.py).
 
     Left to Hydra: shell completion (it queries half-typed words) and another primary config
     (``--config-name``, ``--config-path``), which the schema does not describe. Group options are
     not checked where other config folders add options (``--config-dir``, ``hydra.searchpath``: an
     imported ``+experiment=...`` written elsewhere).
     """
-    from sweeper.cli_overrides import override_problems
+    from sweeper.config.cli_overrides import override_problems
 
     if args is None or args.shell_completion or args.config_name or args.config_path or args.experimental_rerun:
         return []
@@ -165,8 +165,8 @@ def _help_without_group_listings(enabled: bool) -> Iterator[None]:
 
 def entry() -> None:
     """``main`` with SIGTERM handled like Ctrl-C, and the shell's exit status for each (130, 143)."""
-    from sweeper.cli_overrides import unknown_names_message
-    from sweeper.signals import exit_status, handle_sigterm, interruption_reason
+    from sweeper.config.cli_overrides import unknown_names_message
+    from sweeper.run.signals import exit_status, handle_sigterm, interruption_reason
 
     handle_sigterm()
     args = _parsed_args(sys.argv[1:])

@@ -27,7 +27,7 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
-from sweeper.credentials import move_passwords_to_env, with_credentials
+from sweeper.tracking.credentials import move_passwords_to_env, with_credentials
 
 COMPARED = ("clip_score", "clip_score_baseline", "train/final_loss", "train/steps_done")
 
@@ -81,7 +81,7 @@ def _from_lora_file(path: Path, tracking_uri: str) -> Source:
     """The run a LoRA file names (``lora_sweeper_run_id``), else the config the file carries."""
     from safetensors import SafetensorError
 
-    from sweeper.config import TrackingConfig
+    from sweeper.config.schema import TrackingConfig
     from training.network.file import lora_identity, read_metadata
     from training.network.metadata import CONFIG_KEY, RUN_ID_KEY
 
@@ -180,7 +180,7 @@ def _artifact_json(client: Any, run_id: str, name: str, folder: str) -> Any:
 
 def build_config(source: Source, overrides: list[str], output_dir: Path) -> DictConfig:
     """The logged config on the typed schema, as a single run, with any overrides applied last."""
-    from sweeper.config import Config, SweepConfig
+    from sweeper.config.schema import Config, SweepConfig
 
     loaded = OmegaConf.create(source.config)
     loaded.sweep = OmegaConf.structured(SweepConfig())
@@ -201,7 +201,7 @@ def has_final_result(source: Source) -> bool:
 
 def environment_warnings(source: Source, cfg: DictConfig) -> list[str]:
     """What differs from the original run besides the config: data files, code, packages."""
-    from sweeper.fingerprint import PACKAGES, changed_files, code_version, dataset_fingerprint
+    from sweeper.run.fingerprint import PACKAGES, changed_files, code_version, dataset_fingerprint
     from training.data.scan import scan_dataset
 
     warnings = []
@@ -271,12 +271,12 @@ def main(argv: list[str] | None = None) -> int:
     if looks_like_a_path(args.source) and not Path(args.source).exists():  # said at once, before heavy imports
         print(f"error: {missing_path(args.source)}", file=sys.stderr)
         return 2
-    from sweeper.versions import check_versions_or_exit
+    from sweeper.config.versions import check_versions_or_exit
 
     check_versions_or_exit()  # before the libraries it checks are imported
     _quiet_libraries()
-    from sweeper.config import register_resolvers
-    from sweeper.validate import ConfigError
+    from sweeper.config.schema import register_resolvers
+    from sweeper.config.validate import ConfigError
 
     register_resolvers()
     try:
@@ -306,7 +306,7 @@ def main(argv: list[str] | None = None) -> int:
         + (f" with {args.overrides}" if variation else "")
     )
 
-    from sweeper.setting import run
+    from sweeper.run.setting import run
 
     tags = {"reproduces": source.label, "reproduce.variation": str(variation).lower()}
     try:

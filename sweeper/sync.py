@@ -1,7 +1,7 @@
 """``python -m sweeper.sync OUTPUT_DIR``: send to the MLflow store what runs kept while it was down.
 
 A run whose tracking store stopped answering finishes anyway and keeps what did not arrive in
-``<output.dir>/tracking-not-uploaded/`` (``sweeper.tracking``), with ``manifest.json`` naming the
+``<output.dir>/tracking-not-uploaded/`` (``sweeper.tracking.tracker``), with ``manifest.json`` naming the
 run, the store and each part. This sends the parts in order (params, tags, metrics, artifacts, the
 run's end), recording each in the manifest as it arrives, so a second sync, or one that stops
 half-way, never sends a part twice. Once everything arrived the folder becomes ``tracking-uploaded/``.
@@ -21,8 +21,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-from sweeper.process_identity import HOST, PID, is_gone
-from sweeper.tracking_store import check_reachable, is_http, mark_killed, use_short_http_retries
+from sweeper.run.process_identity import HOST, PID, is_gone
+from sweeper.tracking.store import check_reachable, is_http, mark_killed, use_short_http_retries
 from training.atomic_file import write_text_atomically
 
 NOT_UPLOADED = "tracking-not-uploaded"
@@ -58,7 +58,7 @@ def deliver(manifest_path: Path, tracking_uri: str | None = None) -> str:
     from mlflow.entities import Metric, Param, RunTag
     from mlflow.tracking import MlflowClient
 
-    from sweeper.credentials import with_credentials
+    from sweeper.tracking.credentials import with_credentials
 
     folder = manifest_path.parent
     manifest = json.loads(manifest_path.read_text())

@@ -22,7 +22,7 @@ os.environ["HF_HUB_OFFLINE"] = "1"
 # two torch processes with a thread per core each spin-wait on each other's cores (OpenMP): measured on
 # 2 cores beside one other process, a 60-step toy run took 62 CPU-s with 2 threads and 31 with 1.
 os.environ["OMP_NUM_THREADS"] = os.environ["MKL_NUM_THREADS"] = "1"
-from sweeper.config import register_configs, register_resolvers
+from sweeper.config.schema import register_configs, register_resolvers
 from tests.servers import (  # noqa: F401  (fixtures: a fresh database per test, a real mlflow server)
     mariadb_db,
     mariadb_url,
@@ -138,7 +138,7 @@ def run_main(*args: str, cwd: Path) -> subprocess.CompletedProcess:
     processes uses ``run_cli``.
     """
     import sweeper.__main__ as cli
-    from sweeper.credentials import move_passwords_to_env
+    from sweeper.tracking.credentials import move_passwords_to_env
 
     _seed_default_store(args, cwd)
     saved = (os.getcwd(), sys.argv[:], dict(os.environ), signal.getsignal(signal.SIGTERM))

@@ -9,9 +9,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-import sweeper.task
-from sweeper.setting import run
-from sweeper.validate import ConfigError
+import sweeper.run.task
+from sweeper.config.validate import ConfigError
+from sweeper.run.setting import run
 
 
 @pytest.fixture(autouse=True)
@@ -21,7 +21,7 @@ def no_model_loading(monkeypatch):
     def refuse(*_args, **_kwargs):
         raise AssertionError("a model was loaded before the config was rejected")
 
-    monkeypatch.setattr(sweeper.task, "load_base_model", refuse)
+    monkeypatch.setattr(sweeper.run.task, "load_base_model", refuse)
 
 
 def image_folder(root: Path, count: int = 2) -> Path:
@@ -58,7 +58,7 @@ def test_corrupt_image_is_an_error_by_default(make_cfg, tmp_path):
 
 
 def test_corrupt_image_skipped_when_asked(make_cfg, tmp_path, capsys):
-    from sweeper.validate import validate
+    from sweeper.config.validate import validate
 
     root = image_folder(tmp_path / "data")
     (root / "5_things" / "broken.png").write_bytes(b"garbage")
@@ -163,7 +163,7 @@ def test_lora_is_rescued_when_output_dir_fails_after_startup(make_cfg, tmp_path,
     from training.families.loading import load_base_model
     from training.network.file import LoraNotSavedError, load_lora_file
 
-    monkeypatch.setattr(sweeper.task, "load_base_model", load_base_model)  # this test does train
+    monkeypatch.setattr(sweeper.run.task, "load_base_model", load_base_model)  # this test does train
     faults: list[str] = []
 
     def save_after_breaking_the_folder(output_cfg, *args, **kwargs):
@@ -172,8 +172,8 @@ def test_lora_is_rescued_when_output_dir_fails_after_startup(make_cfg, tmp_path,
         assert broken == Path(output_cfg.dir)
         return real_save(output_cfg, *args, **kwargs)
 
-    real_save = sweeper.task.save_lora
-    monkeypatch.setattr(sweeper.task, "save_lora", save_after_breaking_the_folder)
+    real_save = sweeper.run.task.save_lora
+    monkeypatch.setattr(sweeper.run.task, "save_lora", save_after_breaking_the_folder)
     cfg = make_cfg(f"output.dir={tmp_path / 'readonly'}", "train.max_steps=2", "eval.prompts=[a red circle]")
     with pytest.raises(LoraNotSavedError) as caught:
         run(cfg, show_progress=False)
@@ -230,7 +230,7 @@ def test_unknown_keys_are_listed_with_a_suggestion(make_cfg, override, expected)
 
 
 def test_shipped_options_have_no_unknown_keys(make_cfg):
-    from sweeper.schema_check import schema_problems
+    from sweeper.config.schema_check import schema_problems
 
     for overrides in ([], ["+experiment=example"], ["optimizer=prodigy", "scheduler=plateau", "model=toy"]):
         assert schema_problems(make_cfg(*overrides)) == []
@@ -331,7 +331,7 @@ def test_a_run_warns_about_tiny_images_and_logs_them(make_cfg, tmp_path, monkeyp
 
     from training.families.loading import load_base_model
 
-    monkeypatch.setattr(sweeper.task, "load_base_model", load_base_model)  # this test does train
+    monkeypatch.setattr(sweeper.run.task, "load_base_model", load_base_model)  # this test does train
     root = image_folder(tmp_path / "data")
     dot = plant(root / "5_things" / "dot.png", Image.new("RGB", (1, 1), (255, 0, 0)))
     dot.with_suffix(".txt").write_text("a red dot", encoding="utf-8")  # uncaptioned images stop a run (issue 15)
@@ -353,7 +353,7 @@ def test_a_self_looping_symlink_is_reported(make_cfg, tmp_path):
 
 
 def test_a_self_looping_image_link_is_skipped_and_named_when_asked(make_cfg, tmp_path):
-    from sweeper.validate import validate
+    from sweeper.config.validate import validate
 
     root = image_folder(tmp_path / "data")
     (root / "5_things" / "loop.png").symlink_to("loop.png")

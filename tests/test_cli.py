@@ -76,7 +76,7 @@ def test_the_configs_values_and_data_are_checked_without_the_model_libraries():
     code = """
 import json, sys
 from tests.conftest import compose_config
-from sweeper.validate import _gpu_driver_loadable, early_problems
+from sweeper.config.validate import _gpu_driver_loadable, early_problems
 loaded = lambda: sorted(m for m in ('torch', 'diffusers', 'transformers', 'peft', 'mlflow') if m in sys.modules)
 plain = early_problems(compose_config(['network.dim=-3', 'data.train_dir=/absent']))
 after_plain = loaded()

@@ -14,8 +14,8 @@ from pathlib import Path
 import pytest
 from hydra.errors import ConfigCompositionException
 
-from sweeper.cli_overrides import nearest_keys, override_problems, schema_keys, unknown_names_message
-from sweeper.config import group_options
+from sweeper.config.cli_overrides import nearest_keys, override_problems, schema_keys, unknown_names_message
+from sweeper.config.schema import group_options
 from tests.conftest import REPO, compose_config, run_cli
 
 SCRIPT = Path(sys.executable).with_name("lora-sweeper")  # [project.scripts] in pyproject.toml

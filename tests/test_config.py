@@ -10,8 +10,8 @@ import torch
 from hydra.errors import ConfigCompositionException
 from omegaconf.errors import ConfigKeyError, ValidationError
 
-from sweeper.config import GROUP_SCHEMAS
-from sweeper.validate import ConfigError, validate
+from sweeper.config.schema import GROUP_SCHEMAS
+from sweeper.config.validate import ConfigError, validate
 from tests.conftest import CONF_DIR, REPO, compose_config
 
 GROUP_OPTIONS = [

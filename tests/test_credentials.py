@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from sweeper.credentials import move_passwords_to_env, password_env_name, with_credentials
+from sweeper.tracking.credentials import move_passwords_to_env, password_env_name, with_credentials
 
 PG_VAR = "LORA_SWEEPER_DB_PASSWORD__POSTGRESQL__POSTGRES__127_0_0_1__5432"
 

@@ -270,7 +270,7 @@ def test_captions_under_another_extension_are_an_error_that_names_it(tmp_path):
 
 
 def test_a_few_missing_captions_stop_the_run_by_default_naming_count_and_files(make_cfg, tmp_path):
-    from sweeper.validate import ConfigError, validate
+    from sweeper.config.validate import ConfigError, validate
 
     for i in range(8):
         captioned(tmp_path / "data" / "5_dots" / f"{i}.png", None if i in (2, 3, 4, 5, 6, 7) else "a dot")

@@ -6,9 +6,9 @@ from PIL import Image
 
 from evaluation.evaluate import EvalResult, summary_lines
 from evaluation.metric_names import concept_word, shown_name
-from sweeper.eval_concept import choose_concept
-from sweeper.replicates import summary_lines as setting_summary_lines
-from sweeper.validate import _concept_problems
+from sweeper.config.eval_concept import choose_concept
+from sweeper.config.validate import _concept_problems
+from sweeper.run.replicates import summary_lines as setting_summary_lines
 
 
 def own_data(tmp_path):

@@ -8,7 +8,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from sweeper.validate import ConfigError, validate
+from sweeper.config.validate import ConfigError, validate
 from training.families.detect import checkpoint_kind, folder_kind
 from training.families.loading import load_base_model
 from training.families.tiny_mmdit import build_tiny_flux_pipeline, build_tiny_sd3_pipeline

@@ -17,8 +17,8 @@ from mlflow.tracking import MlflowClient
 from safetensors import safe_open
 
 from sweeper import reproduce
-from sweeper.setting import run
-from sweeper.tracking import NullTracker
+from sweeper.run.setting import run
+from sweeper.tracking.tracker import NullTracker
 from tests.conftest import run_main
 from training.data.scan import scan_dataset
 from training.families.flux import FLUX

@@ -14,9 +14,9 @@ from pathlib import Path
 import pytest
 from omegaconf import OmegaConf
 
+from sweeper.config.validate import validate
 from sweeper.import_kohya import ImportResult, import_config, main, write_experiment, yaml_value
 from sweeper.kohya_import.machine import check_here
-from sweeper.validate import validate
 from tests.conftest import CONF_DIR, REPO, compose_config, run_main
 
 DATA = Path(__file__).parent / "data"

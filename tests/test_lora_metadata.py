@@ -15,7 +15,7 @@ import torch
 from safetensors import safe_open
 
 from sweeper import reproduce
-from sweeper.setting import run
+from sweeper.run.setting import run
 from training.families.sd import SD2
 from training.network.file import kohya_hashes, save_lora_file, tensors_sha256
 from training.network.metadata import (

@@ -25,7 +25,7 @@ from pathlib import Path
 import pytest
 from mlflow.tracking import MlflowClient
 
-from sweeper.tracking import runs_page
+from sweeper.tracking.tracker import runs_page
 from tests.conftest import REPO, run_main
 
 CHROMIUM = Path("/usr/bin/chromium")

@@ -14,7 +14,7 @@ from safetensors.torch import load_file, save_file
 from transformers import CLIPTextConfig, CLIPTextModel
 
 import training.speed.attention_options
-from sweeper.validate import ConfigError, validate
+from sweeper.config.validate import ConfigError, validate
 from tests.helpers_checkpoint import copy_configs, write_ldm_checkpoint, write_ldm_vae
 from training.families.checked_loading import IncompleteWeightsError
 from training.families.loading import load_base_model, model_problems
@@ -51,7 +51,7 @@ def test_a_diffusers_folder_loads_with_its_own_weights(make_cfg, diffusers_folde
 
 
 def test_a_diffusers_folder_trains_end_to_end(make_cfg, diffusers_folder):
-    from sweeper.setting import run
+    from sweeper.run.setting import run
 
     folder, _ = diffusers_folder
     result = run(make_cfg("model=diffusers", f"model.path={folder}", "train.max_steps=2"), show_progress=False)
@@ -167,7 +167,7 @@ def test_a_single_file_checkpoint_loads_offline_with_its_own_weights(make_cfg, s
 
 
 def test_a_single_file_checkpoint_trains_end_to_end(make_cfg, single_file):
-    from sweeper.setting import run
+    from sweeper.run.setting import run
 
     checkpoint, config_dir, _ = single_file
     cfg = make_cfg("model=diffusers", f"model.path={checkpoint}", f"model.config_dir={config_dir}", "train.max_steps=2")

@@ -14,7 +14,7 @@ from diffusers.pipelines.flux.pipeline_flux import calculate_shift
 from diffusers.training_utils import compute_density_for_timestep_sampling
 from omegaconf import OmegaConf
 
-from sweeper.config import FlowConfig, TrainConfig
+from sweeper.config.schema import FlowConfig, TrainConfig
 from training.objective.base import Objective
 from training.objective.ddpm import NoisePrediction, min_snr_weights
 from training.objective.flow import RectifiedFlow

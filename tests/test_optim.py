@@ -10,7 +10,7 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-from sweeper.config import OptimizerConfig, SchedulerConfig
+from sweeper.config.schema import OptimizerConfig, SchedulerConfig
 from tests.conftest import CONF_DIR, compose_config
 from training.optim import LrSchedule, OptimizerUnavailable, build_lr_scheduler, build_optimizer
 from training.optim_options import OPTIMIZERS, SCHEDULERS, optimizer_problems, resolve_warmup_steps, scheduler_problems

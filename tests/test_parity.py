@@ -8,9 +8,9 @@ from mlflow.tracking import MlflowClient
 from PIL import Image
 from safetensors.torch import load_file
 
-from sweeper.setting import run
-from sweeper.tracking import NullTracker
-from sweeper.validate import ConfigError, validate
+from sweeper.config.validate import ConfigError, validate
+from sweeper.run.setting import run
+from sweeper.tracking.tracker import NullTracker
 from tests.test_training import FAMILIES
 from training.checkpoint import load_training_state
 from training.data.scan import scan_dataset

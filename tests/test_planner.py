@@ -11,7 +11,7 @@ import pytest
 from optuna.distributions import CategoricalDistribution
 from optuna.trial import TrialState, create_trial
 
-from sweeper.process_identity import is_gone, this_process
+from sweeper.run.process_identity import is_gone, this_process
 from sweeper.search.lock import study_lock
 from sweeper.search.planner import finished_twin, plan_grid, trials_to_sample
 from sweeper.search.space import SearchSpace, parse_search_space, points_to_check
@@ -103,7 +103,7 @@ def test_points_to_check_cover_every_value_and_bound():
 def test_a_process_is_gone_once_it_ended_and_not_while_it_runs():
     child = ended_at_teardown(subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"]))
     identity = {**this_process(), "worker.pid": str(child.pid), "worker.started": ""}
-    from sweeper.process_identity import _start_ticks
+    from sweeper.run.process_identity import _start_ticks
 
     identity["worker.started"] = _start_ticks(child.pid) or ""
     assert is_gone(identity) is False

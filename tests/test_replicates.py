@@ -13,8 +13,8 @@ from mlflow.tracking import MlflowClient
 from optuna.trial import TrialState
 
 from sweeper import reproduce
-from sweeper.fingerprint import file_sha256
-from sweeper.replicates import replicate_seeds
+from sweeper.run.fingerprint import file_sha256
+from sweeper.run.replicates import replicate_seeds
 from sweeper.search.settings_verdict import CELLS_ATTR
 from tests.conftest import run_main
 from tests.test_sweep_faults import QUICK, Sweep, hold_run, mlflow_runs, study_of
@@ -35,8 +35,8 @@ def test_seeds_are_derived_from_train_seed_and_the_first_is_train_seed_itself():
 @pytest.fixture(scope="module")
 def replicated(tmp_path_factory):
     """One setting trained on 2 seeds, in-process (shared by the tests below)."""
-    from sweeper import task
-    from sweeper.setting import run
+    from sweeper.run import task
+    from sweeper.run.setting import run
     from tests.conftest import FAST, compose_config
 
     tmp = tmp_path_factory.mktemp("replicated")
@@ -93,7 +93,7 @@ def test_one_replicate_reproduces_bit_identically(replicated, tmp_path, capsys, 
 
 
 def test_a_run_on_one_seed_labels_its_intervals_as_this_file(make_cfg):
-    from sweeper.setting import run
+    from sweeper.run.setting import run
 
     result = run(make_cfg("train.max_steps=2"), show_progress=False)
     assert result.summary and all("[this file]" in line for line in result.summary)
@@ -101,7 +101,7 @@ def test_a_run_on_one_seed_labels_its_intervals_as_this_file(make_cfg):
 
 
 def test_replicates_below_one_and_replicates_with_resume_are_refused_before_training(make_cfg):
-    from sweeper.validate import ConfigError, validate
+    from sweeper.config.validate import ConfigError, validate
 
     with pytest.raises(ConfigError) as error:
         validate(make_cfg("train.replicates=0"))
@@ -112,8 +112,8 @@ def test_replicates_below_one_and_replicates_with_resume_are_refused_before_trai
 
 
 def test_checkpoints_are_chosen_on_one_half_of_the_images_and_scored_on_the_other(make_cfg):
-    from sweeper.setting import run
-    from sweeper.task import SCORED_ON_HALF
+    from sweeper.run.setting import run
+    from sweeper.run.task import SCORED_ON_HALF
 
     result = run(make_cfg("train.max_steps=4", "eval.every_n_steps=2", "eval.images_per_prompt=2"), show_progress=False)
     client = MlflowClient(result.tracking_uri)

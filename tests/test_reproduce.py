@@ -15,8 +15,8 @@ import pytest
 from mlflow.tracking import MlflowClient
 
 from sweeper import reproduce
-from sweeper.fingerprint import file_sha256
-from sweeper.setting import run
+from sweeper.run.fingerprint import file_sha256
+from sweeper.run.setting import run
 from tests.conftest import FAST, REPO, compose_config, run_main
 from training.network.file import lora_identity, tensors_sha256
 

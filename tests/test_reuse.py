@@ -5,8 +5,8 @@ from __future__ import annotations
 import torch
 from safetensors.torch import load_file
 
-from sweeper import task
-from sweeper.setting import run
+from sweeper.run import task
+from sweeper.run.setting import run
 
 
 def test_runs_share_the_base_model_and_start_from_fresh_lora(make_cfg):

@@ -13,7 +13,7 @@ from mlflow.tracking import MlflowClient
 from safetensors import safe_open
 
 from evaluation.sampling import generate_samples, sampling_scheduler
-from sweeper.setting import run
+from sweeper.run.setting import run
 from training.families.loading import resolve_model_location
 
 
@@ -166,7 +166,7 @@ def test_saved_lora_loads_into_a_fresh_pipeline_with_matching_images(finished_ru
 
 
 def test_eval_prompts_from_captions_are_distinct_seeded_and_in_dataset_order():
-    from sweeper.eval_prompts import prompts_from_captions
+    from sweeper.config.eval_prompts import prompts_from_captions
 
     captions = [f"a photo of sks dog {i}" for i in range(10)] + ["", "  ", "a photo of sks dog 3"]
     chosen = prompts_from_captions(captions, seed=1234)
@@ -180,7 +180,7 @@ def test_eval_prompts_from_captions_are_distinct_seeded_and_in_dataset_order():
 def test_null_eval_prompts_mean_the_samples_prompts_or_your_captions_or_a_problem(tmp_path):
     from types import SimpleNamespace
 
-    from sweeper.eval_prompts import SAMPLE_DIR, SAMPLE_PROMPTS, resolve_eval_prompts
+    from sweeper.config.eval_prompts import SAMPLE_DIR, SAMPLE_PROMPTS, resolve_eval_prompts
     from training.data.scan import ImageRecord
 
     def cfg(train_dir, prompts=None):
@@ -216,7 +216,7 @@ def test_a_resolution_far_above_the_model_or_the_images_is_warned_with_numbers()
 def test_a_run_on_own_images_says_what_it_captioned_evaluated_and_bucketed(make_cfg, tmp_path, capsys):
     from PIL import Image
 
-    from sweeper.task import _baseline_key
+    from sweeper.run.task import _baseline_key
 
     folder = tmp_path / "my_images" / "3_sks bar"
     folder.mkdir(parents=True)

@@ -17,9 +17,9 @@ from safetensors import safe_open
 
 import training.loop
 from sweeper import reproduce
-from sweeper.setting import run
-from sweeper.tracking import NullTracker
-from sweeper.validate import ConfigError, validate
+from sweeper.config.validate import ConfigError, validate
+from sweeper.run.setting import run
+from sweeper.tracking.tracker import NullTracker
 from tests.conftest import run_main
 from tests.helpers_checkpoint import copy_configs, write_sdxl_checkpoint
 from training.data.scan import scan_dataset

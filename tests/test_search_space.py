@@ -8,7 +8,6 @@ from types import SimpleNamespace
 import pytest
 from optuna.distributions import CategoricalDistribution, FloatDistribution, IntDistribution
 
-from sweeper.credentials import redact_password
 from sweeper.search.space import SearchSpaceError, format_value, parse_search_space
 from sweeper.search.study import (
     SweepConfigError,
@@ -16,6 +15,7 @@ from sweeper.search.study import (
     objectives_and_directions,
     resolve_sampler_name,
 )
+from sweeper.tracking.credentials import redact_password
 
 CASES = [
     ("network.dim=8,16,32", CategoricalDistribution([8, 16, 32]), [8, 16, 32]),

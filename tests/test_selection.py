@@ -11,14 +11,14 @@ import torch
 from mlflow.tracking import MlflowClient
 from safetensors import safe_open
 
-import sweeper.task
+import sweeper.run.task
 from evaluation.evaluate import EvalResult
+from sweeper.run.setting import run
 from sweeper.search.report import SweepSummary
 from sweeper.search.settings_verdict import CELLS_ATTR
 from sweeper.search.space import SearchSpace
 from sweeper.search.study import build_pruner
 from sweeper.search.trial import trial_reporter
-from sweeper.setting import run
 from training.network.file import tensors_sha256
 
 
@@ -30,15 +30,15 @@ def metadata(path) -> dict[str, str]:
 def test_select_best_keeps_the_planted_best_step_as_the_runs_lora(make_cfg, monkeypatch):
     """Evaluations at steps 4, 8, 12 and the last (16) score 10, 30, 20, 15: step 8 is the run's result."""
     planted = iter([10.0, 30.0, 20.0, 15.0, 5.0])  # the last value is the base model's
-    real_evaluate = sweeper.task.evaluate
+    real_evaluate = sweeper.run.task.evaluate
 
     def planted_evaluate(*args, **kwargs) -> EvalResult:
         result = real_evaluate(*args, **kwargs)  # real samples; only the score is planted
         value = next(planted)
         return EvalResult({"clip_t": [value, value]}, result.prompts, result.images, result.grid, result.per_prompt)
 
-    monkeypatch.setattr(sweeper.task, "evaluate", planted_evaluate)
-    monkeypatch.setattr(sweeper.task._worker, "baselines", {})  # the base model is evaluated (planted) here
+    monkeypatch.setattr(sweeper.run.task, "evaluate", planted_evaluate)
+    monkeypatch.setattr(sweeper.run.task._worker, "baselines", {})  # the base model is evaluated (planted) here
     cfg = make_cfg("train.max_steps=16", "eval.every_n_steps=4", "network.dim=4")
     result = run(cfg, show_progress=False)
 
@@ -71,7 +71,7 @@ def test_val_loss_is_deterministic_and_held_out_images_never_train(make_cfg):
     assert first.metrics["val_loss_baseline"] == again.metrics["val_loss_baseline"]
     assert first.metrics["val_loss"] != first.metrics["val_loss_baseline"]  # the LoRA changes it
 
-    from sweeper.validate import validate
+    from sweeper.config.validate import validate
     from training.data.validation import VAL_SEED, split_held_out
 
     records = validate(cfg).dataset.records
@@ -82,8 +82,8 @@ def test_val_loss_is_deterministic_and_held_out_images_never_train(make_cfg):
 
 
 def test_the_held_out_images_are_not_in_any_training_batch(make_cfg):
-    from sweeper.task import _held_out, _worker
-    from sweeper.validate import validate
+    from sweeper.config.validate import validate
+    from sweeper.run.task import _held_out, _worker
     from training.loop import Trainer
 
     cfg = make_cfg("data.val_split=0.25", "train.max_steps=4")
@@ -98,7 +98,7 @@ def test_the_held_out_images_are_not_in_any_training_batch(make_cfg):
         validation = trainer.validation_loss(held_out.held_out)
         assert trainer.held_out_loss(validation) == trainer.held_out_loss(validation)
     finally:
-        sweeper.task.remove_lora(trainer.network)
+        sweeper.run.task.remove_lora(trainer.network)
 
 
 def test_a_dataset_too_small_to_hold_out_says_so():
@@ -207,14 +207,14 @@ def test_no_verdict_without_per_seed_values():
 def test_checkpoints_are_selected_by_the_sweeps_objective_when_evaluations_measure_it(
     make_cfg, objective, direction, expected
 ):
-    from sweeper.task import selection_objective
+    from sweeper.run.task import selection_objective
 
     cfg = make_cfg(*([f"sweep.objective={objective}", f"sweep.direction={direction}"] if objective else []))
     assert selection_objective(cfg) == expected
 
 
 def test_a_missing_val_dir_is_a_config_error_before_training(make_cfg, tmp_path):
-    from sweeper.validate import ConfigError, validate
+    from sweeper.config.validate import ConfigError, validate
 
     with pytest.raises(ConfigError, match=r"data\.val_dir"):
         validate(make_cfg(f"data.val_dir={tmp_path / 'nope'}"))

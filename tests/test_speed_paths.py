@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from sweeper.tracking import NullTracker
-from sweeper.validate import ConfigError, validate
+from sweeper.config.validate import ConfigError, validate
+from sweeper.tracking.tracker import NullTracker
 from training.cache.text import TextEmbeddingCache, clear_text_caches
 from training.data.scan import scan_dataset
 from training.families.loading import BaseModel, load_base_model
@@ -179,7 +179,7 @@ def test_cuda_graph_steps_give_the_eager_losses_and_lora(make_cfg, kind):
 def test_a_trial_gives_back_its_gpu_memory_and_three_trials_do_not_grow_it(make_cfg, kind):
     """Each trial's CUDA graphs (private pools), optimizer state and caches go when it ends: reserved
     memory after a trial is back near its level before, and 3 trials in one worker do not grow it."""
-    from sweeper.setting import run
+    from sweeper.run.setting import run
     from training.speed.memory import release_accelerator_memory
 
     reserved = []

@@ -8,10 +8,10 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from sweeper.config import DataConfig, SubsetConfig
-from sweeper.fingerprint import dataset_fingerprint
-from sweeper.tracking import NullTracker
-from sweeper.validate import ConfigError, validate
+from sweeper.config.schema import DataConfig, SubsetConfig
+from sweeper.config.validate import ConfigError, validate
+from sweeper.run.fingerprint import dataset_fingerprint
+from sweeper.tracking.tracker import NullTracker
 from training.data.missing_captions import class_tokens_notice, missing_captions_table
 from training.data.scan import scan_folders
 from training.families.loading import load_base_model

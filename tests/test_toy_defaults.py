@@ -13,8 +13,8 @@ from mlflow.tracking import MlflowClient
 from safetensors.torch import load_file
 from transformers import CLIPModel, CLIPProcessor
 
-from sweeper.eval_concept import choose_concept
-from sweeper.validate import validate
+from sweeper.config.eval_concept import choose_concept
+from sweeper.config.validate import validate
 from tests.conftest import run_main
 from toy_world.pretrain_clip import zero_shot_accuracy
 from toy_world.shipped import (

@@ -18,7 +18,7 @@ import psycopg
 import pytest
 from mlflow.tracking import MlflowClient
 
-from sweeper.tracking import NOT_UPLOADED
+from sweeper.tracking.tracker import NOT_UPLOADED
 from tests.conftest import REPO, run_cli, run_main
 from tests.servers import create_postgres_database, drop_postgres_database, free_port
 

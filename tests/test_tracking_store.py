@@ -19,8 +19,8 @@ from mlflow.tracking import MlflowClient
 from omegaconf import OmegaConf
 from PIL import Image
 
-from sweeper.tracking import NOT_UPLOADED, start_run
-from sweeper.tracking_store import TrackingUnavailableError
+from sweeper.tracking.store import TrackingUnavailableError
+from sweeper.tracking.tracker import NOT_UPLOADED, start_run
 from tests.conftest import REPO, ended_at_teardown
 from tests.servers import free_port
 
@@ -38,7 +38,7 @@ WORKER = textwrap.dedent(
     from pathlib import Path
     import mlflow.tracking, mlflow.store.tracking.sqlalchemy_store
     from omegaconf import OmegaConf
-    from sweeper.tracking import start_run
+    from sweeper.tracking.tracker import start_run
     uri, barrier, index = sys.argv[1], Path(sys.argv[2]), sys.argv[3]
     cfg = OmegaConf.create({"enabled": True, "uri": uri, "experiment": "together", "artifact_root": None})
     if uri.startswith("http"):  # the client set up before "go" (a SQLite store must not be: it migrates)
@@ -208,7 +208,7 @@ def test_a_run_whose_process_was_killed_is_closed_as_killed_when_the_next_run_st
         import sys, time
         from omegaconf import OmegaConf
         from pathlib import Path
-        from sweeper.tracking import start_run
+        from sweeper.tracking.tracker import start_run
         cfg = OmegaConf.create({{"enabled": True, "uri": {uri!r}, "experiment": "lora-sweeper", "artifact_root": None}})
         with start_run(cfg, Path({str(tmp_path)!r})) as tracker:
             print(tracker.run_id, flush=True)

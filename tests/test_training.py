@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from sweeper.tracking import NullTracker
+from sweeper.tracking.tracker import NullTracker
 from training.data.scan import scan_dataset
 from training.families.loading import load_base_model
 from training.loop import Trainer

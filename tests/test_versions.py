@@ -8,7 +8,7 @@ import sys
 
 from packaging.requirements import Requirement
 
-from sweeper.versions import KNOWN_CONFLICTS, project_requirements, version_problems
+from sweeper.config.versions import KNOWN_CONFLICTS, project_requirements, version_problems
 from tests.conftest import REPO
 
 GOOD = {

@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 from PIL import Image, ImageDraw
 
-if TYPE_CHECKING:  # the world's shapes and words are read at startup (sweeper/eval_concept.py): no transformers
+if TYPE_CHECKING:  # the world's shapes and words are read at startup (sweeper/config/eval_concept.py): no transformers
     from transformers import CLIPTokenizer
 
 SHAPES: tuple[str, ...] = (

@@ -82,7 +82,7 @@ def scheduler_problems(
     problems = []
     warmup = scheduler_cfg.warmup_steps
     if not math.isfinite(warmup):
-        pass  # nan / inf are reported for every key at once (sweeper.schema_check); int() of them would raise
+        pass  # nan / inf are reported for every key at once (sweeper.config.schema_check); int() of them would raise
     elif warmup < 0:
         problems.append(f"scheduler.warmup_steps must be >= 0 (got {warmup})")
     elif warmup >= 1 and warmup != int(warmup):

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import sweeper.kohya_import.flow_rules
 import sweeper.kohya_import.rules  # noqa: F401  (registers the mapping rules)
-from sweeper.config import PROJECT_ROOT
+from sweeper.config.schema import PROJECT_ROOT
 from sweeper.kohya_import.convert import Unfit, as_bool
 from sweeper.kohya_import.machine import check_here, warn_model_settings
 from sweeper.kohya_import.mapper import Mapper

@@ -20,7 +20,7 @@ from typing import Any
 
 from omegaconf import OmegaConf
 
-from sweeper.config import PROJECT_ROOT, OptimizerConfig
+from sweeper.config.schema import PROJECT_ROOT, OptimizerConfig
 from sweeper.kohya_import.result import ImportResult, ImportWarning, OnThisMachine
 
 _WINDOWS_DRIVE = re.compile(r"^[A-Za-z]:[\\/]")

@@ -9,7 +9,7 @@ from typing import Any
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from sweeper.config import GROUP_SCHEMAS, OutputConfig, TrainConfig
+from sweeper.config.schema import GROUP_SCHEMAS, OutputConfig, TrainConfig
 from sweeper.kohya_import.convert import Unfit
 from sweeper.kohya_import.result import ClassTokenCaptions, ImportResult, Mapped, NotMapped, Option
 from sweeper.kohya_import.subsets import SubsetPlan, uncaptioned_images

@@ -61,7 +61,7 @@ def _server_lock(storage_url: str, study_name: str) -> Iterator[None]:
     """An advisory lock on the database server, released when the block ends or the connection drops."""
     import sqlalchemy
 
-    from sweeper.credentials import with_credentials
+    from sweeper.tracking.credentials import with_credentials
 
     engine = sqlalchemy.create_engine(with_credentials(storage_url), poolclass=sqlalchemy.pool.NullPool)
     dialect = engine.dialect.name

@@ -1,6 +1,6 @@
 """The sweep: ask Optuna for a trial, run it as an ordinary job through Hydra's launcher, tell.
 
-Every trial is the normal task (``sweeper.setting.run``) plus bookkeeping: its overrides carry the
+Every trial is the normal task (``sweeper.run.setting.run``) plus bookkeeping: its overrides carry the
 sampled values and ``sweep.*`` (study, storage, trial number, parent run) so the task can report to
 its pruner and nest its MLflow run under the sweep's parent run.
 
@@ -34,8 +34,8 @@ from optuna.trial import FrozenTrial, TrialState
 
 from evaluation.metric_names import evaluated_metric
 from evaluation.stats import THIS_FILE, this_setting
-from sweeper.credentials import redact_password
-from sweeper.process_identity import HOST, PID, is_gone, this_process
+from sweeper.run.process_identity import HOST, PID, is_gone, this_process
+from sweeper.run.signals import interruption_reason
 from sweeper.search.lock import JournalBusyError, JournalWorkerLock, study_lock
 from sweeper.search.planner import (
     RETRYABLE_FAILURES,
@@ -81,8 +81,8 @@ from sweeper.search.study import (
     resolve_sampler_name,
 )
 from sweeper.search.workers import resolve_n_workers, run_workers
-from sweeper.signals import interruption_reason
-from sweeper.tracking import default_tracking_uri, start_run, ui_command
+from sweeper.tracking.credentials import redact_password
+from sweeper.tracking.tracker import default_tracking_uri, start_run, ui_command
 
 
 class SweepFailedError(RuntimeError):
@@ -541,7 +541,7 @@ class OptunaSweep:
 
     def _check_every_point(self, space: SearchSpace) -> None:
         """Every grid point (or every value and interval bound) passes the startup checks before any trial."""
-        from sweeper.validate import ConfigError, validate
+        from sweeper.config.validate import ConfigError, validate
 
         points = points_to_check(space)
         found_at: dict[str, list[str]] = {}  # problem -> the points that have it
@@ -585,8 +585,8 @@ class OptunaSweep:
 def run_reporting_errors(sweep: OptunaSweep, arguments: list[str]) -> list[JobReturn]:
     """The sweep, with its expected failures printed as their message alone (no traceback) and an
     exit status: 2 for bad settings found before anything ran, 1 for a sweep that ran and failed."""
-    from sweeper.tracking_store import TrackingUnavailableError
-    from sweeper.validate import ConfigError
+    from sweeper.config.validate import ConfigError
+    from sweeper.tracking.store import TrackingUnavailableError
 
     try:
         return sweep.sweep(arguments)

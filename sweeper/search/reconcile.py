@@ -5,8 +5,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from sweeper.credentials import redact_password
-from sweeper.tracking import default_tracking_uri
+from sweeper.tracking.credentials import redact_password
+from sweeper.tracking.tracker import default_tracking_uri
 
 
 def close_trial_runs(tracking_cfg: Any, outputs: Path, study_name: str, trial_number: int, reason: str) -> int:
@@ -19,8 +19,8 @@ def close_trial_runs(tracking_cfg: Any, outputs: Path, study_name: str, trial_nu
     try:
         from mlflow.tracking import MlflowClient
 
-        from sweeper.credentials import with_credentials
-        from sweeper.tracking_store import mark_killed
+        from sweeper.tracking.credentials import with_credentials
+        from sweeper.tracking.store import mark_killed
 
         client = MlflowClient(tracking_uri=with_credentials(tracking_cfg.uri or default_tracking_uri(outputs)))
         experiment = client.get_experiment_by_name(tracking_cfg.experiment)

@@ -13,7 +13,6 @@ from typing import Any
 import optuna
 from optuna.trial import FrozenTrial, TrialState
 
-from sweeper.credentials import redact_password
 from sweeper.search.settings_verdict import (
     CELLS_ATTR,
     EXTENDS_ATTR,
@@ -24,6 +23,7 @@ from sweeper.search.settings_verdict import (
     word,
 )
 from sweeper.search.space import SearchSpace, describe_params, display_value, format_value
+from sweeper.tracking.credentials import redact_password
 
 
 @dataclass

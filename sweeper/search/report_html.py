@@ -32,16 +32,16 @@ from typing import Any
 
 from optuna.trial import FrozenTrial, TrialState
 
-from sweeper.credentials import redact_password, with_credentials
 from sweeper.search.report import SweepSummary, sweep_figures
 from sweeper.search.space import describe_params
+from sweeper.tracking.credentials import redact_password, with_credentials
 from training.atomic_file import write_text_atomically
 
 REPORT_NAME = "report.html"  # in the sweep folder
 REPORT_ARTIFACT = "sweep/report.html"  # on the parent run
 GRID_MAX_WIDTH = 768  # px: a 6-prompt x 8-image SD grid (4096 px wide) still shows faces, at ~100 KB
 GRID_SHOWN_WIDTH = 480  # px on the page: every grid at the same scale, several side by side
-GRID = "samples/selected.png"  # the checkpoint eval.select kept (sweeper.task)
+GRID = "samples/selected.png"  # the checkpoint eval.select kept (sweeper.run.task)
 BASELINE = "samples/baseline.png"
 # what must be the same for the columns to compare LoRAs, not prompts or seeds
 SAME_IN_EVERY_COLUMN = (
@@ -138,7 +138,7 @@ def _grids(
                 continue
             try:
                 run = client.get_run(run_id)
-                # a setting trained on several seeds shows its representative seed's grid (sweeper.replicates)
+                # a setting trained on several seeds shows its representative seed's grid (sweeper.run.replicates)
                 grid_run = run.data.tags.get("lora.representative_run_id") or run_id
                 if grid_run != run_id:
                     run = client.get_run(grid_run)

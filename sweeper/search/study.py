@@ -11,10 +11,10 @@ import optuna
 from optuna.storages import BaseStorage, JournalStorage, RDBStorage
 from optuna.storages.journal import JournalFileBackend
 
-from sweeper.credentials import with_credentials
 from sweeper.search.settings import DIRECTIONS, PRUNERS, SAMPLERS
 from sweeper.search.space import SearchSpace
 from sweeper.search.storage_url import is_journal, journal_path, missing_driver, sqlite_path
+from sweeper.tracking.credentials import with_credentials
 
 HEARTBEAT_SECONDS = 60  # a worker that stops beating for GRACE is taken as dead; its trial becomes FAIL
 GRACE_SECONDS = 300

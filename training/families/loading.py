@@ -141,7 +141,7 @@ def model_problems(
     model_cfg: Any, network_cfg: Any | None = None, train_cfg: Any | None = None, eval_cfg: Any | None = None
 ) -> list[str]:
     """Every reason ``model`` cannot be loaded or run, checked before anything heavy happens (``model.attention``
-    is checked with the other machine-dependent options: sweeper/validate.py)."""
+    is checked with the other machine-dependent options: sweeper/config/validate.py)."""
     problems: list[str] = []
     if model_cfg.source not in MODEL_SOURCES:
         problems.append(f"model.source: unknown source '{model_cfg.source}'; use one of {', '.join(MODEL_SOURCES)}")

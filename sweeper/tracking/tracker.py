@@ -17,10 +17,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from sweeper.credentials import redact_password, with_credentials
-from sweeper.process_identity import this_process
+from sweeper.run.process_identity import this_process
 from sweeper.sync import NOT_UPLOADED, close_dead_runs, deliver_quietly, write_manifest
-from sweeper.tracking_store import (
+from sweeper.tracking.credentials import redact_password, with_credentials
+from sweeper.tracking.store import (
     TrackingUnavailableError,
     artifact_location,
     check_reachable,
@@ -395,8 +395,8 @@ def start_run(
     try:
         yield tracker
         status = "FINISHED"
-    except KeyboardInterrupt as interrupted:  # Ctrl-C, or SIGTERM (sweeper.signals)
-        from sweeper.signals import interruption_reason
+    except KeyboardInterrupt as interrupted:  # Ctrl-C, or SIGTERM (sweeper.run.signals)
+        from sweeper.run.signals import interruption_reason
 
         status = "KILLED"
         tracker.set_tags({"error": interruption_reason(interrupted)})

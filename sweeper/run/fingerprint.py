@@ -11,7 +11,7 @@ from collections.abc import Iterable
 from importlib import metadata
 from typing import Any
 
-from sweeper.config import PROJECT_ROOT
+from sweeper.config.schema import PROJECT_ROOT
 from training.cache.folders import file_sha256
 from training.data.scan import ImageRecord
 

@@ -16,7 +16,7 @@ from typing import Any
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, OmegaConf
 
-PROJECT_ROOT = Path(__file__).resolve().parent.parent
+PROJECT_ROOT = Path(__file__).resolve().parents[2]
 
 
 @dataclass
@@ -171,7 +171,7 @@ class DataConfig:
 @dataclass
 class ConceptConfig:
     """Zero-shot concept check of every sample (concept_acc); null = the toy world's shapes with the toy model on
-    the bundled sample, off otherwise (sweeper/eval_concept.py)."""
+    the bundled sample, off otherwise (sweeper/config/eval_concept.py)."""
 
     labels: list[str] | None = None  # candidate labels, e.g. [a circle, a square, a star]; [] = off
     target: str | None = None  # the label the LoRA's samples should get, e.g. a star

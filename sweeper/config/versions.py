@@ -22,7 +22,7 @@ from packaging.specifiers import SpecifierSet
 from packaging.version import Version
 
 PROJECT = "lora-sweeper"
-PYPROJECT = Path(__file__).resolve().parent.parent / "pyproject.toml"
+PYPROJECT = Path(__file__).resolve().parents[2] / "pyproject.toml"
 LOCK_FILE = "requirements.lock"
 SKIP_ENV = "LORA_SWEEPER_SKIP_VERSION_CHECK"
 # The libraries whose versions decide whether training works at all (the list, plus the file format).

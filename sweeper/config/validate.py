@@ -17,8 +17,8 @@ from dataclasses import dataclass
 from typing import Any
 
 from evaluation.metric_names import DIRECTIONS, SAMPLER_NAMES, SELECTIONS, evaluated_metric, metric_name
-from sweeper.eval_prompts import EvalPrompts, resolve_eval_prompts
-from sweeper.schema_check import schema_problems
+from sweeper.config.eval_prompts import EvalPrompts, resolve_eval_prompts
+from sweeper.config.schema_check import schema_problems
 from training.cache.latent_options import incompatible_with_cache
 from training.data.buckets import bucket_problems, resolve_bucket_settings
 from training.data.missing_captions import MISSING_CAPTION_CHOICES, apply_missing_captions
@@ -345,7 +345,7 @@ def _eval_problems(eval_cfg: Any) -> list[str]:
 
 def _concept_problems(cfg: Any) -> list[str]:
     """An objective of ``concept_acc`` where no concept is defined would rank runs by nothing."""
-    from sweeper.eval_concept import choose_concept
+    from sweeper.config.eval_concept import choose_concept
 
     wanted = [
         key

@@ -1,6 +1,6 @@
 """The task: one complete LoRA run (validate, setup, fit, evaluate, save, record) -> its metrics.
 
-A single run and every sweep trial reach ``run_once`` through ``sweeper.setting.run`` (which trains
+A single run and every sweep trial reach ``run_once`` through ``sweeper.run.setting.run`` (which trains
 one seed, or several with ``train.replicates``); a trial only adds its bookkeeping around it.
 """
 
@@ -28,11 +28,11 @@ from evaluation.evaluate import EvalResult, References, Scorers, evaluate, summa
 from evaluation.grid import image_grid
 from evaluation.metric_names import DIRECTIONS, evaluated_metric, metric_name
 from evaluation.sampling import sampling_scheduler
-from sweeper.eval_concept import choose_concept
-from sweeper.fingerprint import code_version, dataset_fingerprint, file_sha256, fingerprint_digest, training_config
-from sweeper.startup_report import report_data, report_sizes, scores_note
-from sweeper.tracking import flatten, start_run, ui_command
-from sweeper.validate import validate
+from sweeper.config.eval_concept import choose_concept
+from sweeper.config.validate import validate
+from sweeper.run.fingerprint import code_version, dataset_fingerprint, file_sha256, fingerprint_digest, training_config
+from sweeper.run.startup_report import report_data, report_sizes, scores_note
+from sweeper.tracking.tracker import flatten, start_run, ui_command
 from training.atomic_file import write_atomically, write_text_atomically
 from training.checkpoint import save_training_state
 from training.data.buckets import bucket_table

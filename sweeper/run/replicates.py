@@ -1,7 +1,7 @@
 """A setting trained on K seeds (``train.replicates=K``): the replicates, their aggregate, the file to take.
 
 One training run says what one seed gave; a user compares settings. Each replicate is an ordinary
-run (``sweeper.task.run_once``) nested under the setting's MLflow run, on a seed derived from
+run (``sweeper.run.task.run_once``) nested under the setting's MLflow run, on a seed derived from
 ``train.seed`` (the same K seeds for every setting: common random numbers, so settings pair by
 seed), with the worker's loaded model, scorers and caches reused. The setting's run holds the
 aggregate with intervals over seeds x prompts x images (``evaluation.replicates``).
@@ -24,10 +24,10 @@ from evaluation.evaluate import DIGITS
 from evaluation.metric_names import DIRECTIONS, metric_name, shown_name
 from evaluation.replicates import cells, setting_estimate
 from evaluation.stats import mean_interval
-from sweeper.eval_concept import choose_concept
-from sweeper.task import RunResult, log_config, run_name, run_once, selection_objective
-from sweeper.tracking import start_run
-from sweeper.validate import validate
+from sweeper.config.eval_concept import choose_concept
+from sweeper.config.validate import validate
+from sweeper.run.task import RunResult, log_config, run_name, run_once, selection_objective
+from sweeper.tracking.tracker import start_run
 from training.atomic_file import write_atomically, write_text_atomically
 from training.speed.memory import release_accelerator_memory
 

@@ -15,7 +15,7 @@ import typing
 from collections.abc import Iterable
 from typing import Any
 
-from sweeper.config import Config, added_groups, group_options
+from sweeper.config.schema import Config, added_groups, group_options
 
 _SKIPPED_ROOT_FIELDS = ("defaults",)  # the root's Hydra defaults list: not a key to set
 

@@ -4,7 +4,7 @@
   not answer the run stops within seconds with a message naming ``tracking.uri`` and the fixes.
 - MLflow's client retries for our process are few and short (unless the user set MLflow's own
   variables), so a server that dies mid-run costs seconds, not minutes, before the tracker goes
-  offline (``sweeper.tracking``).
+  offline (``sweeper.tracking.tracker``).
 - Workers started together on a new SQLite store take turns (a file lock beside the database) for
   MLflow's schema migration and the experiment's creation; on any store, an experiment created by
   another worker in the meantime (``RESOURCE_ALREADY_EXISTS``) is simply used.
@@ -22,8 +22,8 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from sweeper.credentials import redact_password
 from sweeper.search.storage_url import sqlite_path
+from sweeper.tracking.credentials import redact_password
 
 STARTUP_CHECK_TIMEOUT_S = 5  # the one request that says whether an http(s) server is there
 STORE_LOCK_TIMEOUT_S = 300  # waiting for another worker's SQLite migration (~2 s) and experiment

@@ -15,7 +15,7 @@ from typing import Any
 
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
-from sweeper.config import Config
+from sweeper.config.schema import Config
 
 _IGNORED_ROOT_KEYS = ("hydra",)  # present only when a config is composed with Hydra's own node
 

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from sweeper.config import PROJECT_ROOT
+from sweeper.config.schema import PROJECT_ROOT
 from toy_world.world import article
 from training.data.scan import ImageRecord
 

@@ -13,7 +13,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from sweeper.eval_prompts import bundled_concept
+from sweeper.config.eval_prompts import bundled_concept
 from toy_world.shipped import clip_shapes, held_out_shapes
 from toy_world.world import HELD_OUT_SHAPES
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from sweeper.eval_concept import choose_concept
+from sweeper.config.eval_concept import choose_concept
 from training.data.buckets import bucket_summary, generate_buckets, resolve_bucket_settings
 from training.data.dataset import oriented_size
 from training.data.missing_captions import class_tokens_notice, missing_captions_table, missing_captions_warning
