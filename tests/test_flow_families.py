@@ -15,8 +15,10 @@ from diffusers.loaders.lora_conversion_utils import _convert_kohya_flux_lora_to_
 from diffusers.loaders.single_file_utils import convert_sd3_transformer_checkpoint_to_diffusers, swap_scale_shift
 from mlflow.tracking import MlflowClient
 from safetensors import safe_open
+from safetensors.torch import save_file
 
 from sweeper import reproduce
+from sweeper.config.validate import validate
 from sweeper.run.setting import run
 from sweeper.tracking.tracker import NullTracker
 from tests.conftest import run_main
@@ -120,10 +122,9 @@ def test_flux_names_and_scales_match_diffusers_kohya_converter():
         torch.testing.assert_close(up @ (down @ probe), expected, rtol=1e-4, atol=1e-4)
 
 
-def test_sd3_names_match_diffusers_sd3_checkpoint_converter():
-    """An original-layout SD3.5 checkpoint built from our names (fused qkv concatenated), plus the frame
-    no LoRA touches, converts back through diffusers to exactly the transformer's weights."""
-    transformer = build_tiny_sd3_pipeline().transformer
+def sd3_original_checkpoint(transformer: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """The transformer in Stability AI's original layout, built from our names (fused qkv concatenated)
+    plus the frame no LoRA touches (embeddings, norms, final layer)."""
     state = transformer.state_dict()
     names = SD3.kohya_names(transformer)
     original = {}
@@ -133,8 +134,7 @@ def test_sd3_names_match_diffusers_sd3_checkpoint_converter():
     for name, group in names.fused.items():
         for kind in ("weight", "bias"):
             original[f"{name}.{kind}"] = torch.cat([state[f"{module}.{kind}"] for module in group])
-    frame = {  # the embeddings, norms and final layer: no LoRA names, read only to complete the checkpoint
-        "pos_embed": "pos_embed.pos_embed",
+    frame = {
         "x_embedder.proj": "pos_embed.proj",
         "t_embedder.mlp.0": "time_text_embed.timestep_embedder.linear_1",
         "t_embedder.mlp.2": "time_text_embed.timestep_embedder.linear_2",
@@ -145,8 +145,7 @@ def test_sd3_names_match_diffusers_sd3_checkpoint_converter():
     }
     for theirs, ours in frame.items():
         for kind in ("weight", "bias"):
-            if f"{ours}.{kind}" in state:
-                original[f"{theirs}.{kind}" if theirs != "pos_embed" else theirs] = state[f"{ours}.{kind}"]
+            original[f"{theirs}.{kind}"] = state[f"{ours}.{kind}"]
     original["pos_embed"] = state["pos_embed.pos_embed"]
     width = transformer.config.caption_projection_dim
     last = len(transformer.transformer_blocks) - 1
@@ -162,9 +161,36 @@ def test_sd3_names_match_diffusers_sd3_checkpoint_converter():
                 key = f"transformer_blocks.{i}.{ours}.norm_{added}{q}.weight"
                 if key in state:
                     original[f"joint_blocks.{i}.{theirs}.ln_{q}.weight"] = state[key]
-    converted = convert_sd3_transformer_checkpoint_to_diffusers(dict(original))
+    return original
+
+
+def test_sd3_names_match_diffusers_sd3_checkpoint_converter():
+    """Our names (and the frame) make an original-layout SD3.5 checkpoint that diffusers' converter
+    turns back into exactly the transformer's weights: every LoRA module's name is the original's."""
+    transformer = build_tiny_sd3_pipeline().transformer
+    state = transformer.state_dict()
+    converted = convert_sd3_transformer_checkpoint_to_diffusers(sd3_original_checkpoint(transformer))
     assert converted.keys() == state.keys()
     assert all(torch.equal(converted[key], state[key]) for key in state)
+
+
+def test_an_sd3_file_of_the_transformer_alone_loads_with_the_config_folders_text_encoders(make_cfg, tmp_path):
+    """As SD3.5 ships (the MMDiT in a file, text encoders apart): the transformer from the file through
+    diffusers' converter, the rest from model.config_dir; detected from the file's tensor names."""
+    pipeline = build_tiny_sd3_pipeline()
+    pipeline.save_pretrained(tmp_path / "sd3")
+    checkpoint = {
+        f"model.diffusion_model.{k}": v.contiguous() for k, v in sd3_original_checkpoint(pipeline.transformer).items()
+    }
+    save_file(checkpoint, tmp_path / "sd3.safetensors")
+    cfg = make_cfg(
+        "model=diffusers", f"model.path={tmp_path / 'sd3.safetensors'}", f"model.config_dir={tmp_path / 'sd3'}"
+    )
+    validate(cfg)
+    base = load_base_model(cfg.model)
+    assert base.kind == "sd3" and base.t5 is not None
+    expected, loaded = pipeline.transformer.state_dict(), base.denoiser.state_dict()
+    assert expected.keys() == loaded.keys() and all(torch.equal(expected[k], loaded[k]) for k in expected)
 
 
 def test_a_two_trial_flux_sweep_and_an_sd3_reproduction(make_cfg, tmp_path, monkeypatch, capsys):

@@ -33,16 +33,22 @@ def folder_kind(folder: Path) -> tuple[str, str] | None:
     return None
 
 
-def checkpoint_kind(file: Path) -> tuple[str, str] | None:
-    """(kind, evidence) of a single-file ``.safetensors`` checkpoint from its header; None otherwise."""
-    if file.suffix.lower() != ".safetensors":
-        return None  # a pickle would have to be unpickled to list its keys; checked after loading
+def checkpoint_keys(file: Path) -> list[str]:
+    """The tensor names in a ``.safetensors`` file's header (no weights read); [] for other files."""
+    if Path(file).suffix.lower() != ".safetensors":
+        return []  # a pickle would have to be unpickled to list its keys
     try:
-        with file.open("rb") as handle:
+        with Path(file).open("rb") as handle:
             (length,) = struct.unpack("<Q", handle.read(8))
-            keys = json.loads(handle.read(length))
+            return list(json.loads(handle.read(length)))
     except (OSError, ValueError, struct.error):
-        return None
+        return []
+
+
+def checkpoint_kind(file: Path) -> tuple[str, str] | None:
+    """(kind, evidence) of a single-file ``.safetensors`` checkpoint from its header; None otherwise
+    (a pickle is checked after loading)."""
+    keys = checkpoint_keys(file)
     for detector in _detectors():
         for prefix, evidence in detector.checkpoint_markers:
             if any(key.startswith(prefix) for key in keys):

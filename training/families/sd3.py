@@ -26,10 +26,13 @@ from transformers import CLIPTextModelWithProjection, CLIPTokenizer, T5EncoderMo
 
 from training.families.base import Conditioning, TextPart
 from training.families.checked_loading import load_checked
+from training.families.detect import checkpoint_keys
 from training.families.mmdit import MMDiTFamily, clip_outputs, t5_states
 from training.families.mmdit_names import KohyaNames, sd3_kohya_names
 
 CLIP_CONTEXT = 77  # the T5 placeholder's length without T5 (the pipeline's tokenizer_max_length)
+CLIP_G_IN_FILE = "text_encoders.clip_g."  # a single file that carries its text encoders (diffusers' layout check)
+VAE_IN_FILE = "first_stage_model."
 
 
 class StableDiffusion3(MMDiTFamily):
@@ -151,24 +154,38 @@ class StableDiffusion3(MMDiTFamily):
     def load_single_file(
         self, file: str, config_source: str | None, vae: Any | None, local_only: bool, with_t5: bool = True
     ) -> dict:
-        """Through diffusers' own SD3 converters (files with the text encoders included)."""
-        without_t5 = {} if with_t5 else {"text_encoder_3": None, "tokenizer_3": None}
-        pipeline = StableDiffusion3Pipeline.from_single_file(
-            file,
-            config=config_source,
-            local_files_only=local_only,
-            **({"vae": vae} if vae is not None else {}),
-            **without_t5,
-        )
-        return {
-            "denoiser": pipeline.transformer,
-            "vae": pipeline.vae,
-            "text_encoders": [pipeline.text_encoder, pipeline.text_encoder_2],
-            "tokenizers": [pipeline.tokenizer, pipeline.tokenizer_2],
-            "scheduler": pipeline.scheduler,
-            "t5": pipeline.text_encoder_3,
-            "t5_tokenizer": pipeline.tokenizer_3,
-        }
+        """Through diffusers' SD3 converters. A file with its text encoders (``sd3_medium_incl_clips``)
+        loads whole; a file of the transformer (and VAE) alone, as SD3.5 ships, takes the text
+        encoders, and the VAE where it has none, from the diffusers folder ``model.config_dir``."""
+        keys = checkpoint_keys(Path(file))
+        if any(key.startswith(CLIP_G_IN_FILE) for key in keys):
+            without_t5 = {} if with_t5 else {"text_encoder_3": None, "tokenizer_3": None}
+            pipeline = StableDiffusion3Pipeline.from_single_file(
+                file,
+                config=config_source,
+                local_files_only=local_only,
+                **({"vae": vae} if vae is not None else {}),
+                **without_t5,
+            )
+            return {
+                "denoiser": pipeline.transformer,
+                "vae": pipeline.vae,
+                "text_encoders": [pipeline.text_encoder, pipeline.text_encoder_2],
+                "tokenizers": [pipeline.tokenizer, pipeline.tokenizer_2],
+                "scheduler": pipeline.scheduler,
+                "t5": pipeline.text_encoder_3,
+                "t5_tokenizer": pipeline.tokenizer_3,
+            }
+        if not config_source:
+            raise ValueError(
+                f"model.config_dir: '{file}' holds no text encoders; give the diffusers SD3 folder they come from"
+            )
+        single = {"config": config_source, "local_files_only": local_only}
+        if vae is None and any(key.startswith(VAE_IN_FILE) for key in keys):
+            vae = AutoencoderKL.from_single_file(file, subfolder="vae", **single)
+        parts = self.load_folder(config_source, None, vae, with_t5)
+        parts["denoiser"] = SD3Transformer2DModel.from_single_file(file, subfolder="transformer", **single)
+        return parts
 
     def build_tiny(self, cache_root: Any) -> str:
         from training.families.tiny_mmdit import ensure_tiny_sd3_model
