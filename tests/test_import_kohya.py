@@ -210,7 +210,7 @@ def test_group_choices_need_an_option_file(tmp_path):
         ("resolution = '512,768'", "resolution", "bucket.resolution=640"),
         ("optimizer_type = 'DAdaptAdam'", "optimizer_type", "not offered"),
         ("save_model_as = 'ckpt'", "save_model_as", "output.allow_pickle=true"),
-        ("network_module = 'lycoris.kohya'", "network_module", "only plain LoRA"),
+        ("network_module = 'lycoris.kohya'", "network_module", "algo=lora is not offered"),
         ("max_token_length = 100", "max_token_length", "75, 150 or 225"),
         ("lr_scheduler = 'adafactor'", "lr_scheduler", "not offered"),
     ],
@@ -970,3 +970,25 @@ def test_kohya_noise_level_options_become_train_flow(tmp_path, lines, expected):
     _, cfg = write_and_compose(result, tmp_path, "sd3")
     flow = cfg.train.flow
     assert cfg.model.kind == "sd3" and (flow.weighting_scheme, flow.logit_std, flow.shift) == expected
+
+
+@pytest.mark.parametrize(
+    ("lines", "network_type", "unmapped"),
+    [
+        (
+            'network_module = "lycoris.kohya"\nnetwork_args = ["algo=loha", "conv_dim=4"]',
+            "loha",
+            {"network_args.conv_dim"},
+        ),
+        ('network_module = "lycoris.kohya"\nnetwork_args = ["algo=lokr"]', "lora", {"network_module"}),
+        ('network_module = "networks.lora"', "lora", set()),
+    ],
+)
+def test_lycoris_configs_map_their_algo_onto_network_type(tmp_path, lines, network_type, unmapped):
+    source = tmp_path / "lycoris.toml"
+    source.write_text(lines + "\n")
+    result = import_config(source)
+    _, cfg = write_and_compose(result, tmp_path, "lycoris")
+    assert cfg.network.type == network_type
+    assert {u.source for u in result.unmapped} >= unmapped
+    assert all(u.source != "network_args.algo" for u in result.unmapped)

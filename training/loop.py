@@ -43,6 +43,7 @@ from training.families import Conditioning, ImageGeometry, batch_geometry
 from training.families.loading import BaseModel
 from training.families.vae_precision import run_in_own_precision, vae_dtype
 from training.fault_hold import hold_if_asked
+from training.network.adapters import adapter_parameters
 from training.network.file import apply_init_weights
 from training.network.lora import LoraNetwork, add_lora
 from training.optim import build_lr_scheduler, build_optimizer
@@ -654,9 +655,8 @@ class Trainer:
         """Named LoRA weights (and embedding rows): what a training state stores."""
         tensors = {}
         for part in self.network.parts:
-            for name, param in part.model.named_parameters():
-                if "lora_" in name:
-                    tensors[f"{part.label}.{name}"] = param.detach()
+            for name, param in adapter_parameters(part.model):
+                tensors[f"{part.label}.{name}"] = param.detach()
         if self.embedding is not None:
             tensors["embedding.rows"] = self.embedding.vectors
         return tensors

@@ -58,6 +58,7 @@ class NetworkConfig:
     """LoRA: rank, strength, dropout and which parts train at which learning rate."""
 
     dim: int = 8
+    type: str = "lora"  # lora | loha (LyCORIS' Hadamard-product LoRA, FedPara: Hyeon-Woo et al. 2022)
     alpha: float | None = None  # update scaled by alpha/dim (kohya); give alpha OR scale
     scale: float | None = None  # alpha/dim directly (DrawThings' "network scale")
     dropout: float = 0.0  # on the low-rank activations, training only

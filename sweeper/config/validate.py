@@ -23,6 +23,7 @@ from training.cache.latent_options import incompatible_with_cache
 from training.data.buckets import bucket_problems, resolve_bucket_settings
 from training.data.missing_captions import MISSING_CAPTION_CHOICES, apply_missing_captions
 from training.data.scan import DatasetScan, scan_dataset, scan_folders
+from training.network.types import NETWORK_TYPES
 from training.objective.flow_options import flow_problems
 from training.optim_options import optimizer_problems, scheduler_problems
 from training.output_dir import estimated_lora_bytes, output_dir_problems
@@ -187,6 +188,22 @@ def _network_problems(network: Any) -> list[str]:
         problems.append(f"network.dropout must be in [0, 1) (got {network.dropout})")
     if not (network.train_unet or network.train_text_encoder):
         problems.append("network.train_unet and network.train_text_encoder are both false; nothing would train")
+    problems += network_type_problems(network)
+    return problems
+
+
+def network_type_problems(network: Any) -> list[str]:
+    """``network.type`` and what each type cannot combine with, naming the key and the fix."""
+    if network.type not in NETWORK_TYPES:
+        return [f"network.type: unknown '{network.type}'; use one of {', '.join(NETWORK_TYPES)}"]
+    problems = []
+    if network.type == "loha":
+        for key, off in (("dropout", 0.0), ("max_norm", None)):
+            if getattr(network, key) not in (off, 0):
+                problems.append(
+                    f"network.{key} is kohya's LoRA option (it acts on lora_down / lora_up); "
+                    f"network.type=loha has no such factor: set network.{key}={'null' if off is None else off}"
+                )
     return problems
 
 

@@ -22,7 +22,7 @@ from sweeper.kohya_import.convert import (
 )
 from sweeper.kohya_import.machine import writable_folder_problem
 from sweeper.kohya_import.mapper import Mapper, rule, simple
-from sweeper.kohya_import.result import NotMapped, OnThisMachine, Option
+from sweeper.kohya_import.result import Mapped, NotMapped, OnThisMachine, Option
 from sweeper.kohya_import.tables import (
     CUSTOM_SCHEDULERS,
     NETWORK_ARGS,
@@ -223,16 +223,35 @@ def _no_metadata(m: Mapper, taken: dict[str, Option]) -> None:
     m.set("output.metadata", not as_bool(option.value), option, "no_metadata inverted")
 
 
-@rule("network_module")
-def _network_module(m: Mapper, taken: dict[str, Option]) -> None:
-    option = taken["network_module"]
-    module = str(option.value)
-    if module.endswith(("networks.lora_flux", "networks.lora_sd3")):  # sd-scripts' FLUX.1 / SD3 LoRA
-        m.set("model.kind", "flux" if module.endswith("flux") else "sd3", option, "its family's LoRA")
-        return
-    if not module.endswith("networks.lora"):
-        raise Unfit(f"only plain LoRA (networks.lora, lora_sd3, lora_flux) is trained here, not {module!r}")
-    m.nothing(option, "LoRA: the only network here")
+@rule("network_module", "network_args")
+def _network(m: Mapper, taken: dict[str, Option]) -> None:
+    """The network module and its arguments together: LyCORIS' ``lycoris.kohya`` says its type in
+    ``network_args``' ``algo`` (LoHa maps to network.type=loha), sd-scripts' FLUX/SD3 modules say the family."""
+    module_option, args_option = taken.get("network_module"), taken.get("network_args")
+    args = dict(key_values(args_option.value)) if args_option is not None else {}
+    module = str(module_option.value) if module_option is not None else "networks.lora"
+    used: set[str] = set()
+    if module_option is not None:
+        if module.endswith(("networks.lora_flux", "networks.lora_sd3")):  # sd-scripts' FLUX.1 / SD3 LoRA
+            m.set("model.kind", "flux" if module.endswith("flux") else "sd3", module_option, "its family's LoRA")
+        elif module == "lycoris.kohya":
+            algo = str(args.get("algo", "lora")).lower()
+            used.add("algo")
+            if algo == "loha":
+                m.set("network.type", "loha", module_option, "LyCORIS algo=loha")
+            else:
+                what = " (LoCon: LoRA on conv layers too)" if algo in ("lora", "locon") else ""
+                m.unmapped(module_option, f"LyCORIS algo={algo}{what} is not offered; network.type is lora or loha")
+        elif module.endswith("networks.lora"):
+            m.nothing(module_option, "LoRA: network.type=lora (the default)")
+        else:
+            m.unmapped(module_option, f"{module!r} is not offered; network.type is lora or loha (LyCORIS)")
+    for key, value in args.items():
+        if key in used:
+            m.result.mapped.append(Mapped(f"{args_option.label}.{key}", "network.type", value, "with network_module"))
+            continue
+        reason = NETWORK_ARGS.get(key, "network arguments of other network modules are not offered")
+        m.result.unmapped.append(NotMapped(f"{args_option.label}.{key}", value, reason))
 
 
 @rule("network_alpha", always=True)
@@ -242,14 +261,6 @@ def _network_alpha(m: Mapper, taken: dict[str, Option]) -> None:
         m.set("network.alpha", as_float(option.value), option)
     else:
         m.set("network.alpha", 1.0, "(network_alpha absent)", "kohya's default alpha is 1 (ours would be alpha = dim)")
-
-
-@rule("network_args")
-def _network_args(m: Mapper, taken: dict[str, Option]) -> None:
-    option = taken["network_args"]
-    for key, value in key_values(option.value):
-        reason = NETWORK_ARGS.get(key, "network arguments of other network modules are not offered")
-        m.result.unmapped.append(NotMapped(f"{option.label}.{key}", value, reason))
 
 
 @rule("network_train_unet_only", "network_train_text_encoder_only", "text_encoder_lr", always=True)

@@ -198,7 +198,7 @@ NETWORK_ARGS = {
     "dropout": "use network.dropout (dropout on the rank activations)",
     "rank_dropout": "no rank dropout; network.dropout is kohya's network_dropout",
     "module_dropout": "no module dropout",
-    "algo": "only plain LoRA is trained here (no LyCORIS algorithms)",
+    "algo": 'read with network_module = "lycoris.kohya" (algo=loha: network.type=loha)',
     "preset": "LyCORIS presets are not offered; network.unet_targets names the layers",
     "unit": "DyLoRA is not offered",
     "use_tucker": "LyCORIS Tucker decomposition is not offered",

@@ -43,6 +43,7 @@ from training.loop import Trainer
 from training.network.file import LoraNotSavedError, bundle_embeddings, lora_identity, read_metadata, save_lora
 from training.network.lora import remove_leftover_adapters, remove_lora
 from training.network.metadata import DatasetSummary, kohya_metadata, summarize_dataset, training_metadata
+from training.network.types import NETWORK_MODULES
 from training.text.tag_stats import tag_frequencies, tag_frequencies_by_folder, tag_table
 
 if TYPE_CHECKING:  # the sweep's pruner hook; sweeper.search imports Optuna, which a single run does not need
@@ -504,7 +505,8 @@ def _save_lora(
         steps=step,
         resolved_config=training_config(resolved),
         v2=bool(base.family.file_metadata(base).get("ss_v2")),
-        network_module=base.family.network_module,
+        network_module=NETWORK_MODULES.get(trainer.network.type) or base.family.network_module,
+        network_type=trainer.network.type,
         extra=extra,
     )
     return save_lora(cfg.output, tensors, metadata, stem=stem)

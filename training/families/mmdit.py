@@ -69,6 +69,11 @@ class MMDiTFamily(ModelFamily):
                 f"network.embedding.enabled=true: textual-inversion co-training is built for SD1/SD2's one text "
                 f"encoder, not {self.label}'s CLIP + T5; set network.embedding.enabled=false"
             )
+        if network_cfg.type != "lora":
+            problems.append(
+                f"network.type={network_cfg.type}: {self.label}'s files fuse q, k and v into one layer, which only "
+                "a LoRA can be written as (block-diagonally); use network.type=lora"
+            )
         if model_cfg.attention != "sdpa":
             problems.append(
                 f"model.attention={model_cfg.attention}: {self.label}'s joint attention runs in diffusers' own "

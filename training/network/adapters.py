@@ -10,13 +10,27 @@ those directly gives the UNet and the text encoder one code path whose only cont
 from __future__ import annotations
 
 import torch
-from peft import LoraConfig, inject_adapter_in_model
+from peft import LoHaConfig, LoraConfig, inject_adapter_in_model
+from peft.config import PeftConfig
 from peft.tuners.tuners_utils import BaseTunerLayer
 
 ADAPTER = "default"
 
 
-def attach_lora(model: torch.nn.Module, config: LoraConfig, adapter_name: str = ADAPTER) -> None:
+def adapter_config(network_type: str, dim: int, alpha: float, targets: list[str]) -> PeftConfig:
+    """peft's tuner config of ``network.type`` (training/network/types.py), scaled alpha/dim as kohya
+    and LyCORIS scale it."""
+    if network_type == "loha":
+        return LoHaConfig(r=dim, alpha=alpha, target_modules=targets, rank_dropout=0.0, module_dropout=0.0)
+    return LoraConfig(r=dim, lora_alpha=alpha, target_modules=targets, lora_dropout=0.0)
+
+
+def adapter_parameters(model: torch.nn.Module, adapter_name: str = ADAPTER) -> list[tuple[str, torch.nn.Parameter]]:
+    """The adapter's own parameters (``...lora_A.default.weight``, ``...hada_w1_a.default``), any type."""
+    return [(name, p) for name, p in model.named_parameters() if adapter_name in name.split(".")]
+
+
+def attach_lora(model: torch.nn.Module, config: PeftConfig, adapter_name: str = ADAPTER) -> None:
     """Inject fresh LoRA layers for ``config.target_modules`` and make them the active adapter.
 
     peft records the config as ``model.peft_config[adapter_name]`` (its state-dict helpers read it).
@@ -35,12 +49,12 @@ def set_adapters_enabled(model: torch.nn.Module, enabled: bool) -> None:
 
 
 def detach_adapters(model: torch.nn.Module) -> None:
-    """Delete every adapter (the wrapped layers stay, with no adapter: they compute the base layer)."""
-    names = list(getattr(model, "peft_config", None) or {})
-    for layer in tuner_layers(model):
-        for name in names:
-            if name in layer.lora_A or name in getattr(layer, "lora_embedding_A", {}):
-                layer.delete_adapter(name)
+    """Delete every adapter and put each wrapped layer's own base layer back in its place, so the next
+    trial may attach any network type (a LoHa wrapper cannot take a LoRA, nor the other way round)."""
+    for name, module in list(model.named_modules()):
+        if isinstance(module, BaseTunerLayer) and name:
+            parent, _, child = name.rpartition(".")
+            setattr(model.get_submodule(parent) if parent else model, child, module.get_base_layer())
     if hasattr(model, "peft_config"):
         del model.peft_config
 

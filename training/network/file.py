@@ -30,6 +30,7 @@ from safetensors.torch import save
 from training.atomic_file import write_atomically
 from training.network.lora import ADAPTER, LoraNetwork, LoraPart
 from training.network.metadata import metadata_sha256, minimal_metadata
+from training.network.types import FILE_SUFFIXES, RANK_TENSOR, type_of_file
 from training.output_dir import rescue_folders, unique_rescue_path
 
 logger = logging.getLogger(__name__)
@@ -44,6 +45,12 @@ PICKLE_WARNING = (
     "so only share it with people who trust you; safetensors is the safe format. Pickle files carry no metadata."
 )
 _DOWN, _UP, _ALPHA = ".lora_down.weight", ".lora_up.weight", ".alpha"
+# a file tensor's suffix -> the peft parameter it loads into (training/network/types.py names them)
+_PEFT_NAMES = {
+    _DOWN: "lora_A.{adapter}.weight",
+    _UP: "lora_B.{adapter}.weight",
+    **{f".{name}": f"{name}.{{adapter}}" for name in FILE_SUFFIXES["loha"]},
+}
 
 
 class LoraFileError(ValueError):
@@ -335,7 +342,8 @@ def load_lora_file(path: str | Path, *, allow_pickle: bool = False) -> LoraFileC
             raise LoraFileError(f"network.init_weights: '{path}' does not hold a state dict")
         tensors, metadata = {k: v for k, v in state.items() if isinstance(v, torch.Tensor)}, {}
 
-    ranks = {k[: -len(_DOWN)]: v.shape[0] for k, v in tensors.items() if k.endswith(_DOWN)}
+    rank_suffix = "." + RANK_TENSOR[type_of_file(list(tensors))]  # lora_down, or LoHa's hada_w1_b
+    ranks = {k[: -len(rank_suffix)]: v.shape[0] for k, v in tensors.items() if k.endswith(rank_suffix)}
     alphas = {k[: -len(_ALPHA)]: float(v) for k, v in tensors.items() if k.endswith(_ALPHA) and v.numel() == 1}
     alphas = {module: alphas.get(module, float(rank)) for module, rank in ranks.items()}
     dim = Counter(ranks.values()).most_common(1)[0][0] if ranks else None
@@ -367,7 +375,7 @@ def peft_state_from_kohya(tensors: dict[str, torch.Tensor], part: LoraPart, adap
     adapted: dict[str, list[str]] = {}
     every: dict[str, list[str]] = {}
     for name, module in model.named_modules():
-        is_adapted = adapter_name in getattr(module, "lora_A", {})
+        is_adapted = adapter_name in getattr(module, "scaling", {})  # a tuner layer of any type
         for flat in part.kohya_names.get(name, [name.replace(".", "_")]):
             every.setdefault(flat, []).append(name)
             if is_adapted and name not in adapted.get(flat, []):
@@ -380,9 +388,11 @@ def peft_state_from_kohya(tensors: dict[str, torch.Tensor], part: LoraPart, adap
     for key, value in tensors.items():
         if not key.startswith(prefix):
             continue
-        suffix = next((s for s in (_DOWN, _UP, _ALPHA) if key.endswith(s)), None)
+        suffix = next((s for s in (*_PEFT_NAMES, _ALPHA) if key.endswith(s)), None)
         if suffix is None:
-            match.unmatched[key] = "not a plain LoRA tensor (lora_down/lora_up/alpha); LyCORIS/DoRA parts are unused"
+            match.unmatched[key] = (
+                "not a LoRA or LoHa tensor (lora_down/lora_up, hada_w*, alpha); other LyCORIS/DoRA parts are unused"
+            )
             continue
         flat = key[len(prefix) : -len(suffix)]
         names = adapted.get(flat, [])
@@ -402,10 +412,18 @@ def peft_state_from_kohya(tensors: dict[str, torch.Tensor], part: LoraPart, adap
         if suffix == _ALPHA:
             match.alphas[module] = float(value)
             continue
-        target = f"{module}.{'lora_A' if suffix == _DOWN else 'lora_B'}.{adapter_name}.weight"
+        target = f"{module}.{_PEFT_NAMES[suffix].format(adapter=adapter_name)}"
+        if target not in parameters:
+            kind = "LoHa" if ".hada_" in suffix else "LoRA"
+            raise LoraFileError(
+                f"network.init_weights: the file holds a {kind} ({key}) but this run's network.type is not "
+                f"{kind.lower()}; set network.type={kind.lower()} to continue from it"
+            )
         expected = parameters[target].shape
         if tuple(value.shape) != tuple(expected):
-            file_rank, model_rank = (value.shape[0], expected[0]) if suffix == _DOWN else (value.shape[-1], expected[1])
+            # the rank is the first dimension of a down (lora_down, hada_w*_b), the last of an up
+            first = suffix in (_DOWN, ".hada_w1_b", ".hada_w2_b")
+            file_rank, model_rank = (value.shape[0], expected[0]) if first else (value.shape[-1], expected[-1])
             ranks[file_rank] += 1
             mismatched.append(
                 f"{key}: shape {tuple(value.shape)} in the file, {tuple(expected)} in the adapter"
@@ -429,10 +447,13 @@ def peft_state_from_kohya(tensors: dict[str, torch.Tensor], part: LoraPart, adap
         shown = "\n  ".join(mismatched[:5]) + (f"\n  ... {len(mismatched) - 5} more" if len(mismatched) > 5 else "")
         raise LoraFileError(f"network.init_weights: {hint}\n  {shown}")
 
-    loaded_a = {t.rsplit(".lora_A.", 1)[0] for t in match.state if ".lora_A." in t}
-    loaded_b = {t.rsplit(".lora_B.", 1)[0] for t in match.state if ".lora_B." in t}
     every_adapted = sorted({name for names in adapted.values() for name in names})
-    match.missing = [name for name in every_adapted if name not in loaded_a or name not in loaded_b]
+    own: dict[str, list[str]] = {}  # module -> its adapter parameters (module.<tuner attribute>.<adapter>...)
+    for name in parameters:
+        parts = name.split(".")
+        if adapter_name in parts:
+            own.setdefault(".".join(parts[: parts.index(adapter_name) - 1]), []).append(name)
+    match.missing = [m for m in every_adapted if not own.get(m) or any(n not in match.state for n in own[m])]
     return match
 
 
@@ -592,7 +613,8 @@ def init_weights_problems(network_cfg: Any, *, allow_pickle: bool = False) -> li
         if file_format != "safetensors":
             return [] if allow_pickle else [_pickle_refusal("network.init_weights", file_format, reading=True)]
         with safe_open(str(path), framework="pt") as lora:
-            ranks = {lora.get_slice(k).get_shape()[0] for k in lora.keys() if k.endswith(_DOWN)}  # noqa: SIM118
+            rank_suffix = "." + RANK_TENSOR[type_of_file(list(lora.keys()))]
+            ranks = {lora.get_slice(k).get_shape()[0] for k in lora.keys() if k.endswith(rank_suffix)}  # noqa: SIM118
     except Exception as error:  # safetensors raises its own SafetensorError for a file that is not one
         return [
             f"network.init_weights: '{path}' cannot be read as a LoRA file ({type(error).__name__}: {error}); "

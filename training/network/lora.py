@@ -12,10 +12,17 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from peft import LoraConfig
 from peft.utils import get_peft_model_state_dict
 
-from training.network.adapters import ADAPTER, attach_lora, detach_adapters, set_adapters_enabled
+from training.network.adapters import (
+    ADAPTER,
+    adapter_config,
+    adapter_parameters,
+    attach_lora,
+    detach_adapters,
+    set_adapters_enabled,
+)
+from training.network.types import FILE_SUFFIXES
 
 # kohya names text-encoder modules as in transformers 4's CLIPTextModel (``text_model.encoder...``);
 # transformers 5 dropped the ``text_model`` level, so it is put back for file compatibility.
@@ -61,6 +68,7 @@ class LoraNetwork:
     dim: int
     alpha: float
     param_groups: list[dict[str, Any]]
+    type: str = "lora"  # network.type: lora | loha (training/network/types.py)
 
     @property
     def unet(self) -> torch.nn.Module:
@@ -128,14 +136,30 @@ class LoraNetwork:
         """
         tensors: dict[str, torch.Tensor] = {}
         for part in self.adapted():
+            state = get_peft_model_state_dict(part.model, adapter_name=ADAPTER, save_embedding_layers=False)
+            if self.type != "lora":  # LyCORIS names: <prefix><module>.hada_w1_a ... and .alpha
+                tensors.update(lycoris_tensors(part, state, self.type, self.alpha, dtype))
+                continue
             pairs: dict[str, dict[str, torch.Tensor]] = {}
-            for key, value in get_peft_model_state_dict(
-                part.model, adapter_name=ADAPTER, save_embedding_layers=False
-            ).items():
+            for key, value in state.items():
                 module, _, kind = key.rpartition(".lora_")
                 pairs.setdefault(module, {})["down" if kind.startswith("A") else "up"] = value.detach()
             tensors.update(kohya_tensors(part, pairs, self.alpha, dtype))
         return tensors
+
+
+def lycoris_tensors(
+    part: LoraPart, state: dict[str, torch.Tensor], network_type: str, alpha: float, dtype: torch.dtype
+) -> dict[str, torch.Tensor]:
+    """peft's state of a LyCORIS-type adapter under kohya's module names, one ``alpha`` per module."""
+    suffixes = FILE_SUFFIXES[network_type]
+    tensors: dict[str, torch.Tensor] = {}
+    for key, value in state.items():
+        parameter = next(s for s in suffixes if key.endswith(f".{s}"))
+        name = part.kohya_prefix + part.kohya_name(key[: -len(parameter) - 1])
+        tensors[f"{name}.{suffixes[parameter]}"] = value.detach().to("cpu", dtype).contiguous()
+        tensors[f"{name}.alpha"] = torch.tensor(alpha, dtype=dtype)
+    return tensors
 
 
 def kohya_tensors(
@@ -238,17 +262,15 @@ def add_lora(base: Any, network_cfg: Any, base_lr: float) -> LoraNetwork:
         parts.append(part)
         if not part.trains:
             continue
-        attach_lora(
-            part.model, LoraConfig(r=network_cfg.dim, lora_alpha=alpha, target_modules=targets, lora_dropout=0.0)
-        )
+        attach_lora(part.model, adapter_config(network_cfg.type, network_cfg.dim, alpha, targets))
         if network_cfg.dropout > 0:
             _add_rank_dropout(part.model, network_cfg.dropout)
-        params = [p for name, p in part.model.named_parameters() if "lora_" in name]
+        params = [p for _, p in adapter_parameters(part.model)]
         for p in params:
             p.data = p.data.float()  # fp32 master weights even when the base runs in half precision
             p.requires_grad_(True)
         groups.append({"params": params, "lr": lr, "name": part.label})
-    return LoraNetwork(parts, network_cfg.dim, alpha, groups)
+    return LoraNetwork(parts, network_cfg.dim, alpha, groups, network_cfg.type)
 
 
 def remove_lora(network: LoraNetwork) -> None:
