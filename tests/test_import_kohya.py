@@ -210,7 +210,7 @@ def test_group_choices_need_an_option_file(tmp_path):
         ("resolution = '512,768'", "resolution", "bucket.resolution=640"),
         ("optimizer_type = 'DAdaptAdam'", "optimizer_type", "not offered"),
         ("save_model_as = 'ckpt'", "save_model_as", "output.allow_pickle=true"),
-        ("network_module = 'lycoris.kohya'", "network_module", "algo=lora is not offered"),
+        ("network_module = 'lycoris.kohya'", "network_module", "algo=lora (LoCon"),
         ("max_token_length = 100", "max_token_length", "75, 150 or 225"),
         ("lr_scheduler = 'adafactor'", "lr_scheduler", "not offered"),
     ],
