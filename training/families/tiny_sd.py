@@ -38,6 +38,23 @@ def build_tiny_vae(**config: object) -> AutoencoderKL:
     )
 
 
+def tiny_text_config(vocab_size: int, hidden: int, *, layers: int = 2, projection: int = 32) -> CLIPTextConfig:
+    """A tiny CLIP text encoder's config (4 heads, 77 positions, the word tokenizer's special ids):
+    every tiny family's text encoders, each with its own width, depth and projection."""
+    return CLIPTextConfig(
+        vocab_size=vocab_size,
+        hidden_size=hidden,
+        intermediate_size=2 * hidden,
+        num_hidden_layers=layers,
+        num_attention_heads=4,
+        max_position_embeddings=77,
+        projection_dim=projection,
+        bos_token_id=0,
+        eos_token_id=1,
+        pad_token_id=1,
+    )
+
+
 def sd1_noise_scheduler() -> DDPMScheduler:
     """The SD1.x noise schedule (scaled-linear betas 0.00085-0.012 over 1000 steps, epsilon), as the
     SD1.x scheduler configs give it: the tiny model's and the toy base model's."""
@@ -54,24 +71,10 @@ def sd1_noise_scheduler() -> DDPMScheduler:
 
 def build_tiny_pipeline(seed: int = TINY_SEED) -> StableDiffusionPipeline:
     """Random but fixed weights: the same seed gives the same model on every CPU."""
-    generator_state = torch.random.get_rng_state()
-    torch.manual_seed(seed)
-    try:
+    with torch.random.fork_rng(devices=[]):  # the caller's RNG state is left as it was
+        torch.manual_seed(seed)
         tokenizer = build_word_tokenizer()
-        text_encoder = CLIPTextModel(
-            CLIPTextConfig(
-                vocab_size=len(tokenizer),
-                hidden_size=32,
-                intermediate_size=64,
-                num_hidden_layers=2,
-                num_attention_heads=4,
-                max_position_embeddings=77,
-                projection_dim=32,
-                bos_token_id=0,
-                eos_token_id=1,
-                pad_token_id=1,
-            )
-        )
+        text_encoder = CLIPTextModel(tiny_text_config(len(tokenizer), 32))
         unet = UNet2DConditionModel(
             sample_size=TINY_RESOLUTION // 4,
             in_channels=4,
@@ -86,8 +89,6 @@ def build_tiny_pipeline(seed: int = TINY_SEED) -> StableDiffusionPipeline:
         )
         vae = build_tiny_vae()
         scheduler = sd1_noise_scheduler()
-    finally:
-        torch.random.set_rng_state(generator_state)
     return sd_pipeline(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet, scheduler=scheduler)
 
 

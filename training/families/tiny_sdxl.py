@@ -12,10 +12,10 @@ from pathlib import Path
 
 import torch
 from diffusers import EulerDiscreteScheduler, StableDiffusionXLPipeline, UNet2DConditionModel
-from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+from transformers import CLIPTextModel, CLIPTextModelWithProjection
 
 from training.cache.folders import cached_folder, default_cache_root
-from training.families.tiny_sd import TINY_RESOLUTION, TINY_SEED, build_tiny_vae
+from training.families.tiny_sd import TINY_RESOLUTION, TINY_SEED, build_tiny_vae, tiny_text_config
 from training.text.tokenizer import build_word_tokenizer
 
 TINY_SDXL_NAME = "tiny-sdxl-v1"
@@ -37,29 +37,17 @@ SDXL_SCHEDULER = dict(
 )
 
 
-def _text_config(vocab_size: int, hidden: int) -> CLIPTextConfig:
-    return CLIPTextConfig(
-        vocab_size=vocab_size,
-        hidden_size=hidden,
-        intermediate_size=2 * hidden,
-        num_hidden_layers=3,
-        num_attention_heads=4,
-        max_position_embeddings=77,
-        projection_dim=POOLED_WIDTH,
-        bos_token_id=0,
-        eos_token_id=1,
-        pad_token_id=1,
-    )
-
-
 def build_tiny_sdxl_pipeline(seed: int = TINY_SEED) -> StableDiffusionXLPipeline:
     """Random but fixed weights: the same seed gives the same model on every CPU."""
-    generator_state = torch.random.get_rng_state()
-    torch.manual_seed(seed)
-    try:
+    with torch.random.fork_rng(devices=[]):  # the caller's RNG state is left as it was
+        torch.manual_seed(seed)
         tokenizer, tokenizer_2 = build_word_tokenizer(), build_word_tokenizer()
-        text_encoder = CLIPTextModel(_text_config(len(tokenizer), TEXT_WIDTHS[0]))
-        text_encoder_2 = CLIPTextModelWithProjection(_text_config(len(tokenizer_2), TEXT_WIDTHS[1]))
+        text_encoder = CLIPTextModel(
+            tiny_text_config(len(tokenizer), TEXT_WIDTHS[0], layers=3, projection=POOLED_WIDTH)
+        )
+        text_encoder_2 = CLIPTextModelWithProjection(
+            tiny_text_config(len(tokenizer_2), TEXT_WIDTHS[1], layers=3, projection=POOLED_WIDTH)
+        )
         unet = UNet2DConditionModel(
             sample_size=TINY_RESOLUTION // 4,
             in_channels=4,
@@ -79,8 +67,6 @@ def build_tiny_sdxl_pipeline(seed: int = TINY_SEED) -> StableDiffusionXLPipeline
         )
         vae = build_tiny_vae(scaling_factor=0.13025, force_upcast=True)  # SDXL's VAE scaling
         scheduler = EulerDiscreteScheduler(**SDXL_SCHEDULER)
-    finally:
-        torch.random.set_rng_state(generator_state)
     return StableDiffusionXLPipeline(
         vae=vae,
         text_encoder=text_encoder,
