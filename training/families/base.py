@@ -20,7 +20,10 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
+from transformers import CLIPTextModel, CLIPTokenizer, T5EncoderModel, T5TokenizerFast
 
+from training.families.checked_loading import load_checked
 from training.families.labels import article_for
 from training.objective.base import Objective
 from training.objective.ddpm import NoisePrediction
@@ -40,6 +43,7 @@ class TextPart:
     tokenizer: str  # its tokenizer's component name
     kohya_prefix: str  # lora_te_ (SD1/SD2), lora_te1_ / lora_te2_ (SDXL)
     lr_key: str  # the network option that sets its learning rate
+    encoder_type: type = CLIPTextModel  # CLIPTextModelWithProjection where the pooled projection is read
 
 
 @dataclass(frozen=True)
@@ -65,6 +69,11 @@ class ModelFamily:
     kind: str = ""
     label: str = ""  # how messages name it ("SD1.x", "SDXL")
     text_parts: tuple[TextPart, ...] = ()
+    denoiser_type: type = UNet2DConditionModel  # the denoiser's class and its folder in a diffusers model
+    denoiser_folder = "unet"
+    scheduler_type: type = DDPMScheduler  # the scheduler class its folder's config is read into
+    t5_folders: tuple[str, str] | None = None  # (encoder, tokenizer) folders of a T5 encoder, where it has one
+    t5_required = False  # False: loaded when the folder has it and model.t5 is on (SD3)
     unet_prefix = "lora_unet_"  # the denoiser's kohya prefix (kohya keeps it for SD3's and FLUX's transformer)
     network_module = "networks.lora"  # kohya's ss_network_module
     vae_overflows_in_fp16 = False  # the VAE needs fp32 when training in fp16 (model.vae_precision=auto)
@@ -212,8 +221,26 @@ class ModelFamily:
     # --- loading
     def load_folder(self, location: str, revision: str | None, vae: Any | None, with_t5: bool = True) -> dict:
         """The parts of a diffusers folder or hub id: denoiser, vae, text_encoders (those a LoRA may
-        adapt), tokenizers, scheduler, and t5 / t5_tokenizer where the family has them."""
-        raise NotImplementedError
+        adapt), tokenizers, scheduler, and t5 / t5_tokenizer where the family has them (else None)."""
+        kwargs = {"revision": revision} if revision else {}
+        parts = {
+            "denoiser": load_checked(self.denoiser_type, location, self.denoiser_folder, **kwargs),
+            "vae": vae or load_checked(AutoencoderKL, location, "vae", **kwargs),
+            "text_encoders": [
+                load_checked(part.encoder_type, location, part.encoder, **kwargs) for part in self.text_parts
+            ],
+            "tokenizers": [
+                CLIPTokenizer.from_pretrained(location, subfolder=part.tokenizer, **kwargs) for part in self.text_parts
+            ],
+            "scheduler": self.scheduler_type.from_pretrained(location, subfolder="scheduler", **kwargs),
+            "t5": None,
+            "t5_tokenizer": None,
+        }
+        if self.t5_folders and with_t5 and (self.t5_required or has_part(location, self.t5_folders[0])):
+            encoder, tokenizer = self.t5_folders
+            parts["t5"] = load_checked(T5EncoderModel, location, encoder, **kwargs)
+            parts["t5_tokenizer"] = T5TokenizerFast.from_pretrained(location, subfolder=tokenizer, **kwargs)
+        return parts
 
     def load_single_file(
         self, file: str, config_source: str | None, vae: Any | None, local_only: bool, with_t5: bool = True
@@ -224,3 +251,11 @@ class ModelFamily:
     def build_tiny(self, cache_root: Any) -> str:
         """The folder of this family's tiny random model (``model.source=tiny``), built on first use."""
         raise NotImplementedError
+
+
+def has_part(location: str, subfolder: str) -> bool:
+    """Whether a folder (or hub snapshot) holds ``subfolder`` (SD3's T5 may be left out)."""
+    folder = Path(location)
+    if folder.is_dir():
+        return (folder / subfolder).is_dir()
+    return True  # a hub id: let from_pretrained fetch it

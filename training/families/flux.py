@@ -14,11 +14,9 @@ from collections.abc import Sequence
 from typing import Any
 
 import torch
-from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
-from transformers import CLIPTextModel, CLIPTokenizer, T5EncoderModel, T5TokenizerFast
+from diffusers import FluxPipeline, FluxTransformer2DModel
 
 from training.families.base import Conditioning, ImageGeometry, TextPart
-from training.families.checked_loading import load_checked
 from training.families.mmdit import MMDiTFamily, clip_outputs, t5_states
 from training.families.mmdit_names import KohyaNames, flux_kohya_names
 
@@ -52,11 +50,13 @@ class Flux(MMDiTFamily):
     kind = "flux"
     label = "FLUX.1"
     text_parts = (TextPart("text_encoder", "tokenizer", "lora_te1_", "text_encoder_lr"),)
+    denoiser_type = FluxTransformer2DModel
+    t5_folders = ("text_encoder_2", "tokenizer_2")
+    t5_required = True
     network_module = "networks.lora_flux"
     default_t5_max_length = 512  # FLUX.1-dev's (kohya: 512 for dev, 256 for schnell)
     detection_rank = 1
     pipeline_classes = ("FluxPipeline", "FluxImg2ImgPipeline", "FluxFillPipeline")
-    denoiser_class = "FluxTransformer2DModel"
     # a FLUX.1 file holds the transformer alone: the folder gives the VAE and text encoders, weights too
     config_dir_files = (*MMDiTFamily.config_dir_files, "text_encoder_2/config.json", "tokenizer_2")
     checkpoint_markers = (
@@ -171,18 +171,6 @@ class Flux(MMDiTFamily):
         return "flux-1-dev" if base.denoiser.config.guidance_embeds else "flux-1-schnell"
 
     # --- loading
-    def load_folder(self, location: str, revision: str | None, vae: Any | None, with_t5: bool = True) -> dict:
-        kwargs = {"revision": revision} if revision else {}
-        return {
-            "denoiser": load_checked(FluxTransformer2DModel, location, "transformer", **kwargs),
-            "vae": vae or load_checked(AutoencoderKL, location, "vae", **kwargs),
-            "text_encoders": [load_checked(CLIPTextModel, location, "text_encoder", **kwargs)],
-            "tokenizers": [CLIPTokenizer.from_pretrained(location, subfolder="tokenizer", **kwargs)],
-            "scheduler": FlowMatchEulerDiscreteScheduler.from_pretrained(location, subfolder="scheduler", **kwargs),
-            "t5": load_checked(T5EncoderModel, location, "text_encoder_2", **kwargs),
-            "t5_tokenizer": T5TokenizerFast.from_pretrained(location, subfolder="tokenizer_2", **kwargs),
-        }
-
     def load_single_file(
         self, file: str, config_source: str | None, vae: Any | None, local_only: bool, with_t5: bool = True
     ) -> dict:

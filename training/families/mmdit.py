@@ -30,7 +30,8 @@ UNET_DEFAULT_TARGETS = ["to_q", "to_k", "to_v", "to_out.0", "proj_in", "proj_out
 class MMDiTFamily(ModelFamily):
     """A flow-matching transformer family; subclasses give names, conditioning and the pipeline."""
 
-    denoiser_class = ""  # transformer/config.json's _class_name
+    denoiser_folder = "transformer"
+    scheduler_type = FlowMatchEulerDiscreteScheduler
     network_module = ""  # kohya's ss_network_module
     default_t5_max_length = 256
     config_dir_files = (
@@ -41,6 +42,11 @@ class MMDiTFamily(ModelFamily):
         "tokenizer",
         "scheduler/scheduler_config.json",
     )
+
+    @property
+    def denoiser_class(self) -> str:
+        """transformer/config.json's ``_class_name`` (detection reads it before any weight loads)."""
+        return self.denoiser_type.__name__
 
     # --- how its files look
     def folder_evidence(self, folder: Path, index: dict[str, Any]) -> str | None:

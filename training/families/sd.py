@@ -12,11 +12,9 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from diffusers import AutoencoderKL, DDPMScheduler, StableDiffusionPipeline, UNet2DConditionModel
-from transformers import CLIPTextModel, CLIPTokenizer
+from diffusers import StableDiffusionPipeline
 
 from training.families.base import Conditioning, ModelFamily, TextPart
-from training.families.checked_loading import load_checked
 from training.families.pipeline import sd_pipeline
 from training.text.encoding import encode_prompts
 
@@ -97,16 +95,6 @@ class StableDiffusion(ModelFamily):
 
     def file_metadata(self, base: Any) -> dict[str, Any]:
         return {"ss_v2": self.kind == "sd2"}
-
-    def load_folder(self, location: str, revision: str | None, vae: Any | None, with_t5: bool = True) -> dict:
-        kwargs = {"revision": revision} if revision else {}
-        return {
-            "denoiser": load_checked(UNet2DConditionModel, location, "unet", **kwargs),
-            "vae": vae or load_checked(AutoencoderKL, location, "vae", **kwargs),
-            "text_encoders": [load_checked(CLIPTextModel, location, "text_encoder", **kwargs)],
-            "tokenizers": [CLIPTokenizer.from_pretrained(location, subfolder="tokenizer", **kwargs)],
-            "scheduler": DDPMScheduler.from_pretrained(location, subfolder="scheduler", **kwargs),
-        }
 
     def load_single_file(
         self, file: str, config_source: str | None, vae: Any | None, local_only: bool, with_t5: bool = True

@@ -18,14 +18,12 @@ import torch
 import torch.nn.functional as F
 from diffusers import (
     AutoencoderKL,
-    FlowMatchEulerDiscreteScheduler,
     SD3Transformer2DModel,
     StableDiffusion3Pipeline,
 )
-from transformers import CLIPTextModelWithProjection, CLIPTokenizer, T5EncoderModel, T5TokenizerFast
+from transformers import CLIPTextModelWithProjection
 
 from training.families.base import Conditioning, TextPart
-from training.families.checked_loading import load_checked
 from training.families.detect import checkpoint_keys
 from training.families.mmdit import MMDiTFamily, clip_outputs, t5_states
 from training.families.mmdit_names import KohyaNames, sd3_kohya_names
@@ -39,14 +37,15 @@ class StableDiffusion3(MMDiTFamily):
     kind = "sd3"
     label = "SD3"
     text_parts = (
-        TextPart("text_encoder", "tokenizer", "lora_te1_", "text_encoder_lr"),
-        TextPart("text_encoder_2", "tokenizer_2", "lora_te2_", "text_encoder_2_lr"),
+        TextPart("text_encoder", "tokenizer", "lora_te1_", "text_encoder_lr", CLIPTextModelWithProjection),
+        TextPart("text_encoder_2", "tokenizer_2", "lora_te2_", "text_encoder_2_lr", CLIPTextModelWithProjection),
     )
+    denoiser_type = SD3Transformer2DModel
+    t5_folders = ("text_encoder_3", "tokenizer_3")
     network_module = "networks.lora_sd3"
     default_t5_max_length = 256  # kohya's sd3 default (t5xxl_max_token_length)
     detection_rank = 2
     pipeline_classes = ("StableDiffusion3Pipeline", "StableDiffusion3Img2ImgPipeline")
-    denoiser_class = "SD3Transformer2DModel"
     config_dir_files = (*MMDiTFamily.config_dir_files, "text_encoder_2/config.json", "tokenizer_2")
     checkpoint_markers = (
         ("joint_blocks.0.", "an SD3 checkpoint (joint_blocks: the MMDiT of SD3)"),
@@ -129,28 +128,6 @@ class StableDiffusion3(MMDiTFamily):
     def architecture(self, v_prediction: bool, base: Any = None) -> str:
         return "stable-diffusion-3" + (f"-{self.base_model_version(base)}" if base is not None else "")
 
-    def load_folder(self, location: str, revision: str | None, vae: Any | None, with_t5: bool = True) -> dict:
-        kwargs = {"revision": revision} if revision else {}
-        parts = {
-            "denoiser": load_checked(SD3Transformer2DModel, location, "transformer", **kwargs),
-            "vae": vae or load_checked(AutoencoderKL, location, "vae", **kwargs),
-            "text_encoders": [
-                load_checked(CLIPTextModelWithProjection, location, "text_encoder", **kwargs),
-                load_checked(CLIPTextModelWithProjection, location, "text_encoder_2", **kwargs),
-            ],
-            "tokenizers": [
-                CLIPTokenizer.from_pretrained(location, subfolder="tokenizer", **kwargs),
-                CLIPTokenizer.from_pretrained(location, subfolder="tokenizer_2", **kwargs),
-            ],
-            "scheduler": FlowMatchEulerDiscreteScheduler.from_pretrained(location, subfolder="scheduler", **kwargs),
-            "t5": None,
-            "t5_tokenizer": None,
-        }
-        if with_t5 and has_part(location, "text_encoder_3"):
-            parts["t5"] = load_checked(T5EncoderModel, location, "text_encoder_3", **kwargs)
-            parts["t5_tokenizer"] = T5TokenizerFast.from_pretrained(location, subfolder="tokenizer_3", **kwargs)
-        return parts
-
     def load_single_file(
         self, file: str, config_source: str | None, vae: Any | None, local_only: bool, with_t5: bool = True
     ) -> dict:
@@ -191,14 +168,6 @@ class StableDiffusion3(MMDiTFamily):
         from training.families.tiny_mmdit import ensure_tiny_sd3_model
 
         return str(ensure_tiny_sd3_model(cache_root))
-
-
-def has_part(location: str, subfolder: str) -> bool:
-    """Whether a folder (or hub snapshot) holds ``subfolder`` (SD3's T5 may be left out)."""
-    folder = Path(location)
-    if folder.is_dir():
-        return (folder / subfolder).is_dir()
-    return True  # a hub id: let from_pretrained fetch it
 
 
 SD3 = StableDiffusion3()

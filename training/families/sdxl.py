@@ -14,11 +14,10 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from diffusers import AutoencoderKL, DDPMScheduler, StableDiffusionXLPipeline, UNet2DConditionModel
-from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
+from diffusers import StableDiffusionXLPipeline
+from transformers import CLIPTextModelWithProjection
 
 from training.families.base import Conditioning, ImageGeometry, ModelFamily, TextPart
-from training.families.checked_loading import load_checked
 from training.text.encoding import tokenize_chunks
 
 SDXL_BASE_VERSION = "sdxl_base_v1-0"  # kohya's ss_base_model_version for SDXL 1.0 and its fine-tunes
@@ -30,7 +29,7 @@ class StableDiffusionXL(ModelFamily):
     label = "SDXL"
     text_parts = (
         TextPart("text_encoder", "tokenizer", "lora_te1_", "text_encoder_lr"),
-        TextPart("text_encoder_2", "tokenizer_2", "lora_te2_", "text_encoder_2_lr"),
+        TextPart("text_encoder_2", "tokenizer_2", "lora_te2_", "text_encoder_2_lr", CLIPTextModelWithProjection),
     )
     vae_overflows_in_fp16 = True  # kohya's --no_half_vae; diffusers ships SDXL's VAE with force_upcast
     detection_rank = 10  # before SD1/SD2; after SD3 and FLUX, which have a second text encoder too
@@ -142,22 +141,6 @@ class StableDiffusionXL(ModelFamily):
 
     def file_metadata(self, base: Any) -> dict[str, Any]:
         return {"ss_v2": False}
-
-    def load_folder(self, location: str, revision: str | None, vae: Any | None, with_t5: bool = True) -> dict:
-        kwargs = {"revision": revision} if revision else {}
-        return {
-            "denoiser": load_checked(UNet2DConditionModel, location, "unet", **kwargs),
-            "vae": vae or load_checked(AutoencoderKL, location, "vae", **kwargs),
-            "text_encoders": [
-                load_checked(CLIPTextModel, location, "text_encoder", **kwargs),
-                load_checked(CLIPTextModelWithProjection, location, "text_encoder_2", **kwargs),
-            ],
-            "tokenizers": [
-                CLIPTokenizer.from_pretrained(location, subfolder="tokenizer", **kwargs),
-                CLIPTokenizer.from_pretrained(location, subfolder="tokenizer_2", **kwargs),
-            ],
-            "scheduler": DDPMScheduler.from_pretrained(location, subfolder="scheduler", **kwargs),
-        }
 
     def load_single_file(
         self, file: str, config_source: str | None, vae: Any | None, local_only: bool, with_t5: bool = True
