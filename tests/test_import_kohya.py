@@ -114,8 +114,6 @@ def test_kohya_report_lists_every_unmapped_option_with_a_reason():
     result = import_config(KOHYA_TOML)
     unmapped = {u.source: u.reason for u in result.unmapped}
     assert set(unmapped) == {
-        "additional_network_arguments.network_args.conv_dim",
-        "additional_network_arguments.network_args.conv_alpha",
         "training_arguments.max_train_steps",
         "training_arguments.logging_dir",
         "training_arguments.log_prefix",
@@ -130,12 +128,15 @@ def test_kohya_report_lists_every_unmapped_option_with_a_reason():
     assert "euler_a" in unmapped["sample_prompt_arguments.sample_sampler"]
 
     report = result.report()
-    assert "Not mapped (9)" in report
+    assert "Not mapped (7)" in report
     for source in unmapped:
         assert source in report
     assert "not-a-real-key" not in report, "credentials are never printed"
     assert "additional_network_arguments.network_dim -> network.dim = 32" in report
     assert "optimizer_arguments.optimizer_type -> optimizer=adamw" in report
+    # networks.lora with conv_dim is kohya's LoRA-C3Lier: a LoCon
+    assert "additional_network_arguments.network_module -> network.type = \"locon\"" in report
+    assert "additional_network_arguments.network_args.conv_dim -> network.conv_dim = 4" in report
 
 
 def test_every_option_in_the_file_is_reported():
@@ -210,7 +211,7 @@ def test_group_choices_need_an_option_file(tmp_path):
         ("resolution = '512,768'", "resolution", "bucket.resolution=640"),
         ("optimizer_type = 'DAdaptAdam'", "optimizer_type", "not offered"),
         ("save_model_as = 'ckpt'", "save_model_as", "output.allow_pickle=true"),
-        ("network_module = 'lycoris.kohya'", "network_module", "algo=lora (LoCon"),
+        ("network_module = 'lycoris.kohya'\nnetwork_args = ['algo=ia3']", "network_module", "algo=ia3 is not offered"),
         ("max_token_length = 100", "max_token_length", "75, 150 or 225"),
         ("lr_scheduler = 'adafactor'", "lr_scheduler", "not offered"),
     ],
@@ -293,7 +294,7 @@ def test_main_writes_the_file_and_prints_the_report(tmp_path, capsys):
     assert main([str(KOHYA_TOML), "--name", "my.char", "--out", str(out)]) == 0
     printed = capsys.readouterr().out
     assert (out / "my_char.yaml").is_file()
-    assert "Mapped (" in printed and "Not mapped (9)" in printed and "+experiment=my_char" in printed
+    assert "Mapped (" in printed and "Not mapped (7)" in printed and "+experiment=my_char" in printed
     assert main([str(KOHYA_TOML), "--name", "my.char", "--out", str(out)]) == 0  # replaced atomically
     assert sorted(p.name for p in out.iterdir()) == ["my_char.yaml"], "no temporary file left behind"
 
@@ -373,15 +374,13 @@ def test_lora_easy_toml_round_trip_keeps_every_value(tmp_path):
 
     unmapped = {u.source: u.reason for u in result.unmapped}
     assert set(unmapped) == {
-        "network_args.args.network_args.conv_dim",
-        "network_args.args.network_args.conv_alpha",
         "saving_args.args.save_last_n_epochs",
         "saving_args.args.save_toml",
         "sample_args.args.sample_prompts",
         "logging_args.args.log_with",
         "logging_args.args.logging_dir",
     }
-    assert "LoCon" in unmapped["network_args.args.network_args.conv_dim"]
+    assert (cfg.network.type, cfg.network.conv_dim, cfg.network.conv_alpha) == ("locon", 8, 4.0), "kohya's C3Lier"
     report = result.report()
     assert "network_alpha absent" not in report and "network_args.args.network_alpha -> network.alpha = 16.0" in report
     assert "subsets[0].num_repeats = 10 -> nothing to set" in report and "10_atla/" in report
@@ -972,15 +971,22 @@ def test_kohya_noise_level_options_become_train_flow(tmp_path, lines, expected):
     assert cfg.model.kind == "sd3" and (flow.weighting_scheme, flow.logit_std, flow.shift) == expected
 
 
+LYCORIS = 'network_module = "lycoris.kohya"\nnetwork_args = '
+
+
 @pytest.mark.parametrize(
     ("lines", "network_type", "unmapped"),
     [
-        (
-            'network_module = "lycoris.kohya"\nnetwork_args = ["algo=loha", "conv_dim=4"]',
-            "loha",
-            {"network_args.conv_dim"},
-        ),
-        ('network_module = "lycoris.kohya"\nnetwork_args = ["algo=lokr"]', "lora", {"network_module"}),
+        (LYCORIS + '["algo=loha", "conv_dim=4", "use_tucker=True"]', "loha", {"network_args.use_tucker"}),
+        (LYCORIS + '["algo=lokr", "factor=8", "decompose_both=True"]', "lokr", set()),
+        (LYCORIS + '["algo=locon", "conv_dim=8", "conv_alpha=4", "dora_wd=True"]', "dora", set()),
+        (LYCORIS + '["algo=lora", "conv_dim=8"]', "locon", set()),
+        (LYCORIS + '["algo=lora"]', "lora", set()),
+        (LYCORIS + '["algo=loha", "dora_wd=True"]', "lora", {"network_module"}),
+        (LYCORIS + '["algo=ia3"]', "lora", {"network_module"}),
+        (LYCORIS + '["algo=lokr", "conv_dim=0"]', "lokr", set()),
+        ('network_module = "networks.lokr"\nnetwork_args = ["factor=4"]', "lokr", set()),
+        ('network_module = "networks.lora"\nnetwork_args = ["factor=4"]', "lora", {"network_args.factor"}),
         ('network_module = "networks.lora"', "lora", set()),
     ],
 )

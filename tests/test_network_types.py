@@ -1,8 +1,12 @@
-"""``network.type``: LoRA and LoHa through the one loop, on the tiny models.
+"""``network.type``: LoRA, LoCon, LoHa, LoKr and DoRA through the one loop, on the tiny models.
 
-LoHa's update checked against LyCORIS' formula on a small layer, its file's names and shapes built
-from the model (LyCORIS' ``lycoris.kohya`` layout), training, save -> load, exact repeats, and the
-combinations refused at startup.
+Each type's update is checked against its paper's formula on a small layer; each type's file is read
+back the way the tools' loaders read it (``tool_delta`` below: the rules of A1111's built-in Lora
+extension, ``network_lora.py`` / ``network_hada.py`` / ``network_lokr.py`` / ``network.py``'s weight
+decomposition, and ComfyUI's ``weight_adapter``), and the weight that gives must be the one the
+trained adapter applies, for every adapted module of the model, so names, shapes and scales are
+built from the model and checked by what they do. Then training, save -> load, exact repeats, and
+the combinations refused at startup.
 """
 
 from __future__ import annotations
@@ -11,8 +15,9 @@ import json
 
 import pytest
 import torch
+import torch.nn.functional as F
+from peft.tuners.tuners_utils import BaseTunerLayer
 from safetensors import safe_open
-from safetensors.torch import load_file
 
 from sweeper.config.validate import ConfigError, validate
 from sweeper.run.setting import run
@@ -21,11 +26,54 @@ from tests.test_training import FAMILIES
 from training.data.scan import scan_dataset
 from training.families.loading import load_base_model
 from training.loop import Trainer
-from training.network.adapters import adapter_config, adapter_parameters, attach_lora
-from training.network.file import LoraFileError
-from training.network.lora import remove_lora
+from training.network.adapters import ADAPTER, adapter_config, adapter_parameters, attach_lora
+from training.network.file import LoraFileError, load_lora_file
+from training.network.lora import add_lora, remove_lora
 
-LOHA = ["network.type=loha", "network.dim=4", "network.alpha=2"]
+# each type with the options that exercise it: conv layers where the type may have them, a LoKr
+# whose small factor is low-rank too, and dims that leave some LoKr factors full (no rank tensor)
+TYPES = {
+    "lora": ["network.type=lora", "network.dim=4", "network.alpha=2"],
+    "locon": ["network.type=locon", "network.dim=4", "network.alpha=2", "network.conv_dim=2", "network.conv_alpha=1"],
+    "loha": ["network.type=loha", "network.dim=4", "network.alpha=2", "network.conv_dim=2"],
+    "lokr": ["network.type=lokr", "network.dim=4", "network.alpha=2", "network.conv_dim=2", "network.lokr_factor=4"],
+    "dora": ["network.type=dora", "network.dim=4", "network.alpha=2", "network.conv_dim=2"],
+}
+
+
+# --- the formulas, on one small layer
+
+
+def _randomise(model: torch.nn.Module) -> None:
+    """Non-zero adapter weights everywhere (fresh adapters are no-ops by design)."""
+    generator = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for name, p in adapter_parameters(model):
+            if "magnitude" in name:
+                p.mul_(1 + 0.1 * torch.randn(p.shape, generator=generator))
+            else:
+                p.copy_(0.3 * torch.randn(p.shape, generator=generator))
+
+
+def _params(layer: torch.nn.Module) -> dict[str, torch.Tensor]:
+    return {name.replace(f".{ADAPTER}", ""): p for name, p in adapter_parameters(layer)}
+
+
+def test_lora_and_locon_add_up_times_down_scaled_by_alpha_over_dim_on_linear_and_3x3_conv_layers():
+    """Hu et al. 2021 eq. 3; a 3x3 conv LoRA is a (dim, in, 3, 3) down conv then a 1x1 up (LyCORIS' LoCon)."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(12, 10), torch.nn.Conv2d(6, 8, 3, padding=1))
+    attach_lora(model, adapter_config("locon", 3, 1.5, ["0"], conv_targets=["1"], conv_dim=2, conv_alpha=4.0))
+    _randomise(model)
+    linear, conv = _params(model[0]), _params(model[1])
+    assert tuple(conv["lora_A.weight"].shape) == (2, 6, 3, 3) and tuple(conv["lora_B.weight"].shape) == (8, 2, 1, 1)
+    x = torch.randn(5, 12)
+    delta = linear["lora_B.weight"] @ linear["lora_A.weight"] * 1.5 / 3
+    torch.testing.assert_close(model[0](x), model[0].get_base_layer()(x) + x @ delta.T, rtol=1e-5, atol=1e-5)
+    image = torch.randn(2, 6, 7, 7)
+    kernel = (conv["lora_B.weight"].flatten(1) @ conv["lora_A.weight"].flatten(1)).reshape(8, 6, 3, 3) * 4.0 / 2
+    expected = model[1].get_base_layer()(image) + F.conv2d(image, kernel, padding=1)
+    torch.testing.assert_close(model[1](image), expected, rtol=1e-4, atol=1e-4)
 
 
 def test_loha_update_is_the_hadamard_product_of_two_low_rank_products():
@@ -33,86 +81,230 @@ def test_loha_update_is_the_hadamard_product_of_two_low_rank_products():
     torch.manual_seed(0)
     layer = torch.nn.Sequential(torch.nn.Linear(12, 10))
     attach_lora(layer, adapter_config("loha", 3, 1.5, ["0"]))
-    params = {name.split(".")[-2]: p for name, p in adapter_parameters(layer)}
+    _randomise(layer)
+    params = _params(layer[0])
     assert {k: tuple(v.shape) for k, v in params.items()} == {
         "hada_w1_a": (10, 3),
         "hada_w1_b": (3, 12),
         "hada_w2_a": (10, 3),
         "hada_w2_b": (3, 12),
     }
-    with torch.no_grad():
-        for p in params.values():
-            p.normal_()
     delta = (params["hada_w1_a"] @ params["hada_w1_b"]) * (params["hada_w2_a"] @ params["hada_w2_b"]) * 1.5 / 3
     x = torch.randn(5, 12)
-    base = layer[0].get_base_layer()
-    torch.testing.assert_close(layer(x), base(x) + x @ delta.T, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(layer(x), layer[0].get_base_layer()(x) + x @ delta.T, rtol=1e-5, atol=1e-5)
 
 
-def _train(cfg):
+@pytest.mark.parametrize(
+    ("dim", "factor", "shapes"),
+    [
+        # out 96 = 8 x 12, in 64 = 8 x 8 (sides nearest the square root); dim 2 < 12/2: w2 low-rank
+        (2, -1, {"lokr_w1": (8, 8), "lokr_w2_a": (12, 2), "lokr_w2_b": (2, 8)}),
+        # factor 4: out 96 = 4 x 24, in 64 = 4 x 16; dim 16 >= 24/2: both factors full
+        (16, 4, {"lokr_w1": (4, 4), "lokr_w2": (24, 16)}),
+    ],
+)
+def test_lokr_update_is_the_kronecker_product_of_its_factors(dim, factor, shapes):
+    """KronA / LyCORIS' LoKr: ΔW = w1 ⊗ w2 · alpha/dim, w1 (out_l, in_m), w2 (out_k, in_n)."""
+    torch.manual_seed(0)
+    layer = torch.nn.Sequential(torch.nn.Linear(64, 96))
+    attach_lora(layer, adapter_config("lokr", dim, 3.0, ["0"], lokr_factor=factor))
+    _randomise(layer)
+    params = _params(layer[0])
+    assert {k: tuple(v.shape) for k, v in params.items()} == shapes
+    w2 = params["lokr_w2"] if "lokr_w2" in params else params["lokr_w2_a"] @ params["lokr_w2_b"]
+    delta = torch.kron(params["lokr_w1"], w2) * 3.0 / dim
+    x = torch.randn(5, 64)
+    torch.testing.assert_close(layer(x), layer[0].get_base_layer()(x) + x @ delta.T, rtol=1e-4, atol=1e-4)
+
+
+def test_dora_is_a_learned_magnitude_times_the_normalised_direction():
+    """Liu et al. 2024 eq. 5: W' = m · (W + ΔW) / ‖W + ΔW‖, the norm of each output feature's row."""
+    torch.manual_seed(0)
+    layer = torch.nn.Sequential(torch.nn.Linear(12, 10))
+    attach_lora(layer, adapter_config("dora", 3, 1.5, ["0"]))
+    _randomise(layer)
+    params, base = _params(layer[0]), layer[0].get_base_layer()
+    merged = base.weight + params["lora_B.weight"] @ params["lora_A.weight"] * 1.5 / 3
+    weight = params["lora_magnitude_vector.weight"][:, None] * merged / merged.norm(dim=1, keepdim=True)
+    x = torch.randn(5, 12)
+    torch.testing.assert_close(layer(x), x @ weight.T + base.bias, rtol=1e-5, atol=1e-5)
+
+
+# --- the file, as the tools read it
+
+
+def tool_delta(tensors: dict[str, torch.Tensor], name: str, weight: torch.Tensor) -> torch.Tensor:
+    """The change to ``weight`` that A1111's Lora extension / ComfyUI make of module ``name`` of a file.
+
+    LoRA/LoCon: up · down (a 3x3 down through its flattened kernel), scale alpha / down's rank.
+    LoHa: (w1_a · w1_b) ⊙ (w2_a · w2_b), scale alpha / w1_b's rank. LoKr: kron(w1, w2), each factor
+    whole or a product, scale alpha / the rank of w1_b or else w2_b, and 1 when neither exists.
+    DoRA: the LoRA's merged weight, its rows rescaled to ``dora_scale`` (out, 1).
+    """
+    get = tensors.get
+    if f"{name}.lora_down.weight" in tensors:
+        down, up = tensors[f"{name}.lora_down.weight"], tensors[f"{name}.lora_up.weight"]
+        product, rank = up.flatten(1) @ down.flatten(1), down.shape[0]
+    elif f"{name}.hada_w1_a" in tensors:
+        w1 = tensors[f"{name}.hada_w1_a"] @ tensors[f"{name}.hada_w1_b"]
+        product, rank = (
+            w1 * (tensors[f"{name}.hada_w2_a"] @ tensors[f"{name}.hada_w2_b"]),
+            get(f"{name}.hada_w1_b").shape[0],
+        )
+    else:
+        w1 = get(f"{name}.lokr_w1")
+        w1 = w1 if w1 is not None else tensors[f"{name}.lokr_w1_a"] @ tensors[f"{name}.lokr_w1_b"]
+        w2 = get(f"{name}.lokr_w2")
+        if w2 is None:
+            w2 = tensors[f"{name}.lokr_w2_a"] @ tensors[f"{name}.lokr_w2_b"]
+            w2 = w2.reshape(w2.shape[0], -1, *weight.shape[2:])
+        product = torch.kron(w1.reshape(*w1.shape, *[1] * (weight.dim() - 2)), w2)
+        rank_tensor = get(f"{name}.lokr_w1_b", get(f"{name}.lokr_w2_b"))
+        rank = None if rank_tensor is None else rank_tensor.shape[0]
+    scale = float(tensors[f"{name}.alpha"]) / rank if rank is not None else 1.0
+    delta = product.reshape(weight.shape) * scale
+    if f"{name}.dora_scale" in tensors:
+        magnitude = tensors[f"{name}.dora_scale"]
+        assert tuple(magnitude.shape) == (weight.shape[0], *[1] * (weight.dim() - 1))  # the output axis
+        merged = weight + delta
+        delta = merged * magnitude / merged.flatten(1).norm(dim=1).reshape(magnitude.shape) - weight
+    return delta
+
+
+@torch.no_grad()
+def applied_delta(layer: BaseTunerLayer) -> torch.Tensor:
+    """The change the live adapter makes to its layer's weight, from peft's own merge."""
+    base = layer.get_base_layer()
+    original = base.weight.detach().clone()
+    layer.merge(adapter_names=[ADAPTER])
+    delta = base.weight.detach() - original
+    layer.unmerge()
+    return delta
+
+
+@pytest.mark.parametrize(
+    ("network_type", "family"),
+    [*((t, "sd1") for t in TYPES), ("locon", "sdxl"), ("lokr", "sdxl"), ("dora", "sdxl"), ("loha", "sdxl")],
+)
+def test_the_file_gives_the_tools_the_weight_the_adapter_applies_for_every_module(make_cfg, network_type, family):
+    cfg = make_cfg(*FAMILIES[family], *TYPES[network_type], "network.train_text_encoder=true")
+    base = load_base_model(cfg.model)
+    network = add_lora(base, cfg.network, 1e-4)
+    try:
+        for part in network.adapted():
+            _randomise(part.model)
+        tensors = network.kohya_state_dict()
+        seen, convs = set(), []
+        for part in network.adapted():
+            for module, layer in part.model.named_modules():
+                if not isinstance(layer, BaseTunerLayer):
+                    continue
+                name = part.kohya_prefix + part.kohya_name(module)  # the family's kohya name, from the model
+                seen.add(name)
+                weight = layer.get_base_layer().weight.detach()
+                if weight.dim() == 4 and weight.shape[-1] == 3:
+                    convs.append(name)
+                torch.testing.assert_close(
+                    tool_delta(tensors, name, weight), applied_delta(layer), rtol=1e-4, atol=1e-5, msg=name
+                )
+        assert {key.rsplit(".", 2 if key.endswith(".weight") else 1)[0] for key in tensors} == seen
+        # kohya's LoRA leaves the 3x3 convolutions alone; network.conv_dim puts the others on them
+        assert bool(convs) == (network_type != "lora"), convs
+    finally:
+        remove_lora(network)
+
+
+# --- training, save -> load, repeats
+
+
+def _probe(base) -> torch.Tensor:
+    """The denoiser's output on one fixed input (the LoRA as it stands)."""
+    generator = torch.Generator().manual_seed(3)
+    config = base.denoiser.config
+    latents = torch.randn(1, config.in_channels, config.sample_size, config.sample_size, generator=generator)
+    hidden = torch.randn(1, 4, config.cross_attention_dim, generator=generator)
+    extra = {}
+    if getattr(config, "addition_embed_type", None) == "text_time":
+        pooled = config.projection_class_embeddings_input_dim - 6 * config.addition_time_embed_dim
+        extra = {"added_cond_kwargs": {"text_embeds": torch.randn(1, pooled), "time_ids": torch.zeros(1, 6)}}
+    with torch.no_grad():
+        return base.denoiser(latents, torch.tensor([500]), hidden, **extra).sample
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("network_type", ["locon", "loha", "lokr", "dora"])
+def test_each_type_trains_with_the_base_frozen_and_loads_back_to_the_same_outputs(make_cfg, tmp_path, network_type):
+    options = [*TYPES[network_type], "train.max_steps=30", "train.batch_size=4", "optimizer.lr=1e-2"]
+    cfg = make_cfg(*options, f"output.dir={tmp_path / 'a'}")
     base = load_base_model(cfg.model)
     frozen = {k: v.clone() for k, v in base.denoiser.state_dict().items()}
     trainer = Trainer(cfg, base, scan_dataset(cfg.data.train_dir).records, NullTracker())
     result = trainer.fit(show_progress=False)
-    return base, frozen, trainer, result
-
-
-@pytest.mark.parametrize("family", ["sd1", "sdxl"])
-def test_loha_trains_with_the_base_frozen_and_its_file_holds_every_adapted_module(make_cfg, family):
-    cfg = make_cfg(*FAMILIES[family], *LOHA, "train.max_steps=40", "train.batch_size=4", "optimizer.lr=1e-2")
-    base, frozen, trainer, result = _train(cfg)
     first, last = result.losses[:10], result.losses[-10:]
     assert sum(last) / len(last) < 0.95 * sum(first) / len(first)
-    after = {k.replace(".base_layer", ""): v for k, v in base.denoiser.state_dict().items() if "hada_" not in k}
+    own = {name for name, _ in adapter_parameters(base.denoiser)}
+    after = {k.replace(".base_layer", ""): v for k, v in base.denoiser.state_dict().items() if k not in own}
     assert after.keys() == frozen.keys() and all(torch.equal(frozen[k], after[k]) for k in frozen)
-    tensors = trainer.network.kohya_state_dict()
-    part = trainer.network.parts[0]
-    adapted = sorted({name.rsplit(".hada_", 1)[0] for name, _ in adapter_parameters(part.model)})
-    expected = set()
-    for module in adapted:  # names built from the model: the family's kohya name of every adapted module
-        layer = part.model.get_submodule(module).get_base_layer()
-        rows, columns = layer.weight.shape[0], layer.weight[0].numel()
-        flat = part.kohya_prefix + part.kohya_name(module)
-        shapes = {"hada_w1_a": (rows, 4), "hada_w1_b": (4, columns), "hada_w2_a": (rows, 4), "hada_w2_b": (4, columns)}
-        for suffix, shape in shapes.items():
-            assert tuple(tensors[f"{flat}.{suffix}"].shape) == shape, (flat, suffix)
-            expected.add(f"{flat}.{suffix}")
-        assert float(tensors[f"{flat}.alpha"]) == 2.0
-        expected.add(f"{flat}.alpha")
-    assert expected == set(tensors)
+    trained_output, tensors = _probe(base), trainer.network.kohya_state_dict()
     remove_lora(trainer.network)
 
-
-def test_a_loha_file_loads_back_and_the_same_seed_repeats_it(make_cfg, tmp_path):
-    cfg = make_cfg(*LOHA, "train.max_steps=6", f"output.dir={tmp_path / 'a'}")
-    first = run(cfg, show_progress=False)
-    with safe_open(str(first.lora_path), "pt") as handle:
+    saved = run(make_cfg(*options, f"output.dir={tmp_path / 'b'}"), show_progress=False).lora_path
+    again = run(make_cfg(*options, f"output.dir={tmp_path / 'c'}"), show_progress=False).lora_path
+    file, repeat = load_lora_file(saved).tensors, load_lora_file(again).tensors
+    assert file.keys() == tensors.keys() and all(torch.equal(file[k], repeat[k]) for k in file)  # same seed
+    assert all(torch.equal(file[k], tensors[k].to(file[k].dtype)) for k in file)  # run() trains the same
+    with safe_open(str(saved), "pt") as handle:
         metadata = handle.metadata()
     assert metadata["ss_network_module"] == "lycoris.kohya"
-    assert json.loads(metadata["ss_network_args"]) == {"algo": "loha"}
-    again = run(make_cfg(*LOHA, "train.max_steps=6", f"output.dir={tmp_path / 'b'}"), show_progress=False)
-    a, b = load_file(first.lora_path), load_file(again.lora_path)
-    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
-    # network.init_weights reads it into a fresh LoHa: every tensor, none left at its initial value
-    resumed = make_cfg(*LOHA, "train.max_steps=1", f"network.init_weights={first.lora_path}")
-    base = load_base_model(resumed.model)
+    args = json.loads(metadata["ss_network_args"])
+    assert args["algo"] == {"dora": "lora"}.get(network_type, network_type) and args["conv_dim"] == "2"
+    assert args.get("dora_wd") == ("True" if network_type == "dora" else None)
+
+    # network.init_weights reads it into a fresh network of the type: every tensor, the same outputs
+    resumed = make_cfg(*TYPES[network_type], "train.max_steps=1", f"network.init_weights={saved}")
     trainer = Trainer(resumed, base, scan_dataset(resumed.data.train_dir).records, NullTracker())
-    assert trainer.init_report.loaded == sum(1 for k in a if not k.endswith(".alpha"))
-    assert not trainer.init_report.unmatched and not trainer.init_report.missing
-    assert all(torch.equal(a[k], v) for k, v in trainer.network.kohya_state_dict().items())
-    remove_lora(trainer.network)
-    # a LoHa file into a LoRA run says which type it holds
-    with pytest.raises(LoraFileError, match=r"holds a LoHa .*set network.type=loha"):
-        run(make_cfg("network.dim=4", f"network.init_weights={first.lora_path}"), show_progress=False)
+    try:
+        assert trainer.init_report.loaded == sum(1 for k in file if not k.endswith(".alpha"))
+        assert not trainer.init_report.unmatched and not trainer.init_report.missing
+        torch.testing.assert_close(_probe(base), trained_output, rtol=1e-5, atol=1e-6)
+        reloaded = trainer.network.kohya_state_dict()
+        assert all(torch.allclose(reloaded[k], v, rtol=1e-6, atol=1e-7) for k, v in file.items())
+    finally:
+        remove_lora(trainer.network)
+    # a file of another type says which type it holds
+    with pytest.raises(LoraFileError, match=r"holds a \w+ network .*set network.type="):
+        run(
+            make_cfg(
+                "network.dim=4",
+                "network.type=loha" if network_type != "loha" else "network.type=lokr",
+                f"network.init_weights={saved}",
+            ),
+            show_progress=False,
+        )
 
 
-def test_network_type_combinations_are_refused_at_startup_naming_the_key(make_cfg):
+# --- refused at startup
+
+
+def test_network_type_options_are_refused_where_the_type_has_none_naming_the_key(make_cfg):
     with pytest.raises(ConfigError) as caught:
         validate(make_cfg("network.type=lohaa"))
-    assert "network.type: unknown 'lohaa'; use one of lora, loha" in str(caught.value)
+    assert "network.type: unknown 'lohaa'; use one of lora, locon, loha, lokr, dora" in str(caught.value)
     with pytest.raises(ConfigError) as caught:
-        validate(make_cfg(*LOHA, "network.dropout=0.1", "network.max_norm=1.0"))
-    assert "network.dropout is kohya's LoRA option" in str(caught.value)
-    assert "network.max_norm is kohya's LoRA option" in str(caught.value)
+        validate(make_cfg("network.type=loha", "network.dropout=0.1", "network.max_norm=1.0", "network.lokr_factor=4"))
+    message = str(caught.value)
+    assert "network.dropout=0.1 is an option of network.type=lora/locon/dora, not of network.type=loha" in message
+    assert "network.max_norm=1.0 is an option of network.type=lora/locon" in message
+    assert "network.lokr_factor=4 is an option of network.type=lokr" in message
+    with pytest.raises(ConfigError, match=r"network.conv_dim=4 is an option of .*LoCon.*or network.type=locon"):
+        validate(make_cfg("network.conv_dim=4"))
+    with pytest.raises(ConfigError, match=r"network.conv_alpha=1.0 has no conv layers to scale"):
+        validate(make_cfg("network.type=dora", "network.conv_alpha=1"))
+    with pytest.raises(ConfigError, match=r"network.lokr_factor must be -1"):
+        validate(make_cfg("network.type=lokr", "network.lokr_factor=0"))
     with pytest.raises(ConfigError, match=r"network.type=loha: FLUX.1's files fuse q, k and v"):
-        validate(make_cfg("model.kind=flux", *LOHA))
+        validate(make_cfg("model.kind=flux", "network.type=loha"))
+    with pytest.raises(ConfigError, match=r"LoCon adapts a UNet's ResNet convolutions, and SD3"):
+        validate(make_cfg("model.kind=sd3", "network.type=locon"))
+    for options in TYPES.values():
+        validate(make_cfg(*options))  # each type with its own options is fine

@@ -58,7 +58,7 @@ class NetworkConfig:
     """LoRA: rank, strength, dropout and which parts train at which learning rate."""
 
     dim: int = 8
-    type: str = "lora"  # lora | loha (LyCORIS' Hadamard-product LoRA, FedPara: Hyeon-Woo et al. 2022)
+    type: str = "lora"  # lora | locon | loha | lokr | dora (training/network/types.py says what each is)
     alpha: float | None = None  # update scaled by alpha/dim (kohya); give alpha OR scale
     scale: float | None = None  # alpha/dim directly (DrawThings' "network scale")
     dropout: float = 0.0  # on the low-rank activations, training only
@@ -68,6 +68,12 @@ class NetworkConfig:
     text_encoder_lr: float | None = None  # falls back to optimizer.lr; 0 freezes it
     text_encoder_2_lr: float | None = None  # SDXL's second text encoder; None = text_encoder_lr
     max_norm: float | None = None  # rescale modules whose |up.down.scale| exceeds it, after each step
+    # the UNet's ResNet/resampler 3x3 convolutions (LoCon; also LoHa/LoKr/DoRA): their rank, None = off
+    # (a locon without it uses dim); conv_alpha None keeps the linear layers' alpha/dim at conv_dim
+    conv_dim: int | None = None
+    conv_alpha: float | None = None
+    lokr_factor: int = -1  # LoKr: the small Kronecker factor's side (-1: as close to sqrt as divides)
+    decompose_both: bool = False  # LoKr: the small factor low-rank too (when dim is below half its sides)
     init_weights: str | None = None  # start from an existing LoRA file (ours or kohya's); weights only
     # kohya's default LoRA: every linear (and 1x1 conv) of the transformer blocks: attention, proj_in/out, feed-forward
     unet_targets: list[str] = field(

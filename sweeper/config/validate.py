@@ -23,7 +23,7 @@ from training.cache.latent_options import incompatible_with_cache
 from training.data.buckets import bucket_problems, resolve_bucket_settings
 from training.data.missing_captions import MISSING_CAPTION_CHOICES, apply_missing_captions
 from training.data.scan import DatasetScan, scan_dataset, scan_folders
-from training.network.types import NETWORK_TYPES
+from training.network.types import NETWORK_TYPES, OPTION_OFF, TYPE_OPTIONS
 from training.objective.flow_options import flow_problems
 from training.optim_options import optimizer_problems, scheduler_problems
 from training.output_dir import estimated_lora_bytes, output_dir_problems
@@ -193,17 +193,33 @@ def _network_problems(network: Any) -> list[str]:
 
 
 def network_type_problems(network: Any) -> list[str]:
-    """``network.type`` and what each type cannot combine with, naming the key and the fix."""
+    """``network.type`` and the options only some types have, naming the key and the fix."""
     if network.type not in NETWORK_TYPES:
         return [f"network.type: unknown '{network.type}'; use one of {', '.join(NETWORK_TYPES)}"]
     problems = []
-    if network.type == "loha":
-        for key, off in (("dropout", 0.0), ("max_norm", None)):
-            if getattr(network, key) not in (off, 0):
-                problems.append(
-                    f"network.{key} is kohya's LoRA option (it acts on lora_down / lora_up); "
-                    f"network.type=loha has no such factor: set network.{key}={'null' if off is None else off}"
-                )
+    for key, types in TYPE_OPTIONS.items():
+        value, off = getattr(network, key), OPTION_OFF[key]
+        if network.type in types or value == off or (off == 0.0 and value == 0):
+            continue
+        hint = " (LoCon: LoRA on the convolutions too)" if key.startswith("conv_") and network.type == "lora" else ""
+        problems.append(
+            f"network.{key}={value} is an option of network.type={'/'.join(types)}{hint}, not of "
+            f"network.type={network.type}: set network.{key}={'null' if off is None else off}"
+            + (" or network.type=locon" if hint else "")
+        )
+    if network.conv_dim is not None and network.conv_dim < 1:
+        problems.append(f"network.conv_dim must be >= 1, or null for no conv layers (got {network.conv_dim})")
+    if network.conv_alpha is not None and network.conv_alpha <= 0:
+        problems.append(f"network.conv_alpha must be > 0, or null for conv_dim x alpha/dim (got {network.conv_alpha})")
+    if network.conv_alpha is not None and network.conv_dim is None and network.type in ("loha", "lokr", "dora"):
+        problems.append(
+            f"network.conv_alpha={network.conv_alpha} has no conv layers to scale: network.type={network.type} "
+            "adapts the convolutions only with network.conv_dim set; set network.conv_dim or network.conv_alpha=null"
+        )
+    if network.lokr_factor == 0 or network.lokr_factor < -1:
+        problems.append(
+            f"network.lokr_factor must be -1 (the factor nearest the square root) or >= 1 (got {network.lokr_factor})"
+        )
     return problems
 
 

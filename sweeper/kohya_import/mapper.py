@@ -99,7 +99,11 @@ class Mapper:
         self.result.mapped.append(Mapped(source, f"{group}=", option_name, note))
 
     def nothing(self, option: Option, note: str) -> None:
-        self.result.mapped.append(Mapped(option.label, "", option.value, note))
+        self.nothing_for(option.label, option.value, note)
+
+    def nothing_for(self, source: str, value: Any, note: str) -> None:
+        """A source (an option, or one of its ``network_args``) that rightly sets nothing."""
+        self.result.mapped.append(Mapped(source, "", value, note))
 
     def unmapped(self, option: Option, reason: str) -> None:
         self.result.unmapped.append(NotMapped(option.label, option.value, reason))

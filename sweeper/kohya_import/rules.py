@@ -31,6 +31,7 @@ from sweeper.kohya_import.tables import (
     SCHEDULERS,
     SDXL_ONLY_ALIASES,
 )
+from training.network.types import NETWORK_TYPES, TYPE_OPTIONS
 
 # sd-scripts' bucket defaults, whatever the resolution (train_util's arguments and config_util's dataset params)
 KOHYA_BUCKETS = {"min_bucket_reso": 256, "max_bucket_reso": 1024, "bucket_reso_steps": 64}
@@ -223,35 +224,86 @@ def _no_metadata(m: Mapper, taken: dict[str, Option]) -> None:
     m.set("output.metadata", not as_bool(option.value), option, "no_metadata inverted")
 
 
+# network_args that set one of our keys once the module/algo is known, and how each is read
+TYPE_ARGS = {
+    "conv_dim": ("network.conv_dim", as_int),
+    "conv_alpha": ("network.conv_alpha", as_float),
+    "factor": ("network.lokr_factor", as_int),
+    "decompose_both": ("network.decompose_both", as_bool),
+}
+# sd-scripts' native LyCORIS-style modules (networks/loha.py, networks/lokr.py) -> network.type
+KOHYA_MODULE_TYPES = {"networks.loha": "loha", "networks.lokr": "lokr"}
+
+
 @rule("network_module", "network_args")
 def _network(m: Mapper, taken: dict[str, Option]) -> None:
-    """The network module and its arguments together: LyCORIS' ``lycoris.kohya`` says its type in
-    ``network_args``' ``algo`` (LoHa maps to network.type=loha), sd-scripts' FLUX/SD3 modules say the family."""
+    """The network module and its arguments together (training/network/types.py): LyCORIS'
+    ``lycoris.kohya`` says its type in ``network_args``' ``algo`` (``dora_wd`` makes a LoRA a DoRA,
+    ``conv_dim`` a LoCon), sd-scripts' ``networks.lora`` with ``conv_dim`` is its LoCon (LoRA-C3Lier),
+    ``networks.loha`` / ``networks.lokr`` its own LoHa / LoKr, and its FLUX/SD3 modules say the family."""
     module_option, args_option = taken.get("network_module"), taken.get("network_args")
-    args = dict(key_values(args_option.value)) if args_option is not None else {}
+    args = {str(k).lower(): v for k, v in key_values(args_option.value)} if args_option is not None else {}
     module = str(module_option.value) if module_option is not None else "networks.lora"
-    used: set[str] = set()
-    if module_option is not None:
-        if module.endswith(("networks.lora_flux", "networks.lora_sd3")):  # sd-scripts' FLUX.1 / SD3 LoRA
-            m.set("model.kind", "flux" if module.endswith("flux") else "sd3", module_option, "its family's LoRA")
-        elif module == "lycoris.kohya":
-            algo = str(args.get("algo", "lora")).lower()
-            used.add("algo")
-            if algo == "loha":
-                m.set("network.type", "loha", module_option, "LyCORIS algo=loha")
-            else:
-                what = " (LoCon: LoRA on conv layers too)" if algo in ("lora", "locon") else ""
-                m.unmapped(module_option, f"LyCORIS algo={algo}{what} is not offered; network.type is lora or loha")
-        elif module.endswith("networks.lora"):
-            m.nothing(module_option, "LoRA: network.type=lora (the default)")
-        else:
-            m.unmapped(module_option, f"{module!r} is not offered; network.type is lora or loha (LyCORIS)")
+    network_type, used = _network_type(m, module, module_option or args_option, args, module_option is not None)
     for key, value in args.items():
+        label = f"{args_option.label}.{key}"
         if key in used:
-            m.result.mapped.append(Mapped(f"{args_option.label}.{key}", "network.type", value, "with network_module"))
-            continue
-        reason = NETWORK_ARGS.get(key, "network arguments of other network modules are not offered")
-        m.result.unmapped.append(NotMapped(f"{args_option.label}.{key}", value, reason))
+            target = "network.type" if network_type else ""
+            m.result.mapped.append(Mapped(label, target, value, "read with network_module"))
+        elif key in ("conv_dim", "conv_alpha") and not _conv_dim(args):
+            m.nothing_for(label, value, "conv_dim 0: no conv layers (network.conv_dim=null)")
+        elif key in TYPE_ARGS and network_type in TYPE_OPTIONS[TYPE_ARGS[key][0].split(".")[1]]:
+            target, convert = TYPE_ARGS[key]
+            try:
+                m.set(target, convert(value), label, f"network.type={network_type}")
+            except Unfit as unfit:
+                m.result.unmapped.append(NotMapped(label, value, str(unfit)))
+        else:
+            reason = NETWORK_ARGS.get(key, "network arguments of other network modules are not offered")
+            if key in TYPE_ARGS:
+                reason = f"not an option of network.type={network_type or 'lora'}"
+            m.result.unmapped.append(NotMapped(label, value, reason))
+
+
+def _conv_dim(args: dict) -> int:
+    """network_args' conv_dim (0 or absent: no conv layers, LyCORIS' and kohya's default)."""
+    try:
+        return int(float(args.get("conv_dim", 0) or 0))
+    except ValueError:
+        return 0
+
+
+def _network_type(m: Mapper, module: str, option: Option, args: dict, given: bool) -> tuple[str | None, set[str]]:
+    """Set network.type (and the family of a FLUX/SD3 module); the type and the args that said it.
+    ``given``: the file names its network_module (else kohya's default, networks.lora)."""
+    if module.endswith(("networks.lora_flux", "networks.lora_sd3")):  # sd-scripts' FLUX.1 / SD3 LoRA
+        m.set("model.kind", "flux" if module.endswith("flux") else "sd3", option, "its family's LoRA")
+        return "lora", set()
+    if module == "lycoris.kohya":
+        algo = str(args.get("algo", "lora")).lower()
+        dora = as_bool(args.get("dora_wd", False))
+        if algo in ("lora", "locon"):
+            network_type = "dora" if dora else "locon" if _conv_dim(args) > 0 else "lora"
+        elif algo in ("loha", "lokr") and not dora:
+            network_type = algo
+        else:
+            what = f"LyCORIS algo={algo}" + (" with dora_wd (DoRA is offered on LoRA / LoCon only)" if dora else "")
+            m.unmapped(option, f"{what} is not offered; network.type is one of {', '.join(NETWORK_TYPES)}")
+            return None, {"algo", "dora_wd"}
+        m.set("network.type", network_type, option, f"LyCORIS algo={algo}" + (" dora_wd" if dora else ""))
+        return network_type, {"algo", "dora_wd"} & set(args)
+    if module in KOHYA_MODULE_TYPES:
+        m.set("network.type", KOHYA_MODULE_TYPES[module], option, "sd-scripts' own module")
+        return KOHYA_MODULE_TYPES[module], set()
+    if module.endswith("networks.lora"):
+        if _conv_dim(args) > 0:  # kohya's LoRA-C3Lier: LoRA on the 3x3 convolutions too
+            m.set("network.type", "locon", option, "networks.lora with conv_dim (LoRA-C3Lier)")
+            return "locon", set()
+        if given:
+            m.nothing(option, "LoRA: network.type=lora (the default)")
+        return "lora", set()
+    m.unmapped(option, f"{module!r} is not offered; network.type is one of {', '.join(NETWORK_TYPES)}")
+    return None, set()
 
 
 @rule("network_alpha", always=True)

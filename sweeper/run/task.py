@@ -506,7 +506,7 @@ def _save_lora(
         resolved_config=training_config(resolved),
         v2=bool(base.family.file_metadata(base).get("ss_v2")),
         network_module=NETWORK_MODULES.get(trainer.network.type) or base.family.network_module,
-        network_type=trainer.network.type,
+        network_args=trainer.network.args,
         extra=extra,
     )
     return save_lora(cfg.output, tensors, metadata, stem=stem)

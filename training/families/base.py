@@ -195,6 +195,22 @@ class ModelFamily:
         """peft ``target_modules`` for ``network.unet_targets`` (module-name suffixes)."""
         return list(requested)
 
+    def conv_targets(self, denoiser: torch.nn.Module) -> tuple[list[str], list[str]]:
+        """What ``network.conv_dim`` adds (LoCon): the linear and 1x1 layers (adapted at ``network.dim``)
+        and the 3x3 convolutions (at ``conv_dim``) of the UNet's ResNet blocks and down/upsamplers, the
+        modules kohya's ``conv_dim`` (LoRA-C3Lier, ``UNET_TARGET_REPLACE_MODULE_CONV2D_3X3``) and
+        LyCORIS' LoCon add to the transformer blocks' layers."""
+        at_dim, at_conv_dim = [], []
+        for name, block in denoiser.named_modules():
+            if type(block).__name__ not in ("ResnetBlock2D", "Downsample2D", "Upsample2D"):
+                continue
+            for child, layer in block.named_modules():
+                if isinstance(layer, torch.nn.Conv2d) and layer.kernel_size != (1, 1):
+                    at_conv_dim.append(f"{name}.{child}")
+                elif isinstance(layer, (torch.nn.Linear, torch.nn.Conv2d)):
+                    at_dim.append(f"{name}.{child}")
+        return at_dim, at_conv_dim
+
     def kohya_unet_names(self, unet: torch.nn.Module) -> dict[str, str]:
         """Module path -> kohya's flattened name (without ``lora_unet_``) for every denoiser module."""
         return {name: name.replace(".", "_") for name, _ in unet.named_modules() if name}

@@ -75,7 +75,12 @@ class MMDiTFamily(ModelFamily):
                 f"network.embedding.enabled=true: textual-inversion co-training is built for SD1/SD2's one text "
                 f"encoder, not {self.label}'s CLIP + T5; set network.embedding.enabled=false"
             )
-        if network_cfg.type != "lora":
+        if network_cfg.type == "locon" or network_cfg.conv_dim is not None:
+            problems.append(
+                f"network.type={network_cfg.type} / network.conv_dim: LoCon adapts a UNet's ResNet convolutions, "
+                f"and {self.label}'s transformer has none; use network.type=lora and leave network.conv_dim=null"
+            )
+        elif network_cfg.type != "lora":
             problems.append(
                 f"network.type={network_cfg.type}: {self.label}'s files fuse q, k and v into one layer, which only "
                 "a LoRA can be written as (block-diagonally); use network.type=lora"
@@ -131,6 +136,10 @@ class MMDiTFamily(ModelFamily):
                 "name diffusers modules such as attn.to_q, attn.add_q_proj, ff.net.2, proj_mlp, or keep the default"
             )
         return chosen
+
+    def conv_targets(self, denoiser: torch.nn.Module) -> tuple[list[str], list[str]]:
+        """None: the transformer has no ResNet convolutions (startup refuses network.conv_dim)."""
+        return [], []
 
     def kohya_unet_names(self, unet: torch.nn.Module) -> dict[str, str]:
         return self.kohya_names(unet).flat().single

@@ -9,20 +9,70 @@ those directly gives the UNet and the text encoder one code path whose only cont
 
 from __future__ import annotations
 
+import re
+
 import torch
-from peft import LoHaConfig, LoraConfig, inject_adapter_in_model
+from peft import LoHaConfig, LoKrConfig, LoraConfig, inject_adapter_in_model
 from peft.config import PeftConfig
 from peft.tuners.tuners_utils import BaseTunerLayer
 
 ADAPTER = "default"
 
 
-def adapter_config(network_type: str, dim: int, alpha: float, targets: list[str]) -> PeftConfig:
+def adapter_config(
+    network_type: str,
+    dim: int,
+    alpha: float,
+    targets: list[str],
+    *,
+    conv_targets: list[str] = (),
+    conv_dim: int | None = None,
+    conv_alpha: float | None = None,
+    lokr_factor: int = -1,
+    decompose_both: bool = False,
+) -> PeftConfig:
     """peft's tuner config of ``network.type`` (training/network/types.py), scaled alpha/dim as kohya
-    and LyCORIS scale it."""
+    and LyCORIS scale it.
+
+    ``conv_targets`` (full module names of 3x3 convolutions) are adapted at ``conv_dim`` /
+    ``conv_alpha`` through peft's ``rank_pattern`` / ``alpha_pattern``, as LyCORIS' and kohya's
+    ``conv_dim`` do; every other target (linear or 1x1) at ``dim`` / ``alpha``.
+    """
+    patterns: dict[str, dict] = {"rank_pattern": {}, "alpha_pattern": {}}
+    if conv_targets:
+        if conv_dim is None or conv_alpha is None:
+            raise ValueError("conv_targets need conv_dim and conv_alpha")
+        exact = "|".join(re.escape(name) for name in conv_targets)  # peft anchors it: (.*\.)?(...)$
+        patterns = {"rank_pattern": {exact: conv_dim}, "alpha_pattern": {exact: conv_alpha}}
+    modules = [*targets, *conv_targets]
     if network_type == "loha":
-        return LoHaConfig(r=dim, alpha=alpha, target_modules=targets, rank_dropout=0.0, module_dropout=0.0)
-    return LoraConfig(r=dim, lora_alpha=alpha, target_modules=targets, lora_dropout=0.0)
+        return LoHaConfig(r=dim, alpha=alpha, target_modules=modules, rank_dropout=0.0, module_dropout=0.0, **patterns)
+    if network_type == "lokr":
+        return LoKrConfig(
+            r=dim,
+            alpha=alpha,
+            target_modules=modules,
+            rank_dropout=0.0,
+            module_dropout=0.0,
+            decompose_both=decompose_both,
+            decompose_factor=lokr_factor,
+            **patterns,
+        )
+    if network_type not in ("lora", "locon", "dora"):
+        raise ValueError(f"unknown network type {network_type!r}")
+    return LoraConfig(
+        r=dim,
+        lora_alpha=alpha,
+        target_modules=modules,
+        lora_dropout=0.0,
+        use_dora=network_type == "dora",
+        **patterns,
+    )
+
+
+def module_alpha(layer: BaseTunerLayer, adapter_name: str = ADAPTER) -> float:
+    """The alpha a tuner layer of any type was given (peft keeps scaling = alpha / r for each)."""
+    return float(layer.scaling[adapter_name] * layer.r[adapter_name])
 
 
 def adapter_parameters(model: torch.nn.Module, adapter_name: str = ADAPTER) -> list[tuple[str, torch.nn.Parameter]]:

@@ -30,7 +30,7 @@ from safetensors.torch import save
 from training.atomic_file import write_atomically
 from training.network.lora import ADAPTER, LoraNetwork, LoraPart
 from training.network.metadata import metadata_sha256, minimal_metadata
-from training.network.types import FILE_SUFFIXES, RANK_TENSOR, type_of_file
+from training.network.types import FILE_SUFFIXES, RANK_TENSORS, type_of_file
 from training.output_dir import rescue_folders, unique_rescue_path
 
 logger = logging.getLogger(__name__)
@@ -49,8 +49,14 @@ _DOWN, _UP, _ALPHA = ".lora_down.weight", ".lora_up.weight", ".alpha"
 _PEFT_NAMES = {
     _DOWN: "lora_A.{adapter}.weight",
     _UP: "lora_B.{adapter}.weight",
-    **{f".{name}": f"{name}.{{adapter}}" for name in FILE_SUFFIXES["loha"]},
+    ".dora_scale": "lora_magnitude_vector.{adapter}.weight",
+    **{f".{name}": f"{name}.{{adapter}}" for name in (*FILE_SUFFIXES["loha"], *FILE_SUFFIXES["lokr"])},
 }
+# the network a file tensor's suffix belongs to, for messages
+_KIND = {_DOWN: "lora", _UP: "lora", ".dora_scale": "dora"}
+# suffixes whose first dimension is the rank (a down); the ups have it last
+_RANK_FIRST = {_DOWN, ".hada_w1_b", ".hada_w2_b", ".lokr_w1_b", ".lokr_w2_b"}
+_RANK_LAST = {_UP, ".hada_w1_a", ".hada_w2_a", ".lokr_w1_a", ".lokr_w2_a"}
 
 
 class LoraFileError(ValueError):
@@ -296,10 +302,15 @@ class LoraFileContents:
     file_format: str
     tensors: dict[str, torch.Tensor]
     metadata: dict[str, str]
-    ranks: dict[str, int]  # kohya module name (``lora_unet_...``) -> rank of its lora_down
+    ranks: dict[str, int]  # kohya module name (``lora_unet_...``) -> its rank (lora_down, hada_w1_b, lokr_w*_b)
     alphas: dict[str, float]  # kohya module name -> alpha (kohya: alpha = rank when the file has none)
-    dim: int | None  # None when the file holds no LoRA weights
+    dim: int | None  # None when no tensor says a rank (no weights, or a LoKr of full factors only)
     alpha: float | None
+
+    @property
+    def has_weights(self) -> bool:
+        """Whether any tensor is a network weight of a type we train (lora_down, hada_*, lokr_*, ...)."""
+        return any(key.endswith(suffix) for key in self.tensors for suffix in _PEFT_NAMES)
 
     @property
     def embeddings(self) -> dict[str, torch.Tensor]:
@@ -315,6 +326,17 @@ def file_format_of(path: str | Path) -> str:
     with open(path, "rb") as file:
         head = file.read(9)
     return "safetensors" if len(head) == 9 and head[8:9] == b"{" else "pt"
+
+
+def file_ranks(shapes: dict[str, Any]) -> dict[str, int]:
+    """Module name -> rank, from the tensor shapes of a file (its network type's rank tensors)."""
+    suffixes = tuple("." + name for name in RANK_TENSORS[type_of_file(list(shapes))])
+    ranks = {}
+    for key, shape in shapes.items():
+        suffix = next((s for s in suffixes if key.endswith(s)), None)
+        if suffix is not None:
+            ranks[key[: -len(suffix)]] = int(shape[0])
+    return ranks
 
 
 def load_lora_file(path: str | Path, *, allow_pickle: bool = False) -> LoraFileContents:
@@ -342,8 +364,7 @@ def load_lora_file(path: str | Path, *, allow_pickle: bool = False) -> LoraFileC
             raise LoraFileError(f"network.init_weights: '{path}' does not hold a state dict")
         tensors, metadata = {k: v for k, v in state.items() if isinstance(v, torch.Tensor)}, {}
 
-    rank_suffix = "." + RANK_TENSOR[type_of_file(list(tensors))]  # lora_down, or LoHa's hada_w1_b
-    ranks = {k[: -len(rank_suffix)]: v.shape[0] for k, v in tensors.items() if k.endswith(rank_suffix)}
+    ranks = file_ranks({key: value.shape for key, value in tensors.items()})
     alphas = {k[: -len(_ALPHA)]: float(v) for k, v in tensors.items() if k.endswith(_ALPHA) and v.numel() == 1}
     alphas = {module: alphas.get(module, float(rank)) for module, rank in ranks.items()}
     dim = Counter(ranks.values()).most_common(1)[0][0] if ranks else None
@@ -391,7 +412,8 @@ def peft_state_from_kohya(tensors: dict[str, torch.Tensor], part: LoraPart, adap
         suffix = next((s for s in (*_PEFT_NAMES, _ALPHA) if key.endswith(s)), None)
         if suffix is None:
             match.unmatched[key] = (
-                "not a LoRA or LoHa tensor (lora_down/lora_up, hada_w*, alpha); other LyCORIS/DoRA parts are unused"
+                "not a tensor of a network type trained here (lora_down/up, dora_scale, hada_w*, lokr_w*, alpha); "
+                "other LyCORIS parts (Tucker cores, norms, ...) are unused"
             )
             continue
         flat = key[len(prefix) : -len(suffix)]
@@ -414,27 +436,37 @@ def peft_state_from_kohya(tensors: dict[str, torch.Tensor], part: LoraPart, adap
             continue
         target = f"{module}.{_PEFT_NAMES[suffix].format(adapter=adapter_name)}"
         if target not in parameters:
-            kind = "LoHa" if ".hada_" in suffix else "LoRA"
+            kind = _KIND.get(suffix, suffix[1:5])  # lora, dora, hada (loha), lokr
+            kind = {"hada": "loha"}.get(kind, kind)
             raise LoraFileError(
-                f"network.init_weights: the file holds a {kind} ({key}) but this run's network.type is not "
-                f"{kind.lower()}; set network.type={kind.lower()} to continue from it"
+                f"network.init_weights: the file holds a {kind} network ({key}) but this run's network.type has "
+                f"no such tensor; set network.type={kind} (and its options as the file's ss_network_args say)"
             )
         expected = parameters[target].shape
+        if suffix == ".dora_scale" and value.numel() == parameters[target].numel():
+            value = value.reshape(expected)  # LyCORIS' (out, 1) column, peft's (out,) vector
         if tuple(value.shape) != tuple(expected):
-            # the rank is the first dimension of a down (lora_down, hada_w*_b), the last of an up
-            first = suffix in (_DOWN, ".hada_w1_b", ".hada_w2_b")
+            # the rank is the first dimension of a down (lora_down, hada_w*_b, lokr_w*_b), the last of an up
+            first, last = suffix in _RANK_FIRST, suffix in _RANK_LAST
             file_rank, model_rank = (value.shape[0], expected[0]) if first else (value.shape[-1], expected[-1])
-            ranks[file_rank] += 1
+            if first or last:
+                ranks[file_rank] += 1
             mismatched.append(
                 f"{key}: shape {tuple(value.shape)} in the file, {tuple(expected)} in the adapter"
-                + (f" (rank {file_rank} vs {model_rank})" if file_rank != model_rank else "")
+                + (f" (rank {file_rank} vs {model_rank})" if (first or last) and file_rank != model_rank else "")
             )
             continue
         match.state[target] = value
+    unscale_full_lokr(match.state, model, adapter_name)
 
     if mismatched:
         model_rank = next(
-            (p.shape[0] for n, p in parameters.items() if n.endswith(f"lora_A.{adapter_name}.weight")), None
+            (
+                m.r[adapter_name]
+                for m in model.modules()
+                if isinstance(getattr(m, "r", None), dict) and adapter_name in m.r
+            ),
+            None,
         )
         file_ranks = sorted(ranks)
         if model_rank is not None and file_ranks and model_rank not in file_ranks:
@@ -455,6 +487,15 @@ def peft_state_from_kohya(tensors: dict[str, torch.Tensor], part: LoraPart, adap
             own.setdefault(".".join(parts[: parts.index(adapter_name) - 1]), []).append(name)
     match.missing = [m for m in every_adapted if not own.get(m) or any(n not in match.state for n in own[m])]
     return match
+
+
+def unscale_full_lokr(state: dict[str, torch.Tensor], model: torch.nn.Module, adapter_name: str = ADAPTER) -> None:
+    """A LoKr module of two full factors is stored with its scale in ``lokr_w2`` (the loaders apply it
+    unscaled, training/network/lora.py ``to_file``); peft scales it by alpha/dim, so divide it out."""
+    for key in [k for k in state if k.endswith(f".lokr_w2.{adapter_name}")]:
+        module = key[: -len(f".lokr_w2.{adapter_name}")]
+        if f"{module}.lokr_w1.{adapter_name}" in state:
+            state[key] = state[key] / model.get_submodule(module).scaling[adapter_name]
 
 
 def split_fused(tensors: dict[str, torch.Tensor], part: LoraPart) -> dict[str, torch.Tensor]:
@@ -535,12 +576,12 @@ def apply_init_weights(network: LoraNetwork, path: str | Path, *, allow_pickle: 
     configured one is reported, not adopted: the run trains at its own ``network.alpha``.
     """
     contents = load_lora_file(path, allow_pickle=allow_pickle)
-    if contents.dim is None:
+    if not contents.has_weights:
         raise LoraFileError(
             f"network.init_weights: '{contents.path}' holds no kohya LoRA weights (*.lora_down.weight); "
             "give a LoRA file written by this tool, kohya sd-scripts or a compatible trainer"
         )
-    if network.dim not in contents.ranks.values():
+    if contents.ranks and network.dim not in contents.ranks.values():
         raise LoraFileError(
             f"network.init_weights: '{contents.path}' has rank {contents.dim} but network.dim={network.dim}; "
             f"the rank must match to continue from it: set network.dim={contents.dim}"
@@ -613,16 +654,16 @@ def init_weights_problems(network_cfg: Any, *, allow_pickle: bool = False) -> li
         if file_format != "safetensors":
             return [] if allow_pickle else [_pickle_refusal("network.init_weights", file_format, reading=True)]
         with safe_open(str(path), framework="pt") as lora:
-            rank_suffix = "." + RANK_TENSOR[type_of_file(list(lora.keys()))]
-            ranks = {lora.get_slice(k).get_shape()[0] for k in lora.keys() if k.endswith(rank_suffix)}  # noqa: SIM118
+            shapes = {key: lora.get_slice(key).get_shape() for key in lora.keys()}  # noqa: SIM118
     except Exception as error:  # safetensors raises its own SafetensorError for a file that is not one
         return [
             f"network.init_weights: '{path}' cannot be read as a LoRA file ({type(error).__name__}: {error}); "
             "give a .safetensors LoRA file (or fix the path)"
         ]
-    if not ranks:
+    if not any(key.endswith(suffix) for key in shapes for suffix in _PEFT_NAMES):
         return [f"network.init_weights: '{path}' holds no kohya LoRA weights (*.lora_down.weight)"]
-    if network_cfg.dim not in ranks:
+    ranks = set(file_ranks(shapes).values())
+    if ranks and network_cfg.dim not in ranks:
         rank = min(ranks)
         return [
             f"network.init_weights: '{path}' has rank {rank} but network.dim={network_cfg.dim}; "

@@ -12,6 +12,7 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+from peft.tuners.tuners_utils import BaseTunerLayer
 from peft.utils import get_peft_model_state_dict
 
 from training.network.adapters import (
@@ -20,9 +21,10 @@ from training.network.adapters import (
     adapter_parameters,
     attach_lora,
     detach_adapters,
+    module_alpha,
     set_adapters_enabled,
 )
-from training.network.types import FILE_SUFFIXES
+from training.network.types import FILE_SUFFIXES, conv_alpha_of, conv_dim_of, network_args
 
 # kohya names text-encoder modules as in transformers 4's CLIPTextModel (``text_model.encoder...``);
 # transformers 5 dropped the ``text_model`` level, so it is put back for file compatibility.
@@ -68,7 +70,8 @@ class LoraNetwork:
     dim: int
     alpha: float
     param_groups: list[dict[str, Any]]
-    type: str = "lora"  # network.type: lora | loha (training/network/types.py)
+    type: str = "lora"  # network.type (training/network/types.py)
+    args: dict[str, str] = field(default_factory=dict)  # ss_network_args as LyCORIS writes them
 
     @property
     def unet(self) -> torch.nn.Module:
@@ -137,33 +140,75 @@ class LoraNetwork:
         tensors: dict[str, torch.Tensor] = {}
         for part in self.adapted():
             state = get_peft_model_state_dict(part.model, adapter_name=ADAPTER, save_embedding_layers=False)
-            if self.type != "lora":  # LyCORIS names: <prefix><module>.hada_w1_a ... and .alpha
-                tensors.update(lycoris_tensors(part, state, self.type, self.alpha, dtype))
+            alphas = module_alphas(part.model)
+            if self.type not in ("lora", "locon"):  # LyCORIS names: <prefix><module>.hada_w1_a ... and .alpha
+                tensors.update(lycoris_tensors(part, state, self.type, alphas, dtype))
                 continue
             pairs: dict[str, dict[str, torch.Tensor]] = {}
             for key, value in state.items():
                 module, _, kind = key.rpartition(".lora_")
                 pairs.setdefault(module, {})["down" if kind.startswith("A") else "up"] = value.detach()
-            tensors.update(kohya_tensors(part, pairs, self.alpha, dtype))
+            tensors.update(kohya_tensors(part, pairs, alphas, dtype))
         return tensors
 
 
+def module_alphas(model: torch.nn.Module) -> dict[str, float]:
+    """Each adapted module's alpha (a LoCon's 3x3 convolutions have conv_alpha, the rest alpha)."""
+    return {name: module_alpha(module) for name, module in model.named_modules() if isinstance(module, BaseTunerLayer)}
+
+
 def lycoris_tensors(
-    part: LoraPart, state: dict[str, torch.Tensor], network_type: str, alpha: float, dtype: torch.dtype
+    part: LoraPart, state: dict[str, torch.Tensor], network_type: str, alphas: dict[str, float], dtype: torch.dtype
 ) -> dict[str, torch.Tensor]:
-    """peft's state of a LyCORIS-type adapter under kohya's module names, one ``alpha`` per module."""
+    """peft's state of a LyCORIS-type adapter under kohya's module names, one ``alpha`` per module.
+
+    Two tensors are not stored as peft holds them (``to_file``): DoRA's magnitude becomes a
+    ``dora_scale`` column, and a LoKr of two full factors carries its scale in ``lokr_w2``.
+    """
     suffixes = FILE_SUFFIXES[network_type]
-    tensors: dict[str, torch.Tensor] = {}
+    modules: dict[str, dict[str, torch.Tensor]] = {}
     for key, value in state.items():
         parameter = next(s for s in suffixes if key.endswith(f".{s}"))
-        name = part.kohya_prefix + part.kohya_name(key[: -len(parameter) - 1])
-        tensors[f"{name}.{suffixes[parameter]}"] = value.detach().to("cpu", dtype).contiguous()
+        modules.setdefault(key[: -len(parameter) - 1], {})[parameter] = value.detach()
+    tensors: dict[str, torch.Tensor] = {}
+    for module, parameters in modules.items():
+        name = part.kohya_prefix + part.kohya_name(module)
+        stored, alpha = to_file(network_type, parameters, alphas[module], part.model.get_submodule(module))
+        for parameter, value in stored.items():
+            tensors[f"{name}.{suffixes[parameter]}"] = value.to("cpu", dtype).contiguous()
         tensors[f"{name}.alpha"] = torch.tensor(alpha, dtype=dtype)
     return tensors
 
 
+def to_file(
+    network_type: str, parameters: dict[str, torch.Tensor], alpha: float, layer: torch.nn.Module
+) -> tuple[dict[str, torch.Tensor], float]:
+    """One module's peft parameters and alpha as the LyCORIS loaders read them.
+
+    - DoRA: peft's magnitude (``(out,)``, or ``(1, out, 1, 1)`` for a convolution) is one norm per
+      output feature; LyCORIS' ``dora_scale`` of that axis (``wd_on_out``) is ``(out, 1)`` /
+      ``(out, 1, 1, 1)``, the shape by which ComfyUI tells the axis.
+    - LoKr of two full factors: the loaders (A1111's network_lokr.py, ComfyUI's lokr.py) find no
+      rank tensor and apply the product unscaled, as LyCORIS trains it; peft scales it by alpha/dim,
+      so that scale is multiplied into ``lokr_w2`` and alpha written as dim.
+    """
+    parameters = dict(parameters)
+    if network_type == "dora":
+        magnitude = parameters["lora_magnitude_vector"]
+        weight = layer.get_base_layer().weight
+        parameters["lora_magnitude_vector"] = magnitude.reshape(weight.shape[0], *[1] * (weight.dim() - 1))
+    if network_type == "lokr" and "lokr_w1" in parameters and "lokr_w2" in parameters:
+        rank = layer.r[ADAPTER]
+        parameters["lokr_w2"] = parameters["lokr_w2"] * (alpha / rank)
+        alpha = float(rank)
+    return parameters, alpha
+
+
 def kohya_tensors(
-    part: LoraPart, pairs: dict[str, dict[str, torch.Tensor]], alpha: float, dtype: torch.dtype = torch.float32
+    part: LoraPart,
+    pairs: dict[str, dict[str, torch.Tensor]],
+    alphas: dict[str, float],
+    dtype: torch.dtype = torch.float32,
 ) -> dict[str, torch.Tensor]:
     """``pairs`` (module -> its ``down`` and ``up``) under ``part``'s kohya names, fused groups as one layer."""
     tensors: dict[str, torch.Tensor] = {}
@@ -176,11 +221,11 @@ def kohya_tensors(
     in_group = {module for group in part.fused.values() for module in group}
     for module, pair in pairs.items():
         if module not in in_group:
-            write(part.kohya_prefix + part.kohya_name(module), pair, alpha)
+            write(part.kohya_prefix + part.kohya_name(module), pair, alphas[module])
     for flat, group in part.fused.items():
         present = [module for module in group if module in pairs]
         if present:
-            write(part.kohya_prefix + flat, fuse(part, group, pairs), alpha * len(present))
+            write(part.kohya_prefix + flat, fuse(part, group, pairs), alphas[present[0]] * len(present))
     return tensors
 
 
@@ -214,8 +259,9 @@ def text_encoder_kohya_names(model: torch.nn.Module) -> dict[str, list[str]]:
     return names
 
 
-def lora_parts(base: Any, network_cfg: Any, base_lr: float) -> list[tuple[LoraPart, list[str], float]]:
-    """Each part of ``base`` that may carry a LoRA, with its targets and learning rate.
+def lora_parts(base: Any, network_cfg: Any, base_lr: float) -> list[tuple[LoraPart, list[str], list[str], float]]:
+    """Each part of ``base`` that may carry a LoRA, with its targets (at ``network.dim``), its 3x3
+    convolutions (at ``conv_dim``, LoCon) and its learning rate.
 
     A part whose own learning rate (``network.unet_lr`` / ``text_encoder_lr`` / ``text_encoder_2_lr``) is 0
     gets no adapter: "0 freezes that part" (PARAMETERS.md). ``optimizer.lr=0`` alone keeps the adapters
@@ -224,6 +270,8 @@ def lora_parts(base: Any, network_cfg: Any, base_lr: float) -> list[tuple[LoraPa
     family = base.family
     unet_lr = base_lr if network_cfg.unet_lr is None else network_cfg.unet_lr
     unet_names = {module: [flat] for module, flat in family.kohya_unet_names(base.denoiser).items()}
+    targets = family.lora_targets(base.denoiser, list(network_cfg.unet_targets))
+    conv_at_dim, conv_3x3 = family.conv_targets(base.denoiser) if conv_dim_of(network_cfg) else ([], [])
     parts = [
         (
             LoraPart(
@@ -235,7 +283,8 @@ def lora_parts(base: Any, network_cfg: Any, base_lr: float) -> list[tuple[LoraPa
                 unet_names,
                 family.kohya_fused_names(base.denoiser),
             ),
-            family.lora_targets(base.denoiser, list(network_cfg.unet_targets)),
+            [*targets, *conv_at_dim],
+            conv_3x3,
             unet_lr,
         )
     ]
@@ -249,7 +298,7 @@ def lora_parts(base: Any, network_cfg: Any, base_lr: float) -> list[tuple[LoraPa
         part = LoraPart(
             text_part.encoder, encoder, text_part.kohya_prefix, trains, why_off, text_encoder_kohya_names(encoder)
         )
-        parts.append((part, list(network_cfg.text_encoder_targets), lr))
+        parts.append((part, list(network_cfg.text_encoder_targets), [], lr))
     return parts
 
 
@@ -258,11 +307,23 @@ def add_lora(base: Any, network_cfg: Any, base_lr: float) -> LoraNetwork:
     alpha = effective_alpha(network_cfg)
     groups: list[dict[str, Any]] = []
     parts = []
-    for part, targets, lr in lora_parts(base, network_cfg, base_lr):
+    conv_dim, conv_alpha = conv_dim_of(network_cfg), conv_alpha_of(network_cfg, alpha)
+    for part, targets, conv_targets, lr in lora_parts(base, network_cfg, base_lr):
         parts.append(part)
         if not part.trains:
             continue
-        attach_lora(part.model, adapter_config(network_cfg.type, network_cfg.dim, alpha, targets))
+        config = adapter_config(
+            network_cfg.type,
+            network_cfg.dim,
+            alpha,
+            targets,
+            conv_targets=conv_targets,
+            conv_dim=conv_dim,
+            conv_alpha=conv_alpha,
+            lokr_factor=network_cfg.lokr_factor,
+            decompose_both=network_cfg.decompose_both,
+        )
+        attach_lora(part.model, config)
         if network_cfg.dropout > 0:
             _add_rank_dropout(part.model, network_cfg.dropout)
         params = [p for _, p in adapter_parameters(part.model)]
@@ -270,7 +331,7 @@ def add_lora(base: Any, network_cfg: Any, base_lr: float) -> LoraNetwork:
             p.data = p.data.float()  # fp32 master weights even when the base runs in half precision
             p.requires_grad_(True)
         groups.append({"params": params, "lr": lr, "name": part.label})
-    return LoraNetwork(parts, network_cfg.dim, alpha, groups, network_cfg.type)
+    return LoraNetwork(parts, network_cfg.dim, alpha, groups, network_cfg.type, network_args(network_cfg, alpha))
 
 
 def remove_lora(network: LoraNetwork) -> None:

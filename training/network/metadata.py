@@ -291,7 +291,7 @@ def kohya_metadata(
     resolved_config: dict[str, Any],
     v2: bool = False,
     network_module: str = "networks.lora",
-    network_type: str = "lora",
+    network_args: Mapping[str, str] | None = None,
     tag_frequency: str | Mapping[str, Mapping[str, int]] | None = None,
     extra: Mapping[str, str] | None = None,
 ) -> dict[str, str]:
@@ -305,7 +305,7 @@ def kohya_metadata(
         "ss_network_module": network_module,  # networks.lora_flux / networks.lora_sd3 for those families
         "ss_network_dim": str(network.dim),
         "ss_network_alpha": f"{network.alpha:g}",
-        "ss_network_args": json.dumps({"algo": network_type} if network_type != "lora" else {}),
+        "ss_network_args": json.dumps(dict(network_args or {})),  # LyCORIS': {"algo": "loha", "conv_dim": "4", ...}
         "ss_v2": str(bool(v2)),
         "ss_base_model_version": base_model_version,
         "ss_output_name": output_name,
