@@ -5,10 +5,18 @@ from __future__ import annotations
 import re
 from types import SimpleNamespace
 
+import optuna
 import pytest
 from optuna.distributions import CategoricalDistribution, FloatDistribution, IntDistribution
 
-from sweeper.search.space import SearchSpaceError, format_value, parse_search_space
+from sweeper.search.space import (
+    SearchSpaceError,
+    add_conditional,
+    format_value,
+    parse_search_space,
+    points_to_check,
+    suggest,
+)
 from sweeper.search.study import (
     SweepConfigError,
     derive_study_name,
@@ -100,3 +108,47 @@ def test_study_name_depends_on_the_sweep_not_on_its_length():
 def test_passwords_are_removed_from_storage_urls():
     assert redact_password("postgresql://optuna:s3cret@db:5432/studies") == "postgresql://optuna:***@db:5432/studies"
     assert redact_password("sqlite:////tmp/optuna.db") == "sqlite:////tmp/optuna.db"
+
+
+PER_TYPE_LR = {
+    "network.type": {
+        "optimizer.lr": {"lora": "tag(log, interval(1e-4, 1e-3))", "lokr": "tag(log, interval(1e-3, 4e-3))"}
+    }
+}
+
+
+def test_a_conditional_range_follows_the_value_its_key_got_in_the_same_trial():
+    space = parse_search_space(["network.type=lora,lokr", "network.dim=4,8"])
+    add_conditional(space, PER_TYPE_LR)
+    assert not space.is_finite, "a conditional interval is searched, not gridded"
+    study = optuna.create_study(sampler=optuna.samplers.TPESampler(seed=0, n_startup_trials=3))
+    for _ in range(12):
+        trial = study.ask(space.distributions)
+        for key, distribution in space.conditional_distributions(trial.params).items():
+            suggest(trial, key, distribution)
+        low, high = (1e-4, 1e-3) if trial.params["network.type"] == "lora" else (1e-3, 4e-3)
+        assert low <= trial.params["optimizer.lr"] <= high
+        assert space.trial_overrides(trial.params)[-1].startswith("optimizer.lr=")
+        study.tell(trial, trial.params["optimizer.lr"])
+    # every branch's bounds are validated before the first trial, with the branch's own value
+    checked = {(p["network.type"], p.get("optimizer.lr")) for p in points_to_check(space)}
+    assert {("lora", 1e-4), ("lora", 1e-3), ("lokr", 1e-3), ("lokr", 4e-3)} <= checked
+    plain = parse_search_space(["network.type=lora,lokr", "network.dim=4,8"])
+    assert derive_study_name("e", space, ["clip_score"], ["maximize"]) != derive_study_name(
+        "e", plain, ["clip_score"], ["maximize"]
+    )
+
+
+@pytest.mark.parametrize(
+    ("overrides", "conditional", "message"),
+    [
+        (["network.dim=4,8"], PER_TYPE_LR, "network.type must be swept over a list"),
+        (["network.type=lora,loha"], PER_TYPE_LR, "no range for network.type=loha"),
+        (["network.type=lora,lokr", "optimizer.lr=1e-4,1e-3"], PER_TYPE_LR, "optimizer.lr is already swept"),
+        (["network.type=lora,lokr", "optimizer.lr=1e-4"], PER_TYPE_LR, "also given a fixed value"),
+    ],
+)
+def test_conditional_ranges_that_cannot_work_name_the_key(overrides, conditional, message):
+    space = parse_search_space(overrides)
+    with pytest.raises(SearchSpaceError, match=re.escape(message)):
+        add_conditional(space, conditional)

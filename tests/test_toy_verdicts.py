@@ -3,6 +3,8 @@ a learning rate 10x too high is found worse. Shortened runs (60 steps, 18 images
 
 from __future__ import annotations
 
+import re
+
 import pytest
 
 from tests.conftest import run_main
@@ -35,3 +37,16 @@ def test_a_learning_rate_ten_times_too_high_is_found_worse_over_seeds(tmp_path):
     best = next(t for t in study_of(tmp_path).get_trials() if t.params["optimizer.lr"] == 1e-3)
     assert f"best: trial {best.number} optimizer.lr=0.001" in done.stdout, done.stdout[-3000:]
     assert "optimizer.lr=0.01: worse than the best" in done.stdout
+
+
+@pytest.mark.slow
+def test_a_network_type_sweep_runs_every_type_and_gives_each_a_verdict(tmp_path):
+    types = ("lora", "locon", "loha", "lokr", "dora")
+    options = [*TOY_SHORT[1:-1], "train.max_steps=30", "hydra.sweeper.replicates=2"]
+    done = run_main("-m", *options, f"network.type={','.join(types)}", cwd=tmp_path)
+    assert done.returncode == 0, done.stderr[-3000:]
+    trials = study_of(tmp_path).get_trials()
+    assert sorted({t.params["network.type"] for t in trials}) == sorted(types)
+    assert "Holm over all 10 pairs of settings" in done.stdout, done.stdout[-3000:]
+    for network_type in types:  # the best, and every other type: worse than it or not distinguishable
+        assert re.search(rf"(best: )?trial \d+ network.type={network_type}: ", done.stdout), done.stdout[-3000:]

@@ -61,11 +61,13 @@ from sweeper.search.settings_verdict import (
 from sweeper.search.space import (
     SearchSpace,
     SearchSpaceError,
+    add_conditional,
     describe_params,
     format_value,
     parse_search_space,
     points_to_check,
     short_key,
+    suggest,
 )
 from sweeper.search.storage_url import is_journal, missing_driver
 from sweeper.search.study import (
@@ -150,6 +152,7 @@ class OptunaSweep:
         preset = [f"{key}={value}" for key, value in (options.params or {}).items()]
         try:
             space = parse_search_space(preset + list(arguments))
+            add_conditional(space, plain(options.conditional))
         except SearchSpaceError as error:
             raise SweepConfigError(str(error)) from error
         if not space.distributions:
@@ -387,6 +390,8 @@ class OptunaSweep:
         with warnings.catch_warnings():  # ask/tell with heartbeats is what we want; Optuna assumes optimize()
             warnings.filterwarnings("ignore", message="Heartbeat of storage")
             trial = study.ask(self.space.distributions)
+            for key, distribution in self.space.conditional_distributions(trial.params).items():
+                suggest(trial, key, distribution)
         for key, value in this_process().items():  # who runs it: a dead local worker is seen at once
             study._storage.set_trial_user_attr(trial._trial_id, key, value)
         return trial
@@ -580,6 +585,11 @@ class OptunaSweep:
                 f"{progress.failed} of {progress.finished} trials failed (more than hydra.sweeper.max_failure_rate="
                 f"{self.options.max_failure_rate}); stopping the sweep. First error: {progress.first_error}"
             )
+
+
+def plain(value: Any) -> Any:
+    """A Hydra option's value as plain Python (a DictConfig when it came from a preset)."""
+    return OmegaConf.to_container(value) if OmegaConf.is_config(value) else value
 
 
 def run_reporting_errors(sweep: OptunaSweep, arguments: list[str]) -> list[JobReturn]:

@@ -35,3 +35,5 @@ class OptunaSweeperConf:
         False  # grid sweeps: start every setting with 2 seeds, add seeds only to contenders, up to replicates
     )
     params: dict[str, str] = field(default_factory=dict)  # search space entries, e.g. from +search=...
+    # ranges that depend on another swept key's value: {parent key: {key: {parent value: sweep}}}
+    conditional: dict[str, Any] = field(default_factory=dict)

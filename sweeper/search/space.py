@@ -2,6 +2,10 @@
 
 ``a,b,c`` / ``choice(a,b,c)`` -> categorical, ``range(a,b[,step])`` -> stepped int (or float),
 ``interval(a,b)`` -> float, ``int(interval(a,b))`` -> int, ``tag(log, ...)`` -> log scale.
+
+A conditional dimension (``hydra.sweeper.conditional``) takes its range from the value another swept
+key got in the same trial: ``optimizer.lr`` over one interval for ``network.type=lora`` and another for
+``lokr``. Optuna samples it define-by-run, after the keys it depends on (Akiba et al. 2019, §2.1).
 """
 
 from __future__ import annotations
@@ -33,11 +37,19 @@ class SearchSpace:
     distributions: dict[str, BaseDistribution] = field(default_factory=dict)
     grid_values: dict[str, list[Any]] = field(default_factory=dict)  # only for finite dimensions
     fixed: list[str] = field(default_factory=list)
+    # key -> (the swept key it depends on, that key's value -> this key's distribution)
+    conditional: dict[str, tuple[str, dict[Any, BaseDistribution]]] = field(default_factory=dict)
 
     @property
     def is_finite(self) -> bool:
         """Every dimension is a finite list: a grid covers the whole space."""
-        return bool(self.distributions) and self.grid_values.keys() == self.distributions.keys()
+        return (
+            bool(self.distributions) and not self.conditional and self.grid_values.keys() == self.distributions.keys()
+        )
+
+    def conditional_distributions(self, params: dict[str, Any]) -> dict[str, BaseDistribution]:
+        """The conditional dimensions' distributions given the trial's other values, in order."""
+        return {key: table[params[parent]] for key, (parent, table) in self.conditional.items()}
 
     @property
     def grid_size(self) -> int:
@@ -69,6 +81,9 @@ def points_to_check(space: SearchSpace) -> list[dict[str, Any]]:
     points = [first]
     for key, values in candidates.items():
         points += [{**first, key: value} for value in values[1:]]
+    for key, (parent, table) in space.conditional.items():  # each branch's bounds, with its parent's value
+        for value, distribution in table.items():
+            points += [{**first, parent: value, key: edge} for edge in _edge_values(distribution)]
     return points
 
 
@@ -91,6 +106,44 @@ def parse_search_space(arguments: list[str]) -> SearchSpace:
         else:
             space.fixed.append(override.input_line)
     return space
+
+
+def add_conditional(space: SearchSpace, conditional: dict[str, dict[str, dict[str, str]]]) -> None:
+    """``hydra.sweeper.conditional`` (``{parent key: {key: {parent value: sweep}}}``) into ``space``.
+
+    Every value the parent key is swept over needs a range, and the key must not be swept as well.
+    """
+    parser = OverridesParser.create()
+    for parent, keys in (conditional or {}).items():
+        if parent not in space.grid_values:
+            raise SearchSpaceError(
+                f"hydra.sweeper.conditional.{parent}: {parent} must be swept over a list of values "
+                f"(e.g. {parent}=a,b) for other keys' ranges to depend on it"
+            )
+        for key, branches in keys.items():
+            if key in space.distributions or key in space.conditional:
+                raise SearchSpaceError(f"hydra.sweeper.conditional.{parent}.{key}: {key} is already swept")
+            if any(line.split("=", 1)[0].lstrip("+~") == key for line in space.fixed):
+                raise SearchSpaceError(
+                    f"hydra.sweeper.conditional.{parent}.{key}: {key} is also given a fixed value; drop one of the two"
+                )
+            table: dict[Any, BaseDistribution] = {}
+            for value, sweep in branches.items():
+                override = parser.parse_override(f"{key}={sweep}")
+                if not override.is_sweep_override():
+                    raise SearchSpaceError(
+                        f"hydra.sweeper.conditional.{parent}.{key}.{value}: '{sweep}' is not a sweep"
+                    )
+                table[value] = distribution_for(override)
+            values = [str(v) for v in space.grid_values[parent]]
+            missing = [v for v in values if v not in table]
+            if missing:
+                raise SearchSpaceError(
+                    f"hydra.sweeper.conditional.{parent}.{key}: no range for {parent}={', '.join(missing)}; "
+                    "give one for every value it is swept over"
+                )
+            chosen = dict(zip(space.grid_values[parent], (table[v] for v in values), strict=True))
+            space.conditional[key] = (parent, chosen)
 
 
 def distribution_for(override: Override) -> BaseDistribution:
@@ -166,3 +219,14 @@ def format_value(value: Any) -> str:
     if isinstance(value, float):
         return repr(value)
     return str(value)
+
+
+def suggest(trial: Any, key: str, distribution: BaseDistribution) -> Any:
+    """``key``'s value in ``trial`` from ``distribution`` (define-by-run: a conditional dimension)."""
+    if isinstance(distribution, FloatDistribution):
+        return trial.suggest_float(
+            key, distribution.low, distribution.high, step=distribution.step, log=distribution.log
+        )
+    if isinstance(distribution, IntDistribution):
+        return trial.suggest_int(key, distribution.low, distribution.high, step=distribution.step, log=distribution.log)
+    return trial.suggest_categorical(key, list(distribution.choices))

@@ -80,6 +80,11 @@ def derive_study_name(experiment: str, space: SearchSpace, objectives: list[str]
         "objectives": objectives,
         "directions": directions,
     }
+    if space.conditional:
+        identity["conditional"] = {
+            key: [parent, {str(v): repr(d) for v, d in table.items()}]
+            for key, (parent, table) in space.conditional.items()
+        }
     digest = hashlib.sha1(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:10]
     return f"{experiment}-{digest}"
 
