@@ -55,7 +55,9 @@ from training.data.scan import scan_dataset
 from training.families.loading import BaseModel
 from training.loop import Trainer
 from training.network.lora import remove_leftover_adapters, remove_lora
+from training.speed.attention_options import sdpa_backend_problem
 from training.speed.compile import configure_compile
+from training.speed.sdpa_backend import configure_sdpa_backend, set_sdpa_backend
 from training.text.tokenizer import build_word_tokenizer
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -189,6 +191,9 @@ def config(
     cuda_graphs: bool = False,
     vae_precision: str = "auto",
     gradient_checkpointing: bool = False,
+    network_type: str = "lora",
+    conv_dim: int | None = None,
+    sdpa_backend: str = "auto",
 ):
     cfg = OmegaConf.merge(
         OmegaConf.structured(Config),
@@ -200,8 +205,9 @@ def config(
                     "channels_last": channels_last,
                     "vae_precision": vae_precision,
                     "gradient_checkpointing": gradient_checkpointing,
+                    "sdpa_backend": sdpa_backend,
                 },
-                "network": {"dim": rank, "alpha": rank},
+                "network": {"type": network_type, "dim": rank, "alpha": rank, "conv_dim": conv_dim},
                 "optimizer": {"name": "adamw", "lr": 1e-4},
                 "scheduler": {"name": "constant"},
                 "precision": {"mixed": "bf16"},
@@ -275,9 +281,11 @@ def count_step_flops(trainer: Trainer) -> dict[str, float]:
 
 
 # --- the SD1.5 grid: each optimisation next to the row without it, in this one invocation. Keys: b batch,
-# r rank, w data workers, c compile ("none" | "blocks" | "blocks/reduce-overhead"), cl channels-last,
+# r rank (network.dim = network.alpha), w data workers, c train.compile[/train.compile_mode] ("none" |
+# "blocks" | "blocks/reduce-overhead" | "denoiser" | "denoiser/reduce-overhead"), cl channels-last,
 # g train.cuda_graphs, cast: peft's fp32 cast of LoRA inputs left on (the loop before this pass),
-# latents: data.cache_latents, text: data.cache_text_embeddings (on unless said).
+# latents: data.cache_latents, text: data.cache_text_embeddings (on unless said), net network.type
+# (lora unless said), conv network.conv_dim (None unless said), sdpa model.sdpa_backend (auto unless said).
 SD15_GRID = [
     dict(b=1, w=0, c="none", cl=False, g=False, cast=True),
     dict(b=1, w=0, c="none", cl=False, g=False),
@@ -303,6 +311,41 @@ SD15_GRID = [
     dict(b=48, w=4, c="blocks", cl=True, g=True),
     dict(b=64, w=4, c="blocks", cl=True, g=True),
 ]
+
+
+def network_type_rows() -> list[dict]:
+    """Issue 27: the network types at about the same trainable parameter count (LoHa's two products at
+    half the rank; LoCon adds the 3x3 convolutions; LoKr at its default factor is smaller), batch 4,
+    cached latents, channels-last, CUDA graphs; alpha = rank. Rows record the parameter count."""
+    common = dict(b=4, w=4, c="none", cl=True, g=True)
+    return [
+        dict(**common, net="lora", r=8),
+        dict(**common, net="locon", r=8, conv=8),
+        dict(**common, net="loha", r=4),
+        dict(**common, net="lokr", r=8),
+        dict(**common, net="dora", r=8),
+    ]
+
+
+def lever_rows(batch: int) -> list[dict]:
+    """Issue 27's levers at one batch, each beside its baseline in the same invocation: whole-denoiser
+    compilation (train.compile=denoiser, CUDA only) against compiled blocks, with and without CUDA graphs
+    (make_graphed_callables captures the compiled module's Triton kernels as it does the compiled blocks');
+    cuDNN and FlashAttention SDPA kernels against torch's own choice (auto), under CUDA graphs."""
+    common = dict(b=batch, w=0 if batch == 1 else 4, cl=True)
+    return [
+        dict(**common, c="none", g=True),  # the SDPA rows' baseline (auto)
+        dict(**common, c="none", g=True, sdpa="cudnn"),
+        dict(**common, c="none", g=True, sdpa="flash"),
+        dict(**common, c="blocks", g=True),  # the best so far: the compiled rows' baseline
+        dict(**common, c="denoiser", g=False),
+        dict(**common, c="denoiser", g=True),
+    ]
+
+
+# issue 27, appended so the rows above keep their numbers: 23-27 network types, 28-33 levers at batch 4,
+# 34-39 at batch 32 (the denoiser rows compile the whole UNet: minutes each; see README's GPU speed)
+SD15_GRID += [*network_type_rows(), *lever_rows(4), *lever_rows(32)]
 
 
 def sdxl_ladder(batch: int) -> list[dict]:
@@ -338,6 +381,10 @@ SDXL_GRID = [
     dict(b="largest", w=4, c="blocks", cl=True, g=True),  # 21: against the largest probe that ran
     dict(b=1, w=0, c="blocks", cl=True, g=True),  # 22 (against 3)
     dict(b=8, w=4, c="blocks", cl=True, g=True),  # 23 (against 11)
+    # issue 27 (the keys of the SD1.5 grid): 24-28 network types at batch 4, 29-34 the levers at batch 4
+    # (29 repeats 7, 32 repeats 20: each baseline in the same invocation as its lever)
+    *network_type_rows(),  # 24-28
+    *lever_rows(4),  # 29-34
 ]
 SDXL_BUDGET_S = 500.0  # seconds from the start of main(); one device call has 600
 SDXL_IMAGES = 32  # enough for one batch of the largest probe
@@ -347,7 +394,7 @@ SDXL_TIMED_IMAGES = 16
 # the first; the data workers' queue is full by the third
 SDXL_WARMUP = {"eager": 3, "compiled": 4}
 # what a row needs of the budget, roughly (seconds on an H200), to decide whether to start it
-SDXL_ROW_COST_S = {"compiled": 150.0, "probe": 45.0, "other": 25.0}
+SDXL_ROW_COST_S = {"denoiser": 400.0, "compiled": 150.0, "probe": 45.0, "other": 25.0}
 SPLITS = ((1, "memory"), (4, "memory"), (4, "none"))
 
 
@@ -433,10 +480,23 @@ def skip_reason(spec: dict, batch: int | None, session: Session) -> str | None:
         return f"batch {batch} needs --images >= {batch}"
     if spec.get("probe") and session.probe_oom is not None:
         return f"batch {session.probe_oom} already ran out of memory"
-    need = SDXL_ROW_COST_S["compiled" if compiled else "probe" if spec.get("probe") else "other"]
+    denoiser = spec["c"].startswith("denoiser")
+    need = SDXL_ROW_COST_S[
+        "denoiser" if denoiser else "compiled" if compiled else "probe" if spec.get("probe") else "other"
+    ]
     if session.left() < need:
         left = session.left()
         return f"time budget (--budget {session.args.budget:.0f} s): {left:.0f} s left, the row needs ~{need:.0f} s"
+    return None
+
+
+def cpu_skip_reason(compile_kind: str, sdpa: str) -> str | None:
+    """Why an SD1.5 row cannot run on the CPU (a ``--tiny`` smoke run), or None: there its CUDA graphs are
+    left off instead (the row says so), whole-denoiser compilation and the CUDA-only kernels are refused."""
+    if compile_kind == "denoiser":
+        return "GPU only: train.compile=denoiser is refused on the CPU (wrong LoRA gradients there)"
+    if sdpa_backend_problem(sdpa, "sdpa", False):
+        return f"GPU only: model.sdpa_backend={sdpa} has no CPU kernel"
     return None
 
 
@@ -446,9 +506,14 @@ def run_row(index: int, spec: dict, session: Session) -> dict:
     batch = row_batch(spec, session)
     rank, workers, cache = spec.get("r", 4), spec["w"], spec.get("latents", "memory")
     compile_kind, _, compile_mode = spec["c"].partition("/")
+    net, conv, sdpa = spec.get("net", "lora"), spec.get("conv"), spec.get("sdpa", "auto")
+    graphs = spec["g"]
     setting = {
         "batch": batch,
+        "network": net,
         "rank": rank,
+        "conv_dim": conv,
+        "sdpa_backend": sdpa,
         "cache_latents": cache,
         "text_cache": spec.get("text", True),
         "workers": workers,
@@ -470,6 +535,12 @@ def run_row(index: int, spec: dict, session: Session) -> dict:
         steps = args.steps if args.tiny else max(args.steps, math.ceil(SDXL_TIMED_IMAGES / batch))
         setting["timed_steps"] = steps
     else:
+        if not cuda:
+            if reason := cpu_skip_reason(compile_kind, sdpa):
+                return {**setting, "skipped": reason}
+            if graphs:
+                graphs = setting["cuda_graphs"] = False
+                setting["note"] = "CPU smoke run: CUDA graphs off"
         warmup = math.ceil(args.images / batch) + 3  # the first epoch (and compilation / graph capture)
         steps = args.steps
     cfg = config(
@@ -484,9 +555,12 @@ def run_row(index: int, spec: dict, session: Session) -> dict:
         compile_kind=compile_kind,
         compile_mode=compile_mode or "default",
         channels_last=spec["cl"],
-        cuda_graphs=spec["g"],
+        cuda_graphs=graphs,
         vae_precision=spec.get("vae", "auto"),
         gradient_checkpointing=spec.get("gc", False),
+        network_type=net,
+        conv_dim=conv,
+        sdpa_backend=sdpa,
     )
     torch._dynamo.reset()  # each configuration compiles from scratch, as a fresh run would
     clear_text_caches()
@@ -503,7 +577,10 @@ def run_row(index: int, spec: dict, session: Session) -> dict:
     training.loop.disable_input_dtype_casting = keep_input_casting if spec.get("cast") else disable_input_dtype_casting
     trainer = None
     try:
+        # the loop sets model.sdpa_backend too once it calls configure_sdpa_backend; set here either way
+        configure_sdpa_backend(sdpa, cfg.model.attention, "cuda" if cuda else "cpu")
         trainer = Trainer(cfg, base, session.records, clock)
+        sizes = network_size(trainer)
         if sdxl:
             timed = fit_timed(trainer, warmup, steps, cuda)
             seconds, total, warm = timed["seconds"], timed["run_seconds"], timed["warmup_seconds"]
@@ -525,6 +602,7 @@ def run_row(index: int, spec: dict, session: Session) -> dict:
                 "warmup_steps": warmup,
                 "warmup_seconds": warm,  # includes compilation and graph capture
                 "run_seconds": total,
+                **sizes,
             }
             row.update(sdxl_flops(trainer, setting, rate, session))
         else:
@@ -539,6 +617,7 @@ def run_row(index: int, spec: dict, session: Session) -> dict:
                 "warmup_steps": warmup,
                 "warmup_seconds": warm,
                 "run_seconds": total,
+                **sizes,
             }
     except Exception as error:  # an OOM or a compile failure ends this row, not the benchmark
         row = {**setting, "error": f"{type(error).__name__}: {str(error)[:300]}"}
@@ -552,6 +631,7 @@ def run_row(index: int, spec: dict, session: Session) -> dict:
         else:  # the trainer failed while being built, perhaps after adding its LoRA to the shared model
             remove_leftover_adapters(base.denoiser, *base.text_encoders)
         configure_compile(base.denoiser, "none", "default")
+        set_sdpa_backend("auto")
         del trainer
         training.loop.disable_input_dtype_casting = disable_input_dtype_casting
         if sdxl:
@@ -567,10 +647,17 @@ def run_row(index: int, spec: dict, session: Session) -> dict:
     return row
 
 
+def network_size(trainer: Trainer) -> dict[str, int]:
+    """The network's trainable parameters and the size of its file saved in bf16 (2 bytes a number)."""
+    params = sum(p.numel() for p in trainer.network.parameters())
+    numbers = sum(t.numel() for t in trainer.network.kohya_state_dict().values())
+    return {"trainable_params": params, "file_bytes_bf16": 2 * numbers}
+
+
 def sdxl_flops(trainer: Trainer, setting: dict, rate: float, session: Session) -> dict:
     """FLOPs per image (counted once per rank, latents and text-cache setting) and the MFU of the UNet's
     LoRA forward + backward, the issue's measure. Counted after training: a filled cache is not counted."""
-    key = (setting["rank"], setting["cache_latents"], setting["text_cache"])
+    key = (setting["network"], setting["rank"], setting["conv_dim"], setting["cache_latents"], setting["text_cache"])
     if key not in session.flops:
         try:
             session.flops[key] = count_step_flops(trainer)
@@ -578,7 +665,8 @@ def sdxl_flops(trainer: Trainer, setting: dict, rate: float, session: Session) -
             return {"flop_error": f"{type(error).__name__}: {str(error)[:200]}", "mfu": float("nan")}
         unet = session.flops[key]["unet"] / 1e12
         print(
-            f"counted: UNet LoRA forward + backward (rank {setting['rank']}) {unet:.4g} TFLOP per image at "
+            f"counted: UNet {setting['network']} forward + backward (rank {setting['rank']}) {unet:.4g} TFLOP per "
+            f"image at "
             f"{session.resolution} px (issue 16: {ISSUE_TFLOP_PER_IMAGE} at 1024 px); whole step "
             f"{session.flops[key]['total'] / 1e12:.4g} (latents {setting['cache_latents']}, text cache "
             f"{'on' if setting['text_cache'] else 'off'})",
@@ -720,18 +808,31 @@ def main() -> None:
         print_sd15_table(rows)
 
 
+def network_cell(r: dict) -> str:
+    """The network type, rank and conv rank of a row: ``lora 4``, ``locon 8/8``."""
+    return f"{r['network']} {r['rank']}" + (f"/{r['conv_dim']}" if r.get("conv_dim") else "")
+
+
+def params_cell(r: dict) -> str:
+    return f"{r['trainable_params'] / 1e6:.2f}M" if "trainable_params" in r else ""
+
+
 def print_sd15_table(rows: list[dict]) -> None:
-    header = "| batch | rank | latents | workers | compile | channels-last | CUDA graphs | peft cast | img/s | it/s |"
+    header = (
+        "| batch | network | latents | workers | compile | SDPA | channels-last | CUDA graphs | peft cast "
+        "| params | img/s | it/s |"
+    )
     print("\n" + header + " peak GiB | MFU | warm-up s |")
-    print("|---" * 13 + "|")
+    print("|---" * 15 + "|")
     for r in rows:
         head = (
-            f"| {r['batch']} | {r['rank']} | {r['cache_latents']} | {r['workers']} | {r['compile']} | "
-            f"{'on' if r['channels_last'] else 'off'} | {'on' if r['cuda_graphs'] else 'off'} | "
-            f"{'on' if r['peft_input_cast'] else 'off'} |"
+            f"| {r['batch']} | {network_cell(r)} | {r['cache_latents']} | {r['workers']} | {r['compile']} | "
+            f"{r['sdpa_backend']} | {'on' if r['channels_last'] else 'off'} | {'on' if r['cuda_graphs'] else 'off'} | "
+            f"{'on' if r['peft_input_cast'] else 'off'} | {params_cell(r)} |"
         )
-        if "error" in r:
-            print(f"{head} {r['error'][:60]} | | | | |")
+        if "skipped" in r or "error" in r:
+            text = f"skipped: {r['skipped']}" if "skipped" in r else r["error"]
+            print(f"{head} {text[:60]} | | | | |")
         else:
             print(
                 f"{head} {r['images_per_s']:.1f} | {r['steps_per_s']:.1f} | {r['peak_gib']:.1f} | "
@@ -745,19 +846,20 @@ def print_sdxl_table(rows: list[dict], session: Session) -> None:
 
     counts = {k: float(f"{v['unet'] / 1e12:.4g}") for k, v in session.flops.items()}
     print(
-        f"\nSDXL at {session.resolution} px; UNet LoRA forward + backward per image (TFLOP) by (rank, latents, "
-        f"text cache): {counts} (issue 16: {ISSUE_TFLOP_PER_IMAGE}); MFU against {session.peak:.0f} TFLOP/s"
+        f"\nSDXL at {session.resolution} px; UNet LoRA forward + backward per image (TFLOP) by (network, rank, "
+        f"conv rank, latents, text cache): {counts} (issue 16: {ISSUE_TFLOP_PER_IMAGE}); MFU against "
+        f"{session.peak:.0f} TFLOP/s"
     )
     print(
-        "| row | batch | rank | latents | text cache | VAE | compile | channels-last | CUDA graphs | checkpointing "
-        "| img/s | it/s | peak GiB | MFU | warm-up s |"
+        "| row | batch | network | latents | text cache | VAE | compile | SDPA | channels-last | CUDA graphs "
+        "| checkpointing | params | img/s | it/s | peak GiB | MFU | warm-up s |"
     )
-    print("|---" * 15 + "|")
+    print("|---" * 17 + "|")
     for r in rows:
         head = (
-            f"| {r['row']} | {r['batch']} | {r['rank']} | {r['cache_latents']} | {on(r['text_cache'])} | "
-            f"{r['vae_precision']} | {r['compile']} | {on(r['channels_last'])} | {on(r['cuda_graphs'])} | "
-            f"{on(r['grad_checkpointing'])} |"
+            f"| {r['row']} | {r['batch']} | {network_cell(r)} | {r['cache_latents']} | {on(r['text_cache'])} | "
+            f"{r['vae_precision']} | {r['compile']} | {r['sdpa_backend']} | {on(r['channels_last'])} | "
+            f"{on(r['cuda_graphs'])} | {on(r['grad_checkpointing'])} | {params_cell(r)} |"
         )
         if "skipped" in r or "error" in r:
             text = f"skipped: {r['skipped']}" if "skipped" in r else r["error"]

@@ -135,7 +135,7 @@ def test_kohya_report_lists_every_unmapped_option_with_a_reason():
     assert "additional_network_arguments.network_dim -> network.dim = 32" in report
     assert "optimizer_arguments.optimizer_type -> optimizer=adamw" in report
     # networks.lora with conv_dim is kohya's LoRA-C3Lier: a LoCon
-    assert "additional_network_arguments.network_module -> network.type = \"locon\"" in report
+    assert 'additional_network_arguments.network_module -> network.type = "locon"' in report
     assert "additional_network_arguments.network_args.conv_dim -> network.conv_dim = 4" in report
 
 

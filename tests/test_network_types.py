@@ -134,12 +134,16 @@ def test_dora_is_a_learned_magnitude_times_the_normalised_direction():
 
 
 def tool_delta(tensors: dict[str, torch.Tensor], name: str, weight: torch.Tensor) -> torch.Tensor:
-    """The change to ``weight`` that A1111's Lora extension / ComfyUI make of module ``name`` of a file.
+    """The change to ``weight`` that the tools make of module ``name`` of a file.
 
     LoRA/LoCon: up · down (a 3x3 down through its flattened kernel), scale alpha / down's rank.
     LoHa: (w1_a · w1_b) ⊙ (w2_a · w2_b), scale alpha / w1_b's rank. LoKr: kron(w1, w2), each factor
-    whole or a product, scale alpha / the rank of w1_b or else w2_b, and 1 when neither exists.
-    DoRA: the LoRA's merged weight, its rows rescaled to ``dora_scale`` (out, 1).
+    whole or a product, scale alpha / the rank of w2_b, else of w1_b, and 1 when neither exists
+    (A1111's ``network_lokr.py`` and ComfyUI's ``weight_adapter/lokr.py`` both). DoRA: the LoRA's
+    merged weight W + ΔW with each output row rescaled to ``dora_scale`` (out, 1) over its own norm,
+    LyCORIS' ``wd_on_output`` decomposition (its kohya wrapper's default). Of the loaders, ComfyUI
+    picks that axis by the shape but divides by the base weight's row norm (an open fix:
+    Comfy-Org/ComfyUI#15458), and A1111's mainline reads only the input axis: README, "Network types".
     """
     get = tensors.get
     if f"{name}.lora_down.weight" in tensors:
@@ -159,7 +163,7 @@ def tool_delta(tensors: dict[str, torch.Tensor], name: str, weight: torch.Tensor
             w2 = tensors[f"{name}.lokr_w2_a"] @ tensors[f"{name}.lokr_w2_b"]
             w2 = w2.reshape(w2.shape[0], -1, *weight.shape[2:])
         product = torch.kron(w1.reshape(*w1.shape, *[1] * (weight.dim() - 2)), w2)
-        rank_tensor = get(f"{name}.lokr_w1_b", get(f"{name}.lokr_w2_b"))
+        rank_tensor = get(f"{name}.lokr_w2_b", get(f"{name}.lokr_w1_b"))
         rank = None if rank_tensor is None else rank_tensor.shape[0]
     scale = float(tensors[f"{name}.alpha"]) / rank if rank is not None else 1.0
     delta = product.reshape(weight.shape) * scale

@@ -51,6 +51,7 @@ from training.speed.attention import configure_gradient_checkpointing, configure
 from training.speed.compile import configure_compile
 from training.speed.cuda_graph import GraphedDenoiser, cuda_graph_problems
 from training.speed.memory import release_accelerator_memory
+from training.speed.sdpa_backend import configure_sdpa_backend
 from training.text.captions import transform_caption, with_trigger
 from training.text.embedding import TrainedEmbedding, add_embedding
 
@@ -210,6 +211,7 @@ class Trainer:
         """The denoiser's attention kernel, and what CUDA graphs need, checked before LoRA layers exist."""
         cfg, base, train = self.cfg, self.base, self.cfg.train
         self.family.configure_attention(base.denoiser, cfg.model.attention, self.device)
+        configure_sdpa_backend(cfg.model.sdpa_backend, cfg.model.attention, self.device)
         if problems := cuda_graph_problems(  # before LoRA layers are added to the shared base model
             train.cuda_graphs,
             grad_accum_steps=train.grad_accum_steps,

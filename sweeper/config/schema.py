@@ -35,6 +35,7 @@ class ModelConfig:
     vae: str | None = None  # replacement VAE (diffusers folder or .safetensors); not saved in the LoRA
     clip_skip: int = 1  # use hidden_states[-n] + final layer norm; 1 = last layer (A1111 convention)
     attention: str = "sdpa"  # sdpa | xformers | eager
+    sdpa_backend: str = "auto"  # auto | flash | cudnn | efficient | math: SDPA kernels allowed (with attention=sdpa)
     gradient_checkpointing: bool = False
     channels_last: bool = True  # on a GPU, keep the UNet's conv weights channels-last (cuDNN's fast layout)
     t5: bool = True  # SD3: load and use the T5 encoder (false: SD3 without T5, zeros in its place); FLUX needs it
@@ -241,7 +242,7 @@ class TrainConfig:
     save_every_n_epochs: int = 0
     save_state: bool = False  # also save the full training state (resumable) with each save
     resume: str | None = None  # a saved state folder to continue from exactly
-    compile: str = "none"  # none | blocks (torch.compile the UNet's repeated transformer blocks)
+    compile: str = "none"  # none | blocks (the UNet's repeated transformer blocks) | denoiser (all of it; CUDA)
     compile_mode: str = "default"  # torch.compile mode: default | reduce-overhead | max-autotune-no-cudagraphs
     cuda_graphs: bool = False  # replay the UNet's forward+backward as CUDA graphs (GPU; one capture per bucket)
 

@@ -27,7 +27,7 @@ from training.network.types import NETWORK_TYPES, OPTION_OFF, TYPE_OPTIONS
 from training.objective.flow_options import flow_problems
 from training.optim_options import optimizer_problems, scheduler_problems
 from training.output_dir import estimated_lora_bytes, output_dir_problems
-from training.speed.attention_options import attention_problem
+from training.speed.attention_options import attention_problem, sdpa_backend_problem
 from training.speed.compile_options import compile_problems
 from training.state_files import resume_problem
 from training.text.encoding_options import max_token_length_problem
@@ -111,7 +111,7 @@ def _config_and_data_problems(cfg: Any) -> tuple[list[str], Validated]:
     expected = estimated_lora_bytes(cfg.network.dim, cfg.model.source, cfg.output.precision)
     problems += output_dir_problems(cfg.output, expected)
     problems += incompatible_with_cache(cfg.data)
-    problems += compile_problems(cfg.train.compile, cfg.train.compile_mode)
+    problems += compile_problems(cfg.train.compile, cfg.train.compile_mode, cuda=CudaHere())
     problems += _machine_problems(cfg)
     scan = _scan(cfg, cfg.data.train_dir, "data.train_dir")
     problems += scan.problems
@@ -137,6 +137,8 @@ def _machine_problems(cfg: Any) -> list[str]:
     problems = optimizer_problems(cfg.optimizer, cuda)
     problems += scheduler_problems(cfg.scheduler, cfg.train.max_steps, cfg.eval.every_n_steps)
     if problem := attention_problem(cfg.model.attention, cuda):
+        problems.append(problem)
+    if problem := sdpa_backend_problem(cfg.model.sdpa_backend, cfg.model.attention, cuda):
         problems.append(problem)
     return problems
 

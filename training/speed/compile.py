@@ -1,15 +1,19 @@
-"""``train.compile``: torch.compile the UNet's repeated transformer blocks (regional compilation).
+"""``train.compile``: torch.compile the UNet's repeated transformer blocks, or the whole denoiser.
 
 On a GPU a LoRA step at small batch is bound by the host dispatching thousands of small kernels;
 compiling fuses them, and ``train.compile_mode=reduce-overhead`` also replays them as CUDA graphs.
-We compile the blocks diffusers marks as repeated (``UNet2DConditionModel._repeated_blocks``,
-through ``ModelMixin.compile_repeated_blocks``), not the whole UNet:
 
-- one compiled graph serves every block of the same shape, so compilation takes seconds, not minutes;
-- compiling the whole peft-adapted UNet with Inductor gave wrong LoRA gradients on the CPU
-  (torch 2.13: to_v / to_out LoRA gradients of some blocks differed from eager while the forward
-  matched; ``backend="aot_eager"`` and per-block compilation matched eager). The tests check that
-  a compiled step's gradients equal the eager ones.
+``blocks`` (regional compilation) compiles the blocks diffusers marks as repeated
+(``UNet2DConditionModel._repeated_blocks``, through ``ModelMixin.compile_repeated_blocks``): one
+compiled graph serves every block of the same shape, so compilation takes seconds, not minutes.
+
+``denoiser`` compiles the whole peft-adapted UNet / transformer (``nn.Module.compile``): Inductor
+sees the convolutions, norms and the LoRA layers between the blocks too, at the price of a longer
+compilation, and a new one for every trial (new LoRA weights). It is offered on CUDA only:
+compiling the whole peft-adapted UNet with Inductor gave wrong LoRA gradients on the CPU (torch
+2.13: to_v / to_out LoRA gradients of some blocks differed from eager while the forward matched;
+``backend="aot_eager"`` and per-block compilation matched eager). The tests check that a compiled
+step's gradients equal the eager ones (the whole-denoiser check runs where a GPU is).
 
 Like attention and checkpointing, the setting is applied on every run in both directions: a worker
 reuses its base model across trials, so a trial with ``compile=none`` must undo an earlier one.
@@ -31,14 +35,23 @@ def repeated_blocks(unet: Any) -> list[torch.nn.Module]:
 
 
 def configure_compile(unet: Any, kind: str, mode: str) -> int:
-    """Compile (``blocks``) or un-compile (``none``) the UNet's repeated blocks; returns how many are compiled."""
-    if problems := compile_problems(kind, mode):
+    """Compile the repeated blocks (``blocks``) or the whole denoiser (``denoiser``), or neither (``none``).
+
+    Returns how many modules are compiled (blocks, or 1 for the denoiser). Whatever an earlier trial
+    compiled is undone first, so switching kinds on a shared base model never leaves both.
+    """
+    on_cuda = next(unet.parameters()).device.type == "cuda"
+    if problems := compile_problems(kind, mode, cuda=on_cuda):
         raise ValueError("; ".join(problems))
     blocks = repeated_blocks(unet)
+    unet._compiled_call_impl = None  # what nn.Module.compile sets; None restores eager calls
+    for block in blocks:
+        block._compiled_call_impl = None
     if kind == "none":
-        for block in blocks:
-            block._compiled_call_impl = None  # what nn.Module.compile sets; None restores eager calls
         return 0
+    if kind == "denoiser":
+        unet.compile(mode=mode)
+        return 1
     if not blocks:
         raise ValueError(
             f"train.compile=blocks: {type(unet).__name__} marks no repeated blocks (_repeated_blocks); "

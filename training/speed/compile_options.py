@@ -2,15 +2,27 @@
 
 from __future__ import annotations
 
-COMPILE_KINDS = ("none", "blocks")
+COMPILE_KINDS = ("none", "blocks", "denoiser")
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
+# whole-denoiser compilation runs only where its LoRA gradients were checked against eager ones
+DENOISER_ON_CPU = (
+    "train.compile=denoiser needs a CUDA GPU: on the CPU (torch 2.13, Inductor) the compiled whole UNet "
+    "gave wrong LoRA gradients; use train.compile=blocks (the repeated blocks, checked equal to eager) "
+    "or train.compile=none"
+)
 
 
-def compile_problems(kind: str, mode: str) -> list[str]:
-    """Why ``train.compile`` / ``train.compile_mode`` are unusable, for startup validation."""
+def compile_problems(kind: str, mode: str, cuda: object = None) -> list[str]:
+    """Why ``train.compile`` / ``train.compile_mode`` are unusable, for startup validation.
+
+    ``cuda``: truthy when training runs on a CUDA GPU (the startup check passes its lazy ``CudaHere``,
+    asked only for ``train.compile=denoiser``); None: not known, not checked.
+    """
     problems = []
     if kind not in COMPILE_KINDS:
         problems.append(f"train.compile must be one of {', '.join(COMPILE_KINDS)} (got {kind!r})")
     if mode not in COMPILE_MODES:
         problems.append(f"train.compile_mode must be one of {', '.join(COMPILE_MODES)} (got {mode!r})")
+    if kind == "denoiser" and cuda is not None and not cuda:
+        problems.append(DENOISER_ON_CPU)
     return problems

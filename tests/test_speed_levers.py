@@ -1,0 +1,163 @@
+"""Issue 27's speed levers are options beside the paths without them: whole-denoiser compilation
+(``train.compile=denoiser``, CUDA only: on the CPU its LoRA gradients were wrong) and the SDPA kernel
+choice (``model.sdpa_backend``)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from sweeper.config.validate import ConfigError, validate
+from training.families.loading import BaseModel
+from training.families.tiny_sd import build_tiny_pipeline
+from training.network.lora import add_lora
+from training.speed.attention_options import SDPA_BACKENDS, sdpa_backend_problem
+from training.speed.compile import configure_compile, repeated_blocks
+from training.speed.compile_options import compile_problems
+from training.speed.sdpa_backend import TORCH_DEFAULTS, configure_sdpa_backend, sdpa_switches, set_sdpa_backend
+
+
+def tiny_lora_unet(make_cfg, device: str = "cpu") -> torch.nn.Module:
+    """The tiny SD1 UNet with a LoRA whose every tensor gets a gradient (lora_B is not left at zero)."""
+    pipe = build_tiny_pipeline()
+    unet = pipe.unet.requires_grad_(False).to(device)
+    base = BaseModel(unet, pipe.vae, [pipe.text_encoder], [pipe.tokenizer], pipe.scheduler, "in-memory")
+    add_lora(base, make_cfg().network, 1e-3)
+    with torch.no_grad():
+        for name, param in unet.named_parameters():
+            if "lora_B" in name:
+                param.normal_(0, 0.1, generator=torch.Generator(device).manual_seed(1))
+    return unet
+
+
+def lora_gradients(unet: torch.nn.Module, device: str) -> dict[str, torch.Tensor]:
+    generator = torch.Generator().manual_seed(0)
+    sample = torch.randn(2, 4, 16, 16, generator=generator).to(device)
+    context = torch.randn(2, 77, 32, generator=generator).to(device)
+    unet.zero_grad(set_to_none=True)
+    unet(sample, torch.tensor([10, 600], device=device), context).sample.pow(2).mean().backward()
+    return {n: p.grad.clone() for n, p in unet.named_parameters() if p.requires_grad}
+
+
+# --- train.compile=denoiser
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal a CPU-only machine gives")
+def test_denoiser_compile_is_refused_on_a_cpu_naming_the_key_and_the_fix(make_cfg):
+    """On the CPU (torch 2.13) the compiled whole UNet's forward matched eager but half of the tiny
+    model's LoRA gradients differed (all of down_blocks.0 and the mid block): refused, not hidden."""
+    with pytest.raises(ConfigError) as error:
+        validate(make_cfg("train.compile=denoiser"))
+    assert "train.compile=denoiser needs a CUDA GPU" in str(error.value)
+    assert "use train.compile=blocks" in str(error.value)
+    unet = build_tiny_pipeline().unet
+    with pytest.raises(ValueError, match=r"train\.compile=denoiser needs a CUDA GPU.*train\.compile=blocks"):
+        configure_compile(unet, "denoiser", "default")
+    assert unet._compiled_call_impl is None
+
+
+def test_denoiser_compile_passes_the_light_check_where_cuda_is():
+    assert compile_problems("denoiser", "default", cuda=True) == []
+    assert compile_problems("denoiser", "default", cuda=False) != []
+    assert "none, blocks, denoiser" in compile_problems("whole", "default", cuda=True)[0]
+
+
+def test_compile_none_undoes_a_compiled_denoiser_and_blocks():
+    """A worker's next trial runs eagerly: ``none`` clears what ``denoiser`` or ``blocks`` set
+    (torch.compile is lazy: nothing compiles until a call, so this is quick on the CPU)."""
+    unet = build_tiny_pipeline().unet
+    unet.compile()
+    for block in repeated_blocks(unet):
+        block.compile()
+    assert unet._compiled_call_impl is not None
+    assert configure_compile(unet, "none", "default") == 0
+    assert unet._compiled_call_impl is None
+    assert all(block._compiled_call_impl is None for block in repeated_blocks(unet))
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="train.compile=denoiser is CUDA only (wrong on the CPU)")
+def test_compiled_denoiser_gives_the_eager_gradients_on_cuda(make_cfg):
+    """The check the CPU failed, on the GPU: fp32 and TF32 off, so eager and Inductor differ only by
+    reassociation; the CPU failure was of the order of the gradients themselves."""
+    tf32 = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
+    try:
+        unet = tiny_lora_unet(make_cfg, "cuda")
+        eager = lora_gradients(unet, "cuda")
+        assert configure_compile(unet, "denoiser", "default") == 1
+        assert unet._compiled_call_impl is not None
+        compiled = lora_gradients(unet, "cuda")
+        assert eager.keys() == compiled.keys() and len(eager) > 0
+        for name in eager:
+            torch.testing.assert_close(compiled[name], eager[name], rtol=1e-3, atol=1e-5, msg=name)
+        configure_compile(unet, "none", "default")
+        assert unet._compiled_call_impl is None
+    finally:
+        torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = tf32
+
+
+# --- model.sdpa_backend
+def test_sdpa_backend_switches_are_set_and_restored_by_auto():
+    try:
+        assert configure_sdpa_backend("flash", "sdpa", "cpu") == {
+            "flash": True,
+            "efficient": False,
+            "cudnn": False,
+            "math": True,  # the fallback for attention the chosen kernel cannot run
+        }
+        assert torch.backends.cuda.flash_sdp_enabled() and not torch.backends.cuda.mem_efficient_sdp_enabled()
+        assert not torch.backends.cuda.cudnn_sdp_enabled() and torch.backends.cuda.math_sdp_enabled()
+        configure_sdpa_backend("math", "sdpa", "cpu")
+        assert sdpa_switches() == {"flash": False, "efficient": False, "cudnn": False, "math": True}
+        set_sdpa_backend("cudnn")  # a CUDA-only choice: the switches alone, without the device check
+        assert torch.backends.cuda.cudnn_sdp_enabled() and not torch.backends.cuda.flash_sdp_enabled()
+        configure_sdpa_backend("auto", "sdpa", "cpu")
+        assert sdpa_switches() == TORCH_DEFAULTS
+        assert torch.backends.cuda.flash_sdp_enabled() and torch.backends.cuda.mem_efficient_sdp_enabled()
+    finally:
+        set_sdpa_backend("auto")
+
+
+def test_sdpa_backend_runs_attention_on_the_cpu_with_flash_and_math():
+    q = torch.randn(1, 2, 8, 16)
+    reference = torch.nn.functional.scaled_dot_product_attention(q, q, q)
+    try:
+        for backend in ("flash", "math"):
+            configure_sdpa_backend(backend, "sdpa", "cpu")
+            out = torch.nn.functional.scaled_dot_product_attention(q, q, q)
+            torch.testing.assert_close(out, reference, rtol=1e-5, atol=1e-5)
+    finally:
+        set_sdpa_backend("auto")
+
+
+@pytest.mark.parametrize(
+    ("backend", "attention", "cuda", "expected"),
+    [
+        ("fast", "sdpa", True, "model.sdpa_backend: unknown backend 'fast'; use one of auto, flash"),
+        ("flash", "eager", True, "model.attention=eager does not use; set model.attention=sdpa"),
+        ("cudnn", "xformers", True, "set model.attention=sdpa or model.sdpa_backend=auto"),
+        ("cudnn", "sdpa", False, "model.sdpa_backend=cudnn needs a CUDA GPU"),
+        ("efficient", "sdpa", False, "model.sdpa_backend=efficient needs a CUDA GPU"),
+    ],
+)
+def test_sdpa_backend_problems_name_the_key_and_the_fix(backend, attention, cuda, expected):
+    problem = sdpa_backend_problem(backend, attention, cuda)
+    assert problem is not None and expected in problem
+
+
+def test_sdpa_backends_that_run_here_pass():
+    assert all(sdpa_backend_problem(b, "sdpa", True) is None for b in SDPA_BACKENDS)
+    assert sdpa_backend_problem("auto", "eager", False) is None  # auto is every attention kind's default
+    assert sdpa_backend_problem("flash", "sdpa", False) is None
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal a CPU-only machine gives")
+def test_configure_sdpa_backend_refuses_a_cuda_only_kernel_on_the_cpu():
+    before = sdpa_switches()
+    with pytest.raises(RuntimeError, match=r"model\.sdpa_backend=cudnn needs a CUDA GPU"):
+        configure_sdpa_backend("cudnn", "sdpa", "cpu")
+    assert sdpa_switches() == before  # nothing was switched
+
+
+def test_unknown_sdpa_backend_fails_startup_validation(make_cfg):
+    with pytest.raises(ConfigError, match=r"model\.sdpa_backend"):
+        validate(make_cfg("model.sdpa_backend=fast"))
