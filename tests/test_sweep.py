@@ -289,3 +289,21 @@ def test_the_fidelity_vs_alignment_preset_is_a_two_objective_study(tmp_path):
     assert done.returncode == 0, done.stderr[-3000:]
     assert re.search(r"objective:\s*\n\s*- clip_i\s*\n\s*- clip_t", done.stdout), done.stdout
     assert "network.dim: 4,8,16" in done.stdout
+
+
+def test_the_network_type_preset_searches_each_types_learning_rate_in_its_own_range(tmp_path):
+    from omegaconf import OmegaConf
+
+    from tests.test_sweep_faults import study_of
+
+    preset = OmegaConf.load(Path(__file__).resolve().parent.parent / "conf" / "search" / "network_type.yaml")
+    ranges = preset.conditional["network.type"]["optimizer.lr"]
+    done = run_main("-m", "+search=network_type", "hydra.sweeper.n_trials=4", "train.max_steps=2", cwd=tmp_path)
+    assert done.returncode == 0, done.stderr[-3000:]
+    trials = study_of(tmp_path).get_trials()
+    assert len(trials) == 4
+    for trial in trials:
+        low, high = (float(x) for x in re.findall(r"[\d.e-]+", ranges[trial.params["network.type"]])[-2:])
+        assert low <= trial.params["optimizer.lr"] <= high, trial.params
+    header = next(line for line in done.stdout.splitlines() if line.startswith("number"))
+    assert header.split()[2:5] == ["network.type", "network.dim", "optimizer.lr"]

@@ -62,6 +62,9 @@ class SweepSummary:
         }
         for key, distribution in self.space.distributions.items():
             params[f"sweep.space.{key}"] = _describe(distribution)
+        for key, (parent, table) in self.space.conditional.items():
+            branches = "; ".join(f"{parent}={value}: {_describe(d)}" for value, d in table.items())
+            params[f"sweep.space.{key}"] = f"by {parent}: {branches}"[:500]  # MLflow caps a param at 6000 chars
         return params
 
     def parent_tags(self, options: Any) -> dict[str, str]:
@@ -149,7 +152,7 @@ class SweepSummary:
 
     def csv_text(self) -> str:
         rows = self.rows()
-        columns = ["number", "state", *self.space.distributions, *self.objectives, "interval", "seeds", "vs_best"]
+        columns = ["number", "state", *self.space.keys, *self.objectives, "interval", "seeds", "vs_best"]
         columns.append("p_vs_best")
         columns += ["mlflow_run_id", "error"]
         buffer = io.StringIO()
@@ -164,7 +167,7 @@ def print_summary(summary: SweepSummary) -> None:
     and whether they were re-run (a killed trial's re-run is another trial with the same params)."""
     shown = (TrialState.COMPLETE, TrialState.PRUNED, TrialState.RUNNING, TrialState.WAITING)
     rows = summary.rows(shown)
-    columns = ["number", "state", *summary.space.distributions, *summary.objectives, "interval", "seeds", "vs_best"]
+    columns = ["number", "state", *summary.space.keys, *summary.objectives, "interval", "seeds", "vs_best"]
     columns.append("p_vs_best")
     columns.append("mlflow_run_id")
     widths = {c: max([len(c)] + [len(str(r.get(c, ""))) for r in rows]) for c in columns}

@@ -47,6 +47,11 @@ class SearchSpace:
             bool(self.distributions) and not self.conditional and self.grid_values.keys() == self.distributions.keys()
         )
 
+    @property
+    def keys(self) -> list[str]:
+        """Every searched key: the swept ones, then the conditional ones."""
+        return [*self.distributions, *self.conditional]
+
     def conditional_distributions(self, params: dict[str, Any]) -> dict[str, BaseDistribution]:
         """The conditional dimensions' distributions given the trial's other values, in order."""
         return {key: table[params[parent]] for key, (parent, table) in self.conditional.items()}
