@@ -312,3 +312,38 @@ def test_network_type_options_are_refused_where_the_type_has_none_naming_the_key
         validate(make_cfg("model.kind=sd3", "network.type=locon"))
     for options in TYPES.values():
         validate(make_cfg(*options))  # each type with its own options is fine
+
+
+@pytest.mark.parametrize("network_type", list(TYPES))
+def test_which_types_diffusers_load_lora_weights_takes_and_what_it_makes_of_them(make_cfg, network_type):
+    """diffusers' kohya converter (0.42) takes LoRA and LoCon files and gives the trained adapter's outputs;
+    it takes a DoRA file's LoRA part without its magnitudes (other outputs), and refuses LoHa and LoKr keys
+    (README, "Network types": which tools load which type)."""
+    from training.families.tiny_sd import build_tiny_pipeline
+
+    cfg = make_cfg(*TYPES[network_type])
+    base = load_base_model(cfg.model)
+    network = add_lora(base, cfg.network, 1e-4)
+    try:
+        for part in network.adapted():
+            _randomise(part.model)
+        tensors, expected = network.kohya_state_dict(), _probe(base)
+    finally:
+        remove_lora(network)
+    pipe = build_tiny_pipeline()
+    pipe.unet.load_state_dict(base.denoiser.state_dict())  # the same base weights as the run's
+    if network_type in ("loha", "lokr"):
+        with pytest.raises(ValueError, match="have not been correctly renamed"):
+            pipe.load_lora_weights(dict(tensors))
+        return
+    pipe.load_lora_weights(dict(tensors))
+    base.denoiser, original = pipe.unet, base.denoiser
+    try:
+        loaded = _probe(base)
+    finally:
+        base.denoiser = original
+    if network_type == "dora":
+        assert not any("magnitude" in name for name in pipe.unet.state_dict()), "dora_scale is dropped"
+        assert not torch.allclose(loaded, expected, rtol=1e-3, atol=1e-3)
+    else:
+        torch.testing.assert_close(loaded, expected, rtol=1e-4, atol=1e-5)
