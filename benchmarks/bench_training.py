@@ -817,6 +817,18 @@ def params_cell(r: dict) -> str:
     return f"{r['trainable_params'] / 1e6:.2f}M" if "trainable_params" in r else ""
 
 
+def print_measured(head: str, r: dict, *, digits: int, width: int) -> None:
+    """A table row: its settings (``head``), then what it measured, or why it has no numbers."""
+    if "skipped" in r or "error" in r:
+        text = f"skipped: {r['skipped']}" if "skipped" in r else r["error"]
+        print(f"{head} {text[:width]} | | | | |")
+        return
+    print(
+        f"{head} {r['images_per_s']:.{digits}f} | {r['steps_per_s']:.{digits}f} | {r['peak_gib']:.1f} | "
+        f"{r['mfu']:.1%} | {r['warmup_seconds']:.0f} |"
+    )
+
+
 def print_sd15_table(rows: list[dict]) -> None:
     header = (
         "| batch | network | latents | workers | compile | SDPA | channels-last | CUDA graphs | peft cast "
@@ -830,14 +842,7 @@ def print_sd15_table(rows: list[dict]) -> None:
             f"{r['sdpa_backend']} | {'on' if r['channels_last'] else 'off'} | {'on' if r['cuda_graphs'] else 'off'} | "
             f"{'on' if r['peft_input_cast'] else 'off'} | {params_cell(r)} |"
         )
-        if "skipped" in r or "error" in r:
-            text = f"skipped: {r['skipped']}" if "skipped" in r else r["error"]
-            print(f"{head} {text[:60]} | | | | |")
-        else:
-            print(
-                f"{head} {r['images_per_s']:.1f} | {r['steps_per_s']:.1f} | {r['peak_gib']:.1f} | "
-                f"{r['mfu']:.1%} | {r['warmup_seconds']:.0f} |"
-            )
+        print_measured(head, r, digits=1, width=60)
 
 
 def print_sdxl_table(rows: list[dict], session: Session) -> None:
@@ -861,14 +866,7 @@ def print_sdxl_table(rows: list[dict], session: Session) -> None:
             f"{r['vae_precision']} | {r['compile']} | {r['sdpa_backend']} | {on(r['channels_last'])} | "
             f"{on(r['cuda_graphs'])} | {on(r['grad_checkpointing'])} | {params_cell(r)} |"
         )
-        if "skipped" in r or "error" in r:
-            text = f"skipped: {r['skipped']}" if "skipped" in r else r["error"]
-            print(f"{head} {text[:90]} | | | | |")
-        else:
-            print(
-                f"{head} {r['images_per_s']:.2f} | {r['steps_per_s']:.2f} | {r['peak_gib']:.1f} | "
-                f"{r['mfu']:.1%} | {r['warmup_seconds']:.0f} |"
-            )
+        print_measured(head, r, digits=2, width=90)
 
 
 if __name__ == "__main__":
