@@ -11,6 +11,7 @@ from safetensors.torch import load_file
 from sweeper.config.validate import ConfigError, validate
 from sweeper.run.setting import run
 from sweeper.tracking.tracker import NullTracker
+from tests.test_network_types import TYPES
 from tests.test_training import FAMILIES
 from training.checkpoint import load_training_state
 from training.data.scan import scan_dataset
@@ -106,10 +107,14 @@ def test_regularisation_images_are_weighted(make_cfg, tmp_path):
     assert losses[0.0] == 0.0 and losses[1.0] > 0.0
 
 
-@pytest.mark.parametrize("family", FAMILIES)
-def test_resume_from_a_saved_state_equals_an_uninterrupted_run(make_cfg, tmp_path, family):
+@pytest.mark.parametrize(
+    ("family", "network"),
+    [*((family, "lora") for family in FAMILIES), *(("sd1", t) for t in ("locon", "loha", "lokr", "dora"))],
+)
+def test_resume_from_a_saved_state_equals_an_uninterrupted_run(make_cfg, tmp_path, family, network):
     options = [
         *FAMILIES[family],
+        *(TYPES[network] if network != "lora" else []),
         "train.max_steps=8",
         "train.batch_size=2",
         "train.grad_accum_steps=2",

@@ -298,7 +298,9 @@ def test_the_network_type_preset_searches_each_types_learning_rate_in_its_own_ra
 
     preset = OmegaConf.load(Path(__file__).resolve().parent.parent / "conf" / "search" / "network_type.yaml")
     ranges = preset.conditional["network.type"]["optimizer.lr"]
-    done = run_main("-m", "+search=network_type", "hydra.sweeper.n_trials=4", "train.max_steps=2", cwd=tmp_path)
+    done = run_main(
+        "-m", "+search=network_type", "+debug=fast", "hydra.sweeper.n_trials=4", "train.max_steps=2", cwd=tmp_path
+    )
     assert done.returncode == 0, done.stderr[-3000:]
     trials = study_of(tmp_path).get_trials()
     assert len(trials) == 4
