@@ -188,7 +188,11 @@ def applied_delta(layer: BaseTunerLayer) -> torch.Tensor:
 
 @pytest.mark.parametrize(
     ("network_type", "family"),
-    [*((t, "sd1") for t in TYPES), ("locon", "sdxl"), ("lokr", "sdxl"), ("dora", "sdxl"), ("loha", "sdxl")],
+    [
+        *((t, "sd1") for t in TYPES),
+        *((t, "sdxl") for t in ("locon", "lokr", "dora", "loha")),
+        *((t, family) for t in ("lora", "dora") for family in ("sd3", "flux")),  # fused q/k/v layers
+    ],
 )
 def test_the_file_gives_the_tools_the_weight_the_adapter_applies_for_every_module(make_cfg, network_type, family):
     cfg = make_cfg(*FAMILIES[family], *TYPES[network_type], "network.train_text_encoder=true")
@@ -200,8 +204,21 @@ def test_the_file_gives_the_tools_the_weight_the_adapter_applies_for_every_modul
         tensors = network.kohya_state_dict()
         seen, convs = set(), []
         for part in network.adapted():
+            in_group = {module for group in part.fused.values() for module in group}
+            for flat, group in part.fused.items():  # one original layer: its modules' rows in order
+                layers = [part.model.get_submodule(module) for module in group]
+                weight = torch.cat([getattr(layer, "base_layer", layer).weight.detach() for layer in layers])
+                applied = torch.cat(
+                    [
+                        applied_delta(layer) if isinstance(layer, BaseTunerLayer) else torch.zeros_like(layer.weight)
+                        for layer in layers
+                    ]
+                )
+                seen.add(part.kohya_prefix + flat)
+                name = part.kohya_prefix + flat
+                torch.testing.assert_close(tool_delta(tensors, name, weight), applied, rtol=1e-4, atol=1e-5, msg=name)
             for module, layer in part.model.named_modules():
-                if not isinstance(layer, BaseTunerLayer):
+                if not isinstance(layer, BaseTunerLayer) or module in in_group:
                     continue
                 name = part.kohya_prefix + part.kohya_name(module)  # the family's kohya name, from the model
                 seen.add(name)
@@ -213,7 +230,7 @@ def test_the_file_gives_the_tools_the_weight_the_adapter_applies_for_every_modul
                 )
         assert {key.rsplit(".", 2 if key.endswith(".weight") else 1)[0] for key in tensors} == seen
         # kohya's LoRA leaves the 3x3 convolutions alone; network.conv_dim puts the others on them
-        assert bool(convs) == (network_type != "lora"), convs
+        assert bool(convs) == (network_type != "lora" and family in ("sd1", "sdxl")), convs
     finally:
         remove_lora(network)
 
@@ -347,3 +364,23 @@ def test_which_types_diffusers_load_lora_weights_takes_and_what_it_makes_of_them
         assert not torch.allclose(loaded, expected, rtol=1e-3, atol=1e-3)
     else:
         torch.testing.assert_close(loaded, expected, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("family", ["sd3", "flux"])
+def test_a_dora_of_fused_layers_trains_and_loads_back_whole(make_cfg, tmp_path, family):
+    """SD3/FLUX write q, k and v as one original layer: a DoRA's magnitudes ride along row by row."""
+    options = [*FAMILIES[family], "network.type=dora", "network.dim=4", "network.alpha=2", "train.max_steps=4"]
+    saved = run(make_cfg(*options, f"output.dir={tmp_path}"), show_progress=False).lora_path
+    file = load_lora_file(saved).tensors
+    fused = [k for k in file if k.endswith(".dora_scale") and ("_qkv." in k or "_attn_qkv." in k)]
+    assert fused, "the fused q/k/v layers carry their magnitudes"
+    cfg = make_cfg(*options[:-1], "train.max_steps=1", f"network.init_weights={saved}")
+    base = load_base_model(cfg.model)
+    trainer = Trainer(cfg, base, scan_dataset(cfg.data.train_dir).records, NullTracker())
+    try:
+        assert not trainer.init_report.unmatched and not trainer.init_report.missing
+        reloaded = trainer.network.kohya_state_dict()
+        assert reloaded.keys() == file.keys()
+        assert all(torch.allclose(reloaded[k], v, rtol=1e-6, atol=1e-7) for k, v in file.items())
+    finally:
+        remove_lora(trainer.network)

@@ -80,10 +80,10 @@ class MMDiTFamily(ModelFamily):
                 f"network.type={network_cfg.type} / network.conv_dim: LoCon adapts a UNet's ResNet convolutions, "
                 f"and {self.label}'s transformer has none; use network.type=lora and leave network.conv_dim=null"
             )
-        elif network_cfg.type != "lora":
+        elif network_cfg.type in ("loha", "lokr"):
             problems.append(
                 f"network.type={network_cfg.type}: {self.label}'s files fuse q, k and v into one layer, which only "
-                "a LoRA can be written as (block-diagonally); use network.type=lora"
+                "a LoRA or DoRA can be written as (block-diagonally); use network.type=lora or dora"
             )
         if model_cfg.attention != "sdpa":
             problems.append(

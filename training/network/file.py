@@ -504,7 +504,8 @@ def split_fused(tensors: dict[str, torch.Tensor], part: LoraPart) -> dict[str, t
 
     A block-diagonal up (kohya's ``split_qkv``, and ours) gives each module its own rank slice with
     alpha scaled to keep alpha/rank; a dense up (one down shared by q, k and v) gives every module
-    the whole down, its rows of the up and the same alpha (modules without rows get nothing).
+    the whole down, its rows of the up and the same alpha (modules without rows get nothing). A
+    DoRA's ``dora_scale`` gives each module its rows' magnitudes.
     """
     tensors = dict(tensors)
     for flat, group in part.fused.items():
@@ -514,7 +515,10 @@ def split_fused(tensors: dict[str, torch.Tensor], part: LoraPart) -> dict[str, t
         down, up = tensors.pop(name + _DOWN), tensors.pop(name + _UP)
         rank = down.shape[0]
         alpha = float(tensors.pop(name + _ALPHA, torch.tensor(float(rank))))
-        rows = list(zip(group, up.split([part.out_features(module) for module in group]), strict=True))
+        sizes = [part.out_features(module) for module in group]
+        rows = list(zip(group, up.split(sizes), strict=True))
+        scale = tensors.pop(name + ".dora_scale", None)  # DoRA: one magnitude per row, the modules' in order
+        scales = dict(zip(group, scale.reshape(-1).split(sizes), strict=True)) if scale is not None else {}
         used = [(module, block) for module, block in rows if block.abs().sum() > 0]
         # every module its own rank slice (kohya's split_qkv; ours when all were adapted), else the
         # modules that have rows (ours for part of a group); a zero block is a module that learned nothing
@@ -528,6 +532,8 @@ def split_fused(tensors: dict[str, torch.Tensor], part: LoraPart) -> dict[str, t
                 tensors[own + _ALPHA] = torch.tensor(alpha * share / rank)
             else:
                 tensors[own + _DOWN], tensors[own + _UP], tensors[own + _ALPHA] = down, block, torch.tensor(alpha)
+            if module in scales:
+                tensors[own + ".dora_scale"] = scales[module]
     return tensors
 
 

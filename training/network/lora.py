@@ -135,19 +135,22 @@ class LoraNetwork:
 
         The modules of a fused group (``part.fused``) are written as the one original layer, as kohya's
         ``split_qkv`` saves them: the downs stacked, the ups block-diagonal. Loaders scale such a module
-        by alpha / (its stacked rank), so its alpha is this network's times the modules stacked.
+        by alpha / (its stacked rank), so its alpha is this network's times the modules stacked. A DoRA
+        is a LoRA plus ``dora_scale``, one magnitude per output row, so a fused layer's magnitudes are
+        its modules' rows in order.
         """
         tensors: dict[str, torch.Tensor] = {}
         for part in self.adapted():
             state = get_peft_model_state_dict(part.model, adapter_name=ADAPTER, save_embedding_layers=False)
             alphas = module_alphas(part.model)
-            if self.type not in ("lora", "locon"):  # LyCORIS names: <prefix><module>.hada_w1_a ... and .alpha
+            if self.type in ("loha", "lokr"):  # LyCORIS names: <prefix><module>.hada_w1_a ... and .alpha
                 tensors.update(lycoris_tensors(part, state, self.type, alphas, dtype))
                 continue
             pairs: dict[str, dict[str, torch.Tensor]] = {}
             for key, value in state.items():
                 module, _, kind = key.rpartition(".lora_")
-                pairs.setdefault(module, {})["down" if kind.startswith("A") else "up"] = value.detach()
+                role = "scale" if kind.startswith("magnitude") else "down" if kind.startswith("A") else "up"
+                pairs.setdefault(module, {})[role] = value.detach()
             tensors.update(kohya_tensors(part, pairs, alphas, dtype))
         return tensors
 
@@ -162,8 +165,8 @@ def lycoris_tensors(
 ) -> dict[str, torch.Tensor]:
     """peft's state of a LyCORIS-type adapter under kohya's module names, one ``alpha`` per module.
 
-    Two tensors are not stored as peft holds them (``to_file``): DoRA's magnitude becomes a
-    ``dora_scale`` column, and a LoKr of two full factors carries its scale in ``lokr_w2``.
+    One tensor is not stored as peft holds it (``to_file``): a LoKr of two full factors carries its
+    scale in ``lokr_w2``.
     """
     suffixes = FILE_SUFFIXES[network_type]
     modules: dict[str, dict[str, torch.Tensor]] = {}
@@ -185,18 +188,11 @@ def to_file(
 ) -> tuple[dict[str, torch.Tensor], float]:
     """One module's peft parameters and alpha as the LyCORIS loaders read them.
 
-    - DoRA: peft's magnitude (``(out,)``, or ``(1, out, 1, 1)`` for a convolution) is one norm per
-      output feature; LyCORIS' ``dora_scale`` of that axis (``wd_on_out``) is ``(out, 1)`` /
-      ``(out, 1, 1, 1)``, the shape by which ComfyUI tells the axis.
-    - LoKr of two full factors: the loaders (A1111's network_lokr.py, ComfyUI's lokr.py) find no
-      rank tensor and apply the product unscaled, as LyCORIS trains it; peft scales it by alpha/dim,
-      so that scale is multiplied into ``lokr_w2`` and alpha written as dim.
+    A LoKr of two full factors: the loaders (A1111's network_lokr.py, ComfyUI's lokr.py) find no rank
+    tensor and apply the product unscaled, as LyCORIS trains it; peft scales it by alpha/dim, so that
+    scale is multiplied into ``lokr_w2`` and alpha written as dim.
     """
     parameters = dict(parameters)
-    if network_type == "dora":
-        magnitude = parameters["lora_magnitude_vector"]
-        weight = layer.get_base_layer().weight
-        parameters["lora_magnitude_vector"] = magnitude.reshape(weight.shape[0], *[1] * (weight.dim() - 1))
     if network_type == "lokr" and "lokr_w1" in parameters and "lokr_w2" in parameters:
         rank = layer.r[ADAPTER]
         parameters["lokr_w2"] = parameters["lokr_w2"] * (alpha / rank)
@@ -217,6 +213,9 @@ def kohya_tensors(
         tensors[f"{name}.lora_down.weight"] = pair["down"].to("cpu", dtype).contiguous()
         tensors[f"{name}.lora_up.weight"] = pair["up"].to("cpu", dtype).contiguous()
         tensors[f"{name}.alpha"] = torch.tensor(module_alpha, dtype=dtype)
+        if "scale" in pair:  # DoRA: peft's (out,) / (1, out, 1, 1) magnitude as LyCORIS' (out, 1[, 1, 1]) column
+            rows, dims = pair["up"].shape[0], pair["up"].dim()
+            tensors[f"{name}.dora_scale"] = pair["scale"].reshape(rows, *[1] * (dims - 1)).to("cpu", dtype).contiguous()
 
     in_group = {module for group in part.fused.values() for module in group}
     for module, pair in pairs.items():
@@ -243,7 +242,18 @@ def fuse(part: LoraPart, group: list[str], pairs: dict[str, dict[str, torch.Tens
             up[row : row + size, column : column + rank] = pairs[module]["up"]
             column += rank
         row += size
-    return {"down": down, "up": up}
+    fused = {"down": down, "up": up}
+    # DoRA: each module's magnitudes in row order; a module without an adapter keeps its rows' norms
+    if "scale" in pairs[present[0]]:
+        fused["scale"] = torch.cat(
+            [
+                pairs[module]["scale"].reshape(-1)
+                if module in pairs
+                else part.model.get_submodule(module).weight.detach().norm(dim=1).to(down)
+                for module in group
+            ]
+        )
+    return fused
 
 
 def text_encoder_kohya_names(model: torch.nn.Module) -> dict[str, list[str]]:
