@@ -191,7 +191,7 @@ def applied_delta(layer: BaseTunerLayer) -> torch.Tensor:
     [
         *((t, "sd1") for t in TYPES),
         *((t, "sdxl") for t in ("locon", "lokr", "dora", "loha")),
-        *((t, family) for t in ("lora", "dora") for family in ("sd3", "flux")),  # fused q/k/v layers
+        *((t, family) for t in ("lora", "loha", "dora") for family in ("sd3", "flux")),  # fused q/k/v layers
     ],
 )
 def test_the_file_gives_the_tools_the_weight_the_adapter_applies_for_every_module(make_cfg, network_type, family):
@@ -323,8 +323,8 @@ def test_network_type_options_are_refused_where_the_type_has_none_naming_the_key
         validate(make_cfg("network.type=dora", "network.conv_alpha=1"))
     with pytest.raises(ConfigError, match=r"network.lokr_factor must be -1"):
         validate(make_cfg("network.type=lokr", "network.lokr_factor=0"))
-    with pytest.raises(ConfigError, match=r"network.type=loha: FLUX.1's files fuse q, k and v"):
-        validate(make_cfg("model.kind=flux", "network.type=loha"))
+    with pytest.raises(ConfigError, match=r"network.type=lokr: FLUX.1's files fuse q, k and v"):
+        validate(make_cfg("model.kind=flux", "network.type=lokr"))
     with pytest.raises(ConfigError, match=r"LoCon adapts a UNet's ResNet convolutions, and SD3"):
         validate(make_cfg("model.kind=sd3", "network.type=locon"))
     for options in TYPES.values():
@@ -366,14 +366,16 @@ def test_which_types_diffusers_load_lora_weights_takes_and_what_it_makes_of_them
         torch.testing.assert_close(loaded, expected, rtol=1e-4, atol=1e-5)
 
 
-@pytest.mark.parametrize("family", ["sd3", "flux"])
-def test_a_dora_of_fused_layers_trains_and_loads_back_whole(make_cfg, tmp_path, family):
-    """SD3/FLUX write q, k and v as one original layer: a DoRA's magnitudes ride along row by row."""
-    options = [*FAMILIES[family], "network.type=dora", "network.dim=4", "network.alpha=2", "train.max_steps=4"]
+@pytest.mark.parametrize(("network_type", "family"), [("dora", "sd3"), ("dora", "flux"), ("loha", "flux")])
+def test_fused_layers_of_a_dora_or_loha_train_and_load_back_whole(make_cfg, tmp_path, network_type, family):
+    """SD3/FLUX write q, k and v as one original layer: a DoRA's magnitudes ride along row by row, a
+    LoHa's two products are block-diagonal like a LoRA's."""
+    options = [*FAMILIES[family], f"network.type={network_type}", "network.dim=4", "network.alpha=2"]
+    options.append("train.max_steps=4")
     saved = run(make_cfg(*options, f"output.dir={tmp_path}"), show_progress=False).lora_path
     file = load_lora_file(saved).tensors
-    fused = [k for k in file if k.endswith(".dora_scale") and ("_qkv." in k or "_attn_qkv." in k)]
-    assert fused, "the fused q/k/v layers carry their magnitudes"
+    suffix = ".dora_scale" if network_type == "dora" else ".hada_w1_a"
+    assert [k for k in file if k.endswith(suffix) and "_qkv." in k], "the fused q/k/v layers are written whole"
     cfg = make_cfg(*options[:-1], "train.max_steps=1", f"network.init_weights={saved}")
     base = load_base_model(cfg.model)
     trainer = Trainer(cfg, base, scan_dataset(cfg.data.train_dir).records, NullTracker())

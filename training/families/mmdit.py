@@ -80,10 +80,10 @@ class MMDiTFamily(ModelFamily):
                 f"network.type={network_cfg.type} / network.conv_dim: LoCon adapts a UNet's ResNet convolutions, "
                 f"and {self.label}'s transformer has none; use network.type=lora and leave network.conv_dim=null"
             )
-        elif network_cfg.type in ("loha", "lokr"):
+        elif network_cfg.type == "lokr":
             problems.append(
-                f"network.type={network_cfg.type}: {self.label}'s files fuse q, k and v into one layer, which only "
-                "a LoRA or DoRA can be written as (block-diagonally); use network.type=lora or dora"
+                f"network.type=lokr: {self.label}'s files fuse q, k and v into one layer, and three Kronecker "
+                "products are not one; use network.type=lora, loha or dora (written block-diagonally)"
             )
         if model_cfg.attention != "sdpa":
             problems.append(

@@ -498,51 +498,65 @@ def unscale_full_lokr(state: dict[str, torch.Tensor], model: torch.nn.Module, ad
             state[key] = state[key] / model.get_submodule(module).scaling[adapter_name]
 
 
+# a fused layer's factors: stacked along the rank (downs) and placed at each module's rows (ups)
+_FUSED_FACTORS = (((_DOWN,), (_UP,)), ((".hada_w1_b", ".hada_w2_b"), (".hada_w1_a", ".hada_w2_a")))
+
+
 def split_fused(tensors: dict[str, torch.Tensor], part: LoraPart) -> dict[str, torch.Tensor]:
     """``tensors`` with each fused original layer of ``part`` (SD3/FLUX's qkv) split into its modules,
     under the modules' own flat names, so they match one adapter each.
 
     A block-diagonal up (kohya's ``split_qkv``, and ours) gives each module its own rank slice with
     alpha scaled to keep alpha/rank; a dense up (one down shared by q, k and v) gives every module
-    the whole down, its rows of the up and the same alpha (modules without rows get nothing). A
-    DoRA's ``dora_scale`` gives each module its rows' magnitudes.
+    the whole down, its rows of the up and the same alpha (modules without rows get nothing). A LoHa
+    splits the same way, both of its products at once (a Hadamard product is row by row); a DoRA's
+    ``dora_scale`` gives each module its rows' magnitudes.
     """
     tensors = dict(tensors)
     for flat, group in part.fused.items():
         name = part.kohya_prefix + flat
-        if name + _DOWN not in tensors or name + _UP not in tensors:
+        factors = next((f for f in _FUSED_FACTORS if all(name + key in tensors for key in (*f[0], *f[1]))), None)
+        if factors is None:
             continue
-        down, up = tensors.pop(name + _DOWN), tensors.pop(name + _UP)
-        rank = down.shape[0]
+        downs, ups = ({key: tensors.pop(name + key) for key in keys} for keys in factors)
+        rank = next(iter(downs.values())).shape[0]
         alpha = float(tensors.pop(name + _ALPHA, torch.tensor(float(rank))))
         sizes = [part.out_features(module) for module in group]
-        rows = list(zip(group, up.split(sizes), strict=True))
+        # module -> its rows of every up
+        rows = {module: {} for module in group}
+        for key, up in ups.items():
+            for module, block in zip(group, up.split(sizes), strict=True):
+                rows[module][key] = block
         scale = tensors.pop(name + ".dora_scale", None)  # DoRA: one magnitude per row, the modules' in order
         scales = dict(zip(group, scale.reshape(-1).split(sizes), strict=True)) if scale is not None else {}
-        used = [(module, block) for module, block in rows if block.abs().sum() > 0]
+        blocks = [(module, torch.cat(list(rows[module].values()), dim=1)) for module in group]
+        used = [(module, block) for module, block in blocks if block.abs().sum() > 0]
         # every module its own rank slice (kohya's split_qkv; ours when all were adapted), else the
         # modules that have rows (ours for part of a group); a zero block is a module that learned nothing
-        members = next((m for m in (rows, used) if m and rank % len(m) == 0 and _block_diagonal(m, rank)), None)
-        for k, (module, block) in enumerate(members or used):
+        members = next((m for m in (blocks, used) if m and rank % len(m) == 0 and _block_diagonal(rows, m, rank)), None)
+        for k, (module, _) in enumerate(members or used):
             own = part.kohya_prefix + module.replace(".", "_")
-            if members:
-                share = rank // len(members)
-                columns = slice(k * share, (k + 1) * share)
-                tensors[own + _DOWN], tensors[own + _UP] = down[columns], block[:, columns]
-                tensors[own + _ALPHA] = torch.tensor(alpha * share / rank)
-            else:
-                tensors[own + _DOWN], tensors[own + _UP], tensors[own + _ALPHA] = down, block, torch.tensor(alpha)
+            share = rank // len(members) if members else rank
+            columns = slice(k * share, (k + 1) * share) if members else slice(None)
+            for key, down in downs.items():
+                tensors[own + key] = down[columns]
+            for key, block in rows[module].items():
+                tensors[own + key] = block[:, columns]
+            tensors[own + _ALPHA] = torch.tensor(alpha * share / rank)
             if module in scales:
                 tensors[own + ".dora_scale"] = scales[module]
     return tensors
 
 
-def _block_diagonal(members: list[tuple[str, torch.Tensor]], rank: int) -> bool:
-    """Whether member k's up rows use only the k-th of len(members) equal rank slices."""
+def _block_diagonal(
+    rows: dict[str, dict[str, torch.Tensor]], members: list[tuple[str, torch.Tensor]], rank: int
+) -> bool:
+    """Whether member k's rows of every up use only the k-th of len(members) equal rank slices."""
     share = rank // len(members)
     return all(
         block[:, : k * share].abs().sum() == 0 and block[:, (k + 1) * share :].abs().sum() == 0
-        for k, (_, block) in enumerate(members)
+        for k, (module, _) in enumerate(members)
+        for block in rows[module].values()
     )
 
 

@@ -174,12 +174,23 @@ def lycoris_tensors(
         parameter = next(s for s in suffixes if key.endswith(f".{s}"))
         modules.setdefault(key[: -len(parameter) - 1], {})[parameter] = value.detach()
     tensors: dict[str, torch.Tensor] = {}
-    for module, parameters in modules.items():
-        name = part.kohya_prefix + part.kohya_name(module)
-        stored, alpha = to_file(network_type, parameters, alphas[module], part.model.get_submodule(module))
-        for parameter, value in stored.items():
+
+    def write(name: str, parameters: dict[str, torch.Tensor], alpha: float) -> None:
+        for parameter, value in parameters.items():
             tensors[f"{name}.{suffixes[parameter]}"] = value.to("cpu", dtype).contiguous()
         tensors[f"{name}.alpha"] = torch.tensor(alpha, dtype=dtype)
+
+    in_group = {module for group in part.fused.values() for module in group}
+    for module, parameters in modules.items():
+        if module not in in_group:
+            layer = part.model.get_submodule(module)
+            write(
+                part.kohya_prefix + part.kohya_name(module), *to_file(network_type, parameters, alphas[module], layer)
+            )
+    for flat, group in part.fused.items():  # only a LoHa gets here (startup refuses LoKr on fused layers)
+        present = [module for module in group if module in modules]
+        if present:
+            write(part.kohya_prefix + flat, fuse(part, group, modules, network_type), alphas[present[0]] * len(present))
     return tensors
 
 
@@ -228,28 +239,40 @@ def kohya_tensors(
     return tensors
 
 
-def fuse(part: LoraPart, group: list[str], pairs: dict[str, dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
-    """One (down, up) for the original layer of ``group``: the adapted modules' downs stacked along the
-    rank and their ups placed block-diagonally at their output rows (zeros for modules without a LoRA)."""
+# the factors a fused layer stacks along the rank (downs) and places block-diagonally at its rows (ups)
+STACKED = {"lora": ("down",), "loha": ("hada_w1_b", "hada_w2_b")}
+BLOCKS = {"lora": ("up",), "loha": ("hada_w1_a", "hada_w2_a")}
+
+
+def fuse(
+    part: LoraPart, group: list[str], pairs: dict[str, dict[str, torch.Tensor]], network_type: str = "lora"
+) -> dict[str, torch.Tensor]:
+    """One set of factors for the original layer of ``group``: the adapted modules' downs stacked along
+    the rank and their ups placed block-diagonally at their output rows (zeros for modules without an
+    adapter). For a LoHa both of its products are fused so: row block k of (w1_a·w1_b) ⊙ (w2_a·w2_b) is
+    then module k's own product, and the loaders' alpha/rank sees the stacked rank."""
+    kind = "loha" if network_type == "loha" else "lora"
     present = [module for module in group if module in pairs]
-    down = torch.cat([pairs[module]["down"] for module in present])
-    rank = pairs[present[0]]["down"].shape[0]
+    first = pairs[present[0]]
+    rank = first[STACKED[kind][0]].shape[0]
     sizes = [part.out_features(module) for module in group]
-    up = down.new_zeros(sum(sizes), rank * len(present))
-    row, column = 0, 0
-    for module, size in zip(group, sizes, strict=True):
-        if module in pairs:
-            up[row : row + size, column : column + rank] = pairs[module]["up"]
-            column += rank
-        row += size
-    fused = {"down": down, "up": up}
+    fused = {key: torch.cat([pairs[module][key] for module in present]) for key in STACKED[kind]}
+    for key in BLOCKS[kind]:
+        block = first[key].new_zeros(sum(sizes), rank * len(present))
+        row, column = 0, 0
+        for module, size in zip(group, sizes, strict=True):
+            if module in pairs:
+                block[row : row + size, column : column + rank] = pairs[module][key]
+                column += rank
+            row += size
+        fused[key] = block
     # DoRA: each module's magnitudes in row order; a module without an adapter keeps its rows' norms
-    if "scale" in pairs[present[0]]:
+    if "scale" in first:
         fused["scale"] = torch.cat(
             [
                 pairs[module]["scale"].reshape(-1)
                 if module in pairs
-                else part.model.get_submodule(module).weight.detach().norm(dim=1).to(down)
+                else part.model.get_submodule(module).weight.detach().norm(dim=1).to(first["scale"])
                 for module in group
             ]
         )
