@@ -28,14 +28,12 @@ from __future__ import annotations
 from typing import Any
 
 NETWORK_TYPES = ("lora", "locon", "loha", "lokr", "dora")
-_LORA = {"lora_A.weight": "lora_down.weight", "lora_B.weight": "lora_up.weight"}
-# peft's parameter name (without the adapter name) -> the tensor's suffix in the file
+# LoHa's and LoKr's peft parameter names (without the adapter name) -> the tensor's suffix in the file;
+# the LoRA-like types (lora, locon, dora) are written as lora_down / lora_up (/ dora_scale) by
+# training/network/lora.py's kohya_tensors
 FILE_SUFFIXES: dict[str, dict[str, str]] = {
-    "lora": _LORA,
-    "locon": _LORA,
     "loha": {name: name for name in ("hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b")},
     "lokr": {name: name for name in ("lokr_w1", "lokr_w1_a", "lokr_w1_b", "lokr_w2", "lokr_w2_a", "lokr_w2_b")},
-    "dora": {**_LORA, "lora_magnitude_vector": "dora_scale"},
 }
 # the file tensors whose first dimension is the rank (a LoKr of two full factors has none)
 RANK_TENSORS = {
