@@ -313,11 +313,11 @@ SD15_GRID = [
 ]
 
 
-def network_type_rows() -> list[dict]:
-    """Issue 27: the network types at about the same trainable parameter count (LoHa's two products at
+def network_type_rows(compile_kind: str = "none") -> list[dict]:
+    """Issue 26: the network types at about the same trainable parameter count (LoHa's two products at
     half the rank; LoCon adds the 3x3 convolutions; LoKr at its default factor is smaller), batch 4,
     cached latents, channels-last, CUDA graphs; alpha = rank. Rows record the parameter count."""
-    common = dict(b=4, w=4, c="none", cl=True, g=True)
+    common = dict(b=4, w=4, c=compile_kind, cl=True, g=True)
     return [
         dict(**common, net="lora", r=8),
         dict(**common, net="locon", r=8, conv=8),
@@ -345,7 +345,8 @@ def lever_rows(batch: int) -> list[dict]:
 
 # issue 27, appended so the rows above keep their numbers: 23-27 network types, 28-33 levers at batch 4,
 # 34-39 at batch 32 (the denoiser rows compile the whole UNet: minutes each; see README's GPU speed)
-SD15_GRID += [*network_type_rows(), *lever_rows(4), *lever_rows(32)]
+# 23-27 the types, 28-39 the levers, 40-42 LoHa, LoKr and DoRA with compiled blocks (against 25-27)
+SD15_GRID += [*network_type_rows(), *lever_rows(4), *lever_rows(32), *network_type_rows("blocks")[2:]]
 
 
 def sdxl_ladder(batch: int) -> list[dict]:
