@@ -113,7 +113,8 @@ def test_flux_names_and_scales_match_diffusers_kohya_converter():
             "down": torch.randn(rank, layer.in_features, generator=generator),
             "up": torch.randn(layer.out_features, rank, generator=generator),
         }
-    converted = _convert_kohya_flux_lora_to_diffusers(kohya_tensors(part, pairs, dict.fromkeys(pairs, alpha)))
+    factors = {m: {"lora_down.weight": p["down"], "lora_up.weight": p["up"]} for m, p in pairs.items()}
+    converted = _convert_kohya_flux_lora_to_diffusers(kohya_tensors(part, factors, dict.fromkeys(pairs, alpha)))
     assert {key.rsplit(".lora_", 1)[0] for key in converted} == {f"transformer.{module}" for module in modules}
     for module, pair in pairs.items():
         probe = torch.randn(pair["down"].shape[1], 3, generator=generator)

@@ -204,7 +204,6 @@ def test_the_file_gives_the_tools_the_weight_the_adapter_applies_for_every_modul
         tensors = network.kohya_state_dict()
         seen, convs = set(), []
         for part in network.adapted():
-            in_group = {module for group in part.fused.values() for module in group}
             for flat, group in part.fused.items():  # one original layer: its modules' rows in order
                 layers = [part.model.get_submodule(module) for module in group]
                 weight = torch.cat([getattr(layer, "base_layer", layer).weight.detach() for layer in layers])
@@ -217,8 +216,9 @@ def test_the_file_gives_the_tools_the_weight_the_adapter_applies_for_every_modul
                 seen.add(part.kohya_prefix + flat)
                 name = part.kohya_prefix + flat
                 torch.testing.assert_close(tool_delta(tensors, name, weight), applied, rtol=1e-4, atol=1e-5, msg=name)
+            in_groups = part.fused_modules
             for module, layer in part.model.named_modules():
-                if not isinstance(layer, BaseTunerLayer) or module in in_group:
+                if not isinstance(layer, BaseTunerLayer) or module in in_groups:
                     continue
                 name = part.kohya_prefix + part.kohya_name(module)  # the family's kohya name, from the model
                 seen.add(name)

@@ -30,7 +30,7 @@ from safetensors.torch import save
 from training.atomic_file import write_atomically
 from training.network.lora import ADAPTER, LoraNetwork, LoraPart
 from training.network.metadata import metadata_sha256, minimal_metadata
-from training.network.types import FILE_SUFFIXES, RANK_TENSORS, type_of_file
+from training.network.types import FILE_SUFFIXES, FUSED_FACTORS, RANK_TENSORS, type_of_file
 from training.output_dir import rescue_folders, unique_rescue_path
 
 logger = logging.getLogger(__name__)
@@ -498,10 +498,6 @@ def unscale_full_lokr(state: dict[str, torch.Tensor], model: torch.nn.Module, ad
             state[key] = state[key] / model.get_submodule(module).scaling[adapter_name]
 
 
-# a fused layer's factors: stacked along the rank (downs) and placed at each module's rows (ups)
-_FUSED_FACTORS = (((_DOWN,), (_UP,)), ((".hada_w1_b", ".hada_w2_b"), (".hada_w1_a", ".hada_w2_a")))
-
-
 def split_fused(tensors: dict[str, torch.Tensor], part: LoraPart) -> dict[str, torch.Tensor]:
     """``tensors`` with each fused original layer of ``part`` (SD3/FLUX's qkv) split into its modules,
     under the modules' own flat names, so they match one adapter each.
@@ -515,10 +511,12 @@ def split_fused(tensors: dict[str, torch.Tensor], part: LoraPart) -> dict[str, t
     tensors = dict(tensors)
     for flat, group in part.fused.items():
         name = part.kohya_prefix + flat
-        factors = next((f for f in _FUSED_FACTORS if all(name + key in tensors for key in (*f[0], *f[1]))), None)
+        factors = next(
+            (f for f in FUSED_FACTORS.values() if all(f"{name}.{key}" in tensors for key in (*f[0], *f[1]))), None
+        )
         if factors is None:
             continue
-        downs, ups = ({key: tensors.pop(name + key) for key in keys} for keys in factors)
+        downs, ups = ({f".{key}": tensors.pop(f"{name}.{key}") for key in keys} for keys in factors)
         rank = next(iter(downs.values())).shape[0]
         alpha = float(tensors.pop(name + _ALPHA, torch.tensor(float(rank))))
         sizes = [part.out_features(module) for module in group]

@@ -24,7 +24,7 @@ from training.network.adapters import (
     module_alpha,
     set_adapters_enabled,
 )
-from training.network.types import FILE_SUFFIXES, conv_alpha_of, conv_dim_of, network_args
+from training.network.types import FILE_SUFFIXES, FUSED_FACTORS, conv_alpha_of, conv_dim_of, network_args
 
 # kohya names text-encoder modules as in transformers 4's CLIPTextModel (``text_model.encoder...``);
 # transformers 5 dropped the ``text_model`` level, so it is put back for file compatibility.
@@ -53,6 +53,11 @@ class LoraPart:
     kohya_names: dict[str, list[str]] = field(default_factory=dict)
     # kohya flat name -> the modules one original layer holds, in stacking order (SD3/FLUX's fused qkv)
     fused: dict[str, list[str]] = field(default_factory=dict)
+
+    @property
+    def fused_modules(self) -> set[str]:
+        """The modules written as part of a fused original layer."""
+        return {module for group in self.fused.values() for module in group}
 
     def kohya_name(self, module: str) -> str:
         return self.kohya_names.get(module, [module.replace(".", "_")])[0]
@@ -139,19 +144,15 @@ class LoraNetwork:
         is a LoRA plus ``dora_scale``, one magnitude per output row, so a fused layer's magnitudes are
         its modules' rows in order.
         """
+        suffixes = FILE_SUFFIXES[self.type]
         tensors: dict[str, torch.Tensor] = {}
         for part in self.adapted():
             state = get_peft_model_state_dict(part.model, adapter_name=ADAPTER, save_embedding_layers=False)
-            alphas = module_alphas(part.model)
-            if self.type in ("loha", "lokr"):  # LyCORIS names: <prefix><module>.hada_w1_a ... and .alpha
-                tensors.update(lycoris_tensors(part, state, self.type, alphas, dtype))
-                continue
-            pairs: dict[str, dict[str, torch.Tensor]] = {}
+            modules: dict[str, dict[str, torch.Tensor]] = {}  # module -> its tensors by file suffix
             for key, value in state.items():
-                module, _, kind = key.rpartition(".lora_")
-                role = "scale" if kind.startswith("magnitude") else "down" if kind.startswith("A") else "up"
-                pairs.setdefault(module, {})[role] = value.detach()
-            tensors.update(kohya_tensors(part, pairs, alphas, dtype))
+                parameter = next(s for s in suffixes if key.endswith(f".{s}"))
+                modules.setdefault(key[: -len(parameter) - 1], {})[suffixes[parameter]] = value.detach()
+            tensors.update(kohya_tensors(part, modules, module_alphas(part.model), self.type, dtype))
         return tensors
 
 
@@ -160,34 +161,28 @@ def module_alphas(model: torch.nn.Module) -> dict[str, float]:
     return {name: module_alpha(module) for name, module in model.named_modules() if isinstance(module, BaseTunerLayer)}
 
 
-def lycoris_tensors(
-    part: LoraPart, state: dict[str, torch.Tensor], network_type: str, alphas: dict[str, float], dtype: torch.dtype
+def kohya_tensors(
+    part: LoraPart,
+    modules: dict[str, dict[str, torch.Tensor]],
+    alphas: dict[str, float],
+    network_type: str = "lora",
+    dtype: torch.dtype = torch.float32,
 ) -> dict[str, torch.Tensor]:
-    """peft's state of a LyCORIS-type adapter under kohya's module names, one ``alpha`` per module.
-
-    One tensor is not stored as peft holds it (``to_file``): a LoKr of two full factors carries its
-    scale in ``lokr_w2``.
-    """
-    suffixes = FILE_SUFFIXES[network_type]
-    modules: dict[str, dict[str, torch.Tensor]] = {}
-    for key, value in state.items():
-        parameter = next(s for s in suffixes if key.endswith(f".{s}"))
-        modules.setdefault(key[: -len(parameter) - 1], {})[parameter] = value.detach()
+    """``modules`` (module -> its tensors by file suffix: ``lora_down.weight``, ``hada_w1_a``, ...) under
+    ``part``'s kohya names, one ``alpha`` each, and each fused group as its one original layer."""
     tensors: dict[str, torch.Tensor] = {}
 
-    def write(name: str, parameters: dict[str, torch.Tensor], alpha: float) -> None:
-        for parameter, value in parameters.items():
-            tensors[f"{name}.{suffixes[parameter]}"] = value.to("cpu", dtype).contiguous()
+    def write(name: str, factors: dict[str, torch.Tensor], alpha: float) -> None:
+        for suffix, value in factors.items():
+            tensors[f"{name}.{suffix}"] = value.to("cpu", dtype).contiguous()
         tensors[f"{name}.alpha"] = torch.tensor(alpha, dtype=dtype)
 
-    in_group = {module for group in part.fused.values() for module in group}
-    for module, parameters in modules.items():
-        if module not in in_group:
-            layer = part.model.get_submodule(module)
-            write(
-                part.kohya_prefix + part.kohya_name(module), *to_file(network_type, parameters, alphas[module], layer)
-            )
-    for flat, group in part.fused.items():  # only a LoHa gets here (startup refuses LoKr on fused layers)
+    in_groups = part.fused_modules
+    for module, factors in modules.items():
+        if module not in in_groups:
+            stored = to_file(factors, alphas[module], part.model.get_submodule(module))
+            write(part.kohya_prefix + part.kohya_name(module), *stored)
+    for flat, group in part.fused.items():
         present = [module for module in group if module in modules]
         if present:
             write(part.kohya_prefix + flat, fuse(part, group, modules, network_type), alphas[present[0]] * len(present))
@@ -195,87 +190,59 @@ def lycoris_tensors(
 
 
 def to_file(
-    network_type: str, parameters: dict[str, torch.Tensor], alpha: float, layer: torch.nn.Module
+    factors: dict[str, torch.Tensor], alpha: float, layer: torch.nn.Module
 ) -> tuple[dict[str, torch.Tensor], float]:
-    """One module's peft parameters and alpha as the LyCORIS loaders read them.
+    """One module's tensors and alpha as the loaders read them, where peft holds them otherwise.
 
-    A LoKr of two full factors: the loaders (A1111's network_lokr.py, ComfyUI's lokr.py) find no rank
-    tensor and apply the product unscaled, as LyCORIS trains it; peft scales it by alpha/dim, so that
-    scale is multiplied into ``lokr_w2`` and alpha written as dim.
+    - DoRA: peft's magnitude (``(out,)``, or ``(1, out, 1, 1)`` for a convolution) is one norm per
+      output feature; LyCORIS' ``dora_scale`` of that axis (``wd_on_output``) is ``(out, 1)`` /
+      ``(out, 1, 1, 1)``, the shape by which ComfyUI tells the axis.
+    - LoKr of two full factors: the loaders (A1111's network_lokr.py, ComfyUI's lokr.py) find no rank
+      tensor and apply the product unscaled, as LyCORIS trains it; peft scales it by alpha/dim, so that
+      scale is multiplied into ``lokr_w2`` and alpha written as dim.
     """
-    parameters = dict(parameters)
-    if network_type == "lokr" and "lokr_w1" in parameters and "lokr_w2" in parameters:
+    factors = dict(factors)
+    if "dora_scale" in factors:
+        weight = layer.get_base_layer().weight
+        factors["dora_scale"] = factors["dora_scale"].reshape(weight.shape[0], *[1] * (weight.dim() - 1))
+    if "lokr_w1" in factors and "lokr_w2" in factors:
         rank = layer.r[ADAPTER]
-        parameters["lokr_w2"] = parameters["lokr_w2"] * (alpha / rank)
+        factors["lokr_w2"] = factors["lokr_w2"] * (alpha / rank)
         alpha = float(rank)
-    return parameters, alpha
-
-
-def kohya_tensors(
-    part: LoraPart,
-    pairs: dict[str, dict[str, torch.Tensor]],
-    alphas: dict[str, float],
-    dtype: torch.dtype = torch.float32,
-) -> dict[str, torch.Tensor]:
-    """``pairs`` (module -> its ``down`` and ``up``) under ``part``'s kohya names, fused groups as one layer."""
-    tensors: dict[str, torch.Tensor] = {}
-
-    def write(name: str, pair: dict[str, torch.Tensor], module_alpha: float) -> None:
-        tensors[f"{name}.lora_down.weight"] = pair["down"].to("cpu", dtype).contiguous()
-        tensors[f"{name}.lora_up.weight"] = pair["up"].to("cpu", dtype).contiguous()
-        tensors[f"{name}.alpha"] = torch.tensor(module_alpha, dtype=dtype)
-        if "scale" in pair:  # DoRA: peft's (out,) / (1, out, 1, 1) magnitude as LyCORIS' (out, 1[, 1, 1]) column
-            rows, dims = pair["up"].shape[0], pair["up"].dim()
-            tensors[f"{name}.dora_scale"] = pair["scale"].reshape(rows, *[1] * (dims - 1)).to("cpu", dtype).contiguous()
-
-    in_group = {module for group in part.fused.values() for module in group}
-    for module, pair in pairs.items():
-        if module not in in_group:
-            write(part.kohya_prefix + part.kohya_name(module), pair, alphas[module])
-    for flat, group in part.fused.items():
-        present = [module for module in group if module in pairs]
-        if present:
-            write(part.kohya_prefix + flat, fuse(part, group, pairs), alphas[present[0]] * len(present))
-    return tensors
-
-
-# the factors a fused layer stacks along the rank (downs) and places block-diagonally at its rows (ups)
-STACKED = {"lora": ("down",), "loha": ("hada_w1_b", "hada_w2_b")}
-BLOCKS = {"lora": ("up",), "loha": ("hada_w1_a", "hada_w2_a")}
+    return factors, alpha
 
 
 def fuse(
-    part: LoraPart, group: list[str], pairs: dict[str, dict[str, torch.Tensor]], network_type: str = "lora"
+    part: LoraPart, group: list[str], modules: dict[str, dict[str, torch.Tensor]], network_type: str = "lora"
 ) -> dict[str, torch.Tensor]:
-    """One set of factors for the original layer of ``group``: the adapted modules' downs stacked along
+    """One set of tensors for the original layer of ``group``: the adapted modules' downs stacked along
     the rank and their ups placed block-diagonally at their output rows (zeros for modules without an
     adapter). For a LoHa both of its products are fused so: row block k of (w1_a·w1_b) ⊙ (w2_a·w2_b) is
-    then module k's own product, and the loaders' alpha/rank sees the stacked rank."""
-    kind = "loha" if network_type == "loha" else "lora"
-    present = [module for module in group if module in pairs]
-    first = pairs[present[0]]
-    rank = first[STACKED[kind][0]].shape[0]
+    then module k's own product, and the loaders' alpha/rank sees the stacked rank. A DoRA's magnitudes
+    are the modules' rows in order (a module without an adapter keeps its rows' norms)."""
+    downs, ups = FUSED_FACTORS["loha" if network_type == "loha" else "lora"]
+    present = [module for module in group if module in modules]
+    first = modules[present[0]]
+    rank = first[downs[0]].shape[0]
     sizes = [part.out_features(module) for module in group]
-    fused = {key: torch.cat([pairs[module][key] for module in present]) for key in STACKED[kind]}
-    for key in BLOCKS[kind]:
+    fused = {key: torch.cat([modules[module][key] for module in present]) for key in downs}
+    for key in ups:
         block = first[key].new_zeros(sum(sizes), rank * len(present))
         row, column = 0, 0
         for module, size in zip(group, sizes, strict=True):
-            if module in pairs:
-                block[row : row + size, column : column + rank] = pairs[module][key]
+            if module in modules:
+                block[row : row + size, column : column + rank] = modules[module][key]
                 column += rank
             row += size
         fused[key] = block
-    # DoRA: each module's magnitudes in row order; a module without an adapter keeps its rows' norms
-    if "scale" in first:
-        fused["scale"] = torch.cat(
-            [
-                pairs[module]["scale"].reshape(-1)
-                if module in pairs
-                else part.model.get_submodule(module).weight.detach().norm(dim=1).to(first["scale"])
-                for module in group
-            ]
-        )
+    if "dora_scale" in first:
+        rows = [
+            modules[module]["dora_scale"].reshape(-1)
+            if module in modules
+            else part.model.get_submodule(module).weight.detach().norm(dim=1).to(first["dora_scale"])
+            for module in group
+        ]
+        fused["dora_scale"] = torch.cat(rows)[:, None]  # (out, 1), as LyCORIS writes a linear layer's
     return fused
 
 

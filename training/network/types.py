@@ -28,12 +28,20 @@ from __future__ import annotations
 from typing import Any
 
 NETWORK_TYPES = ("lora", "locon", "loha", "lokr", "dora")
-# LoHa's and LoKr's peft parameter names (without the adapter name) -> the tensor's suffix in the file;
-# the LoRA-like types (lora, locon, dora) are written as lora_down / lora_up (/ dora_scale) by
-# training/network/lora.py's kohya_tensors
+_LORA = {"lora_A.weight": "lora_down.weight", "lora_B.weight": "lora_up.weight"}
+# peft's parameter name (without the adapter name) -> the tensor's suffix in the file
 FILE_SUFFIXES: dict[str, dict[str, str]] = {
+    "lora": _LORA,
+    "locon": _LORA,
     "loha": {name: name for name in ("hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b")},
     "lokr": {name: name for name in ("lokr_w1", "lokr_w1_a", "lokr_w1_b", "lokr_w2", "lokr_w2_a", "lokr_w2_b")},
+    "dora": {**_LORA, "lora_magnitude_vector": "dora_scale"},
+}
+# the types an original layer that fuses several modules (SD3/FLUX's qkv) can hold: the file tensors
+# stacked along the rank (downs), and those placed block-diagonally at each module's rows (ups)
+FUSED_FACTORS: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
+    "lora": (("lora_down.weight",), ("lora_up.weight",)),
+    "loha": (("hada_w1_b", "hada_w2_b"), ("hada_w1_a", "hada_w2_a")),
 }
 # the file tensors whose first dimension is the rank (a LoKr of two full factors has none)
 RANK_TENSORS = {
