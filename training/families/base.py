@@ -258,6 +258,20 @@ class ModelFamily:
             parts["t5_tokenizer"] = T5TokenizerFast.from_pretrained(location, subfolder=tokenizer, **kwargs)
         return parts
 
+    def pipeline_parts(self, pipeline: Any) -> dict:
+        """The parts ``load_folder`` returns, taken from a loaded diffusers pipeline by this family's
+        component names (what a single file loads through)."""
+        t5, t5_tokenizer = (getattr(pipeline, name, None) for name in self.t5_folders or ("", ""))
+        return {
+            "denoiser": getattr(pipeline, self.denoiser_folder),
+            "vae": pipeline.vae,
+            "text_encoders": [getattr(pipeline, part.encoder) for part in self.text_parts],
+            "tokenizers": [getattr(pipeline, part.tokenizer) for part in self.text_parts],
+            "scheduler": pipeline.scheduler,
+            "t5": t5,
+            "t5_tokenizer": t5_tokenizer,
+        }
+
     def load_single_file(
         self, file: str, config_source: str | None, vae: Any | None, local_only: bool, with_t5: bool = True
     ) -> dict:

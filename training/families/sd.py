@@ -110,13 +110,7 @@ class StableDiffusion(ModelFamily):
             requires_safety_checker=False,
             **({"vae": vae} if vae is not None else {}),
         )
-        return {
-            "denoiser": pipeline.unet,
-            "vae": pipeline.vae,
-            "text_encoders": [pipeline.text_encoder],
-            "tokenizers": [pipeline.tokenizer],
-            "scheduler": pipeline.scheduler,
-        }
+        return self.pipeline_parts(pipeline)
 
     def build_tiny(self, cache_root: Any) -> str:
         from training.families.tiny_sd import ensure_tiny_model

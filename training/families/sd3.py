@@ -144,15 +144,7 @@ class StableDiffusion3(MMDiTFamily):
                 **({"vae": vae} if vae is not None else {}),
                 **without_t5,
             )
-            return {
-                "denoiser": pipeline.transformer,
-                "vae": pipeline.vae,
-                "text_encoders": [pipeline.text_encoder, pipeline.text_encoder_2],
-                "tokenizers": [pipeline.tokenizer, pipeline.tokenizer_2],
-                "scheduler": pipeline.scheduler,
-                "t5": pipeline.text_encoder_3,
-                "t5_tokenizer": pipeline.tokenizer_3,
-            }
+            return self.pipeline_parts(pipeline)
         if not config_source:
             raise ValueError(
                 f"model.config_dir: '{file}' holds no text encoders; give the diffusers SD3 folder they come from"

@@ -153,13 +153,7 @@ class StableDiffusionXL(ModelFamily):
             add_watermarker=False,
             **({"vae": vae} if vae is not None else {}),
         )
-        return {
-            "denoiser": pipeline.unet,
-            "vae": pipeline.vae,
-            "text_encoders": [pipeline.text_encoder, pipeline.text_encoder_2],
-            "tokenizers": [pipeline.tokenizer, pipeline.tokenizer_2],
-            "scheduler": pipeline.scheduler,
-        }
+        return self.pipeline_parts(pipeline)
 
     def build_tiny(self, cache_root: Any) -> str:
         from training.families.tiny_sdxl import ensure_tiny_sdxl_model
