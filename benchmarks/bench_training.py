@@ -57,11 +57,13 @@ from training.loop import Trainer
 from training.network.lora import remove_leftover_adapters, remove_lora
 from training.speed.attention_options import sdpa_backend_problem
 from training.speed.compile import configure_compile
+from training.speed.fp8 import configure_fp8_matmul
 from training.speed.sdpa_backend import configure_sdpa_backend, set_sdpa_backend
 from training.text.tokenizer import build_word_tokenizer
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from sdxl_model import ISSUE_TFLOP_PER_IMAGE, sdxl_base_model, tiny_sdxl_base_model
+from step_profile import profile_steps
 
 # --- the SD1.5 architecture (runwayml/stable-diffusion-v1-5 configs)
 UNET = dict(
@@ -194,6 +196,7 @@ def config(
     network_type: str = "lora",
     conv_dim: int | None = None,
     sdpa_backend: str = "auto",
+    fp8_matmul: str = "none",
 ):
     cfg = OmegaConf.merge(
         OmegaConf.structured(Config),
@@ -210,7 +213,7 @@ def config(
                 "network": {"type": network_type, "dim": rank, "alpha": rank, "conv_dim": conv_dim},
                 "optimizer": {"name": "adamw", "lr": 1e-4},
                 "scheduler": {"name": "constant"},
-                "precision": {"mixed": "bf16"},
+                "precision": {"mixed": "bf16", "fp8_matmul": fp8_matmul},
                 "bucket": {"resolution": 512},
                 "dropout": {},
                 "data": {"train_dir": str(data_dir), "cache_latents": cache, "cache_text_embeddings": text_cache},
@@ -219,7 +222,7 @@ def config(
                 "train": {
                     "max_steps": warmup + steps,
                     "batch_size": batch,
-                    "log_every_n_steps": warmup,
+                    "log_every_n_steps": 1,  # every loss kept (read back without a sync)
                     "compile": compile_kind,
                     "compile_mode": compile_mode,
                     "cuda_graphs": cuda_graphs,
@@ -268,6 +271,8 @@ def count_step_flops(trainer: Trainer) -> dict[str, float]:
     from torch.utils.flop_counter import FlopCounterMode
 
     configure_compile(trainer.base.denoiser, "none", "default")  # count the eager operators
+    # the same products as in bf16: a float8 row's MFU is over the bf16 step's FLOPs and the bf16 peak
+    configure_fp8_matmul(trainer.base.denoiser, "none")
     trainer.graphed_denoiser = None  # a replayed graph runs no operators the counter could see
     trainer.position.epoch = 1
     batch = next(iter(trainer.loader))
@@ -285,7 +290,8 @@ def count_step_flops(trainer: Trainer) -> dict[str, float]:
 # "blocks" | "blocks/reduce-overhead" | "denoiser" | "denoiser/reduce-overhead"), cl channels-last,
 # g train.cuda_graphs, cast: peft's fp32 cast of LoRA inputs left on (the loop before this pass),
 # latents: data.cache_latents, text: data.cache_text_embeddings (on unless said), net network.type
-# (lora unless said), conv network.conv_dim (None unless said), sdpa model.sdpa_backend (auto unless said).
+# (lora unless said), conv network.conv_dim (None unless said), sdpa model.sdpa_backend (auto unless said),
+# fp8 precision.fp8_matmul (none unless said).
 SD15_GRID = [
     dict(b=1, w=0, c="none", cl=False, g=False, cast=True),
     dict(b=1, w=0, c="none", cl=False, g=False),
@@ -349,6 +355,24 @@ def lever_rows(batch: int) -> list[dict]:
 SD15_GRID += [*network_type_rows(), *lever_rows(4), *lever_rows(32), *network_type_rows("blocks")[2:]]
 
 
+def fp8_rows(batch: int, kinds: tuple[str, ...] = ("large", "all")) -> list[dict]:
+    """Issue 27: the frozen layers' products in float8 (``precision.fp8_matmul``) beside the rows without:
+    under compiled blocks (each kind; their baseline is lever_rows' compiled-blocks row) and under
+    whole-denoiser compilation (``large``; baseline: lever_rows' denoiser + graphs row)."""
+    common = dict(b=batch, w=0 if batch == 1 else 4, cl=True, g=True)
+    return [*(dict(**common, c="blocks", fp8=kind) for kind in kinds), dict(**common, c="denoiser", fp8="large")]
+
+
+# 43-45 float8 at batch 4 (against 31 and 33), 46-48 at batch 32 (against 37 and 39), 49-50 batch 64
+# whole-denoiser without and with float8 (the largest batch)
+SD15_GRID += [
+    *fp8_rows(4),
+    *fp8_rows(32),
+    dict(b=64, w=4, c="denoiser", cl=True, g=True),
+    dict(b=64, w=4, c="denoiser", cl=True, g=True, fp8="large"),
+]
+
+
 def sdxl_ladder(batch: int) -> list[dict]:
     """One batch size four ways, each row adding one optimisation to the one before: the VAE every step,
     cached latents, + channels-last, + CUDA graphs."""
@@ -386,6 +410,10 @@ SDXL_GRID = [
     # (29 repeats 7, 32 repeats 20: each baseline in the same invocation as its lever)
     *network_type_rows(),  # 24-28
     *lever_rows(4),  # 29-34
+    # 35-37 float8 at batch 4 (against 32 and 34); 38-40 batch 8 (against 23 and 41); 41 batch 8 denoiser
+    *fp8_rows(4),
+    *fp8_rows(8),
+    dict(b=8, w=4, c="denoiser", cl=True, g=True),
 ]
 SDXL_BUDGET_S = 500.0  # seconds from the start of main(); one device call has 600
 SDXL_IMAGES = 32  # enough for one batch of the largest probe
@@ -453,11 +481,12 @@ def fit_timed(trainer: Trainer, warmup: int, steps: int, cuda: bool) -> dict[str
 
     trainer.cfg.train.save_every_n_steps = warmup
     started = time.perf_counter()
-    trainer.fit(on_save=start_clock, show_progress=False)
+    losses = trainer.fit(on_save=start_clock, show_progress=False).losses
     if cuda:
         torch.cuda.synchronize()
     ended = time.perf_counter()
     return {
+        "losses": losses,
         "seconds": ended - marks["timed"],
         "warmup_seconds": marks["timed"] - started,
         "run_seconds": ended - started,
@@ -508,6 +537,7 @@ def run_row(index: int, spec: dict, session: Session) -> dict:
     rank, workers, cache = spec.get("r", 4), spec["w"], spec.get("latents", "memory")
     compile_kind, _, compile_mode = spec["c"].partition("/")
     net, conv, sdpa = spec.get("net", "lora"), spec.get("conv"), spec.get("sdpa", "auto")
+    fp8 = spec.get("fp8", "none")
     graphs = spec["g"]
     setting = {
         "batch": batch,
@@ -515,6 +545,7 @@ def run_row(index: int, spec: dict, session: Session) -> dict:
         "rank": rank,
         "conv_dim": conv,
         "sdpa_backend": sdpa,
+        "fp8_matmul": fp8,
         "cache_latents": cache,
         "text_cache": spec.get("text", True),
         "workers": workers,
@@ -562,6 +593,7 @@ def run_row(index: int, spec: dict, session: Session) -> dict:
         network_type=net,
         conv_dim=conv,
         sdpa_backend=sdpa,
+        fp8_matmul=fp8,
     )
     torch._dynamo.reset()  # each configuration compiles from scratch, as a fresh run would
     clear_text_caches()
@@ -585,14 +617,17 @@ def run_row(index: int, spec: dict, session: Session) -> dict:
         if sdxl:
             timed = fit_timed(trainer, warmup, steps, cuda)
             seconds, total, warm = timed["seconds"], timed["run_seconds"], timed["warmup_seconds"]
+            losses = timed["losses"]
         else:
             started = time.perf_counter()
-            trainer.fit(show_progress=False)
+            losses = trainer.fit(show_progress=False).losses
             total = time.perf_counter() - started
             seconds = clock.times[cfg.train.max_steps] - clock.times[warmup]
             warm = clock.times[warmup] - started  # includes compilation
         rate = steps * batch / seconds
         memory = torch.cuda.max_memory_allocated() / 2**30 if cuda else float("nan")
+        # before the FLOP count, which turns compilation and graphs off
+        profile = profile_steps(trainer, args.profile) if args.profile and cuda else None
         if sdxl:
             row = {
                 **setting,
@@ -606,6 +641,8 @@ def run_row(index: int, spec: dict, session: Session) -> dict:
                 **sizes,
             }
             row.update(sdxl_flops(trainer, setting, rate, session))
+            if profile:
+                row["profile"] = profile
         else:
             flops = count_flops(trainer)  # after training: a filled latent cache is not counted
             row = {
@@ -620,6 +657,9 @@ def run_row(index: int, spec: dict, session: Session) -> dict:
                 "run_seconds": total,
                 **sizes,
             }
+            if profile:
+                row["profile"] = profile
+        row["losses"] = losses  # per step, the same seed in every row: float8's against bf16's curve
     except Exception as error:  # an OOM or a compile failure ends this row, not the benchmark
         row = {**setting, "error": f"{type(error).__name__}: {str(error)[:300]}"}
         if is_oom(error):
@@ -629,6 +669,9 @@ def run_row(index: int, spec: dict, session: Session) -> dict:
     finally:
         if trainer is not None:
             remove_lora(trainer.network)
+            # as a sweep worker does between trials: CUDA graphs' pools, optimizer state, float8 layers
+            # (without it the batch-32 rows ran out of memory after the batch-4 rows' graph pools)
+            trainer.release()
         else:  # the trainer failed while being built, perhaps after adding its LoRA to the shared model
             remove_leftover_adapters(base.denoiser, *base.text_encoders)
         configure_compile(base.denoiser, "none", "default")
@@ -703,6 +746,9 @@ def main() -> None:
     parser.add_argument("--no-split", action="store_true", help="skip the per-stage time split")
     parser.add_argument("--rows", default="", help="comma-separated grid row numbers to run (default: all)")
     parser.add_argument("--list", action="store_true", help="print the grid's rows with their numbers and stop")
+    parser.add_argument(
+        "--profile", type=int, default=0, help="GPU: profile this many more steps per row (top kernels, by kind)"
+    )
     parser.add_argument(
         "--largest",
         type=int,
@@ -832,15 +878,16 @@ def print_measured(head: str, r: dict, *, digits: int, width: int) -> None:
 
 def print_sd15_table(rows: list[dict]) -> None:
     header = (
-        "| batch | network | latents | workers | compile | SDPA | channels-last | CUDA graphs | peft cast "
+        "| batch | network | latents | workers | compile | SDPA | fp8 | channels-last | CUDA graphs | peft cast "
         "| params | img/s | it/s |"
     )
     print("\n" + header + " peak GiB | MFU | warm-up s |")
-    print("|---" * 15 + "|")
+    print("|---" * 16 + "|")
     for r in rows:
         head = (
             f"| {r['batch']} | {network_cell(r)} | {r['cache_latents']} | {r['workers']} | {r['compile']} | "
-            f"{r['sdpa_backend']} | {'on' if r['channels_last'] else 'off'} | {'on' if r['cuda_graphs'] else 'off'} | "
+            f"{r['sdpa_backend']} | {r['fp8_matmul']} | {'on' if r['channels_last'] else 'off'} | "
+            f"{'on' if r['cuda_graphs'] else 'off'} | "
             f"{'on' if r['peft_input_cast'] else 'off'} | {params_cell(r)} |"
         )
         print_measured(head, r, digits=1, width=60)
@@ -857,15 +904,15 @@ def print_sdxl_table(rows: list[dict], session: Session) -> None:
         f"{session.peak:.0f} TFLOP/s"
     )
     print(
-        "| row | batch | network | latents | text cache | VAE | compile | SDPA | channels-last | CUDA graphs "
+        "| row | batch | network | latents | text cache | VAE | compile | SDPA | fp8 | channels-last | CUDA graphs "
         "| checkpointing | params | img/s | it/s | peak GiB | MFU | warm-up s |"
     )
-    print("|---" * 17 + "|")
+    print("|---" * 18 + "|")
     for r in rows:
         head = (
             f"| {r['row']} | {r['batch']} | {network_cell(r)} | {r['cache_latents']} | {on(r['text_cache'])} | "
-            f"{r['vae_precision']} | {r['compile']} | {r['sdpa_backend']} | {on(r['channels_last'])} | "
-            f"{on(r['cuda_graphs'])} | {on(r['grad_checkpointing'])} | {params_cell(r)} |"
+            f"{r['vae_precision']} | {r['compile']} | {r['sdpa_backend']} | {r['fp8_matmul']} | "
+            f"{on(r['channels_last'])} | {on(r['cuda_graphs'])} | {on(r['grad_checkpointing'])} | {params_cell(r)} |"
         )
         print_measured(head, r, digits=2, width=90)
 

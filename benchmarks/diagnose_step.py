@@ -27,16 +27,10 @@ import torch
 
 from benchmarks.bench_training import StepClock, config, sd15_base_model, synthetic_dataset, tiny_base_model
 from benchmarks.sdxl_model import sdxl_base_model, tiny_sdxl_base_model
+from benchmarks.step_profile import profile_steps, run_more
 from training.data.scan import scan_dataset
 from training.loop import Trainer
 from training.network.lora import remove_lora
-
-
-def run_more(trainer: Trainer, steps: int) -> None:
-    """``steps`` more optimizer steps of an already-warm trainer."""
-    trainer.total_steps = trainer.position.step + steps
-    trainer.cfg.train.log_every_n_steps = 10**9
-    trainer.fit(show_progress=False)
 
 
 def sync_sites(trainer: Trainer, steps: int = 3) -> dict[str, int]:
@@ -63,34 +57,6 @@ def sync_sites(trainer: Trainer, steps: int = 3) -> dict[str, int]:
         torch.cuda.set_sync_debug_mode("default")
         warnings.showwarning = old
     return dict(sites)
-
-
-def profile_steps(trainer: Trainer, steps: int = 6) -> dict:
-    """Wall and GPU-kernel milliseconds per step, top kernels and top host calls."""
-    from torch.profiler import ProfilerActivity, profile
-
-    torch.cuda.synchronize()
-    started = time.perf_counter()
-    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
-        run_more(trainer, steps)
-        torch.cuda.synchronize()
-    wall = (time.perf_counter() - started) * 1e3 / steps
-    events = prof.key_averages()
-    kernels = sorted(events, key=lambda e: e.self_device_time_total, reverse=True)
-    gpu_total = sum(  # kernels only: the loop's ranges also appear on the GPU timeline
-        e.self_device_time_total
-        for e in events
-        if e.device_type == torch.autograd.DeviceType.CUDA and not e.key.startswith("loop/")
-    )
-    host = sorted(events, key=lambda e: e.self_cpu_time_total, reverse=True)
-    return {
-        "wall_ms_per_step": wall,
-        "gpu_kernel_ms_per_step": gpu_total / 1e3 / steps,
-        "top_kernels": [
-            (e.key[:90], round(e.self_device_time_total / 1e3 / steps, 2), e.count // steps) for e in kernels[:15]
-        ],
-        "top_host": [(e.key[:60], round(e.self_cpu_time_total / 1e3 / steps, 2), e.count // steps) for e in host[:15]],
-    }
 
 
 def grad_check(base, records, data_dir: Path, out_dir: Path) -> dict[str, float]:

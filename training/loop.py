@@ -50,6 +50,7 @@ from training.optim import build_lr_scheduler, build_optimizer
 from training.speed.attention import configure_gradient_checkpointing, configure_memory_format
 from training.speed.compile import configure_compile
 from training.speed.cuda_graph import GraphedDenoiser, cuda_graph_problems
+from training.speed.fp8 import configure_fp8_matmul
 from training.speed.memory import release_accelerator_memory
 from training.speed.sdpa_backend import configure_sdpa_backend
 from training.text.captions import transform_caption, with_trigger
@@ -233,6 +234,8 @@ class Trainer:
             enabled=cfg.model.gradient_checkpointing,
             train_text_encoder=self.network.trains_text_encoder,
         )
+        # after the LoRA layers exist (they stay in the mixed precision), before compiling (the casts compile too)
+        self.fp8_layers = configure_fp8_matmul(base.denoiser, cfg.precision.fp8_matmul)
         # after the LoRA layers exist, so the compiled blocks contain them
         configure_compile(base.denoiser, train.compile, train.compile_mode)
         configure_memory_format(base.denoiser, cfg.model.channels_last and self.device.type == "cuda")
@@ -724,6 +727,7 @@ class Trainer:
         self.optimizer = None
         self.lr_schedule = None
         self.accelerator.free_memory()  # drops accelerate's references, collects garbage, empties the cache
+        configure_fp8_matmul(self.base.denoiser, "none")  # the base model goes back to plain Linear layers
         if self.cfg.train.compile != "none":
             torch._dynamo.reset()  # guards and graphs of this run's LoRA layers; the next run recompiles anyway
         release_accelerator_memory()

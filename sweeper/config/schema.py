@@ -114,6 +114,8 @@ class SchedulerConfig:
 @dataclass
 class PrecisionConfig:
     mixed: str = "auto"  # fp32 | fp16 | bf16 | auto (bf16 on a capable GPU, fp32 otherwise)
+    # none | large | all: the frozen denoiser's Linear layers multiply in float8 (torchao); a speed option
+    fp8_matmul: str = "none"
 
 
 @dataclass

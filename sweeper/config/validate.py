@@ -29,6 +29,7 @@ from training.optim_options import optimizer_problems, scheduler_problems
 from training.output_dir import estimated_lora_bytes, output_dir_problems
 from training.speed.attention_options import attention_problem, sdpa_backend_problem
 from training.speed.compile_options import compile_problems
+from training.speed.fp8_options import fp8_matmul_problems
 from training.state_files import resume_problem
 from training.text.encoding_options import max_token_length_problem
 
@@ -140,6 +141,7 @@ def _machine_problems(cfg: Any) -> list[str]:
         problems.append(problem)
     if problem := sdpa_backend_problem(cfg.model.sdpa_backend, cfg.model.attention, cuda):
         problems.append(problem)
+    problems += fp8_matmul_problems(cfg.precision.fp8_matmul, cuda)
     return problems
 
 

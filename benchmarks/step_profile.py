@@ -1,0 +1,67 @@
+"""Where the GPU time of a few steps of a warm trainer goes: the top kernels, and kernel time by kind."""
+
+from __future__ import annotations
+
+import time
+
+import torch
+
+from training.loop import Trainer
+
+# kernel-name fragments of each kind (cuBLAS / CUTLASS matmuls, cuDNN and Triton convolutions, the SDPA
+# kernels, Inductor's fused Triton kernels); the first kind that matches names the kernel
+KERNEL_KINDS = (
+    ("float8 matmul", ("e4m3", "e5m2", "f8f8", "fp8")),
+    ("matmul", ("gemm", "nvjet", "xmma", "cutlass", "sm90_", "sm80_", "mm_")),
+    ("convolution", ("conv", "implicit", "wgrad", "dgrad", "fprop")),
+    ("attention", ("flash", "fmha", "attention", "sdpa", "cudnn_generated")),
+    ("fused triton", ("triton_",)),
+)
+
+
+def kernel_kind(name: str) -> str:
+    lower = name.lower()
+    for kind, fragments in KERNEL_KINDS:
+        if any(fragment in lower for fragment in fragments):
+            return kind
+    return "other"
+
+
+def run_more(trainer: Trainer, steps: int) -> None:
+    """``steps`` more optimizer steps of an already-warm trainer."""
+    trainer.total_steps = trainer.position.step + steps
+    trainer.cfg.train.log_every_n_steps = 10**9
+    trainer.fit(show_progress=False)
+
+
+def profile_steps(trainer: Trainer, steps: int = 6) -> dict:
+    """Wall and GPU-kernel milliseconds per step, the top kernels, kernel time by kind, top host calls."""
+    from torch.profiler import ProfilerActivity, profile
+
+    torch.cuda.synchronize()
+    started = time.perf_counter()
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        run_more(trainer, steps)
+        torch.cuda.synchronize()
+    wall = (time.perf_counter() - started) * 1e3 / steps
+    events = prof.key_averages()
+    kernels = [  # kernels only: the loop's ranges also appear on the GPU timeline
+        e for e in events if e.device_type == torch.autograd.DeviceType.CUDA and not e.key.startswith("loop/")
+    ]
+    kernels.sort(key=lambda e: e.self_device_time_total, reverse=True)
+    gpu_total = sum(e.self_device_time_total for e in kernels)
+    by_kind: dict[str, float] = {}
+    for e in kernels:
+        kind = kernel_kind(e.key)
+        by_kind[kind] = by_kind.get(kind, 0.0) + e.self_device_time_total / 1e3 / steps
+    host = sorted(events, key=lambda e: e.self_cpu_time_total, reverse=True)
+    return {
+        "wall_ms_per_step": wall,
+        "gpu_kernel_ms_per_step": gpu_total / 1e3 / steps,
+        "kernels_per_step": sum(e.count for e in kernels) / steps,
+        "ms_per_step_by_kind": {k: round(v, 2) for k, v in sorted(by_kind.items(), key=lambda kv: -kv[1])},
+        "top_kernels": [
+            (e.key[:90], round(e.self_device_time_total / 1e3 / steps, 2), e.count // steps) for e in kernels[:15]
+        ],
+        "top_host": [(e.key[:60], round(e.self_cpu_time_total / 1e3 / steps, 2), e.count // steps) for e in host[:15]],
+    }
