@@ -9,6 +9,7 @@ peak memory, the largest batch) take about 5; the compiled rows (20-23) follow w
     python3 benchmarks/bench_training.py --family sdxl --list  # the rows and their numbers
     python3 benchmarks/bench_training.py --family sdxl --tiny --steps 2 --images 8 --out /tmp/smoke  # CPU smoke run
     python3 benchmarks/sdxl_model.py  # the SDXL UNet LoRA step's FLOPs, counted on the meta device (CPU, ~30 s)
+    python3 benchmarks/bench_training.py --out $OUT --no-split --rows 31,33 --profile 5  # + each row's top kernels
 
 SD1.5 (the default family):
 

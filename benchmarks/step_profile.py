@@ -9,11 +9,12 @@ import torch
 from training.loop import Trainer
 
 # kernel-name fragments of each kind (cuBLAS / CUTLASS matmuls, cuDNN and Triton convolutions, the SDPA
-# kernels, Inductor's fused Triton kernels); the first kind that matches names the kernel
+# kernels, Inductor's fused Triton kernels); the first kind that matches names the kernel. cuBLAS' Hopper
+# kernels spell float8 operands with a q: nvjet_sm90_qqtst_... (bf16: nvjet_sm90_tst_...), seen on an H100
 KERNEL_KINDS = (
-    ("float8 matmul", ("e4m3", "e5m2", "f8f8", "fp8")),
+    ("float8 matmul", ("e4m3", "e5m2", "f8f8", "fp8", "_qqtst", "_qrtst", "_rqtst")),
+    ("convolution", ("conv", "implicit", "wgrad", "dgrad", "fprop")),  # cuDNN's are implicit GEMMs: first
     ("matmul", ("gemm", "nvjet", "xmma", "cutlass", "sm90_", "sm80_", "mm_")),
-    ("convolution", ("conv", "implicit", "wgrad", "dgrad", "fprop")),
     ("attention", ("flash", "fmha", "attention", "sdpa", "cudnn_generated")),
     ("fused triton", ("triton_",)),
 )

@@ -283,3 +283,17 @@ def test_fp8_matmul_passes_startup_where_it_runs_and_an_unknown_kind_fails_it(ma
         assert fp8_matmul_problems("all", cuda=False) == []  # torch's CPU float8 matmul: slow, but it runs
     with pytest.raises(ConfigError, match=r"precision\.fp8_matmul must be one of"):
         validate(make_cfg("precision.fp8_matmul=yes"))
+
+
+def test_importing_the_project_and_diffusers_prints_no_torchao_notices(tmp_path):
+    """torchao, once installed for float8, announces at import what it could not load (C++ kernels built
+    for CUDA torch), a torch deprecation and diffusers' checkpoint support: none of it used here, and
+    five lines before every run. A fresh interpreter: these print once per process."""
+    import subprocess
+    import sys
+
+    script = "import sweeper.run.setting\nfrom diffusers import StableDiffusionPipeline, UNet2DConditionModel\n"
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=tmp_path, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    noise = [line for line in done.stderr.splitlines() if "torchao" in line or "register_constant" in line]
+    assert noise == []
