@@ -17,6 +17,7 @@ weight tensors, nothing copied).
 
 from __future__ import annotations
 
+import sys
 from typing import Any
 
 import torch
@@ -51,11 +52,10 @@ def _plain_linear(layer: torch.nn.Linear) -> torch.nn.Linear:
 
 
 def _float8_layer_type() -> type | None:
-    try:
-        from torchao.float8.float8_linear import Float8Linear
-    except ImportError:  # torchao not installed: nothing can have been converted
-        return None
-    return Float8Linear
+    """torchao's float8 layer class if this process has loaded it; else nothing can have been converted
+    (and a run without float8 does not pay torchao's import)."""
+    module = sys.modules.get("torchao.float8.float8_linear")
+    return None if module is None else module.Float8Linear
 
 
 def _swap(model: torch.nn.Module, replace: Any) -> int:
