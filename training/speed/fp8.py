@@ -2,11 +2,13 @@
 
 A LoRA step spends most of its matmul FLOPs in the frozen base layers (forward, and the input
 gradient in backward); the LoRA's own small matmuls are few. torchao's float8 training layer
-(``Float8Linear`` through ``convert_to_float8_training``: tensorwise dynamic scaling, e4m3 for
-activations and weights, e5m2 for gradients; Micikevicius et al. 2022, "FP8 Formats for Deep
-Learning") casts each operand per step and runs the product on Hopper/Ada float8 tensor cores at
-twice bf16's rate. The LoRA layers, convolutions and attention stay in the mixed precision; the
-weights stay stored in it too (this saves time, not memory: kohya's ``--fp8_base`` is the opposite).
+(``Float8Linear.from_float``, the layer ``convert_to_float8_training`` swaps in; here swapped by our
+own filter so it can be undone: tensorwise dynamic scaling, e4m3 for activations and weights, e5m2
+for gradients; Micikevicius et al. 2022, "FP8 Formats for Deep Learning") casts each operand per
+step and runs the product on Hopper/Ada float8 tensor cores at twice bf16's rate. The LoRA layers,
+convolutions and attention stay in the mixed precision; the weights stay stored in it too (this
+saves time, not memory: kohya's ``--fp8_base`` is the opposite). Measured on an H100 it is 7-10%
+slower at SD1.5 and SDXL sizes (benchmarks/RESULTS.md): the casts cost what the products save.
 
 torchao's layer also computes the weight gradient, which a frozen layer does not need: under
 ``train.compile`` Inductor drops that unused output; eagerly it is computed and thrown away, so the
