@@ -642,8 +642,6 @@ def run_row(index: int, spec: dict, session: Session) -> dict:
                 **sizes,
             }
             row.update(sdxl_flops(trainer, setting, rate, session))
-            if profile:
-                row["profile"] = profile
         else:
             flops = count_flops(trainer)  # after training: a filled latent cache is not counted
             row = {
@@ -658,8 +656,8 @@ def run_row(index: int, spec: dict, session: Session) -> dict:
                 "run_seconds": total,
                 **sizes,
             }
-            if profile:
-                row["profile"] = profile
+        if profile:
+            row["profile"] = profile
         row["losses"] = losses  # per step, the same seed in every row: float8's against bf16's curve
     except Exception as error:  # an OOM or a compile failure ends this row, not the benchmark
         row = {**setting, "error": f"{type(error).__name__}: {str(error)[:300]}"}
