@@ -374,6 +374,21 @@ SD15_GRID += [
 ]
 
 
+def autotune_rows(batch: int) -> list[dict]:
+    """Issue 27: Inductor's autotuned kernels (``train.compile_mode=max-autotune-no-cudagraphs``: Triton
+    GEMM and convolution templates benchmarked against cuBLAS / cuDNN per shape, epilogues fused into
+    them; the project's CUDA graphs on top, as in the denoiser row), and the denoiser row without data
+    workers (the cached step needs none: whether restarting the workers' queue every epoch costs time)."""
+    return [
+        dict(b=batch, w=4, c="denoiser/max-autotune-no-cudagraphs", cl=True, g=True),
+        dict(b=batch, w=0, c="denoiser", cl=True, g=True),
+    ]
+
+
+# 51-52 at batch 4 (against 33), 53-54 at batch 32 (against 39)
+SD15_GRID += [*autotune_rows(4), *autotune_rows(32)]
+
+
 def sdxl_ladder(batch: int) -> list[dict]:
     """One batch size four ways, each row adding one optimisation to the one before: the VAE every step,
     cached latents, + channels-last, + CUDA graphs."""

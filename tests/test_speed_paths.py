@@ -121,6 +121,7 @@ def test_unknown_compile_settings_fail_validation(make_cfg):
     [
         (["train.grad_accum_steps=2"], ["train.grad_accum_steps"]),
         (["train.compile=blocks", "train.compile_mode=reduce-overhead"], ["train.compile_mode=reduce-overhead"]),
+        (["train.compile=blocks", "train.compile_mode=max-autotune"], ["train.compile_mode=max-autotune "]),
         (["model.gradient_checkpointing=true"], ["model.gradient_checkpointing"]),
     ],
 )

@@ -9,7 +9,7 @@ few warm-up steps, not minutes of compilation, and the kernels are the eager one
 the eager gradients. That matters for sweeps of short trials, where each trial adds new LoRA
 weights and a compiled whole UNet would recompile. It composes with ``train.compile=blocks``
 (Inductor kernels are recorded like any other) but not with ``compile_mode=reduce-overhead``
-(that already replays its own graphs).
+or ``max-autotune`` (those replay their own graphs; ``max-autotune-no-cudagraphs`` composes).
 
 One graph is captured per input shape (each aspect-ratio bucket), each with its own activation
 memory, so memory grows with the number of buckets.
@@ -21,6 +21,9 @@ from typing import Any
 
 import torch
 from peft.helpers import disable_input_dtype_casting
+
+# torch.compile modes that record Inductor's own CUDA graphs (``triton.cudagraphs``)
+MODES_WITH_OWN_GRAPHS = ("reduce-overhead", "max-autotune")
 
 
 def cuda_graph_problems(
@@ -44,10 +47,10 @@ def cuda_graph_problems(
             "train.cuda_graphs=true needs train.grad_accum_steps=1 (a replayed backward writes its gradients "
             "into the same buffers each time, so micro-steps cannot add up); raise train.batch_size instead"
         )
-    if compile_mode == "reduce-overhead":
+    if compile_mode in MODES_WITH_OWN_GRAPHS:
         problems.append(
-            "train.cuda_graphs=true cannot be combined with train.compile_mode=reduce-overhead (that mode replays "
-            "its own CUDA graphs); use train.compile_mode=default"
+            f"train.cuda_graphs=true cannot be combined with train.compile_mode={compile_mode} (that mode replays "
+            "its own CUDA graphs); use train.compile_mode=default or max-autotune-no-cudagraphs"
         )
     if checkpointing:
         problems.append(
