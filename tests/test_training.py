@@ -85,3 +85,10 @@ def test_text_encoder_lora_trains_only_when_enabled(make_cfg):
     assert te_groups and te_groups[0]["lr"] == 1e-3
     assert any(not torch.equal(p.detach(), lora_before[id(p)]) for p in te_groups[0]["params"])
     assert any(k.startswith("lora_te_") for k in on.network.kohya_state_dict())
+
+
+def test_a_trainer_given_no_images_fails_instead_of_looping(make_cfg):
+    """The programmatic API (benchmarks, workers) passes records in: none must not mean endless empty epochs."""
+    cfg = make_cfg("train.max_steps=1")
+    with pytest.raises(ValueError, match=r"no training images.*data\.train_dir"):
+        Trainer(cfg, load_base_model(cfg.model), [], NullTracker())

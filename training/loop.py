@@ -295,6 +295,11 @@ class Trainer:
         self.batches = BucketBatchSampler(
             self.dataset.sample_buckets(), train.batch_size, generator=self.order_rng, drop_last=True
         )
+        if len(self.batches) == 0:  # else the epoch loop would spin on empty epochs for ever
+            raise ValueError(
+                f"no training images: the records given to the trainer from data.train_dir={cfg.data.train_dir!r} "
+                "are empty; scan it with training.data.scan.scan_dataset (which names what it skipped)"
+            )
         self.batch_plan = _SkippableBatches(self.batches)
         self.loader = torch.utils.data.DataLoader(
             self.dataset,
