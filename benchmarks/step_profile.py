@@ -41,7 +41,7 @@ def profile_steps(trainer: Trainer, steps: int = 6) -> dict:
 
     torch.cuda.synchronize()
     started = time.perf_counter()
-    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA], record_shapes=True) as prof:
         run_more(trainer, steps)
         torch.cuda.synchronize()
     wall = (time.perf_counter() - started) * 1e3 / steps
@@ -56,6 +56,9 @@ def profile_steps(trainer: Trainer, steps: int = 6) -> dict:
         kind = kernel_kind(e.key)
         by_kind[kind] = by_kind.get(kind, 0.0) + e.self_device_time_total / 1e3 / steps
     host = sorted(events, key=lambda e: e.self_cpu_time_total, reverse=True)
+    # which operator (and at which sizes) launched the GPU time: aten calls by their kernels' time
+    by_shape = [e for e in prof.key_averages(group_by_input_shape=True) if e.key.startswith("aten::")]
+    by_shape.sort(key=lambda e: e.self_device_time_total, reverse=True)
     return {
         "wall_ms_per_step": wall,
         "gpu_kernel_ms_per_step": gpu_total / 1e3 / steps,
@@ -65,4 +68,8 @@ def profile_steps(trainer: Trainer, steps: int = 6) -> dict:
             (e.key[:90], round(e.self_device_time_total / 1e3 / steps, 2), e.count // steps) for e in kernels[:15]
         ],
         "top_host": [(e.key[:60], round(e.self_cpu_time_total / 1e3 / steps, 2), e.count // steps) for e in host[:15]],
+        "top_ops_by_shape": [
+            (e.key, str(e.input_shapes)[:160], round(e.self_device_time_total / 1e3 / steps, 2), e.count // steps)
+            for e in by_shape[:25]
+        ],
     }
