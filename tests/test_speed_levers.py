@@ -232,10 +232,12 @@ def test_fp8_matmul_gives_lora_gradients_close_to_the_full_precision_ones(make_c
     assert F.cosine_similarity(flat_float8, flat_exact, dim=0).item() > 0.99
 
 
+@pytest.mark.slow
 def test_a_run_with_fp8_matmul_trains_and_leaves_the_base_model_plain(make_cfg):
     """Through the shared loop: the loss falls as it does without float8, the frozen weights are
     untouched, and after the run (a worker's next trial) no float8 layer is left in the base model."""
-    options = ["train.max_steps=30", "train.batch_size=4", "optimizer.lr=1e-2"]
+    # few, small steps: torch's CPU float8 matmul is a slow reference (30 steps at batch 4 took 6 minutes)
+    options = ["train.max_steps=12", "train.batch_size=2", "optimizer.lr=1e-2"]
     losses = {}
     for kind in ("none", "all"):
         cfg = make_cfg(*options, f"precision.fp8_matmul={kind}")
@@ -252,7 +254,7 @@ def test_a_run_with_fp8_matmul_trains_and_leaves_the_base_model_plain(make_cfg):
         remove_lora(trainer.network)
         trainer.release()
         assert fp8_layer_count(base.denoiser) == 0
-    first, last = losses["all"][:10], losses["all"][-10:]
+    first, last = losses["all"][:4], losses["all"][-4:]
     assert sum(last) / len(last) < 0.95 * sum(first) / len(first)
     gap = [abs(a - b) / b for a, b in zip(losses["all"], losses["none"], strict=True)]
     assert max(gap[:5]) < 0.1  # the same run, seen through float8 products
