@@ -4,6 +4,8 @@ from __future__ import annotations
 
 COMPILE_KINDS = ("none", "blocks", "denoiser")
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
+# the modes that record Inductor's own CUDA graphs (``triton.cudagraphs``): not with train.cuda_graphs
+MODES_WITH_OWN_GRAPHS = ("reduce-overhead", "max-autotune")
 # whole-denoiser compilation runs only where its LoRA gradients were checked against eager ones
 DENOISER_ON_CPU = (
     "train.compile=denoiser needs a CUDA GPU: on the CPU (torch 2.13, Inductor) the compiled whole UNet "

@@ -22,8 +22,7 @@ from typing import Any
 import torch
 from peft.helpers import disable_input_dtype_casting
 
-# torch.compile modes that record Inductor's own CUDA graphs (``triton.cudagraphs``)
-MODES_WITH_OWN_GRAPHS = ("reduce-overhead", "max-autotune")
+from training.speed.compile_options import MODES_WITH_OWN_GRAPHS
 
 
 def cuda_graph_problems(
