@@ -389,6 +389,11 @@ def autotune_rows(batch: int) -> list[dict]:
 # with CUDA graphs ran out of an 80 GB card: the largest batch that fits lies between)
 SD15_GRID += [*autotune_rows(4), *autotune_rows(32), dict(b=48, w=0, c="denoiser", cl=True, g=True)]
 
+# 56-57: the project's train.compile_mode=max-autotune-gemm (Triton GEMM and convolution templates timed
+# per shape, no pointwise or coordinate-descent tuning) on the whole denoiser with CUDA graphs, at batch 4
+# (against 33) and 32 (against 39)
+SD15_GRID += [dict(b=batch, w=4, c="denoiser/max-autotune-gemm", cl=True, g=True) for batch in (4, 32)]
+
 
 def sdxl_ladder(batch: int) -> list[dict]:
     """One batch size four ways, each row adding one optimisation to the one before: the VAE every step,
@@ -431,6 +436,7 @@ SDXL_GRID = [
     *fp8_rows(4),
     *fp8_rows(8),
     dict(b=8, w=4, c="denoiser", cl=True, g=True),
+    dict(b=4, w=4, c="denoiser/max-autotune-gemm", cl=True, g=True),  # 42: autotuned products (against 34)
 ]
 SDXL_BUDGET_S = 500.0  # seconds from the start of main(); one device call has 600
 SDXL_IMAGES = 32  # enough for one batch of the largest probe

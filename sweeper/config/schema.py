@@ -245,7 +245,7 @@ class TrainConfig:
     save_state: bool = False  # also save the full training state (resumable) with each save
     resume: str | None = None  # a saved state folder to continue from exactly
     compile: str = "none"  # none | blocks (the UNet's repeated transformer blocks) | denoiser (all of it; CUDA)
-    compile_mode: str = "default"  # torch.compile mode: default | reduce-overhead | max-autotune-no-cudagraphs
+    compile_mode: str = "default"  # default | reduce-overhead | max-autotune[-no-cudagraphs] | max-autotune-gemm
     cuda_graphs: bool = False  # replay the UNet's forward+backward as CUDA graphs (GPU; one capture per bucket)
 
 

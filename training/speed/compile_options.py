@@ -3,7 +3,14 @@
 from __future__ import annotations
 
 COMPILE_KINDS = ("none", "blocks", "denoiser")
-COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
+# torch.compile's own modes, and the project's: Inductor config patches passed as ``options``
+MODE_OPTIONS = {
+    # Triton GEMM and convolution templates timed against cuBLAS / cuDNN per shape (Inductor's
+    # ``max_autotune_gemm``), without max-autotune's pointwise and coordinate-descent tuning: those
+    # products are where the templates won on SD1.5's shapes, the rest only lengthens compilation
+    "max-autotune-gemm": {"max_autotune_gemm": True},
+}
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs", *MODE_OPTIONS)
 # the modes that record Inductor's own CUDA graphs (``triton.cudagraphs``): not with train.cuda_graphs
 MODES_WITH_OWN_GRAPHS = ("reduce-overhead", "max-autotune")
 # whole-denoiser compilation runs only where its LoRA gradients were checked against eager ones
@@ -12,6 +19,11 @@ DENOISER_ON_CPU = (
     "gave wrong LoRA gradients; use train.compile=blocks (the repeated blocks, checked equal to eager) "
     "or train.compile=none"
 )
+
+
+def compile_arguments(mode: str) -> dict:
+    """torch.compile's keyword arguments for ``train.compile_mode`` (it takes ``mode`` or ``options``)."""
+    return {"options": dict(MODE_OPTIONS[mode])} if mode in MODE_OPTIONS else {"mode": mode}
 
 
 def compile_problems(kind: str, mode: str, cuda: object = None) -> list[str]:
