@@ -198,6 +198,7 @@ def config(
     conv_dim: int | None = None,
     sdpa_backend: str = "auto",
     fp8_matmul: str = "none",
+    pad_products: bool = False,
 ):
     cfg = OmegaConf.merge(
         OmegaConf.structured(Config),
@@ -226,6 +227,7 @@ def config(
                     "log_every_n_steps": 1,  # every loss kept (read back without a sync)
                     "compile": compile_kind,
                     "compile_mode": compile_mode,
+                    "compile_pad_products": pad_products,
                     "cuda_graphs": cuda_graphs,
                 },
                 "output": {"dir": str(out_dir)},
@@ -292,7 +294,7 @@ def count_step_flops(trainer: Trainer) -> dict[str, float]:
 # g train.cuda_graphs, cast: peft's fp32 cast of LoRA inputs left on (the loop before this pass),
 # latents: data.cache_latents, text: data.cache_text_embeddings (on unless said), net network.type
 # (lora unless said), conv network.conv_dim (None unless said), sdpa model.sdpa_backend (auto unless said),
-# fp8 precision.fp8_matmul (none unless said).
+# fp8 precision.fp8_matmul (none unless said), pad train.compile_pad_products (off unless said).
 SD15_GRID = [
     dict(b=1, w=0, c="none", cl=False, g=False, cast=True),
     dict(b=1, w=0, c="none", cl=False, g=False),
@@ -393,6 +395,9 @@ SD15_GRID += [*autotune_rows(4), *autotune_rows(32), dict(b=48, w=0, c="denoiser
 # per shape, no pointwise or coordinate-descent tuning) on the whole denoiser with CUDA graphs, at batch 4
 # (against 33) and 32 (against 39)
 SD15_GRID += [dict(b=batch, w=4, c="denoiser/max-autotune-gemm", cl=True, g=True) for batch in (4, 32)]
+# 58-59: train.compile_pad_products (rank-4 products padded to multiples of 8, so cuBLAS leaves its Ampere
+# "align2" fallback kernels) on the whole denoiser with CUDA graphs, at batch 4 (against 33) and 32 (39)
+SD15_GRID += [dict(b=batch, w=4, c="denoiser", cl=True, g=True, pad=True) for batch in (4, 32)]
 
 
 def sdxl_ladder(batch: int) -> list[dict]:
@@ -437,6 +442,8 @@ SDXL_GRID = [
     *fp8_rows(8),
     dict(b=8, w=4, c="denoiser", cl=True, g=True),
     dict(b=4, w=4, c="denoiser/max-autotune-gemm", cl=True, g=True),  # 42: autotuned products (against 34)
+    dict(b=4, w=4, c="denoiser", cl=True, g=True, pad=True),  # 43: padded products (against 34)
+    dict(b=4, w=4, c="blocks", cl=True, g=True, pad=True),  # 44: padded products, compiled blocks (against 32)
 ]
 SDXL_BUDGET_S = 500.0  # seconds from the start of main(); one device call has 600
 SDXL_IMAGES = 32  # enough for one batch of the largest probe
@@ -560,7 +567,7 @@ def run_row(index: int, spec: dict, session: Session) -> dict:
     rank, workers, cache = spec.get("r", 4), spec["w"], spec.get("latents", "memory")
     compile_kind, _, compile_mode = spec["c"].partition("/")
     net, conv, sdpa = spec.get("net", "lora"), spec.get("conv"), spec.get("sdpa", "auto")
-    fp8 = spec.get("fp8", "none")
+    fp8, pad = spec.get("fp8", "none"), spec.get("pad", False)
     graphs = spec["g"]
     setting = {
         "batch": batch,
@@ -569,6 +576,7 @@ def run_row(index: int, spec: dict, session: Session) -> dict:
         "conv_dim": conv,
         "sdpa_backend": sdpa,
         "fp8_matmul": fp8,
+        "pad_products": pad,
         "cache_latents": cache,
         "text_cache": spec.get("text", True),
         "workers": workers,
@@ -617,6 +625,7 @@ def run_row(index: int, spec: dict, session: Session) -> dict:
         conv_dim=conv,
         sdpa_backend=sdpa,
         fp8_matmul=fp8,
+        pad_products=pad,
     )
     torch._dynamo.reset()  # each configuration compiles from scratch, as a fresh run would
     clear_text_caches()

@@ -24,12 +24,12 @@ from training.speed.fp8_options import fp8_matmul_problems
 from training.speed.sdpa_backend import TORCH_DEFAULTS, configure_sdpa_backend, sdpa_switches, set_sdpa_backend
 
 
-def tiny_lora_unet(make_cfg, device: str = "cpu") -> torch.nn.Module:
+def tiny_lora_unet(make_cfg, device: str = "cpu", *overrides: str) -> torch.nn.Module:
     """The tiny SD1 UNet with a LoRA whose every tensor gets a gradient (lora_B is not left at zero)."""
     pipe = build_tiny_pipeline()
     unet = pipe.unet.requires_grad_(False).to(device)
     base = BaseModel(unet, pipe.vae, [pipe.text_encoder], [pipe.tokenizer], pipe.scheduler, "in-memory")
-    add_lora(base, make_cfg().network, 1e-3)
+    add_lora(base, make_cfg(*overrides).network, 1e-3)
     with torch.no_grad():
         for name, param in unet.named_parameters():
             if "lora_B" in name:
@@ -82,15 +82,18 @@ def test_compile_none_undoes_a_compiled_denoiser_and_blocks():
 
 @pytest.mark.slow
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="train.compile=denoiser is CUDA only (wrong on the CPU)")
-def test_compiled_denoiser_gives_the_eager_gradients_on_cuda(make_cfg):
+@pytest.mark.parametrize("pad_products", [False, True])
+def test_compiled_denoiser_gives_the_eager_gradients_on_cuda(make_cfg, pad_products):
     """The check the CPU failed, on the GPU: fp32 and TF32 off, so eager and Inductor differ only by
-    reassociation; the CPU failure was of the order of the gradients themselves."""
+    reassociation; the CPU failure was of the order of the gradients themselves. With
+    ``train.compile_pad_products`` the rank is 3, so in fp32 (aligned at 4) Inductor pads the LoRA products."""
     tf32 = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
     torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
     try:
-        unet = tiny_lora_unet(make_cfg, "cuda")
+        ranks = ("network.dim=3", "network.alpha=3") if pad_products else ()
+        unet = tiny_lora_unet(make_cfg, "cuda", *ranks)
         eager = lora_gradients(unet, "cuda")
-        assert configure_compile(unet, "denoiser", "default") == 1
+        assert configure_compile(unet, "denoiser", "default", pad_products) == 1
         assert unet._compiled_call_impl is not None
         compiled = lora_gradients(unet, "cuda")
         assert eager.keys() == compiled.keys() and len(eager) > 0

@@ -14,7 +14,7 @@ from training.families.tiny_sd import build_tiny_pipeline
 from training.loop import Trainer
 from training.network.lora import add_lora, remove_lora
 from training.speed.attention import configure_memory_format
-from training.speed.compile import configure_compile, repeated_blocks
+from training.speed.compile import compile_arguments, configure_compile, repeated_blocks
 
 
 def losses_of(cfg) -> tuple[list[float], Trainer]:
@@ -108,6 +108,25 @@ def test_compiled_blocks_give_the_eager_gradients(make_cfg, mode):
 
     configure_compile(unet, "none", "default")  # the next trial of a worker runs eagerly again
     assert all(block._compiled_call_impl is None for block in repeated_blocks(unet))
+
+
+def test_padded_products_need_compilation_and_keep_the_modes_own_settings(make_cfg):
+    with pytest.raises(ConfigError) as error:
+        validate(make_cfg("train.compile_pad_products=true"))
+    assert "train.compile_pad_products=true" in str(error.value) and "train.compile=blocks or denoiser" in str(
+        error.value
+    )
+    assert compile_arguments("default") == {"mode": "default"}
+    assert compile_arguments("default", pad_products=True) == {"options": {"force_shape_pad": True}}
+    graphs = compile_arguments("reduce-overhead", pad_products=True)["options"]
+    assert graphs["force_shape_pad"] and graphs["triton.cudagraphs"]  # the mode's own setting kept
+    tuned = compile_arguments("max-autotune-gemm", pad_products=True)["options"]
+    assert tuned == {"max_autotune_gemm": True, "force_shape_pad": True}
+    # torch.compile refuses options Inductor does not know: these are real settings, and the result is unchanged
+    layer = torch.nn.Linear(3, 5)
+    compiled = torch.compile(layer, **compile_arguments("default", pad_products=True))
+    inputs = torch.randn(7, 3)
+    torch.testing.assert_close(compiled(inputs), layer(inputs))
 
 
 def test_unknown_compile_settings_fail_validation(make_cfg):

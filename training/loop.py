@@ -237,7 +237,7 @@ class Trainer:
         # after the LoRA layers exist (they stay in the mixed precision), before compiling (the casts compile too)
         self.fp8_layers = configure_fp8_matmul(base.denoiser, cfg.precision.fp8_matmul)
         # after the LoRA layers exist, so the compiled blocks contain them
-        configure_compile(base.denoiser, train.compile, train.compile_mode)
+        configure_compile(base.denoiser, train.compile, train.compile_mode, train.compile_pad_products)
         configure_memory_format(base.denoiser, cfg.model.channels_last and self.device.type == "cuda")
         graphs = train.cuda_graphs
         self.graphed_denoiser = GraphedDenoiser(base.denoiser, self.family, self.autocast_dtype) if graphs else None

@@ -112,7 +112,9 @@ def _config_and_data_problems(cfg: Any) -> tuple[list[str], Validated]:
     expected = estimated_lora_bytes(cfg.network.dim, cfg.model.source, cfg.output.precision)
     problems += output_dir_problems(cfg.output, expected)
     problems += incompatible_with_cache(cfg.data)
-    problems += compile_problems(cfg.train.compile, cfg.train.compile_mode, cuda=CudaHere())
+    problems += compile_problems(
+        cfg.train.compile, cfg.train.compile_mode, cuda=CudaHere(), pad_products=cfg.train.compile_pad_products
+    )
     problems += _machine_problems(cfg)
     scan = _scan(cfg, cfg.data.train_dir, "data.train_dir")
     problems += scan.problems

@@ -27,7 +27,29 @@ from typing import Any
 
 import torch
 
-from training.speed.compile_options import compile_arguments, compile_problems
+from training.speed.compile_options import MODE_OPTIONS, compile_problems
+
+
+def compile_arguments(mode: str, pad_products: bool = False) -> dict[str, Any]:
+    """torch.compile's keyword arguments: ``mode``, or, where the project adds Inductor settings, the
+    mode's own settings (``torch._inductor.list_mode_options``) with them as ``options`` (torch.compile
+    takes one or the other).
+
+    ``pad_products``: Inductor's ``force_shape_pad`` pads every product whose sizes are not multiples of
+    8 (a rank-4 LoRA's) with zeros to aligned sizes and slices the result: the same numbers, but cuBLAS
+    can use its Hopper kernels; unaligned, it fell back to Ampere CUTLASS kernels ("..._align2"), 9% of
+    an H100's kernel time at SD1.5 and SDXL batch 4 (benchmarks/RESULTS.md). Inductor's own rule pads only
+    products it judges compute-bound, which the thin LoRA products are not; CUDA only.
+    """
+    options = dict(MODE_OPTIONS.get(mode, {}))
+    if pad_products:
+        options["force_shape_pad"] = True
+    if not options:
+        return {"mode": mode}
+    from torch._inductor import list_mode_options  # Inductor's import is heavy: only when asked
+
+    own = {} if mode in MODE_OPTIONS else list_mode_options(mode)
+    return {"options": {**own, **options}}
 
 
 def repeated_blocks(unet: Any) -> list[torch.nn.Module]:
@@ -36,14 +58,14 @@ def repeated_blocks(unet: Any) -> list[torch.nn.Module]:
     return [m for m in unet.modules() if type(m).__name__ in names]
 
 
-def configure_compile(unet: Any, kind: str, mode: str) -> int:
+def configure_compile(unet: Any, kind: str, mode: str, pad_products: bool = False) -> int:
     """Compile the repeated blocks (``blocks``) or the whole denoiser (``denoiser``), or neither (``none``).
 
     Returns how many modules are compiled (blocks, or 1 for the denoiser). Whatever an earlier trial
     compiled is undone first, so switching kinds on a shared base model never leaves both.
     """
     on_cuda = next(unet.parameters()).device.type == "cuda"
-    if problems := compile_problems(kind, mode, cuda=on_cuda):
+    if problems := compile_problems(kind, mode, cuda=on_cuda, pad_products=pad_products):
         raise ValueError("; ".join(problems))
     blocks = repeated_blocks(unet)
     unet._compiled_call_impl = None  # what nn.Module.compile sets; None restores eager calls
@@ -52,12 +74,12 @@ def configure_compile(unet: Any, kind: str, mode: str) -> int:
     if kind == "none":
         return 0
     if kind == "denoiser":
-        unet.compile(**compile_arguments(mode))
+        unet.compile(**compile_arguments(mode, pad_products))
         return 1
     if not blocks:
         raise ValueError(
             f"train.compile=blocks: {type(unet).__name__} marks no repeated blocks (_repeated_blocks); "
             "use train.compile=none"
         )
-    unet.compile_repeated_blocks(**compile_arguments(mode))
+    unet.compile_repeated_blocks(**compile_arguments(mode, pad_products))
     return len(blocks)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 COMPILE_KINDS = ("none", "blocks", "denoiser")
 # torch.compile's own modes, and the project's: Inductor config patches passed as ``options``
+# (compile.compile_arguments)
 MODE_OPTIONS = {
     # Triton GEMM and convolution templates timed against cuBLAS / cuDNN per shape (Inductor's
     # ``max_autotune_gemm``), without max-autotune's pointwise and coordinate-descent tuning: those
@@ -21,13 +22,9 @@ DENOISER_ON_CPU = (
 )
 
 
-def compile_arguments(mode: str) -> dict:
-    """torch.compile's keyword arguments for ``train.compile_mode`` (it takes ``mode`` or ``options``)."""
-    return {"options": dict(MODE_OPTIONS[mode])} if mode in MODE_OPTIONS else {"mode": mode}
-
-
-def compile_problems(kind: str, mode: str, cuda: object = None) -> list[str]:
-    """Why ``train.compile`` / ``train.compile_mode`` are unusable, for startup validation.
+def compile_problems(kind: str, mode: str, cuda: object = None, pad_products: bool = False) -> list[str]:
+    """Why ``train.compile`` / ``train.compile_mode`` / ``train.compile_pad_products`` are unusable, for
+    startup validation.
 
     ``cuda``: truthy when training runs on a CUDA GPU (the startup check passes its lazy ``CudaHere``,
     asked only for ``train.compile=denoiser``); None: not known, not checked.
@@ -39,4 +36,9 @@ def compile_problems(kind: str, mode: str, cuda: object = None) -> list[str]:
         problems.append(f"train.compile_mode must be one of {', '.join(COMPILE_MODES)} (got {mode!r})")
     if kind == "denoiser" and cuda is not None and not cuda:
         problems.append(DENOISER_ON_CPU)
+    if pad_products and kind == "none":
+        problems.append(
+            "train.compile_pad_products=true pads products inside torch.compile's graphs: "
+            "set train.compile=blocks or denoiser, or train.compile_pad_products=false"
+        )
     return problems
