@@ -906,6 +906,11 @@ def print_measured(head: str, r: dict, *, digits: int, width: int) -> None:
     )
 
 
+def compile_cell(row: dict) -> str:
+    """train.compile[/mode], and "+ pad" where train.compile_pad_products is on."""
+    return row["compile"] + (" + pad" if row.get("pad_products") else "")
+
+
 def print_sd15_table(rows: list[dict]) -> None:
     header = (
         "| batch | network | latents | workers | compile | SDPA | fp8 | channels-last | CUDA graphs | peft cast "
@@ -915,7 +920,7 @@ def print_sd15_table(rows: list[dict]) -> None:
     print("|---" * 16 + "|")
     for r in rows:
         head = (
-            f"| {r['batch']} | {network_cell(r)} | {r['cache_latents']} | {r['workers']} | {r['compile']} | "
+            f"| {r['batch']} | {network_cell(r)} | {r['cache_latents']} | {r['workers']} | {compile_cell(r)} | "
             f"{r['sdpa_backend']} | {r['fp8_matmul']} | {'on' if r['channels_last'] else 'off'} | "
             f"{'on' if r['cuda_graphs'] else 'off'} | "
             f"{'on' if r['peft_input_cast'] else 'off'} | {params_cell(r)} |"
@@ -941,7 +946,7 @@ def print_sdxl_table(rows: list[dict], session: Session) -> None:
     for r in rows:
         head = (
             f"| {r['row']} | {r['batch']} | {network_cell(r)} | {r['cache_latents']} | {on(r['text_cache'])} | "
-            f"{r['vae_precision']} | {r['compile']} | {r['sdpa_backend']} | {r['fp8_matmul']} | "
+            f"{r['vae_precision']} | {compile_cell(r)} | {r['sdpa_backend']} | {r['fp8_matmul']} | "
             f"{on(r['channels_last'])} | {on(r['cuda_graphs'])} | {on(r['grad_checkpointing'])} | {params_cell(r)} |"
         )
         print_measured(head, r, digits=2, width=90)
