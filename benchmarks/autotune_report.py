@@ -3,9 +3,10 @@
 Inductor (``max_autotune`` / ``max_autotune_gemm``) keeps every choice's time in its local autotune cache,
 ``$TORCHINDUCTOR_CACHE_DIR/cache/<system hash>`` (JSON; the hash covers the GPU's name and the torch and
 Triton builds, so a cache serves only the same kind of card and software). Its log prints only the ten
-best choices; this reads all of them, and says which times cannot be kernel times: a product's FLOPs
-over its measured time above the card's bf16 matmul peak is impossible for the kernel alone, and a time
-near the benchmark's own floor is launch overhead, which CUDA graphs remove in training.
+best choices; this reads all of them. It flags times that cannot be kernel times (a product's FLOPs over
+its time above the card's bf16 matmul peak), and prints each kind's floor, the fastest time measured:
+a floor far above a microsecond's work points at the harness's own cost per call, which a replayed
+CUDA graph need not pay.
 
     python3 benchmarks/autotune_report.py results/h200-2026-12-07-inductor-autotune-cache.json --peak 790
 """
@@ -21,9 +22,8 @@ from pathlib import Path
 LIBRARY_PREFIXES = ("mm-", "addmm-", "bias_addmm-", "convolution-")  # cuBLAS / cuDNN; the rest are templates
 
 
-def product_flops(op: str, key: str) -> float | None:
+def product_flops(op: str, layouts: list[tuple]) -> float | None:
     """2*M*N*K of a tuned mm/addmm (its input layouts are (device, dtype, rows, cols, strides..., offset))."""
-    layouts = ast.literal_eval(key)
     if op == "mm":
         (_, _, m, k, *_), (_, _, _, n, *_) = layouts
     elif op == "addmm":
@@ -39,20 +39,19 @@ def rows(cache: dict) -> list[dict]:
         if op not in ("mm", "addmm", "convolution"):
             continue  # pad_mm's padding decisions share the file
         for key, by_precision in entries.items():
-            for precision, times in by_precision.items():
+            layouts = ast.literal_eval(key)
+            for times in by_precision.values():
                 library = [t for name, t in times.items() if name.startswith(LIBRARY_PREFIXES)]
                 templates = [t for name, t in times.items() if not name.startswith(LIBRARY_PREFIXES)]
                 if not library or not templates:
                     continue
-                shapes = " x ".join(str(tuple(layout[2:4])) for layout in ast.literal_eval(key))
                 table.append(
                     dict(
                         op=op,
-                        shapes=shapes,
-                        precision=precision,
+                        shapes=" x ".join(str(tuple(layout[2:4])) for layout in layouts),
                         library_ms=min(library),
                         template_ms=min(templates),
-                        flops=product_flops(op, key),
+                        flops=product_flops(op, layouts),
                     )
                 )
     return table
@@ -81,8 +80,9 @@ def main() -> None:
     won = sum(r["template_ms"] < r["library_ms"] for r in table)
     print(
         f"{len(table)} tuned products; a template measured faster in {won}; {impossible} template times imply "
-        f"more than {args.peak:.0f} TFLOP/s. Floors (the fastest time of each kind, a measure of the harness's "
-        f"own cost per call): library {library_floor:.4f} ms, template {template_floor:.4f} ms. Sums: library "
+        f"more than {args.peak:.0f} TFLOP/s. Floors (the fastest time of each kind; far above a microsecond's "
+        f"work, they point at the harness's own cost per call): library {library_floor:.4f} ms, "
+        f"template {template_floor:.4f} ms. Sums: library "
         f"{sum(r['library_ms'] for r in table):.3f} ms, best templates {sum(r['template_ms'] for r in table):.3f} "
         f"ms; less each kind's floor: {sum(r['library_ms'] - library_floor for r in table):.3f} against "
         f"{sum(r['template_ms'] - template_floor for r in table):.3f} ms (each shape once, not per call)"

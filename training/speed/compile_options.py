@@ -7,8 +7,8 @@ COMPILE_KINDS = ("none", "blocks", "denoiser")
 # (compile.compile_arguments)
 MODE_OPTIONS = {
     # Triton GEMM and convolution templates timed against cuBLAS / cuDNN per shape (Inductor's
-    # ``max_autotune_gemm``), without max-autotune's pointwise and coordinate-descent tuning: those
-    # products are where the templates won on SD1.5's shapes, the rest only lengthens compilation
+    # ``max_autotune_gemm``), without max-autotune's pointwise and coordinate-descent tuning: the
+    # products are where Inductor timed its templates faster on SD1.5's shapes; the rest lengthens compiling
     "max-autotune-gemm": {"max_autotune_gemm": True},
 }
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs", *MODE_OPTIONS)
