@@ -199,6 +199,7 @@ def config(
     sdpa_backend: str = "auto",
     fp8_matmul: str = "none",
     pad_products: bool = False,
+    fuse_products: bool = False,
 ):
     cfg = OmegaConf.merge(
         OmegaConf.structured(Config),
@@ -228,6 +229,7 @@ def config(
                     "compile": compile_kind,
                     "compile_mode": compile_mode,
                     "compile_pad_products": pad_products,
+                    "fuse_lora_products": fuse_products,
                     "cuda_graphs": cuda_graphs,
                 },
                 "output": {"dir": str(out_dir)},
@@ -294,7 +296,8 @@ def count_step_flops(trainer: Trainer) -> dict[str, float]:
 # g train.cuda_graphs, cast: peft's fp32 cast of LoRA inputs left on (the loop before this pass),
 # latents: data.cache_latents, text: data.cache_text_embeddings (on unless said), net network.type
 # (lora unless said), conv network.conv_dim (None unless said), sdpa model.sdpa_backend (auto unless said),
-# fp8 precision.fp8_matmul (none unless said), pad train.compile_pad_products (off unless said).
+# fp8 precision.fp8_matmul (none unless said), pad train.compile_pad_products (off unless said), fuse
+# train.fuse_lora_products (off unless said).
 SD15_GRID = [
     dict(b=1, w=0, c="none", cl=False, g=False, cast=True),
     dict(b=1, w=0, c="none", cl=False, g=False),
@@ -398,6 +401,11 @@ SD15_GRID += [dict(b=batch, w=4, c="denoiser/max-autotune-gemm", cl=True, g=True
 # 58-59: train.compile_pad_products (rank-4 products padded to multiples of 8, so cuBLAS leaves its Ampere
 # "align2" fallback kernels) on the whole denoiser with CUDA graphs, at batch 4 (against 33) and 32 (39)
 SD15_GRID += [dict(b=batch, w=4, c="denoiser", cl=True, g=True, pad=True) for batch in (4, 32)]
+# 60-61: train.fuse_lora_products (the LoRA's down-product and hidden gradient ride in the frozen layer's
+# GEMMs) on the whole denoiser with CUDA graphs, at batch 4 (against 33) and 32 (39); 62: with padded
+# products too (against 58)
+SD15_GRID += [dict(b=batch, w=4, c="denoiser", cl=True, g=True, fuse=True) for batch in (4, 32)]
+SD15_GRID += [dict(b=4, w=4, c="denoiser", cl=True, g=True, pad=True, fuse=True)]
 
 
 def sdxl_ladder(batch: int) -> list[dict]:
@@ -444,6 +452,8 @@ SDXL_GRID = [
     dict(b=4, w=4, c="denoiser/max-autotune-gemm", cl=True, g=True),  # 42: autotuned products (against 34)
     dict(b=4, w=4, c="denoiser", cl=True, g=True, pad=True),  # 43: padded products (against 34)
     dict(b=4, w=4, c="blocks", cl=True, g=True, pad=True),  # 44: padded products, compiled blocks (against 32)
+    dict(b=4, w=4, c="denoiser", cl=True, g=True, fuse=True),  # 45: fused LoRA products (against 34)
+    dict(b=4, w=4, c="blocks", cl=True, g=True, fuse=True),  # 46: fused LoRA products, compiled blocks (against 32)
 ]
 SDXL_BUDGET_S = 500.0  # seconds from the start of main(); one device call has 600
 SDXL_IMAGES = 32  # enough for one batch of the largest probe
@@ -567,7 +577,7 @@ def run_row(index: int, spec: dict, session: Session) -> dict:
     rank, workers, cache = spec.get("r", 4), spec["w"], spec.get("latents", "memory")
     compile_kind, _, compile_mode = spec["c"].partition("/")
     net, conv, sdpa = spec.get("net", "lora"), spec.get("conv"), spec.get("sdpa", "auto")
-    fp8, pad = spec.get("fp8", "none"), spec.get("pad", False)
+    fp8, pad, fuse = spec.get("fp8", "none"), spec.get("pad", False), spec.get("fuse", False)
     graphs = spec["g"]
     setting = {
         "batch": batch,
@@ -577,6 +587,7 @@ def run_row(index: int, spec: dict, session: Session) -> dict:
         "sdpa_backend": sdpa,
         "fp8_matmul": fp8,
         "pad_products": pad,
+        "fuse_lora_products": fuse,
         "cache_latents": cache,
         "text_cache": spec.get("text", True),
         "workers": workers,
@@ -626,6 +637,7 @@ def run_row(index: int, spec: dict, session: Session) -> dict:
         sdpa_backend=sdpa,
         fp8_matmul=fp8,
         pad_products=pad,
+        fuse_products=fuse,
     )
     torch._dynamo.reset()  # each configuration compiles from scratch, as a fresh run would
     clear_text_caches()
@@ -907,8 +919,13 @@ def print_measured(head: str, r: dict, *, digits: int, width: int) -> None:
 
 
 def compile_cell(row: dict) -> str:
-    """train.compile[/mode], and "+ pad" where train.compile_pad_products is on."""
-    return row["compile"] + (" + pad" if row.get("pad_products") else "")
+    """train.compile[/mode], "+ pad" where train.compile_pad_products is on, "+ fused LoRA" where
+    train.fuse_lora_products is."""
+    return (
+        row["compile"]
+        + (" + pad" if row.get("pad_products") else "")
+        + (" + fused LoRA" if row.get("fuse_lora_products") else "")
+    )
 
 
 def print_sd15_table(rows: list[dict]) -> None:

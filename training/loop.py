@@ -51,6 +51,7 @@ from training.speed.attention import configure_gradient_checkpointing, configure
 from training.speed.compile import configure_compile
 from training.speed.cuda_graph import GraphedDenoiser, cuda_graph_problems
 from training.speed.fp8 import configure_fp8_matmul
+from training.speed.fused_lora import configure_fused_lora
 from training.speed.memory import release_accelerator_memory
 from training.speed.sdpa_backend import configure_sdpa_backend
 from training.text.captions import transform_caption, with_trigger
@@ -236,6 +237,7 @@ class Trainer:
         )
         # after the LoRA layers exist (they stay in the mixed precision), before compiling (the casts compile too)
         self.fp8_layers = configure_fp8_matmul(base.denoiser, cfg.precision.fp8_matmul)
+        self.fused_lora_layers = configure_fused_lora(base.denoiser, train.fuse_lora_products)
         # after the LoRA layers exist, so the compiled blocks contain them
         configure_compile(base.denoiser, train.compile, train.compile_mode, train.compile_pad_products)
         configure_memory_format(base.denoiser, cfg.model.channels_last and self.device.type == "cuda")

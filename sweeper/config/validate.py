@@ -30,6 +30,7 @@ from training.output_dir import estimated_lora_bytes, output_dir_problems
 from training.speed.attention_options import attention_problem, sdpa_backend_problem
 from training.speed.compile_options import compile_problems
 from training.speed.fp8_options import fp8_matmul_problems
+from training.speed.fused_lora_options import fused_lora_problems
 from training.state_files import resume_problem
 from training.text.encoding_options import max_token_length_problem
 
@@ -114,6 +115,9 @@ def _config_and_data_problems(cfg: Any) -> tuple[list[str], Validated]:
     problems += incompatible_with_cache(cfg.data)
     problems += compile_problems(
         cfg.train.compile, cfg.train.compile_mode, cuda=CudaHere(), pad_products=cfg.train.compile_pad_products
+    )
+    problems += fused_lora_problems(
+        cfg.train.fuse_lora_products, cfg.network.type, cfg.network.dropout, cfg.precision.fp8_matmul
     )
     problems += _machine_problems(cfg)
     scan = _scan(cfg, cfg.data.train_dir, "data.train_dir")

@@ -1,0 +1,31 @@
+"""What ``train.fuse_lora_products`` needs of the other keys, checked at startup without loading torch."""
+
+from __future__ import annotations
+
+# the network types whose linear layers are peft's plain LoRA layers (LoCon adds convolutions, which stay
+# peft's): DoRA rescales the product by the weight's norm, LoHa and LoKr have no lora_A / lora_B pair
+FUSABLE_TYPES = ("lora", "locon")
+
+
+def fused_lora_problems(enabled: bool, network_type: str, dropout: float, fp8_matmul: str) -> list[str]:
+    """Why ``train.fuse_lora_products=true`` cannot run with these settings (empty when off)."""
+    if not enabled:
+        return []
+    problems = []
+    if network_type not in FUSABLE_TYPES:
+        problems.append(
+            f"train.fuse_lora_products=true fuses plain LoRA layers (network.type={' or '.join(FUSABLE_TYPES)}); "
+            f"network.type={network_type} has none: set train.fuse_lora_products=false"
+        )
+    if dropout > 0:
+        problems.append(
+            f"train.fuse_lora_products=true computes lora_down inside the base layer's product, where "
+            f"network.dropout={dropout} cannot drop its output: set network.dropout=0 or "
+            "train.fuse_lora_products=false"
+        )
+    if fp8_matmul != "none":
+        problems.append(
+            f"train.fuse_lora_products=true multiplies the frozen weight with the LoRA's in one product, which "
+            f"precision.fp8_matmul={fp8_matmul} runs in float8: set one of them off"
+        )
+    return problems
