@@ -212,3 +212,16 @@ def test_settings_it_cannot_fuse_are_refused_at_startup_naming_the_key(make_cfg)
     assert "set network.dropout=0 or train.fuse_lora_products=false" in message
     problems = fused_lora_problems(True, "lora", 0.0, "large")
     assert len(problems) == 1 and "precision.fp8_matmul=large" in problems[0]
+
+
+def test_the_meta_count_sees_fewer_products_and_more_copies():
+    """``benchmarks/lora_products.py`` at SD1.5 size on the meta device: the fused step dispatches fewer
+    products (one or two fewer per fused layer) and copies more (the stacked weights)."""
+    from benchmarks.lora_products import count
+
+    plain, fused = count("sd15", 4, fuse=False), count("sd15", 4, fuse=True)
+    assert plain["lora_linear_layers"] == 0 and fused["lora_linear_layers"] > 0
+    fewer = plain["products"] - fused["products"]
+    assert 0 < fewer <= 2 * fused["lora_linear_layers"]
+    assert plain["products"] - plain["thin_products"] == fused["products"] - fused["thin_products"]
+    assert fused["copy_gb"] > plain["copy_gb"]

@@ -22,6 +22,7 @@ weight twice, which pays only where the activation is larger than the weight; la
 
 from __future__ import annotations
 
+import contextlib
 from types import MethodType
 from typing import Any
 
@@ -81,14 +82,15 @@ def lora_linear(x: torch.Tensor, weight, bias, down, up, scale: float, fuse: boo
     """A LoRA linear layer's output, in the autocast dtype where autocast is on (as peft's layers under
     it). ``fuse``: None decides by ``fusion_pays``; False runs peft's products (the reference)."""
     device = x.device.type
-    dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else weight.dtype
+    autocast = torch.amp.is_autocast_available(device) and torch.is_autocast_enabled(device)  # not on meta
+    dtype = torch.get_autocast_dtype(device) if autocast else weight.dtype
     flat = x.reshape(-1, x.shape[-1]).to(dtype)
     out_features, in_features = weight.shape
     if fuse is None:
         fuse = fusion_pays(flat.shape[0], in_features, out_features)
     weight, down, up = weight.to(dtype), down.to(dtype), up.to(dtype)
     bias = None if bias is None else bias.to(dtype)
-    with torch.autocast(device, enabled=False):
+    with torch.autocast(device, enabled=False) if autocast else contextlib.nullcontext():
         if fuse:
             y = LoraProduct.apply(flat, weight, bias, down, up, scale)
         else:
