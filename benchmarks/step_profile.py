@@ -56,7 +56,11 @@ def profile_steps(trainer: Trainer, steps: int = 6) -> dict:
         kind = kernel_kind(e.key)
         by_kind[kind] = by_kind.get(kind, 0.0) + e.self_device_time_total / 1e3 / steps
     host = sorted(events, key=lambda e: e.self_cpu_time_total, reverse=True)
-    # which operator (and at which sizes) launched the GPU time: aten calls by their kernels' time
+    # which operator (and at which sizes) launched the GPU time: aten calls by their kernels' time. Outside
+    # a replayed CUDA graph only: a row without train.cuda_graphs shows what the compiled code calls too
+    # (e.g. which operator launches the compiled step's strided-copy ``elementwise_kernel``s)
+    operators = [e for e in events if e.key.startswith("aten::")]
+    operators.sort(key=lambda e: e.self_device_time_total, reverse=True)
     by_shape = [e for e in prof.key_averages(group_by_input_shape=True) if e.key.startswith("aten::")]
     by_shape.sort(key=lambda e: e.self_device_time_total, reverse=True)
     return {
@@ -68,6 +72,9 @@ def profile_steps(trainer: Trainer, steps: int = 6) -> dict:
             (e.key[:90], round(e.self_device_time_total / 1e3 / steps, 2), e.count // steps) for e in kernels[:15]
         ],
         "top_host": [(e.key[:60], round(e.self_cpu_time_total / 1e3 / steps, 2), e.count // steps) for e in host[:15]],
+        "top_ops": [
+            (e.key, round(e.self_device_time_total / 1e3 / steps, 2), e.count // steps) for e in operators[:15]
+        ],
         "top_ops_by_shape": [
             (e.key, str(e.input_shapes)[:160], round(e.self_device_time_total / 1e3 / steps, 2), e.count // steps)
             for e in by_shape[:25]
