@@ -403,9 +403,11 @@ SD15_GRID += [dict(b=batch, w=4, c="denoiser/max-autotune-gemm", cl=True, g=True
 SD15_GRID += [dict(b=batch, w=4, c="denoiser", cl=True, g=True, pad=True) for batch in (4, 32)]
 # 60-61: train.fuse_lora_products (the LoRA's down-product and hidden gradient ride in the frozen layer's
 # GEMMs) on the whole denoiser with CUDA graphs, at batch 4 (against 33) and 32 (39); 62: with padded
-# products too (against 58)
+# products too (against 58); 63: without compilation, CUDA graphs alone (against 28: no compile time, and
+# the fused layers' products are aligned where Inductor's padding cannot reach)
 SD15_GRID += [dict(b=batch, w=4, c="denoiser", cl=True, g=True, fuse=True) for batch in (4, 32)]
 SD15_GRID += [dict(b=4, w=4, c="denoiser", cl=True, g=True, pad=True, fuse=True)]
+SD15_GRID += [dict(b=4, w=4, c="none", cl=True, g=True, fuse=True)]
 
 
 def sdxl_ladder(batch: int) -> list[dict]:

@@ -7,7 +7,7 @@ LoRA's rank or its padding (at most 8): those are memory-bound, and their count 
 (bf16 operands, ``addmm``'s added matrix and the result) are what fusing the LoRA into the frozen
 layer's products is for. The stacked weights the fused path builds each step cost copies
 (``aten.cat`` / ``constant_pad_nd`` outputs, read and written); the script counts those too.
-Counts and bytes, not time: the GPU rows (``bench_training.py`` SD1.5 60-62, SDXL 45-46) say what
+Counts and bytes, not time: the GPU rows (``bench_training.py`` SD1.5 60-63, SDXL 45-46) say what
 they are worth. peft's adds of the LoRA's output are pointwise, so not counted here (the fused
 path's ``addmm`` does them inside its product, and is counted).
 
