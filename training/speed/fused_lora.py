@@ -29,6 +29,8 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from training.network.adapters import tuner_layers
+
 ALIGNMENT = 8  # elements: 16 bytes of bf16, the operand alignment of cuBLAS' fast kernels
 
 
@@ -126,7 +128,7 @@ def _fused_forward(self: Any, x: torch.Tensor, *args: Any, **kwargs: Any) -> tor
 def lora_linear_layers(model: torch.nn.Module) -> list[Any]:
     from peft.tuners.lora.layer import Linear
 
-    return [m for m in model.modules() if isinstance(m, Linear)]
+    return [layer for layer in tuner_layers(model) if isinstance(layer, Linear)]
 
 
 def configure_fused_lora(model: torch.nn.Module, enabled: bool) -> int:
