@@ -408,6 +408,8 @@ SD15_GRID += [dict(b=batch, w=4, c="denoiser", cl=True, g=True, pad=True) for ba
 SD15_GRID += [dict(b=batch, w=4, c="denoiser", cl=True, g=True, fuse=True) for batch in (4, 32)]
 SD15_GRID += [dict(b=4, w=4, c="denoiser", cl=True, g=True, pad=True, fuse=True)]
 SD15_GRID += [dict(b=4, w=4, c="none", cl=True, g=True, fuse=True)]
+# 64: both at batch 32 (against 39, 59 and 61)
+SD15_GRID += [dict(b=32, w=4, c="denoiser", cl=True, g=True, pad=True, fuse=True)]
 
 
 def sdxl_ladder(batch: int) -> list[dict]:
@@ -456,6 +458,8 @@ SDXL_GRID = [
     dict(b=4, w=4, c="blocks", cl=True, g=True, pad=True),  # 44: padded products, compiled blocks (against 32)
     dict(b=4, w=4, c="denoiser", cl=True, g=True, fuse=True),  # 45: fused LoRA products (against 34)
     dict(b=4, w=4, c="blocks", cl=True, g=True, fuse=True),  # 46: fused LoRA products, compiled blocks (against 32)
+    dict(b=4, w=4, c="blocks", cl=True, g=True, pad=True, fuse=True),  # 47: both, compiled blocks (against 32)
+    dict(b=8, w=4, c="blocks", cl=True, g=True, pad=True, fuse=True),  # 48: both at batch 8 (against 23)
 ]
 SDXL_BUDGET_S = 500.0  # seconds from the start of main(); one device call has 600
 SDXL_IMAGES = 32  # enough for one batch of the largest probe
