@@ -200,6 +200,7 @@ def config(
     fp8_matmul: str = "none",
     pad_products: bool = False,
     fuse_products: bool = False,
+    cudnn_benchmark: bool = False,
 ):
     cfg = OmegaConf.merge(
         OmegaConf.structured(Config),
@@ -230,6 +231,7 @@ def config(
                     "compile_mode": compile_mode,
                     "compile_pad_products": pad_products,
                     "fuse_lora_products": fuse_products,
+                    "cudnn_benchmark": cudnn_benchmark,
                     "cuda_graphs": cuda_graphs,
                 },
                 "output": {"dir": str(out_dir)},
@@ -410,6 +412,9 @@ SD15_GRID += [dict(b=4, w=4, c="denoiser", cl=True, g=True, pad=True, fuse=True)
 SD15_GRID += [dict(b=4, w=4, c="none", cl=True, g=True, fuse=True)]
 # 64: both at batch 32 (against 39, 59 and 61)
 SD15_GRID += [dict(b=32, w=4, c="denoiser", cl=True, g=True, pad=True, fuse=True)]
+# 65-67: train.cudnn_benchmark (cuDNN times its convolution algorithms per shape), against 28, 33 and 39
+SD15_GRID += [dict(b=4, w=4, c="none", cl=True, g=True, bench=True)]
+SD15_GRID += [dict(b=batch, w=4, c="denoiser", cl=True, g=True, bench=True) for batch in (4, 32)]
 
 
 def sdxl_ladder(batch: int) -> list[dict]:
@@ -460,6 +465,8 @@ SDXL_GRID = [
     dict(b=4, w=4, c="blocks", cl=True, g=True, fuse=True),  # 46: fused LoRA products, compiled blocks (against 32)
     dict(b=4, w=4, c="blocks", cl=True, g=True, pad=True, fuse=True),  # 47: both, compiled blocks (against 32)
     dict(b=8, w=4, c="blocks", cl=True, g=True, pad=True, fuse=True),  # 48: both at batch 8 (against 23)
+    dict(b=4, w=4, c="blocks", cl=True, g=True, bench=True),  # 49: train.cudnn_benchmark (against 32)
+    dict(b=4, w=4, c="denoiser", cl=True, g=True, bench=True),  # 50: the same, whole denoiser (against 34)
 ]
 SDXL_BUDGET_S = 500.0  # seconds from the start of main(); one device call has 600
 SDXL_IMAGES = 32  # enough for one batch of the largest probe
@@ -594,6 +601,7 @@ def run_row(index: int, spec: dict, session: Session) -> dict:
         "fp8_matmul": fp8,
         "pad_products": pad,
         "fuse_lora_products": fuse,
+        "cudnn_benchmark": spec.get("bench", False),
         "cache_latents": cache,
         "text_cache": spec.get("text", True),
         "workers": workers,
@@ -644,6 +652,7 @@ def run_row(index: int, spec: dict, session: Session) -> dict:
         fp8_matmul=fp8,
         pad_products=pad,
         fuse_products=fuse,
+        cudnn_benchmark=spec.get("bench", False),
     )
     torch._dynamo.reset()  # each configuration compiles from scratch, as a fresh run would
     clear_text_caches()
@@ -926,11 +935,12 @@ def print_measured(head: str, r: dict, *, digits: int, width: int) -> None:
 
 def compile_cell(row: dict) -> str:
     """train.compile[/mode], "+ pad" where train.compile_pad_products is on, "+ fused LoRA" where
-    train.fuse_lora_products is."""
+    train.fuse_lora_products is, "+ cuDNN timed" where train.cudnn_benchmark is."""
     return (
         row["compile"]
         + (" + pad" if row.get("pad_products") else "")
         + (" + fused LoRA" if row.get("fuse_lora_products") else "")
+        + (" + cuDNN timed" if row.get("cudnn_benchmark") else "")
     )
 
 

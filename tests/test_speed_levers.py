@@ -19,6 +19,7 @@ from training.network.lora import add_lora, remove_lora
 from training.speed.attention_options import SDPA_BACKENDS, sdpa_backend_problem
 from training.speed.compile import configure_compile, repeated_blocks
 from training.speed.compile_options import compile_problems
+from training.speed.cudnn import configure_cudnn_benchmark
 from training.speed.fp8 import configure_fp8_matmul, fp8_layer_count, gains_on_h100
 from training.speed.fp8_options import fp8_matmul_problems
 from training.speed.sdpa_backend import TORCH_DEFAULTS, configure_sdpa_backend, sdpa_switches, set_sdpa_backend
@@ -131,6 +132,18 @@ def test_sdpa_backend_switches_are_set_and_restored_by_auto():
         assert torch.backends.cuda.flash_sdp_enabled() and torch.backends.cuda.mem_efficient_sdp_enabled()
     finally:
         set_sdpa_backend("auto")
+
+
+def test_cudnn_benchmark_is_set_per_run_in_both_directions_and_never_on_the_cpu():
+    try:
+        assert configure_cudnn_benchmark(True, torch.device("cuda")) is True  # a flag: no GPU needed to set it
+        assert torch.backends.cudnn.benchmark
+        assert configure_cudnn_benchmark(False, torch.device("cuda")) is False  # the next trial turns it off
+        assert not torch.backends.cudnn.benchmark
+        assert configure_cudnn_benchmark(True, torch.device("cpu")) is False
+        assert not torch.backends.cudnn.benchmark
+    finally:
+        torch.backends.cudnn.benchmark = False
 
 
 def test_sdpa_backend_runs_attention_on_the_cpu_with_flash_and_math():

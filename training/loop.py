@@ -50,6 +50,7 @@ from training.optim import build_lr_scheduler, build_optimizer
 from training.speed.attention import configure_gradient_checkpointing, configure_memory_format
 from training.speed.compile import configure_compile
 from training.speed.cuda_graph import GraphedDenoiser, cuda_graph_problems
+from training.speed.cudnn import configure_cudnn_benchmark
 from training.speed.fp8 import configure_fp8_matmul
 from training.speed.fused_lora import configure_fused_lora
 from training.speed.memory import release_accelerator_memory
@@ -214,6 +215,7 @@ class Trainer:
         cfg, base, train = self.cfg, self.base, self.cfg.train
         self.family.configure_attention(base.denoiser, cfg.model.attention, self.device)
         configure_sdpa_backend(cfg.model.sdpa_backend, cfg.model.attention, self.device)
+        configure_cudnn_benchmark(train.cudnn_benchmark, self.device)
         if problems := cuda_graph_problems(  # before LoRA layers are added to the shared base model
             train.cuda_graphs,
             grad_accum_steps=train.grad_accum_steps,
