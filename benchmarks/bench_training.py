@@ -58,6 +58,7 @@ from training.loop import Trainer
 from training.network.lora import remove_leftover_adapters, remove_lora
 from training.speed.attention_options import sdpa_backend_problem
 from training.speed.compile import configure_compile
+from training.speed.cudnn import first_cudnn_benchmark_setting
 from training.speed.fp8 import configure_fp8_matmul
 from training.speed.sdpa_backend import configure_sdpa_backend, set_sdpa_backend
 from training.text.tokenizer import build_word_tokenizer
@@ -412,7 +413,8 @@ SD15_GRID += [dict(b=4, w=4, c="denoiser", cl=True, g=True, pad=True, fuse=True)
 SD15_GRID += [dict(b=4, w=4, c="none", cl=True, g=True, fuse=True)]
 # 64: both at batch 32 (against 39, 59 and 61)
 SD15_GRID += [dict(b=32, w=4, c="denoiser", cl=True, g=True, pad=True, fuse=True)]
-# 65-67: train.cudnn_benchmark (cuDNN times its convolution algorithms per shape), against 28, 33 and 39
+# 65-67: train.cudnn_benchmark (cuDNN times its convolution algorithms per shape), against 28, 33 and 39; a row
+# with the other setting than the invocation's first is skipped (cuDNN's plans stay per process): --rows 66 alone
 SD15_GRID += [dict(b=4, w=4, c="none", cl=True, g=True, bench=True)]
 SD15_GRID += [dict(b=batch, w=4, c="denoiser", cl=True, g=True, bench=True) for batch in (4, 32)]
 
@@ -465,8 +467,9 @@ SDXL_GRID = [
     dict(b=4, w=4, c="blocks", cl=True, g=True, fuse=True),  # 46: fused LoRA products, compiled blocks (against 32)
     dict(b=4, w=4, c="blocks", cl=True, g=True, pad=True, fuse=True),  # 47: both, compiled blocks (against 32)
     dict(b=8, w=4, c="blocks", cl=True, g=True, pad=True, fuse=True),  # 48: both at batch 8 (against 23)
-    dict(b=4, w=4, c="blocks", cl=True, g=True, bench=True),  # 49: train.cudnn_benchmark (against 32)
-    dict(b=4, w=4, c="denoiser", cl=True, g=True, bench=True),  # 50: the same, whole denoiser (against 34)
+    # 49-50: train.cudnn_benchmark, each in an invocation of its own (cuDNN's plans stay per process)
+    dict(b=4, w=4, c="blocks", cl=True, g=True, bench=True),  # 49 (against 32)
+    dict(b=4, w=4, c="denoiser", cl=True, g=True, bench=True),  # 50: whole denoiser (against 34)
 ]
 SDXL_BUDGET_S = 500.0  # seconds from the start of main(); one device call has 600
 SDXL_IMAGES = 32  # enough for one batch of the largest probe
@@ -573,6 +576,19 @@ def skip_reason(spec: dict, batch: int | None, session: Session) -> str | None:
     return None
 
 
+def cudnn_skip_reason(spec: dict) -> str | None:
+    """Why a row cannot run after the rows before it in this process: PyTorch keeps each convolution
+    shape's cuDNN plan for the process whatever ``train.cudnn_benchmark`` says later (training/speed/cudnn.py),
+    so a row with the other setting would time the first row's plans."""
+    first, wanted = first_cudnn_benchmark_setting(), spec.get("bench", False)
+    if first is None or first == wanted:
+        return None
+    return (
+        f"train.cudnn_benchmark={str(wanted).lower()} after a row with {str(first).lower()} in this process "
+        "(cuDNN's plans stay per process): run it in an invocation of its own"
+    )
+
+
 def cpu_skip_reason(compile_kind: str, sdpa: str) -> str | None:
     """Why an SD1.5 row cannot run on the CPU (a ``--tiny`` smoke run), or None: there its CUDA graphs are
     left off instead (the row says so), whole-denoiser compilation and the CUDA-only kernels are refused."""
@@ -610,6 +626,8 @@ def run_row(index: int, spec: dict, session: Session) -> dict:
         "cuda_graphs": spec["g"],
         "peft_input_cast": bool(spec.get("cast")),
     }
+    if cuda and (reason := cudnn_skip_reason(spec)):
+        return {**({"row": index} if sdxl else {}), **setting, "skipped": reason}
     if sdxl:
         setting = {
             "row": index,

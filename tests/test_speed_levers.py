@@ -134,11 +134,18 @@ def test_sdpa_backend_switches_are_set_and_restored_by_auto():
         set_sdpa_backend("auto")
 
 
-def test_cudnn_benchmark_is_set_per_run_in_both_directions_and_never_on_the_cpu():
+def test_cudnn_benchmark_is_set_per_run_never_on_the_cpu_and_a_change_in_one_process_is_warned(monkeypatch):
+    import training.speed.cudnn as cudnn
+
+    monkeypatch.setattr(cudnn, "_first_setting", None)  # a fresh process
     try:
+        assert configure_cudnn_benchmark(False, torch.device("cpu")) is False
+        assert cudnn.first_cudnn_benchmark_setting() is None  # the CPU has no cuDNN plans to keep
         assert configure_cudnn_benchmark(True, torch.device("cuda")) is True  # a flag: no GPU needed to set it
-        assert torch.backends.cudnn.benchmark
-        assert configure_cudnn_benchmark(False, torch.device("cuda")) is False  # the next trial turns it off
+        assert torch.backends.cudnn.benchmark and cudnn.first_cudnn_benchmark_setting() is True
+        assert configure_cudnn_benchmark(True, torch.device("cuda")) is True  # the same setting: no warning
+        with pytest.warns(UserWarning, match=r"train.cudnn_benchmark=false in a process whose first run had true"):
+            assert configure_cudnn_benchmark(False, torch.device("cuda")) is False  # set, and warned
         assert not torch.backends.cudnn.benchmark
         assert configure_cudnn_benchmark(True, torch.device("cpu")) is False
         assert not torch.backends.cudnn.benchmark
