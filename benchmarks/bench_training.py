@@ -202,6 +202,7 @@ def config(
     pad_products: bool = False,
     fuse_products: bool = False,
     cudnn_benchmark: bool = False,
+    matmul_convs: bool = False,
 ):
     cfg = OmegaConf.merge(
         OmegaConf.structured(Config),
@@ -233,6 +234,7 @@ def config(
                     "compile_pad_products": pad_products,
                     "fuse_lora_products": fuse_products,
                     "cudnn_benchmark": cudnn_benchmark,
+                    "lora_1x1_conv_as_matmul": matmul_convs,
                     "cuda_graphs": cuda_graphs,
                 },
                 "output": {"dir": str(out_dir)},
@@ -417,6 +419,13 @@ SD15_GRID += [dict(b=32, w=4, c="denoiser", cl=True, g=True, pad=True, fuse=True
 # with the other setting than the invocation's first is skipped (cuDNN's plans stay per process): --rows 66 alone
 SD15_GRID += [dict(b=4, w=4, c="none", cl=True, g=True, bench=True)]
 SD15_GRID += [dict(b=batch, w=4, c="denoiser", cl=True, g=True, bench=True) for batch in (4, 32)]
+# 68-72: train.lora_1x1_conv_as_matmul (the LoRA factors of the 1x1 projections as products): batch 4 against
+# 33, with padded products against 58, batch 32 against 39, with cuDNN's timed plans against 66, eager against 28
+SD15_GRID += [dict(b=4, w=4, c="denoiser", cl=True, g=True, mm1x1=True)]
+SD15_GRID += [dict(b=4, w=4, c="denoiser", cl=True, g=True, pad=True, mm1x1=True)]
+SD15_GRID += [dict(b=32, w=4, c="denoiser", cl=True, g=True, mm1x1=True)]
+SD15_GRID += [dict(b=4, w=4, c="denoiser", cl=True, g=True, bench=True, mm1x1=True)]
+SD15_GRID += [dict(b=4, w=4, c="none", cl=True, g=True, mm1x1=True)]
 
 
 def sdxl_ladder(batch: int) -> list[dict]:
@@ -618,6 +627,7 @@ def run_row(index: int, spec: dict, session: Session) -> dict:
         "pad_products": pad,
         "fuse_lora_products": fuse,
         "cudnn_benchmark": spec.get("bench", False),
+        "lora_1x1_conv_as_matmul": spec.get("mm1x1", False),
         "cache_latents": cache,
         "text_cache": spec.get("text", True),
         "workers": workers,
@@ -671,6 +681,7 @@ def run_row(index: int, spec: dict, session: Session) -> dict:
         pad_products=pad,
         fuse_products=fuse,
         cudnn_benchmark=spec.get("bench", False),
+        matmul_convs=spec.get("mm1x1", False),
     )
     torch._dynamo.reset()  # each configuration compiles from scratch, as a fresh run would
     clear_text_caches()
@@ -953,12 +964,14 @@ def print_measured(head: str, r: dict, *, digits: int, width: int) -> None:
 
 def compile_cell(row: dict) -> str:
     """train.compile[/mode], "+ pad" where train.compile_pad_products is on, "+ fused LoRA" where
-    train.fuse_lora_products is, "+ cuDNN timed" where train.cudnn_benchmark is."""
+    train.fuse_lora_products is, "+ cuDNN timed" where train.cudnn_benchmark is, "+ 1x1 LoRA as matmul" where
+    train.lora_1x1_conv_as_matmul is."""
     return (
         row["compile"]
         + (" + pad" if row.get("pad_products") else "")
         + (" + fused LoRA" if row.get("fuse_lora_products") else "")
         + (" + cuDNN timed" if row.get("cudnn_benchmark") else "")
+        + (" + 1x1 LoRA as matmul" if row.get("lora_1x1_conv_as_matmul") else "")
     )
 
 

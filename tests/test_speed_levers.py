@@ -83,13 +83,15 @@ def test_compile_none_undoes_a_compiled_denoiser_and_blocks():
 
 @pytest.mark.slow
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="train.compile=denoiser is CUDA only (wrong on the CPU)")
-@pytest.mark.parametrize("lever", ["none", "pad_products", "fuse_lora_products"])
+@pytest.mark.parametrize("lever", ["none", "pad_products", "fuse_lora_products", "lora_1x1_conv_as_matmul"])
 def test_compiled_denoiser_gives_the_eager_gradients_on_cuda(make_cfg, lever):
     """The check the CPU failed, on the GPU: fp32 and TF32 off, so eager and Inductor differ only by
     reassociation; the CPU failure was of the order of the gradients themselves. With
     ``train.compile_pad_products`` the rank is 3, so in fp32 (aligned at 4) Inductor pads the LoRA products;
-    with ``train.fuse_lora_products`` the compiled fused layers are checked against peft's eager ones."""
+    with ``train.fuse_lora_products`` the compiled fused layers are checked against peft's eager ones, and
+    with ``train.lora_1x1_conv_as_matmul`` the compiled products of the 1x1 projections' factors."""
     from training.speed.fused_lora import configure_fused_lora
+    from training.speed.pointwise_conv_lora import configure_lora_1x1_conv_as_matmul
 
     pad_products = lever == "pad_products"
     tf32 = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
@@ -99,6 +101,8 @@ def test_compiled_denoiser_gives_the_eager_gradients_on_cuda(make_cfg, lever):
         unet = tiny_lora_unet(make_cfg, "cuda", *ranks)
         eager = lora_gradients(unet, "cuda")
         assert (configure_fused_lora(unet, lever == "fuse_lora_products") > 0) == (lever == "fuse_lora_products")
+        as_matmul = lever == "lora_1x1_conv_as_matmul"
+        assert (configure_lora_1x1_conv_as_matmul(unet, as_matmul) > 0) == as_matmul
         assert configure_compile(unet, "denoiser", "default", pad_products) == 1
         assert unet._compiled_call_impl is not None
         compiled = lora_gradients(unet, "cuda")
@@ -107,6 +111,7 @@ def test_compiled_denoiser_gives_the_eager_gradients_on_cuda(make_cfg, lever):
             torch.testing.assert_close(compiled[name], eager[name], rtol=1e-3, atol=1e-5, msg=name)
         configure_compile(unet, "none", "default")
         configure_fused_lora(unet, False)
+        configure_lora_1x1_conv_as_matmul(unet, False)
         assert unet._compiled_call_impl is None
     finally:
         torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = tf32

@@ -54,6 +54,7 @@ from training.speed.cudnn import configure_cudnn_benchmark
 from training.speed.fp8 import configure_fp8_matmul
 from training.speed.fused_lora import configure_fused_lora
 from training.speed.memory import release_accelerator_memory
+from training.speed.pointwise_conv_lora import configure_lora_1x1_conv_as_matmul
 from training.speed.sdpa_backend import configure_sdpa_backend
 from training.text.captions import transform_caption, with_trigger
 from training.text.embedding import TrainedEmbedding, add_embedding
@@ -240,6 +241,7 @@ class Trainer:
         # after the LoRA layers exist (they stay in the mixed precision), before compiling (the casts compile too)
         self.fp8_layers = configure_fp8_matmul(base.denoiser, cfg.precision.fp8_matmul)
         self.fused_lora_layers = configure_fused_lora(base.denoiser, train.fuse_lora_products)
+        self.matmul_conv_layers = configure_lora_1x1_conv_as_matmul(base.denoiser, train.lora_1x1_conv_as_matmul)
         # after the LoRA layers exist, so the compiled blocks contain them
         configure_compile(base.denoiser, train.compile, train.compile_mode, train.compile_pad_products)
         configure_memory_format(base.denoiser, cfg.model.channels_last and self.device.type == "cuda")

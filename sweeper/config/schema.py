@@ -249,6 +249,7 @@ class TrainConfig:
     compile_pad_products: bool = False  # Inductor pads products not multiples of 8 (rank 4) to aligned sizes
     fuse_lora_products: bool = False  # LoRA linear layers' thin products share the frozen layer's GEMMs
     cudnn_benchmark: bool = False  # CUDA: cuDNN times its convolution algorithms per shape, keeps the fastest
+    lora_1x1_conv_as_matmul: bool = False  # LoRA factors on 1x1 convolutions (SD1 projections) run as products
     cuda_graphs: bool = False  # replay the UNet's forward+backward as CUDA graphs (GPU; one capture per bucket)
 
 

@@ -30,7 +30,7 @@ from training.output_dir import estimated_lora_bytes, output_dir_problems
 from training.speed.attention_options import attention_problem, sdpa_backend_problem
 from training.speed.compile_options import compile_problems
 from training.speed.fp8_options import fp8_matmul_problems
-from training.speed.fused_lora_options import fused_lora_problems
+from training.speed.fused_lora_options import fused_lora_problems, plain_lora_problems
 from training.state_files import resume_problem
 from training.text.encoding_options import max_token_length_problem
 
@@ -118,6 +118,9 @@ def _config_and_data_problems(cfg: Any) -> tuple[list[str], Validated]:
     )
     problems += fused_lora_problems(
         cfg.train.fuse_lora_products, cfg.network.type, cfg.network.dropout, cfg.precision.fp8_matmul
+    )
+    problems += plain_lora_problems(
+        "train.lora_1x1_conv_as_matmul", cfg.train.lora_1x1_conv_as_matmul, cfg.network.type
     )
     problems += _machine_problems(cfg)
     scan = _scan(cfg, cfg.data.train_dir, "data.train_dir")

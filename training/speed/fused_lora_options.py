@@ -7,16 +7,21 @@ from __future__ import annotations
 FUSABLE_TYPES = ("lora", "locon")
 
 
+def plain_lora_problems(key: str, enabled: bool, network_type: str) -> list[str]:
+    """Why a speed path for peft's plain LoRA layers (``key``) has nothing to act on with this network type."""
+    if not enabled or network_type in FUSABLE_TYPES:
+        return []
+    return [
+        f"{key}=true acts on plain LoRA layers (network.type={' or '.join(FUSABLE_TYPES)}); "
+        f"network.type={network_type} has none: set {key}=false"
+    ]
+
+
 def fused_lora_problems(enabled: bool, network_type: str, dropout: float, fp8_matmul: str) -> list[str]:
     """Why ``train.fuse_lora_products=true`` cannot run with these settings (empty when off)."""
     if not enabled:
         return []
-    problems = []
-    if network_type not in FUSABLE_TYPES:
-        problems.append(
-            f"train.fuse_lora_products=true fuses plain LoRA layers (network.type={' or '.join(FUSABLE_TYPES)}); "
-            f"network.type={network_type} has none: set train.fuse_lora_products=false"
-        )
+    problems = plain_lora_problems("train.fuse_lora_products", enabled, network_type)
     if dropout > 0:
         problems.append(
             f"train.fuse_lora_products=true computes lora_down inside the base layer's product, where "
