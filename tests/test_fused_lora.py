@@ -179,27 +179,33 @@ def test_compiled_fused_layers_give_peft_gradients(counted):
         torch.testing.assert_close(fused_grads[key], reference_grads[name], rtol=1e-4, atol=1e-4, msg=name)
 
 
-def test_training_with_fused_products_gives_the_same_lora(make_cfg):
-    """The loop sets it up: the same seed's losses and LoRA as without, and the next trial's base
-    model has no fused layer left."""
-    options = ["train.max_steps=6", "train.batch_size=2", "optimizer.lr=1e-2"]
+def assert_training_gives_the_same_lora(make_cfg, key: str, switched: str, steps: int = 6) -> None:
+    """Train the tiny model with ``key`` off and on (same seed): the same losses and LoRA, the trainer's
+    ``switched`` count of layers on the speed path non-zero only with it on, and nothing of it left on the
+    base model for the next trial."""
+    options = [f"train.max_steps={steps}", "train.batch_size=2", "optimizer.lr=1e-2"]
     results = {}
-    for fuse in (False, True):
-        cfg = make_cfg(*options, f"train.fuse_lora_products={str(fuse).lower()}")
+    for on in (False, True):
+        cfg = make_cfg(*options, f"{key}={str(on).lower()}")
         base = load_base_model(cfg.model)
         trainer = Trainer(cfg, base, scan_dataset(cfg.data.train_dir).records, NullTracker())
-        assert (trainer.fused_lora_layers > 0) == fuse
+        assert (getattr(trainer, switched) > 0) == on
         losses = trainer.fit(show_progress=False).losses
-        lora = {name: p.detach().clone() for name, p in adapter_parameters(base.denoiser)}
-        results[fuse] = losses, lora
+        results[on] = losses, {name: p.detach().clone() for name, p in adapter_parameters(base.denoiser)}
         remove_lora(trainer.network)
         trainer.release()
         assert not any("forward" in vars(m) for m in base.denoiser.modules())
-    (plain_losses, plain), (fused_losses, fused) = results[False], results[True]
-    torch.testing.assert_close(torch.tensor(fused_losses), torch.tensor(plain_losses), rtol=1e-4, atol=1e-6)
-    assert fused.keys() == plain.keys()
+    (plain_losses, plain), (losses, lora) = results[False], results[True]
+    torch.testing.assert_close(torch.tensor(losses), torch.tensor(plain_losses), rtol=1e-4, atol=1e-6)
+    assert lora.keys() == plain.keys()
     for name in plain:
-        torch.testing.assert_close(fused[name], plain[name], rtol=1e-3, atol=1e-5, msg=name)
+        torch.testing.assert_close(lora[name], plain[name], rtol=1e-3, atol=1e-5, msg=name)
+
+
+def test_training_with_fused_products_gives_the_same_lora(make_cfg):
+    """The loop sets it up: the same seed's losses and LoRA as without, and the next trial's base
+    model has no fused layer left."""
+    assert_training_gives_the_same_lora(make_cfg, "train.fuse_lora_products", "fused_lora_layers")
 
 
 def test_settings_it_cannot_fuse_are_refused_at_startup_naming_the_key(make_cfg):

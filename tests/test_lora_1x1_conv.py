@@ -8,13 +8,7 @@ import torch
 from peft import LoraConfig, inject_adapter_in_model
 
 from sweeper.config.validate import ConfigError, validate
-from sweeper.tracking.tracker import NullTracker
-from tests.test_fused_lora import outputs_and_gradients
-from training.data.scan import scan_dataset
-from training.families.loading import load_base_model
-from training.loop import Trainer
-from training.network.adapters import adapter_parameters
-from training.network.lora import remove_lora
+from tests.test_fused_lora import assert_training_gives_the_same_lora, outputs_and_gradients
 from training.speed import pointwise_conv_lora
 from training.speed.pointwise_conv_lora import configure_lora_1x1_conv_as_matmul, pointwise_products
 
@@ -120,23 +114,7 @@ def test_dropout_hooks_and_disabled_adapters_keep_or_fall_back_to_peft(counted):
 
 def test_training_with_products_gives_the_same_lora_and_leaves_no_switched_layer(make_cfg):
     """Through the loop on the tiny SD1 UNet (1x1 projections): the same seed's losses and LoRA."""
-    options = ["train.max_steps=4", "train.batch_size=2", "optimizer.lr=1e-2"]
-    results = {}
-    for on in (False, True):
-        cfg = make_cfg(*options, f"train.lora_1x1_conv_as_matmul={str(on).lower()}")
-        base = load_base_model(cfg.model)
-        trainer = Trainer(cfg, base, scan_dataset(cfg.data.train_dir).records, NullTracker())
-        assert (trainer.matmul_conv_layers > 0) == on
-        losses = trainer.fit(show_progress=False).losses
-        results[on] = losses, {name: p.detach().clone() for name, p in adapter_parameters(base.denoiser)}
-        remove_lora(trainer.network)
-        trainer.release()
-        assert not any("forward" in vars(m) for m in base.denoiser.modules())
-    (plain_losses, plain), (losses, lora) = results[False], results[True]
-    torch.testing.assert_close(torch.tensor(losses), torch.tensor(plain_losses), rtol=1e-5, atol=1e-6)
-    assert lora.keys() == plain.keys()
-    for name in plain:
-        torch.testing.assert_close(lora[name], plain[name], rtol=1e-3, atol=1e-5, msg=name)
+    assert_training_gives_the_same_lora(make_cfg, "train.lora_1x1_conv_as_matmul", "matmul_conv_layers", steps=4)
 
 
 def test_a_network_type_without_plain_lora_layers_is_refused_at_startup(make_cfg):

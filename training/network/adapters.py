@@ -10,6 +10,7 @@ those directly gives the UNet and the text encoder one code path whose only cont
 from __future__ import annotations
 
 import re
+from typing import Any
 
 import torch
 from peft import LoHaConfig, LoKrConfig, LoraConfig, inject_adapter_in_model
@@ -111,3 +112,16 @@ def detach_adapters(model: torch.nn.Module) -> None:
 
 def tuner_layers(model: torch.nn.Module) -> list[BaseTunerLayer]:
     return [module for module in model.modules() if isinstance(module, BaseTunerLayer)]
+
+
+def plain_lora_adapter(layer: Any) -> str | None:
+    """The name of a peft LoRA layer's one active adapter where the layer takes peft's plain path with it
+    (enabled, unmerged, no variant such as DoRA, no hook on its factors), else None: what the speed paths
+    that stand in for that path may replace."""
+    if layer.disable_adapters or layer.merged or len(layer.active_adapters) != 1:
+        return None
+    name = layer.active_adapters[0]
+    if name not in layer.lora_A or name in layer.lora_variant:
+        return None
+    factors = (layer.lora_A[name], layer.lora_B[name])
+    return None if any(m._forward_hooks or m._forward_pre_hooks for m in factors) else name

@@ -29,7 +29,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from training.network.adapters import tuner_layers
+from training.network.adapters import plain_lora_adapter, tuner_layers
 
 ALIGNMENT = 8  # elements: 16 bytes of bf16, the operand alignment of cuBLAS' fast kernels
 
@@ -102,17 +102,15 @@ def lora_linear(x: torch.Tensor, weight, bias, down, up, scale: float, fuse: boo
 
 def _fusable(layer: Any) -> bool:
     """peft's plain path for one active LoRA adapter on a frozen ``nn.Linear``, nothing hooked on it."""
-    if layer.disable_adapters or layer.merged or len(layer.active_adapters) != 1:
+    name = plain_lora_adapter(layer)
+    if name is None:
         return False
-    name = layer.active_adapters[0]
-    if name not in layer.lora_A or name in layer.lora_variant:  # DoRA and other variants
-        return False
-    base, down, up = layer.get_base_layer(), layer.lora_A[name], layer.lora_B[name]
+    base, up = layer.get_base_layer(), layer.lora_B[name]
     if type(base) is not torch.nn.Linear or base.weight.requires_grad or up.bias is not None:
         return False
     if not isinstance(layer.lora_dropout[name], torch.nn.Identity):
         return False
-    return not any(m._forward_hooks or m._forward_pre_hooks for m in (base, down, up))
+    return not (base._forward_hooks or base._forward_pre_hooks)
 
 
 def _fused_forward(self: Any, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:

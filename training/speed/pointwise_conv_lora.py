@@ -22,7 +22,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from training.network.adapters import tuner_layers
+from training.network.adapters import plain_lora_adapter, tuner_layers
 
 
 def pointwise_products(x: torch.Tensor, down: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
@@ -46,15 +46,8 @@ def _is_pointwise(conv: Any) -> bool:
 
 def runs_as_matmul(layer: Any) -> bool:
     """peft's plain path for one active LoRA adapter whose factors are 1x1 convolutions, nothing hooked."""
-    if layer.disable_adapters or layer.merged or len(layer.active_adapters) != 1:
-        return False
-    name = layer.active_adapters[0]
-    if name not in layer.lora_A or name in layer.lora_variant:  # DoRA and other variants
-        return False
-    down, up = layer.lora_A[name], layer.lora_B[name]
-    if not (_is_pointwise(down) and _is_pointwise(up)):
-        return False
-    return not any(m._forward_hooks or m._forward_pre_hooks for m in (down, up))
+    name = plain_lora_adapter(layer)
+    return name is not None and _is_pointwise(layer.lora_A[name]) and _is_pointwise(layer.lora_B[name])
 
 
 def _matmul_forward(self: Any, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
