@@ -585,11 +585,11 @@ def skip_reason(spec: dict, batch: int | None, session: Session) -> str | None:
     return None
 
 
-def cudnn_skip_reason(spec: dict) -> str | None:
+def cudnn_skip_reason(wanted: bool) -> str | None:
     """Why a row cannot run after the rows before it in this process: PyTorch keeps each convolution
     shape's cuDNN plan for the process whatever ``train.cudnn_benchmark`` says later (training/speed/cudnn.py),
     so a row with the other setting would time the first row's plans."""
-    first, wanted = first_cudnn_benchmark_setting(), spec.get("bench", False)
+    first = first_cudnn_benchmark_setting()
     if first is None or first == wanted:
         return None
     return (
@@ -616,6 +616,7 @@ def run_row(index: int, spec: dict, session: Session) -> dict:
     compile_kind, _, compile_mode = spec["c"].partition("/")
     net, conv, sdpa = spec.get("net", "lora"), spec.get("conv"), spec.get("sdpa", "auto")
     fp8, pad, fuse = spec.get("fp8", "none"), spec.get("pad", False), spec.get("fuse", False)
+    timed_convs, matmul_convs = spec.get("bench", False), spec.get("mm1x1", False)
     graphs = spec["g"]
     setting = {
         "batch": batch,
@@ -626,8 +627,8 @@ def run_row(index: int, spec: dict, session: Session) -> dict:
         "fp8_matmul": fp8,
         "pad_products": pad,
         "fuse_lora_products": fuse,
-        "cudnn_benchmark": spec.get("bench", False),
-        "lora_1x1_conv_as_matmul": spec.get("mm1x1", False),
+        "cudnn_benchmark": timed_convs,
+        "lora_1x1_conv_as_matmul": matmul_convs,
         "cache_latents": cache,
         "text_cache": spec.get("text", True),
         "workers": workers,
@@ -636,7 +637,7 @@ def run_row(index: int, spec: dict, session: Session) -> dict:
         "cuda_graphs": spec["g"],
         "peft_input_cast": bool(spec.get("cast")),
     }
-    if cuda and (reason := cudnn_skip_reason(spec)):
+    if cuda and (reason := cudnn_skip_reason(timed_convs)):
         return {**({"row": index} if sdxl else {}), **setting, "skipped": reason}
     if sdxl:
         setting = {
@@ -680,8 +681,8 @@ def run_row(index: int, spec: dict, session: Session) -> dict:
         fp8_matmul=fp8,
         pad_products=pad,
         fuse_products=fuse,
-        cudnn_benchmark=spec.get("bench", False),
-        matmul_convs=spec.get("mm1x1", False),
+        cudnn_benchmark=timed_convs,
+        matmul_convs=matmul_convs,
     )
     torch._dynamo.reset()  # each configuration compiles from scratch, as a fresh run would
     clear_text_caches()

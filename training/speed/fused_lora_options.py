@@ -1,18 +1,19 @@
-"""What ``train.fuse_lora_products`` needs of the other keys, checked at startup without loading torch."""
+"""What the speed paths for peft's plain LoRA layers (``train.fuse_lora_products``,
+``train.lora_1x1_conv_as_matmul``) need of the other keys, checked at startup without loading torch."""
 
 from __future__ import annotations
 
-# the network types whose linear layers are peft's plain LoRA layers (LoCon adds convolutions, which stay
-# peft's): DoRA rescales the product by the weight's norm, LoHa and LoKr have no lora_A / lora_B pair
-FUSABLE_TYPES = ("lora", "locon")
+# the network types whose layers are peft's plain LoRA layers (a lora_A / lora_B pair; LoCon's on convolutions
+# too): DoRA rescales the product by the weight's norm, LoHa and LoKr have no such pair
+PLAIN_LORA_TYPES = ("lora", "locon")
 
 
 def plain_lora_problems(key: str, enabled: bool, network_type: str) -> list[str]:
     """Why a speed path for peft's plain LoRA layers (``key``) has nothing to act on with this network type."""
-    if not enabled or network_type in FUSABLE_TYPES:
+    if not enabled or network_type in PLAIN_LORA_TYPES:
         return []
     return [
-        f"{key}=true acts on plain LoRA layers (network.type={' or '.join(FUSABLE_TYPES)}); "
+        f"{key}=true acts on plain LoRA layers (network.type={' or '.join(PLAIN_LORA_TYPES)}); "
         f"network.type={network_type} has none: set {key}=false"
     ]
 
